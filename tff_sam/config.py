@@ -1,0 +1,107 @@
+"""The run configuration: one frozen, validated object built once from flags.
+
+The binaries in `tff_sam.experiments` copy their absl flags into `RunConfig` exactly
+once; everything downstream takes the config (or explicit keyword arguments), never
+flags. `validate()` raises `errors.ConfigError` naming the offending flag. The config
+is saved as JSON next to the results (`summary.json` and `config.json`).
+"""
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+from tff_sam import errors
+
+PROMPT_MODES = ("box", "points", "both")
+PARTITIONS = ("iid", "dirichlet")
+LOSSES = ("dice_ce", "bce", "focal_dice")
+SERVER_OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything that defines a federated fine-tuning run.
+
+  Attributes mirror the flags of `python -m tff_sam.experiments.run` one to one; see
+  `--help` there for user-facing descriptions.
+  """
+
+  output_dir: str
+  # Data.
+  data_dir: Optional[str] = None
+  partition: str = "iid"
+  num_clients: int = 4
+  dirichlet_alpha: float = 0.5
+  test_fraction: float = 0.2
+  binary_components: bool = False
+  # Prompts.
+  prompt: str = "box"
+  box_jitter: float = 20.0
+  num_points: int = 1
+  num_negative_points: int = 0
+  prompts_per_image: int = 4
+  # Model.
+  model: str = "tiny"
+  train_iou_head: bool = True
+  cache_dir: Optional[str] = None
+  encode_batch_size: int = 4
+  # Federated optimization.
+  rounds: int = 10
+  clients_per_round: int = 2
+  local_epochs: int = 1
+  batch_size: int = 2
+  client_lr: float = 1e-5
+  server_optimizer: str = "sgd"
+  server_lr: float = 1.0
+  loss: str = "dice_ce"
+  eval_every: int = 1
+  seed: int = 0
+
+  def validate(self) -> "RunConfig":
+    """Checks every field; returns self so it can be chained.
+
+    Raises:
+      errors.ConfigError: naming the first invalid flag.
+    """
+    def check(cond: bool, flag: str, msg: str) -> None:
+      if not cond:
+        raise errors.ConfigError(flag, msg)
+
+    check(bool(self.output_dir), "output_dir", "must be set")
+    check(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}, got {self.partition!r}")
+    check(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
+    check(self.dirichlet_alpha > 0, "dirichlet_alpha", f"must be > 0, got {self.dirichlet_alpha}")
+    check(0.0 <= self.test_fraction < 1.0, "test_fraction", f"must be in [0, 1), got {self.test_fraction}")
+    check(self.prompt in PROMPT_MODES, "prompt", f"must be one of {PROMPT_MODES}, got {self.prompt!r}")
+    check(self.box_jitter >= 0, "box_jitter", f"must be >= 0 pixels, got {self.box_jitter}")
+    check(self.num_points >= 1, "num_points", f"must be >= 1, got {self.num_points}")
+    check(self.num_negative_points >= 0, "num_negative_points", f"must be >= 0, got {self.num_negative_points}")
+    check(self.prompts_per_image >= 1, "prompts_per_image", f"must be >= 1, got {self.prompts_per_image}")
+    check(bool(self.model), "model", "must be set (tiny, a hub id or a local directory)")
+    check(self.encode_batch_size >= 1, "encode_batch_size", f"must be >= 1, got {self.encode_batch_size}")
+    check(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
+    check(self.clients_per_round >= 1, "clients_per_round", f"must be >= 1, got {self.clients_per_round}")
+    check(self.local_epochs >= 1, "local_epochs", f"must be >= 1, got {self.local_epochs}")
+    check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+    check(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
+    check(self.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer",
+          f"must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+    check(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
+    check(self.loss in LOSSES, "loss", f"must be one of {LOSSES}, got {self.loss!r}")
+    check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+    check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+    return self
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise errors.ConfigError(unknown[0], "is not a known setting")
+    return cls(**values)

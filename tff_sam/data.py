@@ -1,0 +1,339 @@
+"""Finding, reading and splitting image/mask pairs on disk.
+
+Layout of `--data_dir`:
+
+* flat: `images/` and `masks/` with matching file stems; or
+* natural: one sub-folder per site, each with `images/` and `masks/`; each site is
+  one federated client.
+
+Either may have a `test/` sub-folder (with `images/` and `masks/`) that is held out;
+without it, `--test_fraction` of the images (from every site) is held out.
+
+Images: PNG, JPEG or TIFF; 8- or 16-bit; gray, RGB or RGBA. 16-bit and float images
+are scaled to 8 bits per image with the 1st..99.8th percentile window; alpha is
+dropped. Masks: binary (values {0, v}: the foreground is one object, or one object
+per 8-connected component with `binary_components=True`) or instance labels (each
+non-zero value one object). An RGB mask with equal channels is read as gray; one
+with distinct colours is read as one object per colour (black is background).
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tff_sam import errors
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+TEST_DIR = "test"
+PERCENTILES = (1.0, 99.8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One image and its mask file."""
+
+  stem: str
+  image_path: Path
+  mask_path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSplits:
+  """Training data per client and the held-out test examples.
+
+  Attributes:
+    clients: Client id -> its examples, in a deterministic order.
+    test: Held-out examples no client trains on.
+    natural: True when clients are the data's own site folders.
+  """
+
+  clients: dict[str, tuple[Example, ...]]
+  test: tuple[Example, ...]
+  natural: bool
+
+  @property
+  def num_train_examples(self) -> int:
+    return sum(len(v) for v in self.clients.values())
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+  by_stem: dict[str, Path] = {}
+  for path in sorted(folder.iterdir()):
+    if path.name.startswith(".") or not path.is_file():
+      continue
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+      continue
+    if path.stem in by_stem:
+      raise errors.DataError(
+          path, f"duplicate stem {path.stem!r} (also {by_stem[path.stem].name}); "
+          "keep one file per stem")
+    by_stem[path.stem] = path
+  return by_stem
+
+
+def list_examples(folder: Path) -> list[Example]:
+  """Pairs `folder/images/*` with `folder/masks/*` by file stem.
+
+  Args:
+    folder: A folder with `images/` and `masks/` sub-folders.
+
+  Returns:
+    Examples sorted by stem.
+
+  Raises:
+    errors.DataError: A missing sub-folder, no images, an image without a mask, a
+      mask without an image, or two files with the same stem.
+  """
+  folder = Path(folder)
+  images_dir, masks_dir = folder / "images", folder / "masks"
+  for d in (images_dir, masks_dir):
+    if not d.is_dir():
+      raise errors.DataError(d, "folder not found (expected images/ and masks/ side by side)")
+  images = _files_by_stem(images_dir)
+  masks = _files_by_stem(masks_dir)
+  if not images:
+    raise errors.DataError(images_dir, f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+  for stem, path in images.items():
+    if stem not in masks:
+      raise errors.DataError(path, f"image has no mask (expected {masks_dir}/{stem}.png or .tif)")
+  for stem, path in masks.items():
+    if stem not in images:
+      raise errors.DataError(path, f"mask has no image (expected {images_dir}/{stem}.*)")
+  return [Example(stem, images[s], masks[s]) for s in sorted(images)]
+
+
+def partition_iid(examples: Sequence[Example], *, num_clients: int,
+                  rng: np.random.Generator) -> list[list[Example]]:
+  """Shuffles and splits examples into `num_clients` near-equal shards."""
+  if num_clients > len(examples):
+    raise errors.ConfigError(
+        "num_clients", f"{num_clients} clients but only {len(examples)} training images")
+  order = rng.permutation(len(examples))
+  return [[examples[i] for i in shard] for shard in np.array_split(order, num_clients)]
+
+
+def partition_dirichlet(examples: Sequence[Example], *, num_clients: int, alpha: float,
+                        rng: np.random.Generator) -> list[list[Example]]:
+  """Quantity-skewed split: client shares ~ Dirichlet(alpha), every client >= 1 image."""
+  n = len(examples)
+  if num_clients > n:
+    raise errors.ConfigError(
+        "num_clients", f"{num_clients} clients but only {n} training images")
+  shares = rng.dirichlet(np.full(num_clients, alpha))
+  extra = (n - num_clients) * shares
+  counts = 1 + np.floor(extra).astype(int)
+  remainder = n - counts.sum()
+  for i in np.argsort(-(extra - np.floor(extra)))[:remainder]:
+    counts[i] += 1
+  order = rng.permutation(n)
+  bounds = np.concatenate([[0], np.cumsum(counts)])
+  return [[examples[i] for i in order[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _hold_out(examples: list[Example], fraction: float,
+              rng: np.random.Generator) -> tuple[list[Example], list[Example]]:
+  if fraction <= 0 or len(examples) < 2:
+    return examples, []
+  n_test = min(len(examples) - 1, max(1, int(round(fraction * len(examples)))))
+  order = rng.permutation(len(examples))
+  test = sorted((examples[i] for i in order[:n_test]), key=lambda e: e.stem)
+  train = sorted((examples[i] for i in order[n_test:]), key=lambda e: e.stem)
+  return train, test
+
+
+def discover_splits(data_dir: Path, *, partition: str, num_clients: int,
+                    dirichlet_alpha: float, test_fraction: float,
+                    seed: int) -> DatasetSplits:
+  """Finds the data under `data_dir` and splits it into clients and a test set.
+
+  Args:
+    data_dir: Root folder (see the module docstring for the layout).
+    partition: `iid` or `dirichlet`; used only for the flat layout.
+    num_clients: Number of clients for the flat layout.
+    dirichlet_alpha: Concentration for `dirichlet` (smaller = more skewed).
+    test_fraction: Fraction of images held out when there is no `test/` folder.
+    seed: Makes the split deterministic.
+
+  Returns:
+    The splits.
+
+  Raises:
+    errors.DataError: The folder is missing, empty, or not in a known layout.
+  """
+  root = Path(data_dir)
+  if not root.is_dir():
+    raise errors.DataError(root, "data directory not found")
+  rng = np.random.default_rng(seed)
+  test_folder = root / TEST_DIR
+  fixed_test = list_examples(test_folder) if test_folder.is_dir() else None
+
+  if (root / "images").is_dir() or (root / "masks").is_dir():
+    train = list_examples(root)
+    test = fixed_test
+    if test is None:
+      train, test = _hold_out(train, test_fraction, rng)
+    if partition == "iid":
+      shards = partition_iid(train, num_clients=num_clients, rng=rng)
+    else:
+      shards = partition_dirichlet(train, num_clients=num_clients, alpha=dirichlet_alpha, rng=rng)
+    clients = {f"client_{i:03d}": tuple(sorted(s, key=lambda e: e.stem))
+               for i, s in enumerate(shards)}
+    return DatasetSplits(clients=clients, test=tuple(test), natural=False)
+
+  sites = sorted(d for d in root.iterdir()
+                 if d.is_dir() and d.name != TEST_DIR and not d.name.startswith(".")
+                 and ((d / "images").is_dir() or (d / "masks").is_dir()))
+  if not sites:
+    raise errors.DataError(
+        root, "no images/ and masks/ folders found (expected images/ + masks/, "
+        "or one sub-folder per site each with images/ + masks/)")
+  clients, test = {}, list(fixed_test or [])
+  for site in sites:
+    examples = list_examples(site)
+    if fixed_test is None:
+      examples, held = _hold_out(examples, test_fraction, rng)
+      test.extend(held)
+    clients[site.name] = tuple(examples)
+  return DatasetSplits(clients=clients, test=tuple(test), natural=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_array(path: Path) -> np.ndarray:
+  try:
+    if path.suffix.lower() in (".tif", ".tiff"):
+      import tifffile  # pylint: disable=g-import-not-at-top
+      return np.asarray(tifffile.imread(str(path)))
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(path) as im:
+      im.load()
+      if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+      return np.asarray(im)
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise errors.DataError(path, f"cannot read file ({reason})") from None
+
+
+def to_uint8(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
+  """Scales an image to uint8; 8-bit input is returned unchanged.
+
+  Args:
+    array: Any numeric image.
+    percentiles: Low/high percentiles mapped to 0/255 for non-8-bit input.
+
+  Returns:
+    A uint8 array of the same shape.
+  """
+  if array.dtype == np.uint8:
+    return array
+  if array.dtype == bool:
+    return array.astype(np.uint8) * 255
+  a = array.astype(np.float64)
+  lo, hi = np.percentile(a, percentiles)
+  if hi <= lo:
+    hi = lo + 1.0
+  return np.clip(np.round((a - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+
+
+def read_image(path: Path) -> np.ndarray:
+  """Reads an image as uint8 RGB (H, W, 3). See the module docstring for rules.
+
+  Raises:
+    errors.DataError: Unreadable, or not a single 2-D gray/RGB/RGBA image.
+  """
+  path = Path(path)
+  a = _read_array(path)
+  if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+    a = np.moveaxis(a, 0, -1)  # Channels-first TIFF.
+  if a.ndim == 3 and a.shape[-1] == 1:
+    a = a[..., 0]
+  if a.ndim == 2:
+    a = to_uint8(a)
+    return np.repeat(a[..., None], 3, axis=-1)
+  if a.ndim == 3 and a.shape[-1] in (3, 4):
+    return np.ascontiguousarray(to_uint8(a[..., :3]))
+  raise errors.DataError(
+      path, f"unsupported image shape {a.shape} (expected HxW, HxWx3 or HxWx4; "
+      "stacks need one file per frame)")
+
+
+def read_mask(path: Path, *, binary_components: bool = False) -> np.ndarray:
+  """Reads a mask as an int32 instance label image (0 = background).
+
+  Args:
+    path: The mask file.
+    binary_components: For binary masks, one object per 8-connected component
+      instead of one object for the whole foreground.
+
+  Returns:
+    (H, W) int32 labels.
+
+  Raises:
+    errors.DataError: Unreadable, wrong shape, or non-integer values.
+  """
+  path = Path(path)
+  a = _read_array(path)
+  if a.ndim == 3 and a.shape[-1] in (3, 4):
+    rgb = a[..., :3]
+    if np.all(rgb == rgb[..., :1]):
+      a = rgb[..., 0]
+    else:
+      colours, inverse = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
+      labels = inverse.reshape(rgb.shape[:2]).astype(np.int32) + 1
+      black = np.where(np.all(colours == 0, axis=1))[0]
+      if black.size:
+        labels[labels == black[0] + 1] = 0
+      a = labels
+  if a.ndim == 3 and a.shape[-1] == 1:
+    a = a[..., 0]
+  if a.ndim != 2:
+    raise errors.DataError(path, f"unsupported mask shape {a.shape} (expected HxW)")
+  if a.dtype.kind == "f":
+    if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
+      raise errors.DataError(path, "mask has non-integer values (expected binary or instance labels)")
+  if a.dtype.kind not in "biuf":
+    raise errors.DataError(path, f"unsupported mask dtype {a.dtype}")
+  if a.size and a.min() < 0:
+    raise errors.DataError(path, "mask has negative values")
+  values = np.unique(a)
+  nonzero = values[values != 0]
+  if nonzero.size <= 1:
+    fg = a != 0
+    if not binary_components:
+      return fg.astype(np.int32)
+    import cv2  # pylint: disable=g-import-not-at-top
+    _, comps = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)
+    return comps.astype(np.int32)
+  if nonzero.max() > np.iinfo(np.int32).max:
+    raise errors.DataError(path, "mask label values exceed int32")
+  return a.astype(np.int32)
+
+
+def load_example(example: Example, *, binary_components: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Reads an example's image (uint8 RGB) and labels, checking they match in size.
+
+  Raises:
+    errors.DataError: Unreadable files or a size mismatch.
+  """
+  image = read_image(example.image_path)
+  labels = read_mask(example.mask_path, binary_components=binary_components)
+  if image.shape[:2] != labels.shape:
+    raise errors.DataError(
+        example.mask_path,
+        f"mask is {labels.shape[0]}x{labels.shape[1]} but image {example.image_path.name} "
+        f"is {image.shape[0]}x{image.shape[1]}")
+  return image, labels
+
+
+def object_ids(labels: np.ndarray) -> np.ndarray:
+  """Sorted non-zero label values of an instance label image."""
+  values = np.unique(labels)
+  return values[values != 0].astype(np.int32)
+
