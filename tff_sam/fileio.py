@@ -16,6 +16,12 @@ from typing import Any, Iterator, Union
 PathLike = Union[str, os.PathLike]
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, *, suffix: str = "") -> Iterator[Path]:
   """Yields a temporary path beside `path`; moves it onto `path` on success.
@@ -36,6 +42,7 @@ def atomic_path(path: PathLike, *, suffix: str = "") -> Iterator[Path]:
     yield tmp_path
     with open(tmp_path, "rb") as f:
       os.fsync(f.fileno())
+    os.chmod(tmp_path, 0o666 & ~_umask())
     os.replace(tmp_path, path)
   finally:
     if tmp_path.exists():
@@ -75,6 +82,7 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
   tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
   try:
     yield tmp
+    os.chmod(tmp, 0o777 & ~_umask())
     old = None
     if path.exists():
       old = path.parent / f".{path.name}.old.{os.getpid()}"

