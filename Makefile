@@ -9,9 +9,11 @@ VPY := $(VENV)/bin/python
 TFF_VERSION := 0.87.0
 # The stamp's name is a hash of everything that decides the environment: a second run
 # with unchanged pins finds it and installs nothing; a changed pin makes a new stamp.
-ENV_HASH := $(shell cat requirements.lock setup.cfg pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+ENV_HASH := $(shell { cat requirements.lock setup.cfg pyproject.toml; echo "gpu=$(GPU)"; } 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.tff_sam-env-$(ENV_HASH)
 PYTEST_ARGS ?=
+# GPU=1 also installs TF's CUDA runtime wheels (several GB; see BUILD_NOTES.md).
+GPU ?=
 
 .PHONY: install demo test bench clean-env
 
@@ -24,6 +26,7 @@ $(STAMP):
 	$(VPY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps tensorflow-federated==$(TFF_VERSION)
 	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@if [ -n "$(GPU)" ]; then $(VPY) -m pip install --quiet --disable-pip-version-check "tensorflow[and-cuda]==2.14.1" -c requirements.lock; fi
 	@rm -f $(VENV)/.tff_sam-env-*
 	@touch $(STAMP)
 	@echo "environment ready: $(VENV) ($(ENV_HASH))"

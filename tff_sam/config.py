@@ -55,6 +55,7 @@ class RunConfig:
   server_lr: float = 1.0
   loss: str = "dice_ce"
   eval_every: int = 1
+  eval_max_objects: int = 0
   seed: int = 0
 
   def validate(self) -> "RunConfig":
@@ -89,6 +90,8 @@ class RunConfig:
     check(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
     check(self.loss in LOSSES, "loss", f"must be one of {LOSSES}, got {self.loss!r}")
     check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+    check(self.eval_max_objects >= 0, "eval_max_objects",
+          f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")
     check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     return self
 

@@ -15,21 +15,6 @@ from tff_sam import losses
 from tff_sam import model as model_lib
 
 
-def _prime_keras_device_list() -> None:
-  """Works around Keras 2.14 asking for a TF1 session inside TFF's graph tracing.
-
-  `Conv2DTranspose(data_format="channels_first")` (in SAM's mask decoder) checks for
-  GPUs via `keras.backend._get_available_gpus()`, which outside eager mode opens a
-  session, and that fails inside a graph function ("Cannot get session inside
-  Tensorflow graph function"). Filling Keras's device cache eagerly, once, makes the
-  check a lookup. Idempotent.
-  """
-  from keras.src import backend as keras_backend  # pylint: disable=g-import-not-at-top
-
-  if getattr(keras_backend, "_LOCAL_DEVICES", None) is None:
-    keras_backend._LOCAL_DEVICES = tf.config.list_logical_devices()  # pylint: disable=protected-access
-
-
 def build_model_fn(*, sam_config, input_spec, prompt: str, loss: str,
                    train_iou_head: bool) -> Callable[[], object]:
   """Returns a no-argument function building a fresh `tff.learning` model.
@@ -42,8 +27,6 @@ def build_model_fn(*, sam_config, input_spec, prompt: str, loss: str,
     train_iou_head: Train the IoU head with an MSE term, or freeze it.
   """
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-
-  _prime_keras_device_list()
 
   def model_fn():
     keras_model = model_lib.PromptMaskDecoder(

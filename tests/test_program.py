@@ -1,0 +1,199 @@
+"""End-to-end tests of the main job: the program on its own, and the CLI binaries."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tff_sam import config as config_lib
+from tff_sam import errors
+from tff_sam import evaluation
+from tff_sam import program
+from tff_sam import runtime
+from tff_sam import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data") / "synthetic"
+  return synthetic.generate(root, images_per_site=3, test_per_site=1)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reap_workers():
+  yield
+  runtime.terminate_children()
+
+
+def _config(tmp_path, data_dir, cache_dir, **overrides):
+  values = dict(output_dir=str(tmp_path / "out"), data_dir=str(data_dir),
+                cache_dir=str(cache_dir), model="tiny", rounds=2, clients_per_round=2,
+                local_epochs=1, batch_size=2, prompts_per_image=2, client_lr=3e-3,
+                eval_every=1, seed=3)
+  values.update(overrides)
+  return config_lib.RunConfig(**values).validate()
+
+
+def _run_cli(args, env_extra=None, timeout=600):
+  env = dict(os.environ)
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                        cwd=REPO, env=env, timeout=timeout, check=False)
+
+
+def test_program_writes_outputs_and_export_reproduces_final_metrics(tmp_path, small_data, cache_dir):
+  config = _config(tmp_path, small_data, cache_dir)
+  lines = []
+  summary = program.run_experiment(config, log=lines.append)
+  out = Path(config.output_dir)
+
+  with open(out / "metrics.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r["round"]) for r in rows] == [0, 1, 2]
+  assert rows[0]["train_loss"] == "" and float(rows[0]["test_dice"]) >= 0
+  assert all(float(r["train_loss"]) > 0 for r in rows[1:])
+  assert all(0 <= float(r["test_dice"]) <= 1 for r in rows)
+
+  saved = json.loads((out / "summary.json").read_text())
+  assert saved["config"] == config.to_dict()
+  assert saved["rounds"] == 2 and saved["wall_time_s"] > 0
+  assert set(saved["baseline"]) >= {"dice", "iou"} and set(saved["final"]) >= {"dice", "iou"}
+  assert saved["final"]["dice"] == pytest.approx(float(rows[-1]["test_dice"]), abs=1e-6)
+  assert json.loads((out / "config.json").read_text()) == config.to_dict()
+  assert sum(1 for line in lines if line.startswith("round ")) == 3  # 0, 1, 2
+  assert summary == saved
+
+  # The exported model loads with from_pretrained and reproduces the final metrics.
+  from tff_sam import embeddings, model as model_lib  # pylint: disable=g-import-not-at-top
+  bundle = model_lib.load_sam(str(out / "model"))
+  splits = program.prepare_data(config, Path(cache_dir))
+  records, _ = embeddings.build_records(list(splits.test), bundle=bundle, cache_root=Path(cache_dir),
+                                        binary_components=False, batch_size=4, show_progress=False)
+  evaluator = evaluation.Evaluator(examples=list(splits.test), records=records, bundle=bundle)
+  result = evaluator(model_lib.build_prompt_mask_decoder(bundle))
+  assert result.dice == pytest.approx(saved["final"]["dice"], abs=1e-9)
+  assert result.iou == pytest.approx(saved["final"]["iou"], abs=1e-9)
+  # Fine-tuning changed the decoder: the export differs from the pretrained tiny model.
+  base = model_lib.load_sam("tiny")
+  changed = [not np.array_equal(a.numpy(), b.numpy()) for a, b in
+             zip(base.sam.mask_decoder.weights, bundle.sam.mask_decoder.weights)]
+  assert any(changed)
+  # The (frozen) image encoder and prompt encoder are exported unchanged.
+  assert base.fingerprint == bundle.fingerprint
+  for a, b in zip(base.sam.prompt_encoder.weights, bundle.sam.prompt_encoder.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_sample_clients_is_deterministic_per_round():
+  ids = [f"c{i}" for i in range(10)]
+  a = program.sample_clients(ids, round_num=4, clients_per_round=3, seed=1)
+  assert a == program.sample_clients(ids, round_num=4, clients_per_round=3, seed=1)
+  assert len(set(a)) == 3 and set(a) <= set(ids)
+  rounds = {tuple(program.sample_clients(ids, round_num=r, clients_per_round=3, seed=1))
+            for r in range(1, 8)}
+  assert len(rounds) > 1
+  assert program.sample_clients(ids[:2], round_num=1, clients_per_round=5, seed=1) == ids[:2]
+
+
+def test_program_refuses_data_without_test_split(tmp_path, cache_dir):
+  root = synthetic.generate(tmp_path / "d", images_per_site=1, test_per_site=0)
+  config = _config(tmp_path, root, cache_dir)
+  with pytest.raises(errors.ConfigError, match="--test_fraction"):
+    program.run_experiment(config, log=lambda _: None)
+
+
+def test_config_validation_names_the_flag():
+  with pytest.raises(errors.ConfigError, match="^--rounds:"):
+    config_lib.RunConfig(output_dir="x", rounds=-1).validate()
+  with pytest.raises(errors.ConfigError, match="^--prompt:"):
+    config_lib.RunConfig(output_dir="x", prompt="lasso").validate()
+  with pytest.raises(errors.ConfigError, match="^--client_lr:"):
+    config_lib.RunConfig(output_dir="x", client_lr=0).validate()
+
+
+@pytest.mark.parametrize("case", ["image_without_mask", "size_mismatch", "unreadable"])
+def test_data_mistakes_are_one_line_errors(tmp_path, small_data, cache_dir, case):
+  import shutil  # pylint: disable=g-import-not-at-top
+  import cv2  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path / "bad"
+  shutil.copytree(small_data, root)
+  site = root / "site_0"
+  victim = sorted((site / "images").iterdir())[0]
+  mask = site / "masks" / (victim.stem + ".png")
+  if case == "image_without_mask":
+    mask.unlink()
+    expected = victim.name
+  elif case == "size_mismatch":
+    cv2.imwrite(str(mask), np.zeros((10, 10), np.uint16))
+    expected = mask.name
+  else:
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    expected = victim.name
+  config = _config(tmp_path, root, cache_dir)
+  with pytest.raises(errors.DataError) as info:
+    program.run_experiment(config, log=lambda _: None)
+  message = str(info.value)
+  assert expected in message and "\n" not in message
+
+
+def test_cli_help_documents_every_flag():
+  proc = _run_cli(["tff_sam.experiments.run", "--helpfull"])
+  assert proc.returncode == 0
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  for field in dataclasses.fields(config_lib.RunConfig):
+    assert f"--{field.name}" in proc.stdout, field.name
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--data_dir=/nonexistent/tff_sam_data"], "/nonexistent/tff_sam_data: data directory not found"),
+    (["--model=/nonexistent/model_dir"], "--model /nonexistent/model_dir"),
+    (["--model=facebook/sam-vit-base"], "cannot load it"),
+    (["--rounds=-3"], "--rounds: must be >= 0"),
+])
+def test_cli_user_mistakes_exit_nonzero_with_one_line(tmp_path, small_data, cache_dir, args, expected):
+  base = [f"--output_dir={tmp_path / 'o'}", f"--cache_dir={cache_dir}", "--rounds=1"]
+  if not any(a.startswith("--data_dir") for a in args):
+    base.append(f"--data_dir={small_data}")
+  proc = _run_cli(["tff_sam.experiments.run", *base, *args],
+                  env_extra={"HF_HUB_OFFLINE": "1"})
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
+
+
+def test_cli_flagfile_run_and_evaluate(tmp_path, small_data, cache_dir):
+  flagfile = tmp_path / "exp.flags"
+  out = tmp_path / "run"
+  flagfile.write_text("\n".join([
+      f"--data_dir={small_data}", f"--cache_dir={cache_dir}", f"--output_dir={out}",
+      "--rounds=1", "--clients_per_round=2", "--prompts_per_image=2", "--prompt=both"]) + "\n")
+  proc = _run_cli(["tff_sam.experiments.run", f"--flagfile={flagfile}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "round 1/1" in proc.stdout
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["config"]["prompt"] == "both"
+
+  report = tmp_path / "eval.json"
+  proc = _run_cli(["tff_sam.experiments.evaluate", f"--model={out / 'model'}",
+                   f"--data_dir={small_data}", f"--cache_dir={cache_dir}",
+                   f"--output_json={report}", "--prompt=box", "--prompt=points"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(report.read_text())
+  assert {"dice", "iou", "num_objects"} <= set(result)
+  assert set(result["results"]) == {"box", "points"}
+  assert result["split"] == "test" and result["num_objects"] == summary["num_test_objects"]
+  assert 0 <= result["dice"] <= 1
