@@ -35,6 +35,7 @@ class PipelineSpec:
     prompt: `box`, `points` or `both`.
     prompts_per_image: Objects (prompts) sampled per image per epoch.
     box_jitter: Max box jitter in input-frame pixels.
+    box_jitter_fraction: Jitter std as a fraction of the box side (0 = uniform).
     num_points: Positive points per prompt.
     num_negative_points: Negative points per prompt.
     local_epochs: Passes over the client's data per round.
@@ -49,6 +50,7 @@ class PipelineSpec:
   prompt: str = "box"
   prompts_per_image: int = 4
   box_jitter: float = 20.0
+  box_jitter_fraction: float = 0.1
   num_points: int = 1
   num_negative_points: int = 0
   local_epochs: int = 1
@@ -72,7 +74,8 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
   Returns:
     `OrderedDict(x=..., y=...)`: x holds `image_embeddings` (C, s, s), `boxes` (P, 4),
     `points` (P, N, 2), `point_labels` (P, N); y is (P, L, L) with 1 object,
-    0 background, -1 ignore. Slots beyond the image's object count are all -1.
+    0 background, -1 ignore; in between, an object's coverage of a low-resolution
+    pixel (soft target). Slots beyond the image's object count are all -1.
   """
   p = spec.prompts_per_image
   seeds = tf.random.experimental.stateless_split(seed, 3)
@@ -84,15 +87,23 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
   chosen_ids = tf.pad(tf.gather(ids, order), [[0, p - n]], constant_values=-2)
   chosen_boxes = tf.pad(tf.gather(boxes, order), [[0, p - n], [0, 0]])
   chosen_boxes = prompts_lib.jitter_boxes(
-      chosen_boxes, max_jitter=spec.box_jitter, input_size=spec.input_size, seed=seeds[1])
+      chosen_boxes, max_jitter=spec.box_jitter, input_size=spec.input_size, seed=seeds[1],
+      side_fraction=spec.box_jitter_fraction)
   chosen_boxes = tf.where(slot_valid[:, None], chosen_boxes, 0.0)
-  objects = tf.cast(tf.equal(labels[None], chosen_ids[:, None, None]), tf.float32)
-  ignore = tf.logical_or(labels[None] < 0, tf.logical_not(slot_valid)[:, None, None])
-  target = tf.where(ignore, -1.0, objects)
+  # Soft targets: each object's coverage of every low-resolution pixel.
+  factor = spec.input_size // spec.low_res
+  objects_hi = tf.cast(tf.equal(labels[None], chosen_ids[:, None, None]), tf.float32)
+  coverage = tf.nn.avg_pool2d(objects_hi[..., None], factor, factor, "VALID")[..., 0]
+  inside = tf.nn.avg_pool2d(tf.cast(labels >= 0, tf.float32)[None, ..., None], factor,
+                            factor, "VALID")[0, ..., 0] > 0.5
+  ignore = tf.logical_or(tf.logical_not(inside)[None],
+                         tf.logical_not(slot_valid)[:, None, None])
+  target = tf.where(ignore, -1.0, coverage)
+  objects = tf.cast(coverage >= 0.5, tf.float32)
   n_pts = spec.num_points + spec.num_negative_points
   if spec.prompt in ("points", "both"):
     points, point_labels = prompts_lib.sample_points(
-        objects, labels >= 0, num_positive=spec.num_points,
+        objects, inside, num_positive=spec.num_points,
         num_negative=spec.num_negative_points, input_size=spec.input_size, seed=seeds[2])
   else:
     points = tf.zeros([p, n_pts, 2], tf.float32)
@@ -125,7 +136,7 @@ def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
   files = files.repeat(spec.local_epochs)
   records = tf.data.TFRecordDataset(files)
   parsed = records.map(lambda r: embeddings.parse_record(
-      r, embedding_shape=spec.embedding_shape, low_res=spec.low_res))
+      r, embedding_shape=spec.embedding_shape, input_size=spec.input_size))
   examples = parsed.enumerate().map(
       lambda i, rec: make_example(rec, tf.stack([seed[1], i]), spec),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from tff_sam import errors
 
 PROMPT_MODES = ("box", "points", "both")
+NAMED_DATASETS = ("sample", "synthetic")
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("dice_ce", "bce", "focal_dice")
 SERVER_OPTIMIZERS = ("sgd", "adam")
@@ -27,8 +28,9 @@ class RunConfig:
   """
 
   output_dir: str
-  # Data.
+  # Data: `data_dir`, or else the named embedded dataset `data`.
   data_dir: Optional[str] = None
+  data: str = "sample"
   partition: str = "iid"
   num_clients: int = 4
   dirichlet_alpha: float = 0.5
@@ -37,6 +39,7 @@ class RunConfig:
   # Prompts.
   prompt: str = "box"
   box_jitter: float = 20.0
+  box_jitter_fraction: float = 0.1
   num_points: int = 1
   num_negative_points: int = 0
   prompts_per_image: int = 4
@@ -69,12 +72,15 @@ class RunConfig:
         raise errors.ConfigError(flag, msg)
 
     check(bool(self.output_dir), "output_dir", "must be set")
+    check(self.data in NAMED_DATASETS, "data", f"must be one of {NAMED_DATASETS}, got {self.data!r}")
     check(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}, got {self.partition!r}")
     check(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
     check(self.dirichlet_alpha > 0, "dirichlet_alpha", f"must be > 0, got {self.dirichlet_alpha}")
     check(0.0 <= self.test_fraction < 1.0, "test_fraction", f"must be in [0, 1), got {self.test_fraction}")
     check(self.prompt in PROMPT_MODES, "prompt", f"must be one of {PROMPT_MODES}, got {self.prompt!r}")
     check(self.box_jitter >= 0, "box_jitter", f"must be >= 0 pixels, got {self.box_jitter}")
+    check(self.box_jitter_fraction >= 0, "box_jitter_fraction",
+          f"must be >= 0, got {self.box_jitter_fraction}")
     check(self.num_points >= 1, "num_points", f"must be >= 1, got {self.num_points}")
     check(self.num_negative_points >= 0, "num_negative_points", f"must be >= 0, got {self.num_negative_points}")
     check(self.prompts_per_image >= 1, "prompts_per_image", f"must be >= 1, got {self.prompts_per_image}")

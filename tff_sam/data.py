@@ -101,7 +101,7 @@ def list_examples(folder: Path) -> list[Example]:
   for stem, path in masks.items():
     if stem not in images:
       raise errors.DataError(path, f"mask has no image (expected {images_dir}/{stem}.*)")
-  return [Example(stem, images[s], masks[s]) for s in sorted(images)]
+  return [Example(s, images[s], masks[s]) for s in sorted(images)]
 
 
 def partition_iid(examples: Sequence[Example], *, num_clients: int,

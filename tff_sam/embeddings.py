@@ -1,7 +1,8 @@
 """The embedding cache: each image is encoded once by the frozen image encoder.
 
 One TFRecord file per image holds its image embedding (float16), its instance labels
-in the low-resolution mask frame, and its object ids and tight boxes (input frame).
+in SAM's input frame (a 16-bit PNG, objects renumbered 1..K, padding 65535), and its
+object ids and tight boxes (input frame).
 The file name is a hash of the encoder fingerprint, the preprocessing settings and
 the raw bytes of the image and mask files, so a changed image, mask, model or setting
 gets a new record and nothing stale is ever reused. Records are written atomically.
@@ -25,7 +26,8 @@ from tff_sam import fileio
 from tff_sam import model as model_lib
 from tff_sam import preprocess
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+PNG_PAD = 65535
 
 
 @dataclasses.dataclass
@@ -57,10 +59,10 @@ def _file_digest(path: Path) -> str:
 
 
 def record_key(*, fingerprint: str, example: data.Example, binary_components: bool,
-               low_res: int) -> str:
+               input_size: int) -> str:
   """The cache key of one example (hash of model, settings and file contents)."""
   h = hashlib.sha256()
-  for part in (f"v{RECORD_VERSION}", fingerprint, str(binary_components), str(low_res),
+  for part in (f"v{RECORD_VERSION}", fingerprint, str(binary_components), str(input_size),
                _file_digest(example.image_path), _file_digest(example.mask_path)):
     h.update(part.encode())
     h.update(b"\0")
@@ -79,16 +81,34 @@ def _float_feature(values: Iterable[float]) -> tf.train.Feature:
   return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
 
 
-def serialize_record(*, embedding: np.ndarray, low_res_labels: np.ndarray,
+def encode_labels(labels: np.ndarray) -> bytes:
+  """(S, S) int labels (-1 padding, values < 65535) as 16-bit PNG bytes."""
+  import cv2  # pylint: disable=g-import-not-at-top
+
+  if labels.max(initial=0) >= PNG_PAD:
+    raise ValueError("labels must be < 65535 (renumber objects first)")
+  ok, png = cv2.imencode(".png", np.where(labels < 0, PNG_PAD, labels).astype(np.uint16))
+  assert ok
+  return png.tobytes()
+
+
+def renumber(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """Maps object ids `ids` to 1..K (other non-negative values to 0; -1 stays)."""
+  out = np.where(labels < 0, -1, 0).astype(np.int32)
+  for new, old in enumerate(ids, start=1):
+    out[labels == old] = new
+  return out
+
+
+def serialize_record(*, embedding: np.ndarray, input_labels: np.ndarray,
                      object_ids: np.ndarray, boxes: np.ndarray,
                      original_size: Sequence[int], reshaped_size: Sequence[int],
                      stem: str) -> bytes:
-  """Serializes one example as a `tf.train.Example`."""
+  """Serializes one example as a `tf.train.Example` (labels as 16-bit PNG)."""
   feature = {
       "embedding": _bytes_feature(
           tf.io.serialize_tensor(tf.constant(embedding, tf.float16)).numpy()),
-      "labels": _bytes_feature(
-          tf.io.serialize_tensor(tf.constant(low_res_labels, tf.int32)).numpy()),
+      "labels": _bytes_feature(encode_labels(input_labels)),
       "object_ids": _int_feature(int(i) for i in object_ids),
       "boxes": _float_feature(float(v) for v in np.asarray(boxes).reshape(-1)),
       "original_size": _int_feature(original_size),
@@ -99,7 +119,7 @@ def serialize_record(*, embedding: np.ndarray, low_res_labels: np.ndarray,
 
 
 def parse_record(serialized: tf.Tensor, *, embedding_shape: Sequence[int],
-                 low_res: int) -> dict[str, tf.Tensor]:
+                 input_size: int) -> dict[str, tf.Tensor]:
   """Parses a record written by `serialize_record` (graph-safe)."""
   spec = {
       "embedding": tf.io.FixedLenFeature([], tf.string),
@@ -113,7 +133,8 @@ def parse_record(serialized: tf.Tensor, *, embedding_shape: Sequence[int],
   f = tf.io.parse_single_example(serialized, spec)
   embedding = tf.ensure_shape(
       tf.io.parse_tensor(f["embedding"], tf.float16), list(embedding_shape))
-  labels = tf.ensure_shape(tf.io.parse_tensor(f["labels"], tf.int32), [low_res, low_res])
+  png = tf.cast(tf.io.decode_png(f["labels"], channels=1, dtype=tf.uint16)[..., 0], tf.int32)
+  labels = tf.ensure_shape(tf.where(tf.equal(png, PNG_PAD), -1, png), [input_size, input_size])
   return {
       "embedding": tf.cast(embedding, tf.float32),
       "labels": labels,
@@ -125,12 +146,12 @@ def parse_record(serialized: tf.Tensor, *, embedding_shape: Sequence[int],
   }
 
 
-def read_record(path: Path, *, embedding_shape: Sequence[int], low_res: int
+def read_record(path: Path, *, embedding_shape: Sequence[int], input_size: int
                 ) -> dict[str, np.ndarray]:
   """Reads one record file eagerly into numpy arrays."""
   serialized = next(iter(tf.data.TFRecordDataset(str(path))))
   return {k: v.numpy() for k, v in parse_record(
-      serialized, embedding_shape=embedding_shape, low_res=low_res).items()}
+      serialized, embedding_shape=embedding_shape, input_size=input_size).items()}
 
 
 def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBundle,
@@ -155,15 +176,16 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
     errors.DataError: An unreadable file or an image/mask size mismatch.
   """
   config = bundle.config
-  input_size, low_res = model_lib.image_size(config), model_lib.low_res_size(config)
+  input_size = model_lib.image_size(config)
   out_dir = Path(cache_root) / "embeddings" / bundle.fingerprint
   stats = CacheStats(images=len(examples))
   records: list[Optional[Record]] = [None] * len(examples)
   todo = []
   for i, ex in enumerate(examples):
-    path = out_dir / f"{record_key(fingerprint=bundle.fingerprint, example=ex, binary_components=binary_components, low_res=low_res)}.tfrecord"
+    path = out_dir / f"{record_key(fingerprint=bundle.fingerprint, example=ex, binary_components=binary_components, input_size=input_size)}.tfrecord"
     if path.exists():
-      rec = read_record(path, embedding_shape=model_lib.embedding_shape(config), low_res=low_res)
+      rec = read_record(path, embedding_shape=model_lib.embedding_shape(config),
+                        input_size=input_size)
       records[i] = Record(path, len(rec["object_ids"]))
       stats.reused += 1
     else:
@@ -180,19 +202,20 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
     for _, ex, _ in chunk:
       image, labels = data.load_example(ex, binary_components=binary_components)
       prepared.append((labels, preprocess.preprocess(
-          bundle.processor, image, labels, low_res=low_res)))
+          bundle.processor, image, labels, input_size=input_size)))
     pixels = np.stack([p.pixel_values for _, p in prepared])
     embeddings = encode(tf.constant(pixels)).numpy()
     for (i, ex, path), (labels, prep), emb in zip(chunk, prepared, embeddings):
       ids = data.object_ids(labels)
-      visible = np.isin(ids, np.unique(prep.low_res_labels))
+      visible = np.isin(ids, np.unique(prep.input_labels))
       stats.objects_too_small += int((~visible).sum())
       ids = ids[visible]
       boxes = preprocess.to_input_frame(
           preprocess.boxes_from_labels(labels, ids).reshape(-1, 2, 2),
           prep.original_size, input_size).reshape(-1, 4)
       _write_record(path, serialize_record(
-          embedding=emb, low_res_labels=prep.low_res_labels, object_ids=ids, boxes=boxes,
+          embedding=emb, input_labels=renumber(prep.input_labels, ids),
+          object_ids=np.arange(1, len(ids) + 1), boxes=boxes,
           original_size=prep.original_size, reshaped_size=prep.reshaped_size, stem=ex.stem))
       records[i] = Record(path, len(ids))
       stats.encoded += 1

@@ -84,10 +84,9 @@ class Evaluator:
     self._chunk = chunk
     input_size = model_lib.image_size(self._config)
     shape = model_lib.embedding_shape(self._config)
-    low_res = model_lib.low_res_size(self._config)
     self.images: list[_TestImage] = []
     for ex, rec in zip(examples, records, strict=True):
-      r = embeddings.read_record(rec.path, embedding_shape=shape, low_res=low_res)
+      r = embeddings.read_record(rec.path, embedding_shape=shape, input_size=input_size)
       labels = data.read_mask(ex.mask_path, binary_components=binary_components)
       ids = select_objects(data.object_ids(labels), max_objects=max_objects_per_image,
                            stem=ex.stem)
@@ -179,7 +178,8 @@ def evaluate_prompt_modes(*, bundle: model_lib.SamBundle, evaluator: Evaluator,
   return results
 
 
-def evaluate_folder(*, model: str, data_dir: Optional[str], split: str = "auto",
+def evaluate_folder(*, model: str, data_dir: Optional[str], data_name: str = "sample",
+                    split: str = "auto",
                     prompts: Sequence[str] = ("box", "points"),
                     binary_components: bool = False, max_objects_per_image: int = 0,
                     cache_dir: Optional[str] = None, encode_batch_size: int = 4) -> dict:
@@ -187,7 +187,8 @@ def evaluate_folder(*, model: str, data_dir: Optional[str], split: str = "auto",
 
   Args:
     model: `tiny`, a hub id or a `save_pretrained` directory.
-    data_dir: Data folder; None for the embedded default dataset.
+    data_dir: Data folder; None for the named dataset `data_name`.
+    data_name: Embedded dataset (`sample` or `synthetic`) used without `data_dir`.
     split: `test` (the `test/` folder), `all` (every image) or `auto` (test/ if any).
     prompts: Prompt modes to evaluate.
     binary_components: How binary masks are split into objects.
@@ -206,10 +207,11 @@ def evaluate_folder(*, model: str, data_dir: Optional[str], split: str = "auto",
 
   from tff_sam import errors  # pylint: disable=g-import-not-at-top
   from tff_sam import fileio  # pylint: disable=g-import-not-at-top
-  from tff_sam import synthetic  # pylint: disable=g-import-not-at-top
+  from tff_sam import program  # pylint: disable=g-import-not-at-top
 
   cache_root = Path(cache_dir).expanduser() if cache_dir else fileio.default_cache_dir()
-  root = Path(data_dir).expanduser() if data_dir else synthetic.default_dataset(cache_root)
+  root = (Path(data_dir).expanduser() if data_dir
+          else program.named_dataset(data_name, cache_root))
   if not root.is_dir():
     raise errors.DataError(root, "data directory not found")
   test_dir = root / data.TEST_DIR

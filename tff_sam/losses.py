@@ -1,8 +1,9 @@
 """Segmentation losses and metrics on low-resolution masks with an ignore label.
 
-Targets are (B, P, L, L) float tensors: 1 object, 0 background, -1 ignored (padding
-of the input frame, or a whole prompt slot when an image had fewer objects than
-`prompts_per_image`). Predictions are the `PromptMaskDecoder` output dict
+Targets are (B, P, L, L) float tensors in [0, 1] (an object's coverage of each
+low-resolution pixel: 1 inside, 0 outside, fractional on its boundary) or -1 for
+ignored pixels (padding of the input frame, or a whole prompt slot when an image had
+fewer objects than `prompts_per_image`). Predictions are the `PromptMaskDecoder` output dict
 (`masks` logits (B, P, L, L), `iou` (B, P)).
 
 * `dice_ce` (default): soft Dice with squared predictions in the denominator plus

@@ -7,6 +7,11 @@ to the low-resolution frame the decoder predicts (nearest neighbour, PIL, exactl
 <= 255) and padded with -1, which marks pixels excluded from the loss. Prompt
 coordinates are mapped from original pixels to the input frame with the processor's
 own rule.
+
+Training targets are built from the labels in the *input* frame (e.g. 1024x1024):
+each object's coverage of every low-resolution pixel (4x4 average) is its soft target,
+which approximates the full-resolution mask far better than a nearest-neighbour
+downsample for small objects such as nuclei.
 """
 
 import dataclasses
@@ -23,13 +28,13 @@ class Preprocessed:
 
   Attributes:
     pixel_values: (3, S, S) float32 for the image encoder.
-    low_res_labels: (L, L) int32 instance labels in the decoder's frame; -1 = padding.
+    input_labels: (S, S) int32 instance labels in SAM's input frame; -1 = padding.
     original_size: (height, width) of the original image.
     reshaped_size: (height, width) of the resized image inside the padded input.
   """
 
   pixel_values: np.ndarray
-  low_res_labels: np.ndarray
+  input_labels: np.ndarray
   original_size: tuple[int, int]
   reshaped_size: tuple[int, int]
 
@@ -52,14 +57,14 @@ def resize_labels(labels: np.ndarray, *, longest_edge: int, pad_to: int) -> np.n
 
 
 def preprocess(processor, image: np.ndarray, labels: np.ndarray, *,
-               low_res: int) -> Preprocessed:
+               input_size: int) -> Preprocessed:
   """Applies SAM's preprocessing to an image and its instance labels.
 
   Args:
     processor: A `SamImageProcessor`.
     image: (H, W, 3) uint8.
     labels: (H, W) int instance labels.
-    low_res: Side of the decoder's low-resolution mask frame.
+    input_size: Side of SAM's (square, padded) input frame.
 
   Returns:
     The preprocessed example.
@@ -67,7 +72,7 @@ def preprocess(processor, image: np.ndarray, labels: np.ndarray, *,
   feats = processor(images=image, return_tensors="np")
   return Preprocessed(
       pixel_values=feats["pixel_values"][0].astype(np.float32),
-      low_res_labels=resize_labels(labels, longest_edge=low_res, pad_to=low_res),
+      input_labels=resize_labels(labels, longest_edge=input_size, pad_to=input_size),
       original_size=tuple(int(v) for v in feats["original_sizes"][0]),
       reshaped_size=tuple(int(v) for v in feats["reshaped_input_sizes"][0]))
 

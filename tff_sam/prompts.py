@@ -14,21 +14,36 @@ POSITIVE, NEGATIVE, NOT_A_POINT = 1, 0, -1
 
 
 def jitter_boxes(boxes: tf.Tensor, *, max_jitter: float, input_size: int,
-                 seed: tf.Tensor) -> tf.Tensor:
-  """Moves every box coordinate independently by U(-max_jitter, max_jitter) pixels.
+                 seed: tf.Tensor, side_fraction: float = 0.0) -> tf.Tensor:
+  """Moves every box coordinate independently by random noise of at most `max_jitter`.
+
+  With `side_fraction` = 0 the noise is U(-max_jitter, max_jitter). With
+  `side_fraction` > 0 it is SAM's training noise: Gaussian with a standard deviation
+  of `side_fraction` times the box's width (x) or height (y), clipped to
+  +-`max_jitter` (the SAM paper uses 10% of the side, at most 20 pixels), so small
+  objects get proportionally small noise.
 
   Args:
     boxes: (..., 4) XYXY boxes.
     max_jitter: Largest shift in input-frame pixels.
     input_size: Side of the input frame; results are clipped to it.
     seed: Stateless seed, shape [2].
+    side_fraction: Noise standard deviation as a fraction of the box side (0 for
+      uniform noise).
 
   Returns:
     Jittered boxes with x0 <= x1 and y0 <= y1, inside the frame.
   """
   boxes = tf.convert_to_tensor(boxes, tf.float32)
   if max_jitter > 0:
-    boxes += tf.random.stateless_uniform(tf.shape(boxes), seed, -max_jitter, max_jitter)
+    if side_fraction > 0:
+      x0, y0, x1, y1 = tf.unstack(boxes, axis=-1)
+      w, h = tf.abs(x1 - x0) + 1.0, tf.abs(y1 - y0) + 1.0
+      std = side_fraction * tf.stack([w, h, w, h], axis=-1)
+      noise = tf.random.stateless_normal(tf.shape(boxes), seed) * std
+      boxes += tf.clip_by_value(noise, -max_jitter, max_jitter)
+    else:
+      boxes += tf.random.stateless_uniform(tf.shape(boxes), seed, -max_jitter, max_jitter)
   boxes = tf.clip_by_value(boxes, 0.0, float(input_size - 1))
   x0, y0, x1, y1 = tf.unstack(boxes, axis=-1)
   return tf.stack([tf.minimum(x0, x1), tf.minimum(y0, y1),

@@ -23,7 +23,9 @@ from tff_sam import errors
 
 flags.DEFINE_string("model", "tiny", "tiny, a hub id, or a save_pretrained directory.")
 flags.DEFINE_string("data_dir", None, "Data folder (same layout as for run). Default: the "
-                    "embedded synthetic data.")
+                    "--data dataset.")
+flags.DEFINE_enum("data", "sample", ["sample", "synthetic"],
+                  "Embedded dataset used when --data_dir is not given.")
 flags.DEFINE_enum("split", "auto", ["auto", "test", "all"],
                   "auto: test/ if present, else all images.")
 flags.DEFINE_multi_enum("prompt", ["box", "points"], ["box", "points", "both"],
@@ -45,7 +47,7 @@ def main(argv):
   from tff_sam import evaluation  # pylint: disable=g-import-not-at-top
   try:
     result = evaluation.evaluate_folder(
-        model=FLAGS.model, data_dir=FLAGS.data_dir, split=FLAGS.split,
+        model=FLAGS.model, data_dir=FLAGS.data_dir, data_name=FLAGS.data, split=FLAGS.split,
         prompts=FLAGS.prompt, binary_components=FLAGS.binary_components,
         max_objects_per_image=FLAGS.max_objects, cache_dir=FLAGS.cache_dir,
         encode_batch_size=FLAGS.encode_batch_size)

@@ -26,7 +26,10 @@ _F = {f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)}
 
 # Data.
 flags.DEFINE_string("data_dir", None, "Folder with images/ + masks/ (or one sub-folder per "
-                    "site, each a client; optional test/). Default: the embedded synthetic data.")
+                    "site, each a client; optional test/). Default: the --data dataset.")
+flags.DEFINE_enum("data", _F["data"], config_lib.NAMED_DATASETS,
+                  "Embedded dataset used when --data_dir is not given: sample = real "
+                  "microscopy (HeLa nuclei + bacteria, 4 sites), synthetic = generated shapes.")
 flags.DEFINE_enum("partition", _F["partition"], config_lib.PARTITIONS,
                   "How a flat data_dir is split into clients.")
 flags.DEFINE_integer("num_clients", _F["num_clients"], "Clients for a flat data_dir.")
@@ -40,6 +43,9 @@ flags.DEFINE_boolean("binary_components", _F["binary_components"],
 flags.DEFINE_enum("prompt", _F["prompt"], config_lib.PROMPT_MODES, "Prompt type for training.")
 flags.DEFINE_float("box_jitter", _F["box_jitter"],
                    "Max random shift of each box coordinate, in pixels of SAM's 1024 frame.")
+flags.DEFINE_float("box_jitter_fraction", _F["box_jitter_fraction"],
+                   "Box noise std as a fraction of the box side, clipped to --box_jitter (SAM's "
+                   "recipe: 0.1); 0 = uniform noise up to --box_jitter.")
 flags.DEFINE_integer("num_points", _F["num_points"], "Positive points per prompt.")
 flags.DEFINE_integer("num_negative_points", _F["num_negative_points"], "Negative points per prompt.")
 flags.DEFINE_integer("prompts_per_image", _F["prompts_per_image"],
