@@ -35,11 +35,10 @@ def _flat(root: Path, n: int, prefix: str = "img") -> list[str]:
 
 
 def _stems(examples) -> list[str]:
-  # File stems from the paths (not `Example.stem`, see test_example_stem_is_file_stem),
-  # checking that image and mask are paired by stem.
+  # Checks that image and mask are paired by stem and that `Example.stem` is theirs.
   for e in examples:
-    assert e.image_path.stem == e.mask_path.stem, e
-  return [e.image_path.stem for e in examples]
+    assert e.stem == e.image_path.stem == e.mask_path.stem, e
+  return [e.stem for e in examples]
 
 
 def _all_client_stems(splits: data.DatasetSplits) -> list[str]:
@@ -82,17 +81,13 @@ def test_list_examples_pairs_by_stem_sorted(tmp_path):
   assert examples[2].mask_path == tmp_path / "masks" / "c.tif"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG data.list_examples: builds Example(stem, ...) with the loop variable left "
-    "over from the masks loop instead of `s`, so every Example.stem is the last mask's stem")
 def test_example_stem_is_file_stem(tmp_path):
   for s in ("b", "a", "c"):
     _write_pair(tmp_path, s)
   examples = data.list_examples(tmp_path)
   assert [e.stem for e in examples] == ["a", "b", "c"]
   assert all(e.stem == e.image_path.stem for e in examples)
-  # Consequence: clients' examples and the test set are not in stem order either.
+  # Clients' examples and the test set are in stem order.
   _flat(tmp_path / "flat", 20)
   s = _split(tmp_path / "flat", num_clients=2, test_fraction=0.25, seed=3)
   for exs in list(s.clients.values()) + [s.test]:

@@ -58,10 +58,13 @@ def _tf_inputs(logits, y):
   return logits, tf.maximum(y, 0.0), valid
 
 
-def _random_case(seed, b=2, p=3, l=6, ignore_frac=0.2):
+def _random_case(seed, b=2, p=3, l=6, ignore_frac=0.2, soft=False):
   rng = np.random.default_rng(seed)
   logits = rng.normal(0, 2.0, (b, p, l, l)).astype(np.float32)
   y = (rng.uniform(size=(b, p, l, l)) < 0.4).astype(np.float32)
+  if soft:  # coverage targets: fractional values on some pixels
+    frac = rng.uniform(size=y.shape) < 0.3
+    y[frac] = rng.uniform(0.05, 0.95, size=int(frac.sum())).astype(np.float32)
   y[rng.uniform(size=y.shape) < ignore_frac] = -1
   iou = rng.uniform(size=(b, p)).astype(np.float32)
   return logits, y, iou
@@ -168,6 +171,25 @@ def test_mask_loss_matches_numpy(kind, iou_weight):
   keras_loss = losses.MaskLoss(kind, iou_weight=iou_weight)
   np.testing.assert_allclose(keras_loss(tf.constant(y), pred).numpy(), out, rtol=1e-6)
   assert keras_loss.get_config() == {"kind": kind, "iou_weight": iou_weight, "name": "mask_loss"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mask_loss_soft_targets_match_numpy(kind):
+  logits, y, iou = _random_case(10, soft=True)
+  assert ((y > 0) & (y < 1)).any()
+  pred = {"masks": tf.constant(logits), "iou": tf.constant(iou)}
+  out = losses.mask_loss(tf.constant(y), pred, kind=kind, iou_weight=1.0).numpy()
+  np.testing.assert_allclose(out, _np_loss(logits, y, iou, kind, 1.0), rtol=1e-5)
+
+
+def test_soft_target_bce_minimum_at_target():
+  """With soft targets, BCE is minimal where sigmoid(logit) equals the coverage."""
+  t = np.full((1, 1, 1, 1), 0.3, np.float32)
+  best = np.log(0.3 / 0.7)
+  values = [float(losses.mask_loss(tf.constant(t), {"masks": tf.constant(t * 0 + x),
+                                                    "iou": tf.zeros((1, 1))}, kind="bce"))
+            for x in (best - 0.5, best, best + 0.5)]
+  assert values[1] < values[0] and values[1] < values[2]
 
 
 def test_iou_weight_changes_loss_and_kinds_differ():

@@ -150,8 +150,8 @@ def test_data_mistakes_are_one_line_errors(tmp_path, small_data, cache_dir, case
 
 
 def test_cli_help_documents_every_flag():
-  proc = _run_cli(["tff_sam.experiments.run", "--helpfull"])
-  assert proc.returncode == 0
+  proc = _run_cli(["tff_sam.experiments.run", "--help"])
+  assert proc.returncode in (0, 1), proc.stderr[-2000:]  # absl's --help exits with 1.
   import dataclasses  # pylint: disable=g-import-not-at-top
   for field in dataclasses.fields(config_lib.RunConfig):
     assert f"--{field.name}" in proc.stdout, field.name

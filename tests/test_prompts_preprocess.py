@@ -47,14 +47,14 @@ def test_pixel_values_equal_sam_image_processor(processor, hw):
       size={"longest_edge": P_INPUT}, pad_size={"height": P_INPUT, "width": P_INPUT},
       mask_size={"longest_edge": P_LOW}, mask_pad_size={"height": P_LOW, "width": P_LOW})
   expected = reference(images=image, return_tensors="np")
-  out = preprocess.preprocess(processor, image, labels, low_res=P_LOW)
+  out = preprocess.preprocess(processor, image, labels, input_size=P_INPUT)
   assert out.pixel_values.dtype == np.float32
   assert out.pixel_values.shape == (3, P_INPUT, P_INPUT)
   np.testing.assert_array_equal(out.pixel_values, expected["pixel_values"][0].astype(np.float32))
   assert out.original_size == hw
   assert out.reshaped_size == tuple(expected["reshaped_input_sizes"][0])
   assert out.reshaped_size == preprocess.resized_shape(hw, P_INPUT)
-  assert out.low_res_labels.shape == (P_LOW, P_LOW) and out.low_res_labels.dtype == np.int32
+  assert out.input_labels.shape == (P_INPUT, P_INPUT) and out.input_labels.dtype == np.int32
 
 
 def test_build_image_processor_matches_sam_defaults():
@@ -82,9 +82,24 @@ def test_resize_labels_equals_processor_segmentation_maps(processor, hw):
   assert (out[h:, :] == preprocess.PAD_LABEL).all()
   assert (out[:, w:] == preprocess.PAD_LABEL).all()
   assert (out[:h, :w] >= 0).all()
-  # preprocess() uses the same rule.
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (90, 40), (7, 300)])
+def test_preprocess_input_labels_equal_processor_at_input_size(processor, hw):
+  """preprocess() resizes labels to the input frame with the processor's mask rule."""
+  labels = _labels(*hw, seed=hw[0], max_label=9)
+  image = _image(*hw)
+  reference = SamImageProcessor(
+      size={"longest_edge": P_INPUT}, pad_size={"height": P_INPUT, "width": P_INPUT},
+      mask_size={"longest_edge": P_INPUT}, mask_pad_size={"height": P_INPUT, "width": P_INPUT})
+  expected = reference(images=image, segmentation_maps=labels.astype(np.uint8),
+                       return_tensors="np")["labels"][0]
+  out = preprocess.preprocess(processor, image, labels, input_size=P_INPUT).input_labels
   np.testing.assert_array_equal(
-      preprocess.preprocess(processor, image, labels, low_res=P_LOW).low_res_labels, out)
+      out, preprocess.resize_labels(labels, longest_edge=P_INPUT, pad_to=P_INPUT))
+  h, w = preprocess.resized_shape(hw, P_INPUT)
+  np.testing.assert_array_equal(out[:h, :w], expected[:h, :w])
+  assert (out[h:] == -1).all() and (out[:, w:] == -1).all()
 
 
 def test_resize_labels_keeps_labels_above_255(processor):
@@ -208,6 +223,31 @@ def test_jitter_deterministic_per_seed():
                                 seed=tf.constant(seed, tf.int64)).numpy()
   np.testing.assert_array_equal(run([5, 6]), run([5, 6]))
   assert not np.allclose(run([5, 6]), run([5, 7]))
+
+
+def test_jitter_side_fraction_scales_with_box_and_is_capped():
+  """SAM-style noise: std = fraction * box side, clipped to +-max_jitter."""
+  n = 3000
+  small = np.tile(np.array([[50.0, 60.0, 59.0, 79.0]], np.float32), (n, 1))  # w 10, h 20
+  out = prompts.jitter_boxes(small, max_jitter=20.0, input_size=INPUT, seed=tf.constant([2, 3]),
+                             side_fraction=0.1).numpy()
+  d = out - small
+  assert (np.abs(d) <= 20.0).all()
+  np.testing.assert_allclose(d[:, [0, 2]].std(), 1.0, rtol=0.1)  # 0.1 * 10
+  np.testing.assert_allclose(d[:, [1, 3]].std(), 2.0, rtol=0.1)  # 0.1 * 20
+  assert abs(d.mean()) < 0.1
+  # A big box: std 0.5 * 101 px would be ~50 px; the shift is capped at max_jitter.
+  big = np.tile(np.array([[10.0, 10.0, 110.0, 110.0]], np.float32), (n, 1))
+  out = prompts.jitter_boxes(big, max_jitter=6.0, input_size=INPUT, seed=tf.constant([2, 4]),
+                             side_fraction=0.5).numpy()
+  d = out - big
+  assert (np.abs(d) <= 6.0 + 1e-4).all()
+  assert (np.abs(d) > 5.999).mean() > 0.8  # mostly clipped at the cap
+  assert (out[:, 0] <= out[:, 2]).all() and (out[:, 1] <= out[:, 3]).all()
+  # Zero max_jitter stays the identity whatever the fraction.
+  np.testing.assert_array_equal(
+      prompts.jitter_boxes(big, max_jitter=0.0, input_size=INPUT, seed=tf.constant([0, 0]),
+                           side_fraction=0.1).numpy(), big)
 
 
 def test_jitter_batched_shapes():

