@@ -1,7 +1,7 @@
 """End-to-end test of tff_sam.federated: FedAvg on a learnable toy task with TFF.
 
 One module-scoped run (synthetic data, the tiny model, 3 clients, a few rounds) feeds
-all tests; TFF's C++ `worker_binary` children are ended when the module finishes.
+all tests; TFF's C++ `worker_binary` is ended after the session (conftest.py).
 """
 
 import contextlib
@@ -22,33 +22,6 @@ SITES = ("site_0", "site_1", "site_2")
 ROUNDS = 6
 CLIENT_LR = 1e-3  # Adam; learns steadily on this task (2e-3 does too, more noisily)
 IMAGES_PER_SITE = 2
-
-
-def _terminate_worker_children():
-  """Ends TFF's worker_binary processes started by this (pytest) process.
-
-  A killed worker leaves the current TFF context unusable, so a fresh (lazy: it starts
-  its worker on first use) local context is installed first; later test modules in
-  the same pytest process keep working.
-  """
-  import psutil  # pylint: disable=g-import-not-at-top
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-
-  with contextlib.suppress(ProcessLookupError):
-    tff.backends.native.set_sync_local_cpp_execution_context()
-
-  workers = []
-  for child in psutil.Process(os.getpid()).children(recursive=True):
-    with contextlib.suppress(psutil.Error):
-      if "worker_binary" in " ".join(child.cmdline()) or child.name() == "worker_binary":
-        workers.append(child)
-  for w in workers:
-    with contextlib.suppress(psutil.Error):
-      w.terminate()
-  _, alive = psutil.wait_procs(workers, timeout=5)
-  for w in alive:
-    with contextlib.suppress(psutil.Error):
-      w.kill()
 
 
 @pytest.fixture(name="run", scope="module")
@@ -99,7 +72,6 @@ def _run(tmp_path_factory):
                metrics=metrics)
   finally:
     mp.undo()
-    _terminate_worker_children()
 
 
 def test_initial_state_carries_given_weights(run):

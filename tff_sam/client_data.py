@@ -136,11 +136,16 @@ def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
   files = files.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
   files = files.repeat(spec.local_epochs)
   records = tf.data.TFRecordDataset(files)
-  parsed = records.map(lambda r: embeddings.parse_record(
-      r, embedding_shape=spec.embedding_shape, input_size=spec.input_size))
-  examples = parsed.enumerate().map(
-      lambda i, rec: make_example(rec, tf.stack([seed, i]), spec),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def parse(serialized):
+    return embeddings.parse_record(
+        serialized, embedding_shape=spec.embedding_shape, input_size=spec.input_size)
+
+  def to_example(index, record):
+    return make_example(record, tf.stack([seed, index]), spec)
+
+  examples = records.map(parse).enumerate().map(
+      to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return examples.batch(spec.batch_size).prefetch(2)
 
 
@@ -148,5 +153,7 @@ def build_client_data(client_ids: Sequence[str], spec: PipelineSpec):
   """A TFF `ClientData` whose datasets are built by id from the manifests."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
-  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
-      list(client_ids), lambda cid: client_dataset(cid, spec))
+  def dataset_fn(client_id):
+    return client_dataset(client_id, spec)
+
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(list(client_ids), dataset_fn)
