@@ -115,6 +115,11 @@ def _prefixed(prefix: str, params: _TorchParams) -> _TorchParams:
   return [(f"{prefix}.{name}", var, kind) for name, var, kind in params]
 
 
+def _children_params(layer: "_TorchNamedLayer", names: Sequence[str]) -> _TorchParams:
+  """The torch params of `layer`'s children `names`, each under its own prefix."""
+  return [p for name in names for p in _prefixed(name, getattr(layer, name).torch_params())]
+
+
 class Conv2dBN(_TorchNamedLayer):
   """Conv2d without bias followed by an inference-mode BatchNorm2d (`Conv2d_BN`)."""
 
@@ -187,9 +192,7 @@ class MBConv(_TorchNamedLayer):
     self.built = True
 
   def torch_params(self) -> _TorchParams:
-    return (_prefixed("conv1", self.conv1.torch_params()) +
-            _prefixed("conv2", self.conv2.torch_params()) +
-            _prefixed("conv3", self.conv3.torch_params()))
+    return _children_params(self, ("conv1", "conv2", "conv3"))
 
   def call(self, x: tf.Tensor) -> tf.Tensor:
     y = _gelu(self.conv1(x))
@@ -213,9 +216,7 @@ class PatchMerging(_TorchNamedLayer):
     self.built = True
 
   def torch_params(self) -> _TorchParams:
-    return (_prefixed("conv1", self.conv1.torch_params()) +
-            _prefixed("conv2", self.conv2.torch_params()) +
-            _prefixed("conv3", self.conv3.torch_params()))
+    return _children_params(self, ("conv1", "conv2", "conv3"))
 
   def call(self, x: tf.Tensor) -> tf.Tensor:
     x = _gelu(self.conv1(x))
