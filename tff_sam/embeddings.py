@@ -54,16 +54,12 @@ class Record:
   num_objects: int
 
 
-def _file_digest(path: Path) -> str:
-  return fileio.sha256_file(path)
-
-
 def record_key(*, fingerprint: str, example: data.Example, binary_components: bool,
                input_size: int) -> str:
   """The cache key of one example (hash of model, settings and file contents)."""
   h = hashlib.sha256()
   for part in (f"v{RECORD_VERSION}", fingerprint, str(binary_components), str(input_size),
-               _file_digest(example.image_path), _file_digest(example.mask_path)):
+               fileio.sha256_file(example.image_path), fileio.sha256_file(example.mask_path)):
     h.update(part.encode())
     h.update(b"\0")
   return h.hexdigest()[:32]

@@ -12,6 +12,7 @@ original mask files, so objects too small for the low-resolution frame still cou
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,6 +20,8 @@ import tensorflow as tf
 
 from tff_sam import data
 from tff_sam import embeddings
+from tff_sam import errors
+from tff_sam import fileio
 from tff_sam import losses
 from tff_sam import model as model_lib
 from tff_sam import preprocess
@@ -203,15 +206,9 @@ def evaluate_folder(*, model: str, data_dir: Optional[str], data_name: str = "sa
   Raises:
     errors.UserError: Bad model, folder or files.
   """
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
-
-  from tff_sam import errors  # pylint: disable=g-import-not-at-top
-  from tff_sam import fileio  # pylint: disable=g-import-not-at-top
-  from tff_sam import program  # pylint: disable=g-import-not-at-top
-
   cache_root = Path(cache_dir).expanduser() if cache_dir else fileio.default_cache_dir()
   root = (Path(data_dir).expanduser() if data_dir
-          else program.named_dataset(data_name, cache_root))
+          else data.named_dataset(data_name, cache_root=cache_root))
   if not root.is_dir():
     raise errors.DataError(root, "data directory not found")
   test_dir = root / data.TEST_DIR

