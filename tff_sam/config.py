@@ -36,6 +36,7 @@ class RunConfig:
   dirichlet_alpha: float = 0.5
   test_fraction: float = 0.2
   binary_components: bool = False
+  skip_bad_examples: bool = False
   # Prompts.
   prompt: str = "box"
   box_jitter: float = 20.0

@@ -15,11 +15,24 @@ dropped. Masks: binary (values {0, v}: the foreground is one object, or one obje
 per 8-connected component with `binary_components=True`) or instance labels (each
 non-zero value one object). An RGB mask with equal channels is read as gray; one
 with distinct colours is read as one object per colour (black is background).
+Integer masks with several non-zero values, e.g. {0, 1, 2, 255}, are instance labels
+(three objects here), never thresholded; float masks must hold integer values.
+A mask that is all zeros is valid: the image has no objects (it is cached but not
+trained on; see `embeddings.CacheStats.images_without_objects`).
+
+Bad examples (docs/DATA_FAULTS.md): by default every problem with a file raises a
+one-line `errors.DataError` naming the file. With `skip_bad_examples=True`, problems
+that concern one example (an unpaired file, a duplicate stem here; an unreadable file,
+a size mismatch or non-integer mask values in `embeddings.build_records`) skip that
+example with a one-line warning and count it under a reason key (`SKIP_REASONS`).
+Folder-level problems (missing folder, no images at all) are always errors.
 """
 
+import collections
 import dataclasses
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -28,6 +41,37 @@ from tff_sam import errors
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TEST_DIR = "test"
 PERCENTILES = (1.0, 99.8)
+
+_LOG = logging.getLogger(__name__)
+
+# Why an example was skipped (keys of the `skipped` counts).
+UNREADABLE = "unreadable"              # corrupt, truncated or not an image file
+UNSUPPORTED_SHAPE = "unsupported_shape"  # e.g. a multi-frame stack, 2 channels
+SIZE_MISMATCH = "size_mismatch"        # mask and image differ in height/width
+BAD_MASK_VALUES = "bad_mask_values"    # non-integer, NaN, negative or > int32 labels
+UNPAIRED = "unpaired"                  # image without mask, or mask without image
+DUPLICATE_STEM = "duplicate_stem"      # two files with one stem in images/ or masks/
+SKIP_REASONS = (UNREADABLE, UNSUPPORTED_SHAPE, SIZE_MISMATCH, BAD_MASK_VALUES, UNPAIRED,
+                DUPLICATE_STEM)
+
+
+class ExampleError(errors.DataError):
+  """A `DataError` about one example, which `skip_bad_examples=True` skips.
+
+  Attributes:
+    reason: One of `SKIP_REASONS`.
+  """
+
+  def __init__(self, path: object, message: str, *, reason: str):
+    super().__init__(path, message)
+    self.reason = reason
+
+
+def skip_example(error: ExampleError, skipped: Optional[collections.Counter]) -> None:
+  """Logs one warning line for a skipped example and counts it under its reason."""
+  _LOG.warning("skipping bad example (%s): %s", error.reason, error)
+  if skipped is not None:
+    skipped[error.reason] += 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,33 +102,45 @@ class DatasetSplits:
     return sum(len(v) for v in self.clients.values())
 
 
-def _files_by_stem(folder: Path) -> dict[str, Path]:
-  by_stem: dict[str, Path] = {}
+def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
+  """Supported files of `folder` by stem (several paths = a duplicate stem)."""
+  by_stem: dict[str, list[Path]] = {}
   for path in sorted(folder.iterdir()):
     if path.name.startswith(".") or not path.is_file():
       continue
     if path.suffix.lower() not in IMAGE_SUFFIXES:
       continue
-    if path.stem in by_stem:
-      raise errors.DataError(
-          path, f"duplicate stem {path.stem!r} (also {by_stem[path.stem].name}); "
-          "keep one file per stem")
-    by_stem[path.stem] = path
+    by_stem.setdefault(path.stem, []).append(path)
   return by_stem
 
 
-def list_examples(folder: Path) -> list[Example]:
+def _duplicate_error(paths: list[Path]) -> ExampleError:
+  others = ", ".join(p.name for p in paths[:-1])
+  return ExampleError(
+      paths[-1], f"duplicate stem {paths[-1].stem!r} (also {others}); keep one file per stem",
+      reason=DUPLICATE_STEM)
+
+
+def list_examples(folder: Path, *, skip_bad_examples: bool = False,
+                  skipped: Optional[collections.Counter] = None) -> list[Example]:
   """Pairs `folder/images/*` with `folder/masks/*` by file stem.
 
   Args:
     folder: A folder with `images/` and `masks/` sub-folders.
+    skip_bad_examples: Skip (with a warning) instead of raising for an image without
+      a mask, a mask without an image (reason `unpaired`, one count per file) and a
+      stem with several files in `images/` or `masks/` (reason `duplicate_stem`: none
+      of that stem's files is used, since which one the mask belongs to is unknown;
+      one count per stem).
+    skipped: If given, skipped examples are counted here by reason.
 
   Returns:
     Examples sorted by stem.
 
   Raises:
-    errors.DataError: A missing sub-folder, no images, an image without a mask, a
-      mask without an image, or two files with the same stem.
+    errors.DataError: A missing sub-folder, no images, no usable pair left after
+      skipping, or (without `skip_bad_examples`) an unpaired file or a duplicate stem
+      (an `ExampleError`).
   """
   folder = Path(folder)
   images_dir, masks_dir = folder / "images", folder / "masks"
@@ -95,13 +151,32 @@ def list_examples(folder: Path) -> list[Example]:
   masks = _files_by_stem(masks_dir)
   if not images:
     raise errors.DataError(images_dir, f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-  for stem, path in images.items():
-    if stem not in masks:
-      raise errors.DataError(path, f"image has no mask (expected {masks_dir}/{stem}.png or .tif)")
-  for stem, path in masks.items():
-    if stem not in images:
-      raise errors.DataError(path, f"mask has no image (expected {images_dir}/{stem}.*)")
-  return [Example(s, images[s], masks[s]) for s in sorted(images)]
+
+  problems: list[ExampleError] = []
+  for stem in sorted(set(images) | set(masks)):
+    dups = [paths for paths in (images.get(stem, []), masks.get(stem, [])) if len(paths) > 1]
+    if dups:
+      problems.append(_duplicate_error(dups[0]))
+    elif stem not in masks:
+      problems.append(ExampleError(
+          images[stem][0], f"image has no mask (expected {masks_dir}/{stem}.png or .tif)",
+          reason=UNPAIRED))
+    elif stem not in images:
+      problems.append(ExampleError(
+          masks[stem][0], f"mask has no image (expected {images_dir}/{stem}.*)",
+          reason=UNPAIRED))
+  if problems and not skip_bad_examples:
+    # Same precedence as before: duplicates, then images without masks, then masks.
+    problems.sort(key=lambda e: (e.reason != DUPLICATE_STEM, Path(e.path).parent != images_dir))
+    raise problems[0]
+  for problem in problems:
+    skip_example(problem, skipped)
+  bad = {Path(p.path).stem for p in problems}
+  examples = [Example(s, images[s][0], masks[s][0]) for s in sorted(images) if s not in bad]
+  if not examples:
+    raise errors.DataError(
+        folder, f"no usable image/mask pairs ({len(problems)} bad examples skipped)")
+  return examples
 
 
 def partition_iid(examples: Sequence[Example], *, num_clients: int,
@@ -144,8 +219,9 @@ def _hold_out(examples: list[Example], fraction: float,
 
 
 def discover_splits(data_dir: Path, *, partition: str, num_clients: int,
-                    dirichlet_alpha: float, test_fraction: float,
-                    seed: int) -> DatasetSplits:
+                    dirichlet_alpha: float, test_fraction: float, seed: int,
+                    skip_bad_examples: bool = False,
+                    skipped: Optional[collections.Counter] = None) -> DatasetSplits:
   """Finds the data under `data_dir` and splits it into clients and a test set.
 
   Args:
@@ -155,22 +231,26 @@ def discover_splits(data_dir: Path, *, partition: str, num_clients: int,
     dirichlet_alpha: Concentration for `dirichlet` (smaller = more skewed).
     test_fraction: Fraction of images held out when there is no `test/` folder.
     seed: Makes the split deterministic.
+    skip_bad_examples: Passed to `list_examples` for every folder.
+    skipped: Passed to `list_examples`: counts of skipped examples by reason.
 
   Returns:
     The splits.
 
   Raises:
-    errors.DataError: The folder is missing, empty, or not in a known layout.
+    errors.DataError: The folder is missing, empty, or not in a known layout, or a
+      bad example (see `list_examples`).
   """
+  listing = dict(skip_bad_examples=skip_bad_examples, skipped=skipped)
   root = Path(data_dir)
   if not root.is_dir():
     raise errors.DataError(root, "data directory not found")
   rng = np.random.default_rng(seed)
   test_folder = root / TEST_DIR
-  fixed_test = list_examples(test_folder) if test_folder.is_dir() else None
+  fixed_test = list_examples(test_folder, **listing) if test_folder.is_dir() else None
 
   if (root / "images").is_dir() or (root / "masks").is_dir():
-    train = list_examples(root)
+    train = list_examples(root, **listing)
     test = fixed_test
     if test is None:
       train, test = _hold_out(train, test_fraction, rng)
@@ -191,7 +271,7 @@ def discover_splits(data_dir: Path, *, partition: str, num_clients: int,
         "or one sub-folder per site each with images/ + masks/)")
   clients, test = {}, list(fixed_test or [])
   for site in sites:
-    examples = list_examples(site)
+    examples = list_examples(site, **listing)
     if fixed_test is None:
       examples, held = _hold_out(examples, test_fraction, rng)
       test.extend(held)
@@ -232,7 +312,7 @@ def _read_array(path: Path) -> np.ndarray:
     raise
   except Exception as e:  # pylint: disable=broad-except
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise errors.DataError(path, f"cannot read file ({reason})") from None
+    raise ExampleError(path, f"cannot read file ({reason})", reason=UNREADABLE) from None
 
 
 def to_uint8(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
@@ -260,7 +340,8 @@ def read_image(path: Path) -> np.ndarray:
   """Reads an image as uint8 RGB (H, W, 3). See the module docstring for rules.
 
   Raises:
-    errors.DataError: Unreadable, or not a single 2-D gray/RGB/RGBA image.
+    ExampleError: Unreadable (`unreadable`), or not a single 2-D gray/RGB/RGBA image
+      (`unsupported_shape`).
   """
   path = Path(path)
   a = _read_array(path)
@@ -273,9 +354,9 @@ def read_image(path: Path) -> np.ndarray:
     return np.repeat(a[..., None], 3, axis=-1)
   if a.ndim == 3 and a.shape[-1] in (3, 4):
     return np.ascontiguousarray(to_uint8(a[..., :3]))
-  raise errors.DataError(
+  raise ExampleError(
       path, f"unsupported image shape {a.shape} (expected HxW, HxWx3 or HxWx4; "
-      "stacks need one file per frame)")
+      "stacks need one file per frame)", reason=UNSUPPORTED_SHAPE)
 
 
 def read_mask(path: Path, *, binary_components: bool = False) -> np.ndarray:
@@ -290,7 +371,8 @@ def read_mask(path: Path, *, binary_components: bool = False) -> np.ndarray:
     (H, W) int32 labels.
 
   Raises:
-    errors.DataError: Unreadable, wrong shape, or non-integer values.
+    ExampleError: Unreadable (`unreadable`), wrong shape (`unsupported_shape`), or
+      non-integer, negative or too large values (`bad_mask_values`).
   """
   path = Path(path)
   a = _read_array(path)
@@ -308,14 +390,17 @@ def read_mask(path: Path, *, binary_components: bool = False) -> np.ndarray:
   if a.ndim == 3 and a.shape[-1] == 1:
     a = a[..., 0]
   if a.ndim != 2:
-    raise errors.DataError(path, f"unsupported mask shape {a.shape} (expected HxW)")
+    raise ExampleError(path, f"unsupported mask shape {a.shape} (expected HxW)",
+                       reason=UNSUPPORTED_SHAPE)
   if a.dtype.kind == "f":
     if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-      raise errors.DataError(path, "mask has non-integer values (expected binary or instance labels)")
+      raise ExampleError(
+          path, "mask has non-integer values (expected binary or instance labels)",
+          reason=BAD_MASK_VALUES)
   if a.dtype.kind not in "biuf":
-    raise errors.DataError(path, f"unsupported mask dtype {a.dtype}")
+    raise ExampleError(path, f"unsupported mask dtype {a.dtype}", reason=BAD_MASK_VALUES)
   if a.size and a.min() < 0:
-    raise errors.DataError(path, "mask has negative values")
+    raise ExampleError(path, "mask has negative values", reason=BAD_MASK_VALUES)
   values = np.unique(a)
   nonzero = values[values != 0]
   if nonzero.size <= 1:
@@ -326,7 +411,7 @@ def read_mask(path: Path, *, binary_components: bool = False) -> np.ndarray:
     _, comps = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)
     return comps.astype(np.int32)
   if nonzero.max() > np.iinfo(np.int32).max:
-    raise errors.DataError(path, "mask label values exceed int32")
+    raise ExampleError(path, "mask label values exceed int32", reason=BAD_MASK_VALUES)
   return a.astype(np.int32)
 
 
@@ -335,15 +420,16 @@ def load_example(example: Example, *, binary_components: bool = False
   """Reads an example's image (uint8 RGB) and labels, checking they match in size.
 
   Raises:
-    errors.DataError: Unreadable files or a size mismatch.
+    ExampleError: Unreadable files or bad mask values (see `read_image`, `read_mask`)
+      or a size mismatch (`size_mismatch`, naming the mask file).
   """
   image = read_image(example.image_path)
   labels = read_mask(example.mask_path, binary_components=binary_components)
   if image.shape[:2] != labels.shape:
-    raise errors.DataError(
+    raise ExampleError(
         example.mask_path,
         f"mask is {labels.shape[0]}x{labels.shape[1]} but image {example.image_path.name} "
-        f"is {image.shape[0]}x{image.shape[1]}")
+        f"is {image.shape[0]}x{image.shape[1]}", reason=SIZE_MISMATCH)
   return image, labels
 
 

@@ -12,6 +12,7 @@ what to read; datasets are built from the manifest *inside* the TFF computation,
 no embedding is ever serialized into a graph.
 """
 
+import collections
 import dataclasses
 import hashlib
 import sys
@@ -32,7 +33,19 @@ PNG_PAD = 65535
 
 @dataclasses.dataclass
 class CacheStats:
-  """Counts from building records (reported in `summary.json`)."""
+  """Counts from building records (reported in `summary.json`).
+
+  Attributes:
+    images: Examples given to `build_records` (including skipped ones).
+    encoded: Records computed now.
+    reused: Records found in the cache.
+    objects: Objects in the records.
+    images_without_objects: Records without any object (an all-zero mask, or every
+      object vanished at SAM's resolution); kept out of training.
+    objects_too_small: Objects that vanished at SAM's resolution.
+    skipped: Examples skipped with `skip_bad_examples=True`: reason -> count (see
+      `data.SKIP_REASONS`); only reasons that occurred appear.
+  """
 
   images: int = 0
   encoded: int = 0
@@ -40,18 +53,32 @@ class CacheStats:
   objects: int = 0
   images_without_objects: int = 0
   objects_too_small: int = 0
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def add(self, other: "CacheStats") -> None:
     for f in dataclasses.fields(self):
-      setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+      if f.name == "skipped":
+        for reason, n in other.skipped.items():
+          self.skipped[reason] = self.skipped.get(reason, 0) + n
+      else:
+        setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+  @property
+  def num_skipped(self) -> int:
+    return sum(self.skipped.values())
 
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-  """A cached example: the record path and how many trainable objects it has."""
+  """A cached example: its record path, its number of trainable objects, its example.
+
+  Pair records with examples through `example`, not by position: `build_records`
+  with `skip_bad_examples=True` returns no record for a skipped example.
+  """
 
   path: Path
   num_objects: int
+  example: Optional[data.Example] = None
 
 
 def record_key(*, fingerprint: str, example: data.Example, binary_components: bool,
@@ -152,7 +179,8 @@ def read_record(path: Path, *, embedding_shape: Sequence[int], input_size: int
 
 def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBundle,
                   cache_root: Path, binary_components: bool, batch_size: int,
-                  desc: str = "encoding", show_progress: bool = True
+                  desc: str = "encoding", show_progress: bool = True,
+                  skip_bad_examples: bool = False
                   ) -> tuple[list[Record], CacheStats]:
   """Makes sure every example has a cached record; encodes the missing ones.
 
@@ -164,12 +192,19 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
     batch_size: Images per encoder call.
     desc: Label of the progress bar.
     show_progress: Show a progress bar on stderr while encoding.
+    skip_bad_examples: An example whose files cannot be read or do not match (a
+      `data.ExampleError`: unreadable, unsupported shape, size mismatch, bad mask
+      values) is skipped with a one-line warning and counted in `stats.skipped`
+      instead of raising.
 
   Returns:
-    One `Record` per example (same order) and the counts.
+    The records, in the order of `examples`, and the counts. Without
+    `skip_bad_examples` there is one record per example; with it, skipped examples
+    have no record, so pair records with examples through `Record.example`.
 
   Raises:
-    errors.DataError: An unreadable file or an image/mask size mismatch.
+    errors.DataError: An unreadable file, an image/mask size mismatch or bad mask
+      values (without `skip_bad_examples`).
   """
   config = bundle.config
   input_size = model_lib.image_size(config)
@@ -182,23 +217,35 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
     if path.exists():
       rec = read_record(path, embedding_shape=model_lib.embedding_shape(config),
                         input_size=input_size)
-      records[i] = Record(path, len(rec["object_ids"]))
+      records[i] = Record(path, len(rec["object_ids"]), ex)
       stats.reused += 1
     else:
       todo.append((i, ex, path))
 
+  skipped: collections.Counter = collections.Counter()
   encode = bundle.encoder_fn() if todo else None
   progress = None
   if todo and show_progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm(total=len(todo), desc=desc, unit="img", file=sys.stderr, leave=False)
   for start in range(0, len(todo), batch_size):
-    chunk = todo[start:start + batch_size]
-    prepared = []
-    for _, ex, _ in chunk:
-      image, labels = data.load_example(ex, binary_components=binary_components)
+    chunk, prepared = [], []
+    for item in todo[start:start + batch_size]:
+      try:
+        image, labels = data.load_example(item[1], binary_components=binary_components)
+      except data.ExampleError as e:
+        if not skip_bad_examples:
+          raise
+        data.skip_example(e, skipped)
+        continue
+      chunk.append(item)
       prepared.append((labels, preprocess.preprocess(
           bundle.processor, image, labels, input_size=input_size)))
+      del image
+    if progress is not None:
+      progress.update(len(todo[start:start + batch_size]) - len(chunk))
+    if not chunk:
+      continue
     pixels = np.stack([p.pixel_values for _, p in prepared])
     embeddings = encode(tf.constant(pixels)).numpy()
     for (i, ex, path), (labels, prep), emb in zip(chunk, prepared, embeddings):
@@ -213,16 +260,18 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
           embedding=emb, input_labels=renumber(prep.input_labels, ids),
           object_ids=np.arange(1, len(ids) + 1), boxes=boxes,
           original_size=prep.original_size, reshaped_size=prep.reshaped_size, stem=ex.stem))
-      records[i] = Record(path, len(ids))
+      records[i] = Record(path, len(ids), ex)
       stats.encoded += 1
     if progress is not None:
       progress.update(len(chunk))
   if progress is not None:
     progress.close()
-  for r in records:
+  kept = [r for r in records if r is not None]
+  for r in kept:
     stats.objects += r.num_objects
     stats.images_without_objects += int(r.num_objects == 0)
-  return records, stats
+  stats.skipped = dict(sorted(skipped.items()))
+  return kept, stats
 
 
 def _write_record(path: Path, example_bytes: bytes) -> None:

@@ -4,6 +4,8 @@ No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
 `tff_sam.experiments.run` builds it from flags) and writes into `output_dir`:
 
 * `config.json`: the config;
+* `state/round_<N>/`: the server state after round N (TFF `FileProgramStateManager`,
+  the last few kept); re-running the same command resumes from the newest one;
 * `clients/<client>.txt`: each client's cached records (what it trains on);
 * `metrics.csv`: one row per round (`round`, `train_loss`, `train_dice`,
   `test_dice`, `test_iou`, `seconds`); round 0 is the zero-shot baseline;
@@ -14,8 +16,13 @@ No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
 * `overlays/`: image | ground truth | zero-shot | fine-tuned, for fixed test objects.
 """
 
+import asyncio
+import collections
 import csv
+import dataclasses
 import io
+import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -60,14 +67,18 @@ def _fmt(value: Optional[float], digits: int = 4) -> str:
   return "-" if value is None else f"{value:.{digits}f}"
 
 
-def prepare_data(config: config_lib.RunConfig, cache_root: Path) -> data.DatasetSplits:
-  """Finds the data (`data_dir`, else the named dataset) and splits it."""
+def prepare_data(config: config_lib.RunConfig, cache_root: Path,
+                 skipped: Optional[collections.Counter] = None) -> data.DatasetSplits:
+  """Finds the data (`data_dir`, else the named dataset) and splits it.
+
+  With `config.skip_bad_examples`, bad files are skipped and counted in `skipped`.
+  """
   root = (Path(config.data_dir).expanduser() if config.data_dir
           else data.named_dataset(config.data, cache_root=cache_root))
   splits = data.discover_splits(
       root, partition=config.partition, num_clients=config.num_clients,
       dirichlet_alpha=config.dirichlet_alpha, test_fraction=config.test_fraction,
-      seed=config.seed)
+      seed=config.seed, skip_bad_examples=config.skip_bad_examples, skipped=skipped)
   if not splits.test:
     raise errors.ConfigError(
         "test_fraction", f"no held-out test images in {root} (add a test/ folder or set "
@@ -75,12 +86,81 @@ def prepare_data(config: config_lib.RunConfig, cache_root: Path) -> data.Dataset
   return splits
 
 
-def run_experiment(config: config_lib.RunConfig, *,
+STATE_DIR = "state"
+STATE_PREFIX = "round_"
+KEEP_STATES = 3
+# Settings that may differ between a run and its resumption.
+RESUMABLE_DIFFERENCES = ("output_dir",)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+  if not path.exists():
+    return []
+  with open(path) as f:
+    return [dict(r) for r in csv.DictReader(f)]
+
+
+def _state_manager(out: Path):
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  return tff.program.FileProgramStateManager(
+      root_dir=str(out / STATE_DIR), prefix=STATE_PREFIX, keep_total=KEEP_STATES,
+      keep_first=False)
+
+
+def _saved_versions(out: Path) -> list[int]:
+  """Complete saved rounds; removes temporary folders a crash left mid-save."""
+  for leftover in (out / STATE_DIR).glob(f"{STATE_PREFIX}*_temp*"):
+    shutil.rmtree(leftover, ignore_errors=True)
+  versions = asyncio.run(_state_manager(out).get_versions())
+  return list(versions or [])
+
+
+def check_resumable(out: Path, config: config_lib.RunConfig) -> None:
+  """Refuses to resume a run in `out` that was started with other settings.
+
+  Raises:
+    errors.ConfigError: naming every differing flag.
+  """
+  saved_path = out / "config.json"
+  if not saved_path.exists():
+    return
+  saved = json.loads(saved_path.read_text())
+  current = config.to_dict()
+  differing = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k))
+  if differing:
+    flags = ", ".join(f"--{k} (saved {saved.get(k)!r}, now {current.get(k)!r})" for k in differing)
+    raise errors.ConfigError(
+        differing[0], f"{out} holds a run with other settings: {flags}; rerun with the saved "
+        "settings to resume, pass --fresh to start over, or choose another --output_dir")
+
+
+def _start_fresh(out: Path) -> None:
+  """Removes a previous run's state and results (never the shared cache)."""
+  for name in (STATE_DIR, "model", "overlays", "clients"):
+    shutil.rmtree(out / name, ignore_errors=True)
+  for name in ("metrics.csv", "metrics.png", "summary.json", "config.json"):
+    (out / name).unlink(missing_ok=True)
+
+
+def _parse(value: Optional[str]) -> Optional[float]:
+  return float(value) if value not in (None, "") else None
+
+
+def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
                    log: Callable[[str], None] = print) -> dict:
   """Runs federated fine-tuning as configured and writes the outputs.
 
+  If `output_dir` holds a run started with the same settings, it is resumed from its
+  newest saved round: client sampling and prompts are functions of (seed, round), so
+  the result equals an uninterrupted run's. Every file is written atomically; the
+  metrics of a round are written before its state, and rows after the resumed round
+  are dropped, so `metrics.csv` has each round exactly once.
+
   Args:
     config: A validated run configuration.
+    fresh: Discard a previous run in `output_dir` instead of resuming it.
     log: Where progress lines go.
 
   Returns:
@@ -93,31 +173,38 @@ def run_experiment(config: config_lib.RunConfig, *,
   config.validate()
   out = Path(config.output_dir).expanduser()
   out.mkdir(parents=True, exist_ok=True)
+  if fresh:
+    _start_fresh(out)
+  versions = _saved_versions(out)
+  if versions:
+    check_resumable(out, config)
   fileio.write_text(out / "config.json", config.to_json() + "\n")
   cache_root = Path(config.cache_dir).expanduser() if config.cache_dir else fileio.default_cache_dir()
 
-  splits = prepare_data(config, cache_root)
+  skipped = collections.Counter()
+  splits = prepare_data(config, cache_root, skipped)
   log(f"data: {len(splits.clients)} clients ({'sites' if splits.natural else config.partition}), "
       f"{splits.num_train_examples} training images, {len(splits.test)} test images")
   bundle = model_lib.load_sam(config.model, cache_dir=cache_root)
   log(f"model: {config.model} (encoder fingerprint {bundle.fingerprint})")
 
-  stats = embeddings.CacheStats()
+  stats = embeddings.CacheStats(skipped=dict(skipped))
   client_records = {}
   for client, examples in splits.clients.items():
     recs, s = embeddings.build_records(
         examples, bundle=bundle, cache_root=cache_root,
         binary_components=config.binary_components, batch_size=config.encode_batch_size,
-        desc=f"encoding {client}")
+        desc=f"encoding {client}", skip_bad_examples=config.skip_bad_examples)
     client_records[client] = recs
     stats.add(s)
   test_records, s = embeddings.build_records(
       list(splits.test), bundle=bundle, cache_root=cache_root,
       binary_components=config.binary_components, batch_size=config.encode_batch_size,
-      desc="encoding test")
+      desc="encoding test", skip_bad_examples=config.skip_bad_examples)
   stats.add(s)
   log(f"embeddings: {stats.encoded} computed, {stats.reused} reused from the cache; "
-      f"{stats.objects} objects, {stats.images_without_objects} images without objects skipped")
+      f"{stats.objects} objects, {stats.images_without_objects} images without objects, "
+      f"{stats.num_skipped} bad examples skipped")
   counts = embeddings.write_manifests(out / "clients", client_records)
   client_ids = [c for c, n in counts.items() if n > 0]
   if not client_ids:
@@ -144,40 +231,59 @@ def run_experiment(config: config_lib.RunConfig, *,
       cdata)
   local = model_lib.build_prompt_mask_decoder(
       bundle, prompt=config.prompt, train_iou_head=config.train_iou_head)
-  state = federated.initial_state(process, *model_lib.model_weights_lists(local))
-
+  initial = federated.initial_state(process, *model_lib.model_weights_lists(local))
   evaluator = evaluation.Evaluator(
-      examples=list(splits.test), records=test_records, bundle=bundle,
+      examples=[r.example for r in test_records], records=test_records, bundle=bundle,
       binary_components=config.binary_components,
       max_objects_per_image=config.eval_max_objects)
-  baseline = evaluator(local)
-  log(f"round 0/{config.rounds}  zero-shot test dice {baseline.dice:.4f}  iou {baseline.iou:.4f}  "
-      f"({baseline.num_objects} objects)")
-  rows = [{"round": 0, "test_dice": f"{baseline.dice:.6f}", "test_iou": f"{baseline.iou:.6f}"}]
+
+  states = _state_manager(out)
+  state, start_round = None, 1
+  if versions:
+    state, version = asyncio.run(states.load_latest(initial))
+    rows = [r for r in _read_metrics(out / "metrics.csv") if int(r["round"]) <= version]
+    if state is None or not rows or rows[0]["round"] != "0":
+      raise errors.DataError(out / STATE_DIR, "saved state is unreadable or metrics.csv lacks "
+                             "its rounds; pass --fresh to start over")
+    start_round = version + 1
+    log(f"resuming {out} after round {version}/{config.rounds}")
+  if state is None:
+    state = initial
+    baseline = evaluator(local)
+    log(f"round 0/{config.rounds}  zero-shot test dice {baseline.dice:.4f}  iou {baseline.iou:.4f}  "
+        f"({baseline.num_objects} objects)")
+    rows = [{"round": 0, "test_dice": repr(baseline.dice), "test_iou": repr(baseline.iou)}]
   _write_metrics(out / "metrics.csv", rows)
 
-  final = baseline
-  for round_num in range(1, config.rounds + 1):
+  for round_num in range(start_round, config.rounds + 1):
     t0 = time.time()
     sampled = sample_clients(client_ids, round_num=round_num,
                              clients_per_round=config.clients_per_round, seed=config.seed)
     result = process.next(state, [client_data.round_client_id(c, round_num) for c in sampled])
     state = result.state
     train = result.metrics["client_work"]["train"]
-    row = {"round": round_num, "train_loss": f"{float(train['loss']):.6f}",
-           "train_dice": f"{float(train['dice']):.6f}"}
+    row = {"round": round_num, "train_loss": repr(float(train["loss"])),
+           "train_dice": repr(float(train["dice"]))}
     evaluated = None
     if round_num % config.eval_every == 0 or round_num == config.rounds:
       model_lib.assign_model_weights(local, *federated.weights_from_state(process, state))
-      evaluated = final = evaluator(local)
-      row.update(test_dice=f"{final.dice:.6f}", test_iou=f"{final.iou:.6f}")
+      evaluated = evaluator(local)
+      row.update(test_dice=repr(evaluated.dice), test_iou=repr(evaluated.iou))
     seconds = time.time() - t0
     row["seconds"] = f"{seconds:.2f}"
     rows.append(row)
     _write_metrics(out / "metrics.csv", rows)
+    asyncio.run(states.save(state, round_num))
     log(f"round {round_num}/{config.rounds}  loss {float(train['loss']):.4f}  "
         f"test dice {_fmt(evaluated.dice if evaluated else None)}  "
         f"iou {_fmt(evaluated.iou if evaluated else None)}  ({seconds:.1f} s)")
+
+  evaluated_rows = [r for r in rows if _parse(r.get("test_dice")) is not None]
+  baseline = evaluation.EvalResult(
+      dice=_parse(rows[0]["test_dice"]), iou=_parse(rows[0]["test_iou"]),
+      num_objects=evaluator.num_objects, num_images=len(evaluator.images))
+  final = dataclasses.replace(baseline, dice=_parse(evaluated_rows[-1]["test_dice"]),
+                              iou=_parse(evaluated_rows[-1]["test_iou"]))
 
   model_lib.assign_model_weights(local, *federated.weights_from_state(process, state))
   export.export_model(bundle=bundle, decoder=local, out_dir=out / "model")

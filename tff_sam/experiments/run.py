@@ -39,6 +39,9 @@ flags.DEFINE_float("test_fraction", _F["test_fraction"],
                    "Fraction of images held out for testing when there is no test/ folder.")
 flags.DEFINE_boolean("binary_components", _F["binary_components"],
                      "Binary masks: one object per connected component instead of one object.")
+flags.DEFINE_boolean("skip_bad_examples", _F["skip_bad_examples"],
+                     "Skip unreadable/unpaired/mismatched files with a warning (counted in "
+                     "summary.json) instead of stopping with an error.")
 # Prompts.
 flags.DEFINE_enum("prompt", _F["prompt"], config_lib.PROMPT_MODES, "Prompt type for training.")
 flags.DEFINE_float("box_jitter", _F["box_jitter"],
@@ -72,7 +75,10 @@ flags.DEFINE_integer("eval_every", _F["eval_every"], "Evaluate on the test set e
 flags.DEFINE_integer("eval_max_objects", _F["eval_max_objects"],
                      "Evaluate at most this many objects per test image (0 = all).")
 flags.DEFINE_integer("seed", _F["seed"], "Seed for splits, client sampling and prompts.")
-flags.DEFINE_string("output_dir", "runs/latest", "Where outputs are written.")
+flags.DEFINE_string("output_dir", "runs/latest", "Where outputs are written. A run already "
+                    "there with the same settings is resumed from its last saved round.")
+flags.DEFINE_boolean("fresh", False, "Discard a previous run in --output_dir instead of "
+                     "resuming it.")
 
 FLAGS = flags.FLAGS
 
@@ -94,7 +100,7 @@ def main(argv):
     config = config_from_flags()
     with runtime.child_processes_reaped():
       runtime.configure_tff_execution()
-      program.run_experiment(config)
+      program.run_experiment(config, fresh=FLAGS.fresh)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -1,0 +1,171 @@
+"""Checkpoint and resume: same result as an uninterrupted run, each round once.
+
+Includes a real `kill -9` of a running `python -m tff_sam.experiments.run`.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tff_sam import config as config_lib
+from tff_sam import errors
+from tff_sam import program
+from tff_sam import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+ROUNDS = 4
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+  return synthetic.generate(tmp_path_factory.mktemp("data") / "syn", images_per_site=3,
+                            test_per_site=1)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+def _settings(small_data, cache_dir):
+  return dict(data_dir=str(small_data), cache_dir=str(cache_dir), model="tiny",
+              rounds=ROUNDS, clients_per_round=2, local_epochs=1, batch_size=2,
+              prompts_per_image=2, client_lr=3e-3, eval_every=1, seed=5)
+
+
+def _rounds(out: Path) -> list[int]:
+  with open(out / "metrics.csv") as f:
+    return [int(r["round"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_data, cache_dir):
+  """An uninterrupted run."""
+  out = tmp_path_factory.mktemp("reference")
+  config = config_lib.RunConfig(output_dir=str(out), **_settings(small_data, cache_dir))
+  summary = program.run_experiment(config, log=lambda _: None)
+  return out, summary
+
+
+def test_reference_saves_bounded_state_versions(reference):
+  out, _ = reference
+  saved = sorted(p.name for p in (out / program.STATE_DIR).iterdir())
+  assert saved == [f"round_{r}" for r in range(ROUNDS - program.KEEP_STATES + 1, ROUNDS + 1)]
+  assert _rounds(out) == list(range(ROUNDS + 1))
+
+
+def test_resume_after_crash_between_metrics_and_state(tmp_path, reference, small_data, cache_dir):
+  """A crash after round 3's metrics were written but before its state was saved."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  ref_out, ref_summary = reference
+  out = tmp_path / "crashed"
+  shutil.copytree(ref_out, out)
+  shutil.rmtree(out / "state" / "round_4")
+  shutil.rmtree(out / "state" / "round_3")
+  (out / "summary.json").unlink()
+  # Leftover of a save interrupted mid-way: must be ignored and removed.
+  (out / "state" / "round_3_temp1234").mkdir()
+  config = config_lib.RunConfig(output_dir=str(out), **_settings(small_data, cache_dir))
+  lines = []
+  summary = program.run_experiment(config, log=lines.append)
+  assert any(line.startswith("resuming") and "after round 2/4" in line for line in lines)
+  assert _rounds(out) == list(range(ROUNDS + 1))  # Rounds 3, 4 redone, each once.
+  assert not (out / "state" / "round_3_temp1234").exists()
+  for key in ("baseline", "final"):
+    for metric in ("dice", "iou"):
+      assert summary[key][metric] == pytest.approx(ref_summary[key][metric], abs=1e-5)
+
+
+def test_other_settings_are_refused_naming_the_flags(tmp_path, reference, small_data, cache_dir):
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "copy"
+  shutil.copytree(reference[0], out)
+  settings = _settings(small_data, cache_dir)
+  settings.update(client_lr=1e-4, seed=6)
+  config = config_lib.RunConfig(output_dir=str(out), **settings)
+  with pytest.raises(errors.ConfigError) as info:
+    program.run_experiment(config, log=lambda _: None)
+  message = str(info.value)
+  assert "--client_lr" in message and "--seed" in message and "--fresh" in message
+  assert "\n" not in message
+  # --fresh starts over in the same folder.
+  settings.update(rounds=1)
+  config = config_lib.RunConfig(output_dir=str(out), **settings)
+  program.run_experiment(config, fresh=True, log=lambda _: None)
+  assert _rounds(out) == [0, 1]
+  assert json.loads((out / "config.json").read_text())["seed"] == 6
+
+
+def _cli(out, small_data, cache_dir):
+  s = _settings(small_data, cache_dir)
+  return [sys.executable, "-m", "tff_sam.experiments.run", f"--output_dir={out}",
+          *[f"--{k}={v}" for k, v in s.items()]]
+
+
+def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference, small_data,
+                                                             cache_dir):
+  out = tmp_path / "killed"
+  cmd = _cli(out, small_data, cache_dir)
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  try:
+    while not (out / "state" / "round_2").exists():
+      assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+      assert time.time() < deadline
+      time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+      child.kill()
+  for child in children:  # A SIGKILLed parent cannot end its TFF worker.
+    try:
+      child.kill()
+    except psutil.NoSuchProcess:
+      pass
+  assert proc.returncode == -signal.SIGKILL
+  assert not (out / "summary.json").exists()
+
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming" in again.stdout
+  assert _rounds(out) == list(range(ROUNDS + 1))
+  summary = json.loads((out / "summary.json").read_text())
+  ref = reference[1]
+  for key in ("baseline", "final"):
+    for metric in ("dice", "iou"):
+      assert summary[key][metric] == pytest.approx(ref[key][metric], abs=1e-5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_ends_run_and_its_worker(tmp_path, small_data, cache_dir, sig):
+  out = tmp_path / f"sig{int(sig)}"
+  proc = subprocess.Popen(_cli(out, small_data, cache_dir), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  workers = []
+  while not workers:
+    assert proc.poll() is None and time.time() < deadline
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if "worker_binary" in " ".join(c.cmdline())]
+    time.sleep(0.2)
+  while not (out / "state" / "round_1").exists():
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(sig)
+  proc.wait(timeout=120)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr.read().decode()
+  _, alive = psutil.wait_procs(workers, timeout=10)
+  assert not alive, "TFF worker_binary outlived the run"
