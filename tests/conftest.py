@@ -1,9 +1,23 @@
-"""Shared test set-up: keep the cache out of ~/.cache unless a test opts in, and end
-TFF's C++ worker when the session ends."""
+"""Shared test set-up: the tiny model, an isolated cache, and ending TFF's C++ worker
+when the session ends."""
 
 import contextlib
 
 import pytest
+
+
+@pytest.fixture(name="bundle", scope="session")
+def _tiny_bundle():
+  """The random-init tiny SAM (deterministic, so one instance serves every test)."""
+  from tff_sam import model as model_lib  # pylint: disable=g-import-not-at-top
+  return model_lib.load_sam("tiny")
+
+
+@pytest.fixture(name="isolated_cache")
+def _isolated_cache(monkeypatch, tmp_path):
+  """Points the cache (`$TFF_SAM_CACHE`) at a temporary folder for one test."""
+  monkeypatch.setenv("TFF_SAM_CACHE", str(tmp_path / "tff_sam_cache"))
+  return tmp_path / "tff_sam_cache"
 
 
 @pytest.fixture(scope="session", autouse=True)

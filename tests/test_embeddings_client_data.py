@@ -19,14 +19,7 @@ from tff_sam import synthetic
 PROMPTS = 5  # more than any synthetic image's object count (2..4)
 
 
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch, tmp_path):
-  monkeypatch.setenv("TFF_SAM_CACHE", str(tmp_path / "tff_sam_cache"))
-
-
-@pytest.fixture(name="bundle", scope="module")
-def _bundle():
-  return model_lib.load_sam("tiny")
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(name="dataset", scope="module")

@@ -10,11 +10,6 @@ from tff_sam import model as model_lib
 MODES = ("box", "points", "both")
 
 
-@pytest.fixture(name="bundle", scope="module")
-def _bundle():
-  return model_lib.load_sam("tiny")
-
-
 @pytest.fixture(name="offline")
 def _offline(monkeypatch, tmp_path):
   """No network and an empty hub cache, so hub ids fail fast and deterministically."""
