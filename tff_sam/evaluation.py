@@ -22,6 +22,7 @@ from tff_sam import data
 from tff_sam import embeddings
 from tff_sam import errors
 from tff_sam import fileio
+from tff_sam import inference
 from tff_sam import losses
 from tff_sam import model as model_lib
 from tff_sam import preprocess
@@ -118,28 +119,12 @@ class Evaluator:
 
   def predict(self, model: tf.keras.Model, image: _TestImage) -> np.ndarray:
     """Boolean masks (K, H, W) at the original resolution, one per object."""
-    forward = self._compiled(model)
-    out = []
-    for start in range(0, len(image.ids), self._chunk):
-      n = min(self._chunk, len(image.ids) - start)
-      boxes = np.zeros((self._chunk, 4), np.float32)
-      points = np.zeros((self._chunk, 1, 2), np.float32)
-      boxes[:n] = image.boxes[start:start + n]
-      points[:n, 0] = image.points[start:start + n]
-      x = {
-          "image_embeddings": image.embedding[None],
-          "boxes": boxes[None],
-          "points": points[None],
-          "point_labels": np.ones((1, self._chunk, 1), np.int32),
-      }
-      logits = forward(x)[0, :n]  # (n, L, L)
-      masks = self._processor.post_process_masks(
-          [logits[:, None]], [image.original_size], [image.reshaped_size],
-          return_tensors="tf")[0]
-      out.append(masks[:, 0].numpy())
-    if not out:
-      return np.zeros((0,) + image.original_size, bool)
-    return np.concatenate(out, axis=0)
+    k = len(image.ids)
+    return inference.masks_at_original_size(
+        self._compiled(model), self._processor, embedding=image.embedding,
+        boxes=image.boxes, points=image.points.reshape(k, 1, 2),
+        point_labels=np.ones((k, 1), np.int32), original_size=image.original_size,
+        reshaped_size=image.reshaped_size, chunk=self._chunk)
 
   def __call__(self, model: tf.keras.Model) -> EvalResult:
     """Mean per-object Dice and IoU of `model` on the test set."""

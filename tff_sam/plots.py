@@ -127,3 +127,25 @@ def write_overlays(out_dir: Path, *, evaluator, zero_shot_model, fine_tuned_mode
     fileio.write_bytes(path, encoded.tobytes())
     written.append(path)
   return written
+
+
+PALETTE = ((30, 120, 255), (255, 80, 80), (60, 200, 60), (255, 200, 0), (200, 80, 255),
+           (0, 200, 200))
+
+
+def draw_prediction(image: np.ndarray, masks: np.ndarray, *, boxes=None, points=None,
+                    point_labels=None) -> np.ndarray:
+  """The whole image with each mask in its own colour, prompt boxes and points on top."""
+  import cv2  # pylint: disable=g-import-not-at-top
+
+  out = image.copy()
+  for k, mask in enumerate(masks):
+    out = _blend(out, mask, PALETTE[k % len(PALETTE)])
+  for box in (boxes if boxes is not None else []):
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    cv2.rectangle(out, (x0, y0), (x1, y1), (255, 255, 255), 1)
+  if points is not None:
+    for (x, y), label in zip(np.reshape(points, (-1, 2)), np.reshape(point_labels, (-1,))):
+      colour = (0, 255, 0) if label == 1 else (255, 0, 0)
+      cv2.circle(out, (int(round(x)), int(round(y))), 3, colour, -1)
+  return out

@@ -1,0 +1,190 @@
+"""Prompted segmentation with a (fine-tuned) SAM: masks at the original resolution.
+
+`masks_at_original_size` turns prompts in SAM's input frame into boolean masks of the
+original image size (SAM's `post_process_masks`); evaluation and `Predictor` share it.
+`Predictor` takes an image and prompts in original pixel coordinates, as users give
+them (`python -m tff_sam.experiments.predict`).
+"""
+
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tff_sam import errors
+from tff_sam import model as model_lib
+from tff_sam import preprocess
+
+
+def masks_at_original_size(forward: Callable[[dict], tf.Tensor], processor, *,
+                           embedding: np.ndarray, boxes: np.ndarray, points: np.ndarray,
+                           point_labels: np.ndarray, original_size: tuple[int, int],
+                           reshaped_size: tuple[int, int], chunk: int = 16) -> np.ndarray:
+  """Decodes K prompts on one image embedding into K boolean masks (K, H, W).
+
+  Args:
+    forward: Model call returning mask logits (1, P, L, L) for inputs of batch 1.
+    processor: The `SamImageProcessor` (for `post_process_masks`).
+    embedding: (C, s, s) image embedding.
+    boxes: (K, 4) XYXY boxes in the input frame (ignored by point-only models).
+    points: (K, N, 2) points in the input frame (ignored by box-only models).
+    point_labels: (K, N) 1 positive, 0 negative, -1 padding.
+    original_size: (H, W) of the original image.
+    reshaped_size: (h, w) of the resized image inside the input frame.
+    chunk: Prompts per decoder call (fixed, so the call is traced once).
+
+  Returns:
+    Boolean masks, one per prompt.
+  """
+  k = len(boxes)
+  out = []
+  for start in range(0, k, chunk):
+    n = min(chunk, k - start)
+    b = np.zeros((chunk, 4), np.float32)
+    p = np.zeros((chunk,) + points.shape[1:], np.float32)
+    lab = np.full((chunk,) + point_labels.shape[1:], -1, np.int32)
+    b[:n], p[:n], lab[:n] = boxes[start:start + n], points[start:start + n], point_labels[start:start + n]
+    x = {"image_embeddings": embedding[None].astype(np.float32), "boxes": b[None],
+         "points": p[None], "point_labels": lab[None]}
+    logits = forward(x)[0, :n]
+    masks = processor.post_process_masks(
+        [logits[:, None]], [original_size], [reshaped_size], return_tensors="tf")[0]
+    out.append(masks[:, 0].numpy())
+  if not out:
+    return np.zeros((0,) + tuple(original_size), bool)
+  return np.concatenate(out, axis=0)
+
+
+class Predictor:
+  """Segments objects in images from box and/or point prompts."""
+
+  def __init__(self, bundle: model_lib.SamBundle, *, prompt: str):
+    """Builds the model for one prompt mode (`box`, `points` or `both`)."""
+    self.bundle = bundle
+    self.prompt = prompt
+    self._model = model_lib.build_prompt_mask_decoder(bundle, prompt=prompt)
+    self._forward = tf.function(lambda x: self._model(x, training=False)["masks"])
+    self._encode = bundle.encoder_fn()
+    self._input_size = model_lib.image_size(bundle.config)
+
+  def __call__(self, image: np.ndarray, *, boxes: Optional[np.ndarray] = None,
+               points: Optional[np.ndarray] = None,
+               point_labels: Optional[np.ndarray] = None) -> np.ndarray:
+    """Masks (K, H, W) for K prompts given in original pixel coordinates.
+
+    Args:
+      image: (H, W, 3) uint8.
+      boxes: (K, 4) XYXY boxes, one object each.
+      points: (K, N, 2) XY points per object.
+      point_labels: (K, N) 1 positive / 0 negative.
+
+    Raises:
+      errors.UserError: A prompt outside the image.
+    """
+    h, w = image.shape[:2]
+    k = len(boxes) if boxes is not None else len(points)
+    for name, arr in (("box", boxes), ("point", points)):
+      if arr is None:
+        continue
+      xy = np.asarray(arr, np.float64).reshape(-1, 2)
+      bad = (xy[:, 0] < 0) | (xy[:, 0] > w - 1) | (xy[:, 1] < 0) | (xy[:, 1] > h - 1)
+      if bad.any():
+        x, y = xy[np.argmax(bad)]
+        raise errors.ConfigError(name, f"coordinate ({x:g}, {y:g}) is outside the "
+                                 f"{w}x{h} image")
+    feats = self.bundle.processor(images=image, return_tensors="np")
+    embedding = self._encode(tf.constant(feats["pixel_values"].astype(np.float32))).numpy()[0]
+    size = (h, w)
+    in_boxes = (preprocess.to_input_frame(np.asarray(boxes, np.float32).reshape(-1, 2, 2), size,
+                                          self._input_size).reshape(-1, 4)
+                if boxes is not None else np.zeros((k, 4), np.float32))
+    if points is not None:
+      in_points = preprocess.to_input_frame(np.asarray(points, np.float32), size, self._input_size)
+      labels = np.asarray(point_labels, np.int32)
+    else:
+      in_points, labels = np.zeros((k, 1, 2), np.float32), -np.ones((k, 1), np.int32)
+    return masks_at_original_size(
+        self._forward, self.bundle.processor, embedding=embedding, boxes=in_boxes,
+        points=in_points, point_labels=labels, original_size=size,
+        reshaped_size=tuple(int(v) for v in feats["reshaped_input_sizes"][0]))
+
+
+def _prompt_arrays(boxes, points):
+  """Validates prompt lists; returns (mode, boxes (K,4)|None, points (K,N,2)|None, labels)."""
+  if not boxes and not points:
+    raise errors.ConfigError("box", "give at least one --box or --point")
+  if points and len(boxes) > 1:
+    raise errors.ConfigError(
+        "point", "points refine one object: use them alone or with exactly one --box")
+  box_arr = np.asarray(boxes, np.float32).reshape(-1, 4) if boxes else None
+  for b in box_arr if box_arr is not None else []:
+    if b[2] < b[0] or b[3] < b[1]:
+      raise errors.ConfigError("box", f"{','.join(f'{v:g}' for v in b)} must be x0,y0,x1,y1 "
+                               "with x0 <= x1 and y0 <= y1")
+  if not points:
+    return "box", box_arr, None, None
+  pts = np.asarray([p[:2] for p in points], np.float32)[None]
+  labels = np.asarray([int(p[2]) if len(p) > 2 else 1 for p in points], np.int32)[None]
+  if not np.isin(labels, (0, 1)).all():
+    raise errors.ConfigError("point", "labels must be 1 (object) or 0 (background)")
+  return ("both" if boxes else "points"), box_arr, pts, labels
+
+
+def predict_paths(*, model: str, image: str, boxes, points, output: str,
+                  mask_out: Optional[str] = None, cache_dir: Optional[str] = None) -> list:
+  """What `python -m tff_sam.experiments.predict` does; returns the files written.
+
+  Args:
+    model: Model name or directory (see `model.load_sam`).
+    image: An image file, or a folder of images (each gets the same prompts).
+    boxes: List of [x0, y0, x1, y1] in image pixels, one object each.
+    points: List of [x, y] or [x, y, label]; together they prompt one object.
+    output: Overlay PNG path (a folder for a folder of images).
+    mask_out: Optional label PNG path (a folder for a folder of images).
+    cache_dir: Cache root.
+
+  Raises:
+    errors.UserError: Bad prompts, files or model (one line).
+  """
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+
+  import cv2  # pylint: disable=g-import-not-at-top
+
+  from tff_sam import data  # pylint: disable=g-import-not-at-top
+  from tff_sam import fileio  # pylint: disable=g-import-not-at-top
+  from tff_sam import plots  # pylint: disable=g-import-not-at-top
+
+  mode, box_arr, pts, labels = _prompt_arrays(boxes, points)
+  source = Path(image).expanduser()
+  if source.is_dir():
+    images = sorted(p for p in source.iterdir()
+                    if p.is_file() and p.suffix.lower() in data.IMAGE_SUFFIXES)
+    if not images:
+      raise errors.DataError(source, "no images found")
+    overlay_paths = [Path(output) / f"{p.stem}.png" for p in images]
+    mask_paths = [Path(mask_out) / f"{p.stem}.png" for p in images] if mask_out else None
+  elif source.is_file():
+    images, overlay_paths = [source], [Path(output)]
+    mask_paths = [Path(mask_out)] if mask_out else None
+  else:
+    raise errors.DataError(source, "image not found")
+  cache = Path(cache_dir).expanduser() if cache_dir else None
+  predictor = Predictor(model_lib.load_sam(model, cache_dir=cache), prompt=mode)
+  written = []
+  for i, path in enumerate(images):
+    img = data.read_image(path)
+    masks = predictor(img, boxes=box_arr, points=pts, point_labels=labels)
+    drawn = plots.draw_prediction(img, masks, boxes=box_arr, points=pts, point_labels=labels)
+    ok, png = cv2.imencode(".png", drawn[..., ::-1])
+    assert ok
+    fileio.write_bytes(overlay_paths[i], png.tobytes())
+    written.append(overlay_paths[i])
+    if mask_paths:
+      label_image = np.zeros(img.shape[:2], np.uint16)
+      for k, mask in enumerate(masks, start=1):
+        label_image[mask] = k
+      ok, png = cv2.imencode(".png", label_image)
+      assert ok
+      fileio.write_bytes(mask_paths[i], png.tobytes())
+      written.append(mask_paths[i])
+  return written
