@@ -6,13 +6,17 @@ original image size (SAM's `post_process_masks`); evaluation and `Predictor` sha
 them (`python -m tff_sam.experiments.predict`).
 """
 
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
 
+from tff_sam import data
 from tff_sam import errors
+from tff_sam import fileio
 from tff_sam import model as model_lib
+from tff_sam import plots
 from tff_sam import preprocess
 
 
@@ -146,13 +150,7 @@ def predict_paths(*, model: str, image: str, boxes, points, output: str,
   Raises:
     errors.UserError: Bad prompts, files or model (one line).
   """
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
-
   import cv2  # pylint: disable=g-import-not-at-top
-
-  from tff_sam import data  # pylint: disable=g-import-not-at-top
-  from tff_sam import fileio  # pylint: disable=g-import-not-at-top
-  from tff_sam import plots  # pylint: disable=g-import-not-at-top
 
   mode, box_arr, pts, labels = _prompt_arrays(boxes, points)
   source = Path(image).expanduser()
