@@ -169,6 +169,12 @@ def parse_record(serialized: tf.Tensor, *, embedding_shape: Sequence[int],
   }
 
 
+def _count_objects(path: Path) -> int:
+  """Objects in a record, without decoding its embedding or labels."""
+  raw = next(iter(tf.data.TFRecordDataset(str(path)))).numpy()
+  return len(tf.train.Example.FromString(raw).features.feature["object_ids"].int64_list.value)
+
+
 def read_record(path: Path, *, embedding_shape: Sequence[int], input_size: int
                 ) -> dict[str, np.ndarray]:
   """Reads one record file eagerly into numpy arrays."""
@@ -215,9 +221,7 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
   for i, ex in enumerate(examples):
     path = out_dir / f"{record_key(fingerprint=bundle.fingerprint, example=ex, binary_components=binary_components, input_size=input_size)}.tfrecord"
     if path.exists():
-      rec = read_record(path, embedding_shape=model_lib.embedding_shape(config),
-                        input_size=input_size)
-      records[i] = Record(path, len(rec["object_ids"]), ex)
+      records[i] = Record(path, _count_objects(path), ex)
       stats.reused += 1
     else:
       todo.append((i, ex, path))

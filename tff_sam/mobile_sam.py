@@ -26,6 +26,7 @@ import transformers
 
 from tff_sam import errors
 from tff_sam import fileio
+from tff_sam import model as model_lib
 from tff_sam import registry
 from tff_sam import tinyvit
 from tff_sam import torch_checkpoint
@@ -157,26 +158,12 @@ def prompt_decoder_weight_map(source_keys: Iterable[str]) -> Dict[str, Optional[
           if k.startswith(_PROMPT_DECODER_PREFIXES)}
 
 
-_TOP_LEVEL = ("shared_image_embedding", "vision_encoder", "prompt_encoder", "mask_decoder")
-
-
-def _relative_name(var: tf.Variable) -> str:
-  """Weight name from the model's top-level layer on, whatever scope it was built in."""
-  name = var.name[:-2] if var.name.endswith(":0") else var.name
-  parts = name.split("/")
-  for i, part in enumerate(parts):
-    if part in _TOP_LEVEL:
-      return "/".join(parts[i:])
-  return name
-
-
 def prompt_decoder_weights(sam: transformers.TFSamModel) -> Dict[str, tf.Variable]:
   """Returns the model's non-ViT weights (prompt encoder, decoder, shared PE) by name."""
   if not sam.built:
     # Not plain build(): weights must carry the model's name scope for h5 save/load.
     sam.build_in_name_scope()
-  return {_relative_name(v): v for v in sam.weights
-          if not _relative_name(v).startswith("vision_encoder/")}
+  return model_lib.prompt_decoder_weights(sam)
 
 
 def _to_tf_layout(value: np.ndarray, target: str) -> np.ndarray:

@@ -372,13 +372,19 @@ class PromptMaskDecoder(tf.keras.Model):
 _SUBLAYERS = ("shared_image_embedding", "prompt_encoder", "mask_decoder")
 
 
-def _sublayer_weights(model: tf.keras.Model) -> dict[str, tf.Variable]:
-  """The prompt/decoder weights keyed by their name below the model's own scope."""
+def prompt_decoder_weights(model: tf.keras.Model) -> dict[str, tf.Variable]:
+  """The prompt encoder, mask decoder and shared positional embedding weights.
+
+  Keyed by name from the sub-layer on, without the `:0` suffix (e.g.
+  `mask_decoder/iou_token.weight`), whatever scope the model was built in; works for
+  `TFSamModel` and `PromptMaskDecoder` alike.
+  """
   out = {}
   for layer in _SUBLAYERS:
     for w in getattr(model, layer).weights:
-      starts = [i for i in (w.name.find(n + "/") for n in _SUBLAYERS) if i >= 0]
-      out[w.name[min(starts):] if starts else w.name] = w
+      name = w.name[:-2] if w.name.endswith(":0") else w.name
+      starts = [i for i in (name.find(n + "/") for n in _SUBLAYERS) if i >= 0]
+      out[name[min(starts):] if starts else name] = w
   return out
 
 
@@ -388,7 +394,7 @@ def copy_prompt_decoder_weights(src: tf.keras.Model, dst: tf.keras.Model) -> Non
   Works between any two of `TFSamModel` and `PromptMaskDecoder` (any prompt mode,
   IoU head trainable or not).
   """
-  s, d = _sublayer_weights(src), _sublayer_weights(dst)
+  s, d = prompt_decoder_weights(src), prompt_decoder_weights(dst)
   if set(s) != set(d):
     raise ValueError(f"prompt/decoder weights differ: only in source {sorted(set(s) - set(d))}, "
                      f"only in target {sorted(set(d) - set(s))}")
