@@ -162,6 +162,32 @@ def test_flat_test_folder_overrides_fraction(tmp_path):
   assert sorted(_all_client_stems(s)) == stems  # nothing else held out
   for ex in s.test:
     assert ex.image_path.parent == tmp_path / "test" / "images"
+  assert list(s.test_clients) == ["test"]
+
+
+def test_flat_holdout_is_one_evaluation_client(tmp_path):
+  _flat(tmp_path, 6)
+  s = _split(tmp_path, num_clients=2, test_fraction=0.5)
+  assert list(s.test_clients) == ["test"] and len(s.test) == 3
+
+
+def test_per_site_test_folders_are_evaluation_clients(tmp_path):
+  _flat(tmp_path / "hospital_a", 3, prefix="a")
+  held_b = _flat(tmp_path / "test" / "hospital_b", 2, prefix="b")
+  held_c = _flat(tmp_path / "test" / "hospital_c", 1, prefix="c")
+  (tmp_path / "test" / "notes").mkdir()
+  s = _split(tmp_path, test_fraction=0.5)
+  assert list(s.clients) == ["hospital_a"]
+  assert {k: _stems(v) for k, v in s.test_clients.items()} == {
+      "hospital_b": held_b, "hospital_c": held_c}
+  assert _stems(s.test) == held_b + held_c
+
+
+def test_test_folder_without_layout_is_an_error(tmp_path):
+  _flat(tmp_path / "hospital_a", 3, prefix="a")
+  (tmp_path / "test" / "stuff").mkdir(parents=True)
+  with pytest.raises(errors.DataError, match="test.*no images/ and masks/"):
+    _split(tmp_path)
 
 
 def test_natural_layout_sites_are_clients(tmp_path):
@@ -188,6 +214,7 @@ def test_natural_layout_holdout_from_every_site(tmp_path):
   assert sum(t.startswith("s0") for t in test) == 2
   assert sum(t.startswith("s1") for t in test) == 1
   assert _stems(s.clients["s2"]) == ["s2_000"]  # a single image is never held out
+  assert list(s.test_clients) == ["s0", "s1"]  # each site's held-out images
   for site, stems in site_stems.items():
     train = _stems(s.clients[site])
     assert not set(train) & set(test)

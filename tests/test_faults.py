@@ -117,7 +117,9 @@ def _assert_one_line_error(exc: BaseException, path: Path) -> None:
 
 
 def _warnings(caplog) -> list[str]:
-  return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  """tff_sam's warnings (not e.g. TensorFlow's retracing notices)."""
+  return [r.getMessage() for r in caplog.records
+          if r.levelno == logging.WARNING and r.name.startswith("tff_sam")]
 
 
 def _assert_warned(caplog, expected: dict[Path, str]) -> None:

@@ -1,11 +1,15 @@
 """End-to-end test of tff_sam.federated: FedAvg on a learnable toy task with TFF.
 
 One module-scoped run (synthetic data, the tiny model, 3 clients, a few rounds) feeds
-all tests; TFF's C++ `worker_binary` is ended after the session (conftest.py).
+most tests; a deliberately poisoned client (NaN embeddings in its cache) joins extra
+rounds from the same start. The robust aggregator is also tested on its own with
+hand-made updates. TFF's C++ `worker_binary` is ended after the session (conftest.py).
 """
 
+import collections
 import contextlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +26,27 @@ SITES = ("site_0", "site_1", "site_2")
 ROUNDS = 6
 CLIENT_LR = 1e-3  # Adam; learns steadily on this task (2e-3 does too, more noisily)
 IMAGES_PER_SITE = 2
+
+
+POISONED = "poisoned"
+
+
+def _poison(records, out_dir: Path) -> list[Path]:
+  """Copies of `records` whose embeddings are all NaN (e.g. a float16 overflow)."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for i, rec in enumerate(records):
+    raw = next(iter(tf.data.TFRecordDataset(str(rec.path)))).numpy()
+    example = tf.train.Example.FromString(raw)
+    emb = tf.io.parse_tensor(example.features.feature["embedding"].bytes_list.value[0],
+                             tf.float16)
+    example.features.feature["embedding"].bytes_list.value[0] = tf.io.serialize_tensor(
+        tf.fill(tf.shape(emb), tf.constant(np.nan, tf.float16))).numpy()
+    path = out_dir / f"poisoned_{i}.tfrecord"
+    with tf.io.TFRecordWriter(str(path)) as w:
+      w.write(example.SerializeToString())
+    paths.append(path)
+  return paths
 
 
 @pytest.fixture(name="run", scope="module")
@@ -41,13 +66,15 @@ def _run(tmp_path_factory):
           binary_components=False, batch_size=4, show_progress=False)
     counts = embeddings.write_manifests(tmp / "clients", records)
     assert counts == {s: IMAGES_PER_SITE for s in SITES}
+    poisoned = _poison(records["site_2"], tmp / "poisoned")
+    (tmp / "clients" / f"{POISONED}.txt").write_text("".join(f"{p}\n" for p in poisoned))
     cfg = bundle.config
     spec = client_data.PipelineSpec(
         manifest_dir=str(tmp / "clients"), embedding_shape=model_lib.embedding_shape(cfg),
         low_res=model_lib.low_res_size(cfg), input_size=model_lib.image_size(cfg),
         prompt="box", prompts_per_image=4, box_jitter=2.0, local_epochs=1, batch_size=2,
         seed=0)
-    cdata = client_data.build_client_data(list(SITES), spec)
+    cdata = client_data.build_client_data(list(SITES) + [POISONED], spec)
     model_fn = federated.build_model_fn(
         sam_config=cfg, input_spec=cdata.element_type_structure, prompt="box",
         loss="dice_ce", train_iou_head=True)
@@ -60,16 +87,23 @@ def _run(tmp_path_factory):
     default_state = process.initialize()
     state = federated.initial_state(process, trainable, non_trainable)
     initial = federated.weights_from_state(process, state)
-    metrics = []
+    metrics, aggregation = [], []
     for round_num in range(1, ROUNDS + 1):
       result = process.next(
           state, [client_data.round_client_id(c, round_num) for c in SITES])
       state = result.state
       metrics.append(result.metrics["client_work"]["train"])
+      aggregation.append(federated.aggregation_metrics(result.metrics["aggregator"]))
+    final = federated.weights_from_state(process, state)
+    # From the same start: two healthy clients, without and with the poisoned one.
+    start = federated.initial_state(process, trainable, non_trainable)
+    healthy = [client_data.round_client_id(c, 1) for c in SITES[:2]]
+    clean = process.next(start, healthy)
+    dirty = process.next(start, healthy + [client_data.round_client_id(POISONED, 1)])
     yield dict(process=process, local=local, given=(trainable, non_trainable),
                default=federated.weights_from_state(process, default_state),
-               initial=initial, final=federated.weights_from_state(process, state),
-               metrics=metrics)
+               initial=initial, final=final, metrics=metrics, aggregation=aggregation,
+               clean=clean, dirty=dirty)
   finally:
     mp.undo()
 
@@ -140,3 +174,68 @@ def test_final_weights_load_into_keras_model(run):
   assert np.isfinite(out["masks"].numpy()).all()
   for w, v in zip(local.trainable_weights, run["final"][0]):
     np.testing.assert_array_equal(w.numpy(), v)
+
+
+def test_healthy_rounds_zero_nothing(run):
+  for m in run["aggregation"]:
+    assert m["nonfinite_clients"] == 0 and m["zeroed_clients"] == 0, m
+    assert m["clipped_clients"] is not None and m["clipping_norm"] > 0
+    assert m["zeroing_norm"] > 1.0  # multiplier x quantile estimate + increment 1
+
+
+def test_poisoned_client_cannot_change_the_global_model(run):
+  process, clean, dirty = run["process"], run["clean"], run["dirty"]
+  assert federated.aggregation_metrics(dirty.metrics["aggregator"])["nonfinite_clients"] == 1
+  assert federated.aggregation_metrics(clean.metrics["aggregator"])["nonfinite_clients"] == 0
+  clean_t, _ = federated.weights_from_state(process, clean.state)
+  dirty_t, _ = federated.weights_from_state(process, dirty.state)
+  for a, b in zip(clean_t, dirty_t):
+    assert np.isfinite(b).all()
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-7)
+  # Its NaN training metrics are dropped too: the round reports the healthy ones.
+  assert np.isfinite(float(dirty.metrics["client_work"]["train"]["loss"]))
+  assert int(dirty.metrics["client_work"]["train"]["num_examples"]) == 2 * IMAGES_PER_SITE
+
+
+def _aggregate(factory, updates, weights):
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  value_type = tff.TensorType(np.float32, [3])
+  process = factory.create(value_type, tff.TensorType(np.float32))
+  out = process.next(process.initialize(), [np.asarray(u, np.float32) for u in updates],
+                     [np.float32(w) for w in weights])
+  return np.asarray(out.result), federated.aggregation_metrics(out.measurements)
+
+
+# Three healthy updates (L2 norms 0.17, 0.35, 0.52), one with norm 5 (clipped at the
+# initial norm 1.0), one exploding (1e6, zeroed at 2 x 10 + 1) and the zero update of
+# weight 0 that TFF's client work sends for a NaN/Inf update.
+UPDATES = [[0.1] * 3, [0.2] * 3, [0.3] * 3, [0.0, 3.0, 4.0], [1e6, 0.0, 0.0], [0.0] * 3]
+WEIGHTS = [1.0, 2.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_robust_aggregator_zeroes_clips_and_counts():
+  result, m = _aggregate(federated.build_model_aggregator(), UPDATES, WEIGHTS)
+  assert m["nonfinite_clients"] == 1 and m["zeroed_clients"] == 1
+  assert m["clipped_clients"] == 1
+  assert m["clipping_norm"] == pytest.approx(1.0) and m["zeroing_norm"] == pytest.approx(21.0)
+  # Zeroed updates keep their weight (TFF's documented behaviour); clipped to norm 1.
+  expected = (0.1 + 2 * 0.2 + 0.3) * np.ones(3) + np.array([0.0, 0.6, 0.8])
+  np.testing.assert_allclose(result, expected / 6.0, rtol=1e-6)
+
+
+def test_robust_aggregation_can_be_disabled():
+  result, m = _aggregate(federated.build_model_aggregator(zeroing=False, clipping=False),
+                         UPDATES, WEIGHTS)
+  assert m == {"nonfinite_clients": 1, "zeroed_clients": None, "clipped_clients": None,
+               "zeroing_norm": None, "clipping_norm": None}
+  expected = np.sum(np.asarray(UPDATES) * np.asarray(WEIGHTS)[:, None], axis=0) / 6.0
+  np.testing.assert_allclose(result, expected, rtol=1e-6)
+  assert result[0] > 1e5  # one exploding client dominates a plain mean
+
+
+def test_clipping_only_and_its_settings():
+  _, m = _aggregate(federated.build_model_aggregator(zeroing=False, clipping_initial_norm=0.3),
+                    UPDATES[:3] + UPDATES[5:], WEIGHTS[:3] + WEIGHTS[5:])
+  assert m["zeroed_clients"] is None and m["clipping_norm"] == pytest.approx(0.3)
+  assert m["clipped_clients"] == 2  # norms 0.35 and 0.52

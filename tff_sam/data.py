@@ -6,8 +6,12 @@ Layout of `--data_dir`:
 * natural: one sub-folder per site, each with `images/` and `masks/`; each site is
   one federated client.
 
-Either may have a `test/` sub-folder (with `images/` and `masks/`) that is held out;
-without it, `--test_fraction` of the images (from every site) is held out.
+Either may have a `test/` sub-folder that is held out: flat (`test/images/` +
+`test/masks/`) or one sub-folder per held-out site (`test/<site>/images/` + `masks/`).
+Without it, `--test_fraction` of the images (from every site) is held out. The held-out
+images are also grouped into evaluation clients (`DatasetSplits.test_clients`) for
+federated evaluation: one per `test/<site>/` folder, one per training site for a
+held-out fraction of the natural layout, else a single client `test`.
 
 Images: PNG, JPEG or TIFF; 8- or 16-bit; gray, RGB or RGBA. 16-bit and float images
 are scaled to 8 bits per image with the 1st..99.8th percentile window; alpha is
@@ -89,13 +93,19 @@ class DatasetSplits:
 
   Attributes:
     clients: Client id -> its examples, in a deterministic order.
-    test: Held-out examples no client trains on.
+    test_clients: Evaluation client id -> its held-out examples (no client trains on
+      them); see the module docstring for how they are grouped.
     natural: True when clients are the data's own site folders.
   """
 
   clients: dict[str, tuple[Example, ...]]
-  test: tuple[Example, ...]
+  test_clients: dict[str, tuple[Example, ...]]
   natural: bool
+
+  @property
+  def test(self) -> tuple[Example, ...]:
+    """All held-out examples, evaluation client by client."""
+    return tuple(e for exs in self.test_clients.values() for e in exs)
 
   @property
   def num_train_examples(self) -> int:
@@ -247,36 +257,70 @@ def discover_splits(data_dir: Path, *, partition: str, num_clients: int,
     raise errors.DataError(root, "data directory not found")
   rng = np.random.default_rng(seed)
   test_folder = root / TEST_DIR
-  fixed_test = list_examples(test_folder, **listing) if test_folder.is_dir() else None
+  fixed_test = list_test_clients(test_folder, **listing) if test_folder.is_dir() else None
 
   if (root / "images").is_dir() or (root / "masks").is_dir():
     train = list_examples(root, **listing)
-    test = fixed_test
-    if test is None:
+    test_clients = fixed_test
+    if test_clients is None:
       train, test = _hold_out(train, test_fraction, rng)
+      test_clients = {TEST_DIR: tuple(test)} if test else {}
     if partition == "iid":
       shards = partition_iid(train, num_clients=num_clients, rng=rng)
     else:
       shards = partition_dirichlet(train, num_clients=num_clients, alpha=dirichlet_alpha, rng=rng)
     clients = {f"client_{i:03d}": tuple(sorted(s, key=lambda e: e.stem))
                for i, s in enumerate(shards)}
-    return DatasetSplits(clients=clients, test=tuple(test), natural=False)
+    return DatasetSplits(clients=clients, test_clients=test_clients, natural=False)
 
-  sites = sorted(d for d in root.iterdir()
-                 if d.is_dir() and d.name != TEST_DIR and not d.name.startswith(".")
-                 and ((d / "images").is_dir() or (d / "masks").is_dir()))
+  sites = _site_folders(root)
   if not sites:
     raise errors.DataError(
         root, "no images/ and masks/ folders found (expected images/ + masks/, "
         "or one sub-folder per site each with images/ + masks/)")
-  clients, test = {}, list(fixed_test or [])
+  clients, test_clients = {}, dict(fixed_test or {})
   for site in sites:
     examples = list_examples(site, **listing)
     if fixed_test is None:
       examples, held = _hold_out(examples, test_fraction, rng)
-      test.extend(held)
+      if held:
+        test_clients[site.name] = tuple(held)
     clients[site.name] = tuple(examples)
-  return DatasetSplits(clients=clients, test=tuple(test), natural=True)
+  return DatasetSplits(clients=clients, test_clients=test_clients, natural=True)
+
+
+def _site_folders(root: Path) -> list[Path]:
+  return sorted(d for d in root.iterdir()
+                if d.is_dir() and d.name != TEST_DIR and not d.name.startswith(".")
+                and ((d / "images").is_dir() or (d / "masks").is_dir()))
+
+
+def list_test_clients(folder: Path, *, skip_bad_examples: bool = False,
+                      skipped: Optional[collections.Counter] = None
+                      ) -> dict[str, tuple[Example, ...]]:
+  """The held-out examples of a `test/` folder, grouped into evaluation clients.
+
+  Args:
+    folder: Flat (`images/` + `masks/`: one client named after the folder) or one
+      sub-folder per held-out site (each with `images/` + `masks/`).
+    skip_bad_examples: Passed to `list_examples`.
+    skipped: Passed to `list_examples`.
+
+  Returns:
+    Evaluation client id -> its examples (sorted by stem).
+
+  Raises:
+    errors.DataError: Neither layout, or a bad example (see `list_examples`).
+  """
+  folder = Path(folder)
+  listing = dict(skip_bad_examples=skip_bad_examples, skipped=skipped)
+  if (folder / "images").is_dir() or (folder / "masks").is_dir():
+    return {folder.name: tuple(list_examples(folder, **listing))}
+  sites = _site_folders(folder)
+  if not sites:
+    raise errors.DataError(folder, "no images/ and masks/ folders found (expected "
+                           "images/ + masks/, or one sub-folder per site each with both)")
+  return {site.name: tuple(list_examples(site, **listing)) for site in sites}
 
 
 def named_dataset(name: str, *, cache_root: Path) -> Path:

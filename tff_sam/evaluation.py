@@ -30,12 +30,22 @@ from tff_sam import preprocess
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-  """Mean per-object scores on a test set."""
+  """Mean per-object scores on a test set.
+
+  Attributes:
+    dice: Mean Dice over all objects.
+    iou: Mean IoU over all objects.
+    num_objects: Objects evaluated.
+    num_images: Images evaluated.
+    by_client: Evaluation client -> `{"dice", "iou", "num_objects"}` over its
+      images, when the evaluator was given `clients`.
+  """
 
   dice: float
   iou: float
   num_objects: int
   num_images: int
+  by_client: dict = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -71,12 +81,14 @@ class Evaluator:
   def __init__(self, *, examples: Sequence[data.Example],
                records: Sequence[embeddings.Record], bundle: model_lib.SamBundle,
                binary_components: bool = False, max_objects_per_image: int = 0,
-               chunk: int = 16):
+               chunk: int = 16, clients: Optional[Sequence[str]] = None):
     """Loads the test set.
 
     Args:
       examples: Test examples (image and mask files).
       records: Their cached records (same order), from `embeddings.build_records`.
+      clients: Optional evaluation client of each example (same order), for scores
+        per client in `EvalResult.by_client`.
       bundle: The model bundle (config and processor).
       binary_components: How binary masks are split into objects.
       max_objects_per_image: Evaluate at most this many objects per image, chosen
@@ -104,6 +116,9 @@ class Evaluator:
           example=ex, embedding=r["embedding"], original_size=size,
           reshaped_size=tuple(int(v) for v in r["reshaped_size"]), labels=labels, ids=ids,
           boxes=boxes, points=points))
+    self.clients = list(clients) if clients is not None else None
+    if self.clients is not None and len(self.clients) != len(self.images):
+      raise ValueError(f"{len(self.clients)} clients for {len(self.images)} test images")
     self._forward = None
     self._forward_model = None
 
@@ -128,17 +143,24 @@ class Evaluator:
 
   def __call__(self, model: tf.keras.Model) -> EvalResult:
     """Mean per-object Dice and IoU of `model` on the test set."""
-    dices, ious = [], []
-    for image in self.images:
+    everything, scores = [], {}
+    for index, image in enumerate(self.images):
       pred = self.predict(model, image)
+      client = self.clients[index] if self.clients is not None else None
       for k, obj in enumerate(image.ids):
-        d, i = losses.dice_iou(pred[k], image.labels == obj)
-        dices.append(d)
-        ious.append(i)
-    n = len(dices)
-    return EvalResult(dice=float(np.mean(dices)) if n else float("nan"),
-                      iou=float(np.mean(ious)) if n else float("nan"),
-                      num_objects=n, num_images=len(self.images))
+        pair = losses.dice_iou(pred[k], image.labels == obj)
+        everything.append(pair)
+        scores.setdefault(client, []).append(pair)
+
+    def mean(pairs, j):
+      return float(np.mean([p[j] for p in pairs])) if pairs else float("nan")
+
+    by_client = {} if self.clients is None else {
+        c: {"dice": mean(pairs, 0), "iou": mean(pairs, 1), "num_objects": len(pairs)}
+        for c, pairs in sorted(scores.items())}
+    return EvalResult(dice=mean(everything, 0), iou=mean(everything, 1),
+                      num_objects=len(everything), num_images=len(self.images),
+                      by_client=by_client)
 
 
 def evaluate_prompt_modes(*, bundle: model_lib.SamBundle, evaluator: Evaluator,
@@ -198,7 +220,7 @@ def evaluate_folder(*, model: str, data_dir: Optional[str], data_name: str = "sa
     raise errors.DataError(root, "data directory not found")
   test_dir = root / data.TEST_DIR
   if split == "test" or (split == "auto" and test_dir.is_dir()):
-    examples = data.list_examples(test_dir)
+    examples = [e for exs in data.list_test_clients(test_dir).values() for e in exs]
     used = "test"
   else:
     splits = data.discover_splits(root, partition="iid", num_clients=1, dirichlet_alpha=1.0,

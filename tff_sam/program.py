@@ -7,20 +7,24 @@ No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
 * `state/round_<N>/`: the server state after round N (TFF `FileProgramStateManager`,
   the last few kept); re-running the same command resumes from the newest one;
 * `clients/<client>.txt`: each client's cached records (what it trains on);
-* `metrics.csv`: one row per round (`round`, `train_loss`, `train_dice`,
-  `test_dice`, `test_iou`, `seconds`); round 0 is the zero-shot baseline;
-* `summary.json`: `config`, `baseline` and `final` (`dice`, `iou`), `rounds`,
-  `wall_time_s`, data and cache counts;
+  `eval_clients/<client>.txt`: the held-out evaluation clients' records;
+* `metrics.csv` and `tensorboard/`: one row (TensorBoard step) per round, released
+  through TFF release managers (`tff_sam.releases`); round 0 is the zero-shot
+  baseline. Columns (`METRIC_DOCS`): training loss/Dice, central held-out Dice/IoU
+  (also per evaluation client), federated evaluation loss/Dice, robust-aggregation
+  counts, seconds;
+* `summary.json`: `config`, `baseline` and `final` (`dice`, `iou`, per evaluation
+  client, federated evaluation), `rounds`, `aggregation` totals, `wall_time_s`, data
+  and cache counts;
 * `model/`: the fine-tuned model (`TFSamModel.save_pretrained`);
 * `metrics.png`: loss and held-out Dice per round;
-* `overlays/`: image | ground truth | zero-shot | fine-tuned, for fixed test objects.
+* `overlays/`: image | ground truth | zero-shot | fine-tuned, for fixed test objects
+  (also as TensorBoard images).
 """
 
 import asyncio
 import collections
 import csv
-import dataclasses
-import io
 import json
 import shutil
 import time
@@ -40,10 +44,26 @@ from tff_sam import federated
 from tff_sam import fileio
 from tff_sam import model as model_lib
 from tff_sam import plots
+from tff_sam import releases
 
 # --box_jitter is in pixels of SAM's 1024 input frame; smaller models scale it.
 REFERENCE_INPUT_SIZE = 1024
-METRIC_FIELDS = ("round", "train_loss", "train_dice", "test_dice", "test_iou", "seconds")
+# Columns of metrics.csv ("<name>/<client>" columns are per evaluation client).
+METRIC_DOCS = {
+    "train_loss": "clients' mean training loss (example-weighted)",
+    "train_dice": "clients' mean training Dice (low resolution, jittered prompts)",
+    "test_dice": "central held-out Dice at the original resolution (all test objects)",
+    "test_iou": "central held-out IoU",
+    "test_dice/<client>": "the same over one evaluation client's images",
+    "fed_eval_loss": "federated evaluation (build_fed_eval) on the held-out clients: loss",
+    "fed_eval_dice": "federated evaluation: Dice at low resolution, exact prompts",
+    "nonfinite_clients": "clients whose update held NaN/Inf (weight 0, ignored)",
+    "zeroed_clients": "clients whose update exceeded the zeroing threshold (zeroed)",
+    "clipped_clients": "clients whose update was clipped to the clipping norm",
+    "zeroing_norm": "zeroing threshold (max-abs) used this round",
+    "clipping_norm": "L2 clipping norm used this round",
+    "seconds": "wall time of the round, evaluation included",
+}
 
 
 def sample_clients(client_ids: list[str], *, round_num: int, clients_per_round: int,
@@ -52,15 +72,6 @@ def sample_clients(client_ids: list[str], *, round_num: int, clients_per_round: 
   rng = np.random.default_rng([seed, round_num])
   k = min(clients_per_round, len(client_ids))
   return sorted(rng.choice(client_ids, size=k, replace=False).tolist())
-
-
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
-  fileio.write_text(path, buf.getvalue())
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
@@ -112,6 +123,8 @@ def _saved_versions(out: Path) -> list[int]:
   """Complete saved rounds; removes temporary folders a crash left mid-save."""
   for leftover in (out / STATE_DIR).glob(f"{STATE_PREFIX}*_temp*"):
     shutil.rmtree(leftover, ignore_errors=True)
+  for leftover in out.glob("metrics.csv_temp*"):  # CSVFileReleaseManager's temporary file
+    leftover.unlink(missing_ok=True)
   versions = asyncio.run(_state_manager(out).get_versions())
   return list(versions or [])
 
@@ -138,7 +151,8 @@ def check_resumable(out: Path, config: config_lib.RunConfig) -> None:
 
 def _start_fresh(out: Path) -> None:
   """Removes a previous run's state and results (never the shared cache)."""
-  for name in (STATE_DIR, "model", "overlays", "clients"):
+  for name in (STATE_DIR, "model", "overlays", "clients", "eval_clients",
+               releases.TENSORBOARD_DIR):
     shutil.rmtree(out / name, ignore_errors=True)
   for name in ("metrics.csv", "metrics.png", "summary.json", "config.json"):
     (out / name).unlink(missing_ok=True)
@@ -148,6 +162,117 @@ def _parse(value: Optional[str]) -> Optional[float]:
   return float(value) if value not in (None, "") else None
 
 
+def _encode_all(config: config_lib.RunConfig, splits: data.DatasetSplits,
+                bundle: model_lib.SamBundle, cache_root: Path, skipped: collections.Counter,
+                log: Callable[[str], None]):
+  """Embeds every client's and every test image (cached); returns records and stats."""
+  stats = embeddings.CacheStats(skipped=dict(skipped))
+  encode = dict(bundle=bundle, cache_root=cache_root, binary_components=config.binary_components,
+                batch_size=config.encode_batch_size, skip_bad_examples=config.skip_bad_examples)
+  client_records = {}
+  for client, examples in splits.clients.items():
+    client_records[client], s = embeddings.build_records(
+        examples, desc=f"encoding {client}", **encode)
+    stats.add(s)
+  test_records, s = embeddings.build_records(list(splits.test), desc="encoding test", **encode)
+  stats.add(s)
+  log(f"embeddings: {stats.encoded} computed, {stats.reused} reused from the cache; "
+      f"{stats.objects} objects, {stats.images_without_objects} images without objects, "
+      f"{stats.num_skipped} bad examples skipped")
+  return client_records, test_records, stats
+
+
+def _pipeline_spec(config: config_lib.RunConfig, cfg, manifest_dir: Path, **overrides
+                   ) -> client_data.PipelineSpec:
+  values = dict(
+      manifest_dir=str(manifest_dir.resolve()), embedding_shape=model_lib.embedding_shape(cfg),
+      low_res=model_lib.low_res_size(cfg), input_size=model_lib.image_size(cfg),
+      prompt=config.prompt, prompts_per_image=config.prompts_per_image,
+      box_jitter=config.box_jitter * model_lib.image_size(cfg) / REFERENCE_INPUT_SIZE,
+      box_jitter_fraction=config.box_jitter_fraction, num_points=config.num_points,
+      num_negative_points=config.num_negative_points, local_epochs=config.local_epochs,
+      batch_size=config.batch_size, seed=config.seed)
+  values.update(overrides)
+  return client_data.PipelineSpec(**values)
+
+
+class _FederatedEvaluation:
+  """`build_fed_eval` on the held-out evaluation clients, with the global model.
+
+  Every object of every held-out image is prompted once (up to `eval_max_objects`
+  per image), with its exact box (no jitter) and fixed points; the prompts are the
+  same in every round, so the numbers are comparable across rounds.
+  """
+
+  def __init__(self, *, config: config_lib.RunConfig, bundle: model_lib.SamBundle,
+               records: dict[str, list], manifest_dir: Path):
+    counts = embeddings.write_manifests(manifest_dir, records)
+    self.client_ids = [c for c, n in counts.items() if n > 0]
+    objects = [r.num_objects for recs in records.values() for r in recs]
+    per_image = max(objects, default=0)
+    if config.eval_max_objects:
+      per_image = min(per_image, config.eval_max_objects)
+    self.process = None
+    if not self.client_ids:
+      return
+    spec = _pipeline_spec(config, bundle.config, manifest_dir, prompts_per_image=per_image,
+                          box_jitter=0.0, box_jitter_fraction=0.0, local_epochs=1,
+                          batch_size=1)
+    cdata = client_data.build_client_data(self.client_ids, spec)
+    model_fn = federated.build_model_fn(
+        sam_config=bundle.config, input_spec=cdata.element_type_structure,
+        prompt=config.prompt, loss=config.loss, train_iou_head=config.train_iou_head)
+    self.process = federated.compose_with_client_data(
+        federated.build_evaluation_process(model_fn=model_fn), cdata)
+    self._state = self.process.initialize()
+
+  def __call__(self, training_process, training_state) -> dict[str, Optional[float]]:
+    if self.process is None:
+      return {"fed_eval_loss": None, "fed_eval_dice": None}
+    state = federated.with_model_weights(self.process, self._state, training_process,
+                                         training_state)
+    result = self.process.next(state, [client_data.round_client_id(c, 0)
+                                       for c in self.client_ids])
+    m = federated.evaluation_metrics(result)
+    return {"fed_eval_loss": m["loss"], "fed_eval_dice": m["dice"]}
+
+
+def _central_metrics(result: evaluation.EvalResult, eval_clients: list[str]
+                     ) -> dict[str, Optional[float]]:
+  out = {"test_dice": result.dice, "test_iou": result.iou}
+  if len(eval_clients) > 1:
+    for c in eval_clients:
+      out[f"test_dice/{c}"] = result.by_client.get(c, {}).get("dice")
+  return out
+
+
+def _empty_row(eval_clients: list[str]) -> dict[str, Optional[float]]:
+  keys = ["train_loss", "train_dice", "test_dice", "test_iou", "fed_eval_loss",
+          "fed_eval_dice", *federated.AGGREGATION_METRICS, "seconds"]
+  if len(eval_clients) > 1:
+    keys += [f"test_dice/{c}" for c in eval_clients]
+  return dict.fromkeys(keys)
+
+
+def _summarize_rows(rows: list[dict]) -> dict:
+  """`baseline`, `final` and aggregation totals from the rows of `metrics.csv`."""
+  evaluated = [r for r in rows if _parse(r.get("test_dice")) is not None]
+
+  def scores(row):
+    out = {"dice": _parse(row["test_dice"]), "iou": _parse(row["test_iou"]),
+           "federated_eval": {"loss": _parse(row.get("fed_eval_loss")),
+                              "dice": _parse(row.get("fed_eval_dice"))}}
+    per_client = {k.split("/", 1)[1]: _parse(v) for k, v in row.items()
+                  if k.startswith("test_dice/")}
+    if per_client:
+      out["dice_by_client"] = per_client
+    return out
+
+  totals = {k: int(sum(_parse(r.get(k)) or 0 for r in rows))
+            for k in ("nonfinite_clients", "zeroed_clients", "clipped_clients")}
+  return {"baseline": scores(rows[0]), "final": scores(evaluated[-1]), "aggregation": totals}
+
+
 def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
                    log: Callable[[str], None] = print) -> dict:
   """Runs federated fine-tuning as configured and writes the outputs.
@@ -155,8 +280,8 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
   If `output_dir` holds a run started with the same settings, it is resumed from its
   newest saved round: client sampling and prompts are functions of (seed, round), so
   the result equals an uninterrupted run's. Every file is written atomically; the
-  metrics of a round are written before its state, and rows after the resumed round
-  are dropped, so `metrics.csv` has each round exactly once.
+  metrics of a round are released before its state is saved, and releasing round N
+  drops rows >= N, so `metrics.csv` has each round exactly once.
 
   Args:
     config: A validated run configuration.
@@ -173,71 +298,64 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
   config.validate()
   out = Path(config.output_dir).expanduser()
   out.mkdir(parents=True, exist_ok=True)
-  if fresh:
-    _start_fresh(out)
-  versions = _saved_versions(out)
+  versions = [] if fresh else _saved_versions(out)
   if versions:
     check_resumable(out, config)
+  else:
+    _start_fresh(out)
   fileio.write_text(out / "config.json", config.to_json() + "\n")
   cache_root = Path(config.cache_dir).expanduser() if config.cache_dir else fileio.default_cache_dir()
 
   skipped = collections.Counter()
   splits = prepare_data(config, cache_root, skipped)
   log(f"data: {len(splits.clients)} clients ({'sites' if splits.natural else config.partition}), "
-      f"{splits.num_train_examples} training images, {len(splits.test)} test images")
+      f"{splits.num_train_examples} training images, {len(splits.test)} test images in "
+      f"{len(splits.test_clients)} held-out evaluation client(s)")
   bundle = model_lib.load_sam(config.model, cache_dir=cache_root)
   log(f"model: {config.model} (encoder fingerprint {bundle.fingerprint})")
-
-  stats = embeddings.CacheStats(skipped=dict(skipped))
-  client_records = {}
-  for client, examples in splits.clients.items():
-    recs, s = embeddings.build_records(
-        examples, bundle=bundle, cache_root=cache_root,
-        binary_components=config.binary_components, batch_size=config.encode_batch_size,
-        desc=f"encoding {client}", skip_bad_examples=config.skip_bad_examples)
-    client_records[client] = recs
-    stats.add(s)
-  test_records, s = embeddings.build_records(
-      list(splits.test), bundle=bundle, cache_root=cache_root,
-      binary_components=config.binary_components, batch_size=config.encode_batch_size,
-      desc="encoding test", skip_bad_examples=config.skip_bad_examples)
-  stats.add(s)
-  log(f"embeddings: {stats.encoded} computed, {stats.reused} reused from the cache; "
-      f"{stats.objects} objects, {stats.images_without_objects} images without objects, "
-      f"{stats.num_skipped} bad examples skipped")
+  client_records, test_records, stats = _encode_all(config, splits, bundle, cache_root,
+                                                    skipped, log)
   counts = embeddings.write_manifests(out / "clients", client_records)
   client_ids = [c for c, n in counts.items() if n > 0]
   if not client_ids:
     raise errors.DataError(out / "clients", "no client has an image with objects to train on")
 
-  cfg = bundle.config
-  spec = client_data.PipelineSpec(
-      manifest_dir=str((out / "clients").resolve()),
-      embedding_shape=model_lib.embedding_shape(cfg), low_res=model_lib.low_res_size(cfg),
-      input_size=model_lib.image_size(cfg), prompt=config.prompt,
-      prompts_per_image=config.prompts_per_image,
-      box_jitter=config.box_jitter * model_lib.image_size(cfg) / REFERENCE_INPUT_SIZE,
-      box_jitter_fraction=config.box_jitter_fraction,
-      num_points=config.num_points, num_negative_points=config.num_negative_points,
-      local_epochs=config.local_epochs, batch_size=config.batch_size, seed=config.seed)
-  cdata = client_data.build_client_data(client_ids, spec)
+  # Held-out records by evaluation client (skipped examples have no record).
+  client_of = {id(e): c for c, exs in splits.test_clients.items() for e in exs}
+  test_clients = [client_of[id(r.example)] for r in test_records]
+  eval_clients = sorted(set(test_clients))
+  fed_eval = _FederatedEvaluation(
+      config=config, bundle=bundle, manifest_dir=out / "eval_clients",
+      records={c: [r for r, rc in zip(test_records, test_clients) if rc == c]
+               for c in eval_clients})
+  evaluator = evaluation.Evaluator(
+      examples=[r.example for r in test_records], records=test_records, bundle=bundle,
+      binary_components=config.binary_components,
+      max_objects_per_image=config.eval_max_objects, clients=test_clients)
+
+  cdata = client_data.build_client_data(
+      client_ids, _pipeline_spec(config, bundle.config, out / "clients"))
   model_fn = federated.build_model_fn(
-      sam_config=cfg, input_spec=cdata.element_type_structure, prompt=config.prompt,
+      sam_config=bundle.config, input_spec=cdata.element_type_structure, prompt=config.prompt,
       loss=config.loss, train_iou_head=config.train_iou_head)
+  aggregator = federated.build_model_aggregator(
+      zeroing=config.zeroing, zeroing_quantile=config.zeroing_quantile,
+      zeroing_multiplier=config.zeroing_multiplier, clipping=config.clipping,
+      clipping_quantile=config.clipping_quantile,
+      clipping_initial_norm=config.clipping_initial_norm)
   process = federated.compose_with_client_data(
       federated.build_training_process(
           model_fn=model_fn, client_lr=config.client_lr,
-          server_optimizer=config.server_optimizer, server_lr=config.server_lr),
+          server_optimizer=config.server_optimizer, server_lr=config.server_lr,
+          model_aggregator=aggregator),
       cdata)
   local = model_lib.build_prompt_mask_decoder(
       bundle, prompt=config.prompt, train_iou_head=config.train_iou_head)
   initial = federated.initial_state(process, *model_lib.model_weights_lists(local))
-  evaluator = evaluation.Evaluator(
-      examples=[r.example for r in test_records], records=test_records, bundle=bundle,
-      binary_components=config.binary_components,
-      max_objects_per_image=config.eval_max_objects)
 
   states = _state_manager(out)
+  metrics = releases.build_release_manager(
+      metrics_csv=out / "metrics.csv", tensorboard_dir=out / releases.TENSORBOARD_DIR)
   state, start_round = None, 1
   if versions:
     state, version = asyncio.run(states.load_latest(initial))
@@ -249,11 +367,15 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
     log(f"resuming {out} after round {version}/{config.rounds}")
   if state is None:
     state = initial
+    t0 = time.time()
+    row = _empty_row(eval_clients)
     baseline = evaluator(local)
+    row.update(_central_metrics(baseline, eval_clients))
+    row.update(fed_eval(process, state))
+    row["seconds"] = round(time.time() - t0, 2)
+    releases.release(metrics, row, round_num=0)
     log(f"round 0/{config.rounds}  zero-shot test dice {baseline.dice:.4f}  iou {baseline.iou:.4f}  "
-        f"({baseline.num_objects} objects)")
-    rows = [{"round": 0, "test_dice": repr(baseline.dice), "test_iou": repr(baseline.iou)}]
-  _write_metrics(out / "metrics.csv", rows)
+        f"({baseline.num_objects} objects)  federated eval dice {_fmt(row['fed_eval_dice'])}")
 
   for round_num in range(start_round, config.rounds + 1):
     t0 = time.time()
@@ -262,40 +384,44 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
     result = process.next(state, [client_data.round_client_id(c, round_num) for c in sampled])
     state = result.state
     train = result.metrics["client_work"]["train"]
-    row = {"round": round_num, "train_loss": repr(float(train["loss"])),
-           "train_dice": repr(float(train["dice"]))}
+    row = _empty_row(eval_clients)
+    row.update(train_loss=float(train["loss"]), train_dice=float(train["dice"]))
+    row.update(federated.aggregation_metrics(result.metrics["aggregator"]))
     evaluated = None
     if round_num % config.eval_every == 0 or round_num == config.rounds:
       model_lib.assign_model_weights(local, *federated.weights_from_state(process, state))
       evaluated = evaluator(local)
-      row.update(test_dice=repr(evaluated.dice), test_iou=repr(evaluated.iou))
-    seconds = time.time() - t0
-    row["seconds"] = f"{seconds:.2f}"
-    rows.append(row)
-    _write_metrics(out / "metrics.csv", rows)
+      row.update(_central_metrics(evaluated, eval_clients))
+      row.update(fed_eval(process, state))
+    row["seconds"] = round(time.time() - t0, 2)
+    releases.release(metrics, row, round_num=round_num)
     asyncio.run(states.save(state, round_num))
-    log(f"round {round_num}/{config.rounds}  loss {float(train['loss']):.4f}  "
+    robust = "  ".join(f"{k.split('_')[0]} {row[k]}" for k in
+                       ("nonfinite_clients", "zeroed_clients", "clipped_clients")
+                       if row[k])
+    log(f"round {round_num}/{config.rounds}  loss {row['train_loss']:.4f}  "
         f"test dice {_fmt(evaluated.dice if evaluated else None)}  "
-        f"iou {_fmt(evaluated.iou if evaluated else None)}  ({seconds:.1f} s)")
+        f"iou {_fmt(evaluated.iou if evaluated else None)}  "
+        f"fed eval dice {_fmt(row['fed_eval_dice'])}  ({row['seconds']:.1f} s)"
+        + (f"  robust aggregation: {robust}" if robust else ""))
 
-  evaluated_rows = [r for r in rows if _parse(r.get("test_dice")) is not None]
-  baseline = evaluation.EvalResult(
-      dice=_parse(rows[0]["test_dice"]), iou=_parse(rows[0]["test_iou"]),
-      num_objects=evaluator.num_objects, num_images=len(evaluator.images))
-  final = dataclasses.replace(baseline, dice=_parse(evaluated_rows[-1]["test_dice"]),
-                              iou=_parse(evaluated_rows[-1]["test_iou"]))
-
+  rows = _read_metrics(out / "metrics.csv")
+  results = _summarize_rows(rows)
+  baseline, final = results["baseline"], results["final"]
   model_lib.assign_model_weights(local, *federated.weights_from_state(process, state))
   export.export_model(bundle=bundle, decoder=local, out_dir=out / "model")
   plots.plot_metrics(out / "metrics.csv", out / "metrics.png")
   zero_shot = model_lib.build_prompt_mask_decoder(bundle, prompt=config.prompt)
   overlays = plots.write_overlays(out / "overlays", evaluator=evaluator,
                                   zero_shot_model=zero_shot, fine_tuned_model=local)
+  releases.write_tensorboard_images(out / releases.TENSORBOARD_DIR, overlays,
+                                    step=config.rounds)
   summary = {
       "config": config.to_dict(),
-      "baseline": {"dice": baseline.dice, "iou": baseline.iou},
-      "final": {"dice": final.dice, "iou": final.iou},
-      "num_test_objects": baseline.num_objects,
+      **results,
+      "num_test_objects": evaluator.num_objects,
+      "evaluation_clients": eval_clients,
+      "federated_evaluation_clients": fed_eval.client_ids,
       "rounds": config.rounds,
       "clients": counts,
       "cache": vars(stats),
@@ -303,7 +429,8 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
       "wall_time_s": round(time.time() - start, 2),
   }
   fileio.write_json(out / "summary.json", summary)
-  log(f"held-out test dice: zero-shot {baseline.dice:.4f} -> fine-tuned {final.dice:.4f}  "
-      f"(iou {baseline.iou:.4f} -> {final.iou:.4f}, {final.num_objects} objects)")
-  log(f"outputs in {out}: metrics.csv, metrics.png, summary.json, model/, overlays/")
+  log(f"held-out test dice: zero-shot {baseline['dice']:.4f} -> fine-tuned {final['dice']:.4f}  "
+      f"(iou {baseline['iou']:.4f} -> {final['iou']:.4f}, {evaluator.num_objects} objects)")
+  log(f"outputs in {out}: metrics.csv, metrics.png, summary.json, model/, overlays/, "
+      f"{releases.TENSORBOARD_DIR}/")
   return summary

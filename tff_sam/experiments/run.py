@@ -71,7 +71,23 @@ flags.DEFINE_enum("server_optimizer", _F["server_optimizer"], config_lib.SERVER_
                   "Server optimizer applied to the averaged update.")
 flags.DEFINE_float("server_lr", _F["server_lr"], "Server learning rate.")
 flags.DEFINE_enum("loss", _F["loss"], config_lib.LOSSES, "Mask loss.")
-flags.DEFINE_integer("eval_every", _F["eval_every"], "Evaluate on the test set every N rounds.")
+# Robust aggregation.
+flags.DEFINE_boolean("zeroing", _F["zeroing"],
+                     "Zero out client updates whose largest absolute value exceeds an adaptive "
+                     "threshold (--nozeroing disables).")
+flags.DEFINE_float("zeroing_quantile", _F["zeroing_quantile"],
+                   "Quantile of clients' max-abs update values the zeroing threshold tracks.")
+flags.DEFINE_float("zeroing_multiplier", _F["zeroing_multiplier"],
+                   "Zeroing threshold = multiplier x that quantile + 1.")
+flags.DEFINE_boolean("clipping", _F["clipping"],
+                     "Clip client updates to an adaptive L2 norm (--noclipping disables).")
+flags.DEFINE_float("clipping_quantile", _F["clipping_quantile"],
+                   "Quantile of clients' update L2 norms the clipping norm tracks.")
+flags.DEFINE_float("clipping_initial_norm", _F["clipping_initial_norm"],
+                   "Starting L2 clipping norm.")
+# Evaluation.
+flags.DEFINE_integer("eval_every", _F["eval_every"], "Evaluate on the held-out data (central "
+                     "test split and federated evaluation on held-out clients) every N rounds.")
 flags.DEFINE_integer("eval_max_objects", _F["eval_max_objects"],
                      "Evaluate at most this many objects per test image (0 = all).")
 flags.DEFINE_integer("seed", _F["seed"], "Seed for splits, client sampling and prompts.")
@@ -92,7 +108,8 @@ def config_from_flags() -> config_lib.RunConfig:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
+  if not FLAGS["verbosity"].present:  # -v 0 shows the per-round release log.
+    logging.set_verbosity(logging.WARNING)
   from tff_sam import program  # pylint: disable=g-import-not-at-top
   from tff_sam import runtime  # pylint: disable=g-import-not-at-top
 
