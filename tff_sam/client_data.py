@@ -13,11 +13,12 @@ round, epoch, example) and differ from round to round.
 
 import collections
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
 from tff_sam import embeddings
+from tff_sam import preprocess
 from tff_sam import prompts as prompts_lib
 
 ROUND_SEPARATOR = "@"
@@ -41,6 +42,13 @@ class PipelineSpec:
     local_epochs: Passes over the client's data per round.
     batch_size: Images per batch.
     seed: Run seed.
+    evaluation: Evaluation datasets (`evaluation_dataset`): every object once, in
+      chunks of `prompts_per_image`, in file order; else training datasets.
+    max_objects_per_image: With `evaluation`, use at most this many objects of each
+      image (the lowest ids; 0 = all).
+    normalization: Online mode: records hold resized images, examples carry
+      `pixel_values` (normalized and padded like `SamImageProcessor`) instead of
+      `image_embeddings`. None: records hold embeddings.
   """
 
   manifest_dir: str
@@ -56,6 +64,9 @@ class PipelineSpec:
   local_epochs: int = 1
   batch_size: int = 2
   seed: int = 0
+  evaluation: bool = False
+  max_objects_per_image: int = 0
+  normalization: Optional[preprocess.PixelNormalization] = None
 
 
 def round_client_id(client: str, round_num: int) -> str:
@@ -63,16 +74,20 @@ def round_client_id(client: str, round_num: int) -> str:
   return f"{client}{ROUND_SEPARATOR}{round_num}"
 
 
-def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSpec):
+def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSpec,
+                 order: Optional[tf.Tensor] = None):
   """Samples prompts and targets for one cached image.
 
   Args:
     record: A parsed record (see `embeddings.parse_record`).
     seed: Stateless seed, shape [2].
     spec: Pipeline settings.
+    order: Indices of the objects to prompt (at most `spec.prompts_per_image`);
+      default a random sample of them.
 
   Returns:
-    `OrderedDict(x=..., y=...)`: x holds `image_embeddings` (C, s, s), `boxes` (P, 4),
+    `OrderedDict(x=..., y=...)`: x holds `image_embeddings` (C, s, s) (online mode:
+    `pixel_values` (3, S, S) instead), `boxes` (P, 4),
     `points` (P, N, 2), `point_labels` (P, N); y is (P, L, L) with 1 object,
     0 background, -1 ignore; in between, an object's coverage of a low-resolution
     pixel (soft target). Slots beyond the image's object count are all -1.
@@ -81,7 +96,8 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
   seeds = tf.random.experimental.stateless_split(seed, 3)
   ids, boxes, labels = record["object_ids"], record["boxes"], record["labels"]
   k = tf.shape(ids)[0]
-  order = tf.argsort(tf.random.stateless_uniform([k], seeds[0]))[:p]
+  if order is None:
+    order = tf.argsort(tf.random.stateless_uniform([k], seeds[0]))[:p]
   n = tf.shape(order)[0]
   slot_valid = tf.range(p) < n
   chosen_ids = tf.pad(tf.gather(ids, order), [[0, p - n]], constant_values=-2)
@@ -108,8 +124,10 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
   else:
     points = tf.zeros([p, n_pts, 2], tf.float32)
     point_labels = tf.fill([p, n_pts], prompts_lib.NOT_A_POINT)
+  image = (("pixel_values", record["pixel_values"]) if "pixel_values" in record
+           else ("image_embeddings", record["embedding"]))
   x = collections.OrderedDict(
-      image_embeddings=record["embedding"],
+      [image],
       boxes=tf.ensure_shape(chosen_boxes, [p, 4]),
       points=tf.ensure_shape(points, [p, n_pts, 2]),
       point_labels=tf.ensure_shape(point_labels, [p, n_pts]))
@@ -139,7 +157,8 @@ def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
 
   def parse(serialized):
     return embeddings.parse_record(
-        serialized, embedding_shape=spec.embedding_shape, input_size=spec.input_size)
+        serialized, embedding_shape=spec.embedding_shape, input_size=spec.input_size,
+        normalization=spec.normalization)
 
   def to_example(index, record):
     return make_example(record, tf.stack([seed, index]), spec)
@@ -149,11 +168,47 @@ def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
   return examples.batch(spec.batch_size).prefetch(2)
 
 
+def evaluation_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
+  """The evaluation dataset of one client: every object of every image, once.
+
+  Each image yields ceil(objects / `prompts_per_image`) examples, object chunks in id
+  order (padding slots are ignored by the loss and metrics), so memory does not grow
+  with the number of objects per image. Prompts are deterministic given the id.
+  """
+  client_id = tf.convert_to_tensor(client_id, tf.string)
+  name = tf.strings.split(client_id, ROUND_SEPARATOR)[0]
+  seed = _seed_for(client_id, spec)
+  p = spec.prompts_per_image
+  files = tf.data.TextLineDataset(tf.strings.join([spec.manifest_dir, "/", name, ".txt"]))
+
+  def parse(serialized):
+    return embeddings.parse_record(
+        serialized, embedding_shape=spec.embedding_shape, input_size=spec.input_size,
+        normalization=spec.normalization)
+
+  def chunks(index, record):
+    k = tf.shape(record["object_ids"])[0]
+    if spec.max_objects_per_image:
+      k = tf.minimum(k, spec.max_objects_per_image)
+
+    def example(c):
+      first = tf.cast(c, tf.int32) * p
+      order = tf.range(first, tf.minimum(first + p, k))
+      return make_example(record, tf.stack([seed, index * 2**20 + c]), spec, order=order)
+
+    return tf.data.Dataset.range(tf.cast((k + p - 1) // p, tf.int64)).map(example)
+
+  examples = tf.data.TFRecordDataset(files).map(parse).enumerate().flat_map(chunks)
+  return examples.batch(spec.batch_size).prefetch(2)
+
+
 def build_client_data(client_ids: Sequence[str], spec: PipelineSpec):
   """A TFF `ClientData` whose datasets are built by id from the manifests."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   def dataset_fn(client_id):
+    if spec.evaluation:
+      return evaluation_dataset(client_id, spec)
     return client_dataset(client_id, spec)
 
   return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(list(client_ids), dataset_fn)

@@ -49,6 +49,8 @@ class RunConfig:
   train_iou_head: bool = True
   cache_dir: Optional[str] = None
   encode_batch_size: int = 4
+  # False = online mode: clients hold images, the TFF model runs the frozen encoder.
+  embedding_cache: bool = True
   # Federated optimization.
   rounds: int = 10
   clients_per_round: int = 2

@@ -10,6 +10,11 @@ gets a new record and nothing stale is ever reused. Records are written atomical
 Per-client manifests (text files listing record paths) tell TFF's client datasets
 what to read; datasets are built from the manifest *inside* the TFF computation, so
 no embedding is ever serialized into a graph.
+
+Online mode (`--noembedding_cache`, `build_records(online=True)`): the record holds the
+image as the processor resized it (8-bit PNG, before normalization and padding)
+instead of an embedding; `parse_record(normalization=...)` redoes the processor's
+rescale, normalization and padding in TF, and the TFF model runs the frozen encoder.
 """
 
 import collections
@@ -82,10 +87,12 @@ class Record:
 
 
 def record_key(*, fingerprint: str, example: data.Example, binary_components: bool,
-               input_size: int) -> str:
+               input_size: int, online: bool = False) -> str:
   """The cache key of one example (hash of model, settings and file contents)."""
   h = hashlib.sha256()
+  kind = ["image"] if online else []  # embedding records keep their old keys
   for part in (f"v{RECORD_VERSION}", fingerprint, str(binary_components), str(input_size),
+               *kind,
                fileio.sha256_file(example.image_path), fileio.sha256_file(example.mask_path)):
     h.update(part.encode())
     h.update(b"\0")
@@ -123,14 +130,25 @@ def renumber(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
   return out
 
 
-def serialize_record(*, embedding: np.ndarray, input_labels: np.ndarray,
+def serialize_record(*, embedding: Optional[np.ndarray] = None,
+                     image: Optional[np.ndarray] = None, input_labels: np.ndarray,
                      object_ids: np.ndarray, boxes: np.ndarray,
                      original_size: Sequence[int], reshaped_size: Sequence[int],
                      stem: str) -> bytes:
-  """Serializes one example as a `tf.train.Example` (labels as 16-bit PNG)."""
+  """Serializes one example as a `tf.train.Example` (labels as 16-bit PNG).
+
+  Exactly one of `embedding` (float16 tensor) and `image` ((h, w, 3) uint8 resized
+  image, as an 8-bit PNG; online mode) is stored.
+  """
+  if (embedding is None) == (image is None):
+    raise ValueError("pass exactly one of embedding and image")
+  if embedding is not None:
+    payload = {"embedding": _bytes_feature(
+        tf.io.serialize_tensor(tf.constant(embedding, tf.float16)).numpy())}
+  else:
+    payload = {"image": _bytes_feature(tf.io.encode_png(np.asarray(image, np.uint8)).numpy())}
   feature = {
-      "embedding": _bytes_feature(
-          tf.io.serialize_tensor(tf.constant(embedding, tf.float16)).numpy()),
+      **payload,
       "labels": _bytes_feature(encode_labels(input_labels)),
       "object_ids": _int_feature(int(i) for i in object_ids),
       "boxes": _float_feature(float(v) for v in np.asarray(boxes).reshape(-1)),
@@ -142,10 +160,17 @@ def serialize_record(*, embedding: np.ndarray, input_labels: np.ndarray,
 
 
 def parse_record(serialized: tf.Tensor, *, embedding_shape: Sequence[int],
-                 input_size: int) -> dict[str, tf.Tensor]:
-  """Parses a record written by `serialize_record` (graph-safe)."""
+                 input_size: int,
+                 normalization: Optional[preprocess.PixelNormalization] = None
+                 ) -> dict[str, tf.Tensor]:
+  """Parses a record written by `serialize_record` (graph-safe).
+
+  With `normalization` (online mode) the record holds an image and the result has
+  `pixel_values` (3, S, S) instead of `embedding`.
+  """
+  payload = "image" if normalization is not None else "embedding"
   spec = {
-      "embedding": tf.io.FixedLenFeature([], tf.string),
+      payload: tf.io.FixedLenFeature([], tf.string),
       "labels": tf.io.FixedLenFeature([], tf.string),
       "object_ids": tf.io.VarLenFeature(tf.int64),
       "boxes": tf.io.VarLenFeature(tf.float32),
@@ -154,12 +179,17 @@ def parse_record(serialized: tf.Tensor, *, embedding_shape: Sequence[int],
       "stem": tf.io.FixedLenFeature([], tf.string),
   }
   f = tf.io.parse_single_example(serialized, spec)
-  embedding = tf.ensure_shape(
-      tf.io.parse_tensor(f["embedding"], tf.float16), list(embedding_shape))
+  if normalization is not None:
+    image = tf.io.decode_png(f["image"], channels=3, dtype=tf.uint8)
+    first = {"pixel_values": preprocess.pixel_values_tf(image, normalization, input_size)}
+  else:
+    embedding = tf.ensure_shape(
+        tf.io.parse_tensor(f["embedding"], tf.float16), list(embedding_shape))
+    first = {"embedding": tf.cast(embedding, tf.float32)}
   png = tf.cast(tf.io.decode_png(f["labels"], channels=1, dtype=tf.uint16)[..., 0], tf.int32)
   labels = tf.ensure_shape(tf.where(tf.equal(png, PNG_PAD), -1, png), [input_size, input_size])
   return {
-      "embedding": tf.cast(embedding, tf.float32),
+      **first,
       "labels": labels,
       "object_ids": tf.cast(tf.sparse.to_dense(f["object_ids"]), tf.int32),
       "boxes": tf.reshape(tf.sparse.to_dense(f["boxes"]), [-1, 4]),
@@ -186,7 +216,7 @@ def read_record(path: Path, *, embedding_shape: Sequence[int], input_size: int
 def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBundle,
                   cache_root: Path, binary_components: bool, batch_size: int,
                   desc: str = "encoding", show_progress: bool = True,
-                  skip_bad_examples: bool = False
+                  skip_bad_examples: bool = False, online: bool = False
                   ) -> tuple[list[Record], CacheStats]:
   """Makes sure every example has a cached record; encodes the missing ones.
 
@@ -202,6 +232,8 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
       `data.ExampleError`: unreadable, unsupported shape, size mismatch, bad mask
       values) is skipped with a one-line warning and counted in `stats.skipped`
       instead of raising.
+    online: Store the processor-resized image instead of its embedding (no encoder
+      runs; see the module docstring).
 
   Returns:
     The records, in the order of `examples`, and the counts. Without
@@ -214,12 +246,14 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
   """
   config = bundle.config
   input_size = model_lib.image_size(config)
-  out_dir = Path(cache_root) / "embeddings" / bundle.fingerprint
+  out_dir = Path(cache_root) / ("images" if online else "embeddings") / bundle.fingerprint
   stats = CacheStats(images=len(examples))
   records: list[Optional[Record]] = [None] * len(examples)
   todo = []
   for i, ex in enumerate(examples):
-    path = out_dir / f"{record_key(fingerprint=bundle.fingerprint, example=ex, binary_components=binary_components, input_size=input_size)}.tfrecord"
+    key = record_key(fingerprint=bundle.fingerprint, example=ex, online=online,
+                     binary_components=binary_components, input_size=input_size)
+    path = out_dir / f"{key}.tfrecord"
     if path.exists():
       records[i] = Record(path, _count_objects(path), ex)
       stats.reused += 1
@@ -227,7 +261,7 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
       todo.append((i, ex, path))
 
   skipped: collections.Counter = collections.Counter()
-  encode = bundle.encoder_fn() if todo else None
+  encode = bundle.encoder_fn() if todo and not online else None
   progress = None
   if todo and show_progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -243,15 +277,20 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
         data.skip_example(e, skipped)
         continue
       chunk.append(item)
-      prepared.append((labels, preprocess.preprocess(
-          bundle.processor, image, labels, input_size=input_size)))
+      prep = preprocess.preprocess(bundle.processor, image, labels, input_size=input_size)
+      if online:  # keep the resized 8-bit image, not the float pixel values
+        prep = dataclasses.replace(prep, pixel_values=preprocess.resized_image(
+            bundle.processor, image))
+      prepared.append((labels, prep))
       del image
     if progress is not None:
       progress.update(len(todo[start:start + batch_size]) - len(chunk))
     if not chunk:
       continue
-    pixels = np.stack([p.pixel_values for _, p in prepared])
-    embeddings = encode(tf.constant(pixels)).numpy()
+    if online:
+      embeddings = [None] * len(prepared)
+    else:
+      embeddings = encode(tf.constant(np.stack([p.pixel_values for _, p in prepared]))).numpy()
     for (i, ex, path), (labels, prep), emb in zip(chunk, prepared, embeddings):
       ids = data.object_ids(labels)
       visible = np.isin(ids, np.unique(prep.input_labels))
@@ -261,7 +300,8 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
           preprocess.boxes_from_labels(labels, ids).reshape(-1, 2, 2),
           prep.original_size, input_size).reshape(-1, 4)
       _write_record(path, serialize_record(
-          embedding=emb, input_labels=renumber(prep.input_labels, ids),
+          embedding=emb, image=prep.pixel_values if online else None,
+          input_labels=renumber(prep.input_labels, ids),
           object_ids=np.arange(1, len(ids) + 1), boxes=boxes,
           original_size=prep.original_size, reshaped_size=prep.reshaped_size, stem=ex.stem))
       records[i] = Record(path, len(ids), ex)

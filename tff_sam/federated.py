@@ -34,7 +34,8 @@ from tff_sam import model as model_lib
 
 
 def build_model_fn(*, sam_config, input_spec, prompt: str, loss: str,
-                   train_iou_head: bool) -> Callable[[], object]:
+                   train_iou_head: bool, online_encoder: Optional[str] = None
+                   ) -> Callable[[], object]:
   """Returns a no-argument function building a fresh `tff.learning` model.
 
   Args:
@@ -43,12 +44,19 @@ def build_model_fn(*, sam_config, input_spec, prompt: str, loss: str,
     prompt: Prompt mode of the model (`box`, `points`, `both`).
     loss: Loss name (see `losses`).
     train_iou_head: Train the IoU head with an MSE term, or freeze it.
+    online_encoder: None: the model reads cached embeddings (`PromptMaskDecoder`).
+      `vit` or `tinyvit`: online mode, the model holds that frozen image encoder
+      and reads pixel values (`model.OnlineSamModel`).
   """
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   def model_fn():
-    keras_model = model_lib.PromptMaskDecoder(
-        sam_config, prompt=prompt, train_iou_head=train_iou_head)
+    if online_encoder:
+      keras_model = model_lib.OnlineSamModel(
+          sam_config, encoder=online_encoder, prompt=prompt, train_iou_head=train_iou_head)
+    else:
+      keras_model = model_lib.PromptMaskDecoder(
+          sam_config, prompt=prompt, train_iou_head=train_iou_head)
     return tff.learning.models.from_keras_model(
         keras_model,
         loss=losses.MaskLoss(loss, iou_weight=1.0 if train_iou_head else 0.0),

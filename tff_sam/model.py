@@ -369,6 +369,82 @@ class PromptMaskDecoder(tf.keras.Model):
     return {"masks": masks[:, :, 0], "iou": iou[:, :, 0]}
 
 
+class OnlineSamModel(tf.keras.Model):
+  """Frozen image encoder + `PromptMaskDecoder`: the model of online mode.
+
+  As in the published federated-SAM recipes, the client model embeds every image at
+  every step. Inputs are `PromptMaskDecoder`'s with `pixel_values` (B, 3, S, S)
+  (`SamImageProcessor` output) instead of `image_embeddings`; outputs are the same.
+  Only the mask decoder is trainable; the encoder's weights are non-trainable.
+
+  Attributes:
+    image_encoder: The frozen encoder, pixel values -> embeddings.
+    decoder: The `PromptMaskDecoder` (use it for evaluation and export).
+  """
+
+  def __init__(self, config, *, encoder: str = "vit", prompt: str = "box",
+               train_iou_head: bool = True, **kwargs):
+    """Builds the architecture (random weights; see `build_online_model`).
+
+    Args:
+      config: The `SamConfig`.
+      encoder: `vit` (TFSamModel's vision encoder) or `tinyvit` (MobileSAM).
+      prompt: Prompt mode.
+      train_iou_head: Train the IoU head or freeze it.
+    """
+    super().__init__(**kwargs)
+    side = image_size(config)
+    if encoder == "vit":
+      from transformers.models.sam.modeling_tf_sam import TFSamVisionEncoder  # pylint: disable=g-import-not-at-top
+
+      self.image_encoder = TFSamVisionEncoder(config.vision_config, name="vision_encoder")
+      with tf.name_scope(self.image_encoder.name):
+        self.image_encoder.build(None)
+    elif encoder == "tinyvit":
+      from tff_sam import tinyvit  # pylint: disable=g-import-not-at-top
+
+      self.image_encoder = tinyvit.build_tinyvit(side)
+    else:
+      raise ValueError(f"unknown encoder {encoder!r}")
+    self.encoder_kind = encoder
+    self.image_encoder.trainable = False
+    self.decoder = PromptMaskDecoder(config, prompt=prompt, train_iou_head=train_iou_head)
+    self.built = True
+
+  def embed(self, pixel_values: tf.Tensor) -> tf.Tensor:
+    pixel_values = tf.convert_to_tensor(pixel_values, tf.float32)
+    if self.encoder_kind == "vit":
+      return self.image_encoder(pixel_values, training=False)[0]
+    return self.image_encoder(pixel_values)
+
+  def call(self, inputs, training=False):
+    decoder_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    decoder_inputs["image_embeddings"] = self.embed(inputs["pixel_values"])
+    return self.decoder(decoder_inputs, training=training)
+
+
+def encoder_kind(bundle: "SamBundle") -> str:
+  """`tinyvit` for a bundle with MobileSAM's encoder, else `vit`."""
+  return "tinyvit" if bundle.image_encoder is not None else "vit"
+
+
+def build_online_model(bundle: "SamBundle", *, prompt: str = "box",
+                       train_iou_head: bool = True) -> OnlineSamModel:
+  """An `OnlineSamModel` carrying the bundle's pretrained encoder and decoder weights."""
+  model = OnlineSamModel(bundle.config, encoder=encoder_kind(bundle), prompt=prompt,
+                         train_iou_head=train_iou_head)
+  source = bundle.image_encoder if bundle.image_encoder is not None else bundle.sam.vision_encoder
+  if len(source.weights) != len(model.image_encoder.weights):
+    raise ValueError(f"image encoder has {len(source.weights)} weights, the online model "
+                     f"{len(model.image_encoder.weights)}")
+  for dst, src in zip(model.image_encoder.weights, source.weights):
+    if tuple(dst.shape) != tuple(src.shape):
+      raise ValueError(f"{src.name}: shape {src.shape} does not match {dst.shape}")
+    dst.assign(src)
+  copy_prompt_decoder_weights(bundle.sam, model.decoder)
+  return model
+
+
 _SUBLAYERS = ("shared_image_embedding", "prompt_encoder", "mask_decoder")
 
 

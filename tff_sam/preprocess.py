@@ -115,3 +115,46 @@ def interior_points(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
     points[k] = (x, y)
   return points
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelNormalization:
+  """The processor's rescale + normalize step, to redo it in TF (online mode)."""
+
+  rescale: float
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+
+
+def pixel_normalization(processor) -> PixelNormalization:
+  """The rescale factor, mean and std a `SamImageProcessor` applies."""
+  return PixelNormalization(rescale=float(processor.rescale_factor),
+                            mean=tuple(float(v) for v in processor.image_mean),
+                            std=tuple(float(v) for v in processor.image_std))
+
+
+def resized_image(processor, image: np.ndarray) -> np.ndarray:
+  """(h, w, 3) uint8: the processor's own resize, before rescale, normalize and pad.
+
+  `pixel_values_tf(resized_image(p, x), ...)` equals `p(images=x).pixel_values` to
+  float32 rounding.
+  """
+  feats = processor(images=image, do_rescale=False, do_normalize=False, do_pad=False,
+                    return_tensors="np")
+  return np.ascontiguousarray(np.asarray(feats["pixel_values"][0]).transpose(1, 2, 0))
+
+
+def pixel_values_tf(image, normalization: PixelNormalization, input_size: int):
+  """Graph-safe: (h, w, 3) uint8 resized image -> (3, S, S) float32 pixel values.
+
+  Rescales and normalizes as the processor does, then zero-pads bottom and right to
+  the square input frame.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  x = tf.cast(image, tf.float32) * normalization.rescale
+  x = (x - tf.constant(normalization.mean, tf.float32)) / tf.constant(normalization.std,
+                                                                       tf.float32)
+  shape = tf.shape(x)
+  x = tf.pad(x, [[0, input_size - shape[0]], [0, input_size - shape[1]], [0, 0]])
+  return tf.ensure_shape(tf.transpose(x, [2, 0, 1]), [3, input_size, input_size])

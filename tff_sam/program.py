@@ -44,6 +44,7 @@ from tff_sam import federated
 from tff_sam import fileio
 from tff_sam import model as model_lib
 from tff_sam import plots
+from tff_sam import preprocess
 from tff_sam import releases
 
 # --box_jitter is in pixels of SAM's 1024 input frame; smaller models scale it.
@@ -165,25 +166,38 @@ def _parse(value: Optional[str]) -> Optional[float]:
 def _encode_all(config: config_lib.RunConfig, splits: data.DatasetSplits,
                 bundle: model_lib.SamBundle, cache_root: Path, skipped: collections.Counter,
                 log: Callable[[str], None]):
-  """Embeds every client's and every test image (cached); returns records and stats."""
+  """Caches every client's and every test image; returns records and stats.
+
+  Returns:
+    (client -> training records, test embedding records for central evaluation,
+    test records for federated evaluation (image records in online mode, else the
+    same embedding records), stats).
+  """
   stats = embeddings.CacheStats(skipped=dict(skipped))
   encode = dict(bundle=bundle, cache_root=cache_root, binary_components=config.binary_components,
                 batch_size=config.encode_batch_size, skip_bad_examples=config.skip_bad_examples)
+  online = not config.embedding_cache
   client_records = {}
   for client, examples in splits.clients.items():
     client_records[client], s = embeddings.build_records(
-        examples, desc=f"encoding {client}", **encode)
+        examples, desc=f"encoding {client}", online=online, **encode)
     stats.add(s)
   test_records, s = embeddings.build_records(list(splits.test), desc="encoding test", **encode)
   stats.add(s)
-  log(f"embeddings: {stats.encoded} computed, {stats.reused} reused from the cache; "
+  fed_test_records = test_records
+  if online:
+    fed_test_records, _ = embeddings.build_records(list(splits.test), desc="test images",
+                                                   online=True, **encode)
+  log(f"{'images (online mode)' if online else 'embeddings'}: {stats.encoded} computed, "
+      f"{stats.reused} reused from the cache; "
       f"{stats.objects} objects, {stats.images_without_objects} images without objects, "
       f"{stats.num_skipped} bad examples skipped")
-  return client_records, test_records, stats
+  return client_records, test_records, fed_test_records, stats
 
 
-def _pipeline_spec(config: config_lib.RunConfig, cfg, manifest_dir: Path, **overrides
-                   ) -> client_data.PipelineSpec:
+def _pipeline_spec(config: config_lib.RunConfig, bundle: model_lib.SamBundle,
+                   manifest_dir: Path, **overrides) -> client_data.PipelineSpec:
+  cfg = bundle.config
   values = dict(
       manifest_dir=str(manifest_dir.resolve()), embedding_shape=model_lib.embedding_shape(cfg),
       low_res=model_lib.low_res_size(cfg), input_size=model_lib.image_size(cfg),
@@ -191,17 +205,23 @@ def _pipeline_spec(config: config_lib.RunConfig, cfg, manifest_dir: Path, **over
       box_jitter=config.box_jitter * model_lib.image_size(cfg) / REFERENCE_INPUT_SIZE,
       box_jitter_fraction=config.box_jitter_fraction, num_points=config.num_points,
       num_negative_points=config.num_negative_points, local_epochs=config.local_epochs,
-      batch_size=config.batch_size, seed=config.seed)
+      batch_size=config.batch_size, seed=config.seed,
+      normalization=(None if config.embedding_cache
+                     else preprocess.pixel_normalization(bundle.processor)))
   values.update(overrides)
   return client_data.PipelineSpec(**values)
+
+
+EVAL_CHUNK = 16  # prompts per federated-evaluation example (bounds its memory)
 
 
 class _FederatedEvaluation:
   """`build_fed_eval` on the held-out evaluation clients, with the global model.
 
   Every object of every held-out image is prompted once (up to `eval_max_objects`
-  per image), with its exact box (no jitter) and fixed points; the prompts are the
-  same in every round, so the numbers are comparable across rounds.
+  per image), with its exact box (no jitter) and fixed points, in chunks of
+  `EVAL_CHUNK` prompts; the prompts are the same in every round, so the numbers are
+  comparable across rounds.
   """
 
   def __init__(self, *, config: config_lib.RunConfig, bundle: model_lib.SamBundle,
@@ -209,19 +229,19 @@ class _FederatedEvaluation:
     counts = embeddings.write_manifests(manifest_dir, records)
     self.client_ids = [c for c, n in counts.items() if n > 0]
     objects = [r.num_objects for recs in records.values() for r in recs]
-    per_image = max(objects, default=0)
-    if config.eval_max_objects:
-      per_image = min(per_image, config.eval_max_objects)
+    chunk = min(EVAL_CHUNK, max(objects, default=1))
     self.process = None
     if not self.client_ids:
       return
-    spec = _pipeline_spec(config, bundle.config, manifest_dir, prompts_per_image=per_image,
+    spec = _pipeline_spec(config, bundle, manifest_dir, prompts_per_image=chunk,
                           box_jitter=0.0, box_jitter_fraction=0.0, local_epochs=1,
-                          batch_size=1)
+                          batch_size=1, evaluation=True,
+                          max_objects_per_image=config.eval_max_objects)
     cdata = client_data.build_client_data(self.client_ids, spec)
     model_fn = federated.build_model_fn(
         sam_config=bundle.config, input_spec=cdata.element_type_structure,
-        prompt=config.prompt, loss=config.loss, train_iou_head=config.train_iou_head)
+        prompt=config.prompt, loss=config.loss, train_iou_head=config.train_iou_head,
+        online_encoder=_online_encoder(config, bundle))
     self.process = federated.compose_with_client_data(
         federated.build_evaluation_process(model_fn=model_fn), cdata)
     self._state = self.process.initialize()
@@ -235,6 +255,12 @@ class _FederatedEvaluation:
                                        for c in self.client_ids])
     m = federated.evaluation_metrics(result)
     return {"fed_eval_loss": m["loss"], "fed_eval_dice": m["dice"]}
+
+
+def _online_encoder(config: config_lib.RunConfig, bundle: model_lib.SamBundle
+                    ) -> Optional[str]:
+  """The encoder the TFF model holds in online mode, else None."""
+  return None if config.embedding_cache else model_lib.encoder_kind(bundle)
 
 
 def _central_metrics(result: evaluation.EvalResult, eval_clients: list[str]
@@ -313,8 +339,8 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
       f"{len(splits.test_clients)} held-out evaluation client(s)")
   bundle = model_lib.load_sam(config.model, cache_dir=cache_root)
   log(f"model: {config.model} (encoder fingerprint {bundle.fingerprint})")
-  client_records, test_records, stats = _encode_all(config, splits, bundle, cache_root,
-                                                    skipped, log)
+  client_records, test_records, fed_test_records, stats = _encode_all(
+      config, splits, bundle, cache_root, skipped, log)
   counts = embeddings.write_manifests(out / "clients", client_records)
   client_ids = [c for c, n in counts.items() if n > 0]
   if not client_ids:
@@ -326,7 +352,7 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
   eval_clients = sorted(set(test_clients))
   fed_eval = _FederatedEvaluation(
       config=config, bundle=bundle, manifest_dir=out / "eval_clients",
-      records={c: [r for r, rc in zip(test_records, test_clients) if rc == c]
+      records={c: [r for r, rc in zip(fed_test_records, test_clients) if rc == c]
                for c in eval_clients})
   evaluator = evaluation.Evaluator(
       examples=[r.example for r in test_records], records=test_records, bundle=bundle,
@@ -334,10 +360,11 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
       max_objects_per_image=config.eval_max_objects, clients=test_clients)
 
   cdata = client_data.build_client_data(
-      client_ids, _pipeline_spec(config, bundle.config, out / "clients"))
+      client_ids, _pipeline_spec(config, bundle, out / "clients"))
   model_fn = federated.build_model_fn(
       sam_config=bundle.config, input_spec=cdata.element_type_structure, prompt=config.prompt,
-      loss=config.loss, train_iou_head=config.train_iou_head)
+      loss=config.loss, train_iou_head=config.train_iou_head,
+      online_encoder=_online_encoder(config, bundle))
   aggregator = federated.build_model_aggregator(
       zeroing=config.zeroing, zeroing_quantile=config.zeroing_quantile,
       zeroing_multiplier=config.zeroing_multiplier, clipping=config.clipping,
@@ -349,9 +376,15 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
           server_optimizer=config.server_optimizer, server_lr=config.server_lr,
           model_aggregator=aggregator),
       cdata)
-  local = model_lib.build_prompt_mask_decoder(
-      bundle, prompt=config.prompt, train_iou_head=config.train_iou_head)
-  initial = federated.initial_state(process, *model_lib.model_weights_lists(local))
+  # `trained` has the TFF model's weight structure; `local` is its decoder part.
+  if config.embedding_cache:
+    trained = local = model_lib.build_prompt_mask_decoder(
+        bundle, prompt=config.prompt, train_iou_head=config.train_iou_head)
+  else:
+    trained = model_lib.build_online_model(
+        bundle, prompt=config.prompt, train_iou_head=config.train_iou_head)
+    local = trained.decoder
+  initial = federated.initial_state(process, *model_lib.model_weights_lists(trained))
 
   states = _state_manager(out)
   metrics = releases.build_release_manager(
@@ -389,7 +422,7 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
     row.update(federated.aggregation_metrics(result.metrics["aggregator"]))
     evaluated = None
     if round_num % config.eval_every == 0 or round_num == config.rounds:
-      model_lib.assign_model_weights(local, *federated.weights_from_state(process, state))
+      model_lib.assign_model_weights(trained, *federated.weights_from_state(process, state))
       evaluated = evaluator(local)
       row.update(_central_metrics(evaluated, eval_clients))
       row.update(fed_eval(process, state))
@@ -408,7 +441,7 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
   rows = _read_metrics(out / "metrics.csv")
   results = _summarize_rows(rows)
   baseline, final = results["baseline"], results["final"]
-  model_lib.assign_model_weights(local, *federated.weights_from_state(process, state))
+  model_lib.assign_model_weights(trained, *federated.weights_from_state(process, state))
   export.export_model(bundle=bundle, decoder=local, out_dir=out / "model")
   plots.plot_metrics(out / "metrics.csv", out / "metrics.png")
   zero_shot = model_lib.build_prompt_mask_decoder(bundle, prompt=config.prompt)

@@ -61,6 +61,11 @@ flags.DEFINE_boolean("train_iou_head", _F["train_iou_head"],
 flags.DEFINE_string("cache_dir", None, "Cache for embeddings, data and converted weights "
                     "(default $TFF_SAM_CACHE or ~/.cache/tff_sam).")
 flags.DEFINE_integer("encode_batch_size", _F["encode_batch_size"], "Images per encoder call.")
+flags.DEFINE_boolean("embedding_cache", _F["embedding_cache"],
+                     "Train on cached image embeddings (the encoder runs once per image). "
+                     "--noembedding_cache = online mode: clients hold preprocessed images and "
+                     "the TFF model runs the frozen image encoder at every step, as the "
+                     "published recipes do (much slower; a baseline).")
 # Federated optimization.
 flags.DEFINE_integer("rounds", _F["rounds"], "Federated rounds.")
 flags.DEFINE_integer("clients_per_round", _F["clients_per_round"], "Clients sampled per round.")

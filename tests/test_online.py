@@ -1,0 +1,106 @@
+"""Online mode (`--noembedding_cache`): images in the records, the encoder in the model.
+
+The online pipeline must reproduce `SamImageProcessor`'s pixel values and the cached
+mode's results (which differ only by the float16 rounding of cached embeddings).
+"""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tff_sam import config as config_lib
+from tff_sam import data
+from tff_sam import embeddings
+from tff_sam import model as model_lib
+from tff_sam import preprocess
+from tff_sam import program
+from tff_sam import synthetic
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+
+@pytest.mark.parametrize("shape", [(50, 37, 3), (37, 50, 3), (64, 64, 3)])
+def test_tf_pixel_values_equal_the_processor(bundle, shape):
+  rng = np.random.default_rng(sum(shape))
+  image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+  side = model_lib.image_size(bundle.config)
+  want = bundle.processor(images=image, return_tensors="np")["pixel_values"][0]
+  resized = preprocess.resized_image(bundle.processor, image)
+  assert resized.dtype == np.uint8 and max(resized.shape[:2]) == side
+  got = preprocess.pixel_values_tf(
+      tf.constant(resized), preprocess.pixel_normalization(bundle.processor), side).numpy()
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_image_records_round_trip(bundle, tmp_path):
+  root = synthetic.generate(tmp_path / "d", images_per_site=1, test_per_site=0, seed=5)
+  examples = data.list_examples(root / "site_0")
+  cached, _ = embeddings.build_records(examples, bundle=bundle, cache_root=tmp_path / "c",
+                                       binary_components=False, batch_size=2,
+                                       show_progress=False)
+  online, stats = embeddings.build_records(
+      examples, bundle=bundle, cache_root=tmp_path / "c", binary_components=False,
+      batch_size=2, show_progress=False, online=True)
+  assert stats.encoded == 1 and online[0].path != cached[0].path
+  cfg = bundle.config
+  side = model_lib.image_size(cfg)
+  raw = next(iter(tf.data.TFRecordDataset(str(online[0].path))))
+  rec = embeddings.parse_record(raw, embedding_shape=model_lib.embedding_shape(cfg),
+                                input_size=side,
+                                normalization=preprocess.pixel_normalization(bundle.processor))
+  image, labels = data.load_example(examples[0])
+  want = preprocess.preprocess(bundle.processor, image, labels, input_size=side)
+  np.testing.assert_allclose(rec["pixel_values"].numpy(), want.pixel_values, atol=1e-5)
+  ref = embeddings.read_record(cached[0].path, embedding_shape=model_lib.embedding_shape(cfg),
+                               input_size=side)
+  for key in ("labels", "object_ids", "boxes", "original_size", "reshaped_size"):
+    np.testing.assert_array_equal(rec[key].numpy(), ref[key])
+  # The encoder on these pixels gives the cached embedding (float16-rounded there).
+  emb = bundle.encoder_fn()(rec["pixel_values"][None]).numpy()[0]
+  np.testing.assert_allclose(emb, ref["embedding"], atol=2e-3 * np.abs(emb).max())
+
+
+def test_online_model_equals_decoder_on_encoder_output(bundle):
+  online = model_lib.build_online_model(bundle, prompt="box")
+  decoder = model_lib.build_prompt_mask_decoder(bundle, prompt="box")
+  side = model_lib.image_size(bundle.config)
+  px = tf.random.stateless_normal((2, 3, side, side), seed=[3, 4])
+  boxes = tf.constant([[[2.0, 3.0, 30.0, 41.0]], [[10.0, 12.0, 50.0, 40.0]]])
+  got = online({"pixel_values": px, "boxes": boxes})
+  want = decoder({"image_embeddings": bundle.encoder_fn()(px), "boxes": boxes})
+  np.testing.assert_allclose(got["masks"].numpy(), want["masks"].numpy(), atol=1e-4)
+  # Only the decoder trains; the encoder's weights are non-trainable.
+  assert ({id(w) for w in online.trainable_weights}
+          == {id(w) for w in online.decoder.trainable_weights})
+  assert len(online.non_trainable_weights) == (len(online.image_encoder.weights)
+                                               + len(online.decoder.non_trainable_weights))
+
+
+def test_online_mode_matches_cached_mode(tmp_path):
+  root = synthetic.generate(tmp_path / "data", images_per_site=2, test_per_site=1, seed=2)
+  rows = {}
+  for cache in (True, False):
+    config = config_lib.RunConfig(
+        output_dir=str(tmp_path / f"out_{cache}"), data_dir=str(root),
+        cache_dir=str(tmp_path / "cache"), model="tiny", rounds=1, clients_per_round=2,
+        local_epochs=1, batch_size=2, prompts_per_image=2, client_lr=3e-3, seed=3,
+        embedding_cache=cache).validate()
+    summary = program.run_experiment(config, log=lambda _: None)
+    with open(Path(config.output_dir) / "metrics.csv") as f:
+      rows[cache] = list(csv.DictReader(f))
+    assert summary["config"]["embedding_cache"] is cache
+  cached, online = rows[True], rows[False]
+  assert [r["round"] for r in online] == ["0", "1"]
+  # Round 0: same weights, central evaluation from the same embedding cache.
+  assert online[0]["test_dice"] == cached[0]["test_dice"]
+  # Round 1: the only difference is float16 (cached) vs float32 (online) embeddings.
+  assert float(online[1]["train_loss"]) == pytest.approx(float(cached[1]["train_loss"]),
+                                                         rel=1e-4)
+  for key in ("test_dice", "test_iou", "fed_eval_dice"):
+    assert float(online[1][key]) == pytest.approx(float(cached[1][key]), abs=2e-3), key
+  assert float(online[1]["fed_eval_loss"]) == pytest.approx(
+      float(cached[1]["fed_eval_loss"]), rel=1e-3)
