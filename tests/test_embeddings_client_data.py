@@ -454,3 +454,33 @@ def test_build_client_data(bundle, manifests):
     want = _batches(client_data.client_dataset(cid, spec))
     assert len(got) == len(want) == 1
     tf.nest.map_structure(np.testing.assert_array_equal, got[0], want[0])
+
+
+@pytest.mark.parametrize("chunk,cap", [(2, 0), (3, 2)])
+def test_evaluation_dataset_prompts_every_object_once(bundle, built, manifests, chunk, cap):
+  spec = _spec(bundle, manifests, prompts_per_image=chunk, box_jitter=0.0,
+               box_jitter_fraction=0.0, evaluation=True, max_objects_per_image=cap,
+               batch_size=1)
+  examples = _unbatch(_batches(client_data.evaluation_dataset("all@0", spec)))
+  by_emb = _records_by_embedding(bundle, built)
+  prompted = {}
+  for ex in examples:
+    rec = by_emb[ex["image_embeddings"].tobytes()]
+    valid = ex["boxes"].any(axis=-1)
+    n = int(valid.sum())
+    assert 1 <= n <= chunk and valid[:n].all()  # valid slots first, then padding
+    assert (ex["y"][n:] == -1).all()
+    for box in ex["boxes"][valid]:
+      # Exact (unjittered) boxes, objects in id order across the image's chunks.
+      matches = [i for i, b in enumerate(rec["boxes"]) if np.allclose(b, box)]
+      assert len(matches) == 1
+      prompted.setdefault(ex["image_embeddings"].tobytes(), []).append(matches[0])
+  assert len(prompted) == 9  # every image
+  for key, seen in prompted.items():
+    k = len(by_emb[key]["object_ids"])
+    assert seen == list(range(min(k, cap) if cap else k))
+  # Deterministic: the same examples again.
+  again = _unbatch(_batches(client_data.evaluation_dataset("all@0", spec)))
+  for a, b in zip(examples, again):
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name])
