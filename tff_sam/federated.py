@@ -190,7 +190,10 @@ def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
   """Weighted FedAvg (`tff.learning.algorithms.build_weighted_fed_avg`).
 
   Clients run Adam at `client_lr` for their local epochs; the server applies the
-  example-weighted mean update with `server_optimizer` at `server_lr`.
+  example-weighted mean update with `server_optimizer` at `server_lr`. The client loop
+  iterates the dataset (`LoopImplementation.DATASET_ITERATOR`): TFF's default
+  `dataset.reduce` loop measured several times slower per round and, in online mode at
+  ViT-B size, about twice the worker memory (BENCHMARKS.md).
 
   Args:
     model_fn: See `build_model_fn`.
@@ -205,14 +208,16 @@ def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
       model_fn,
       client_optimizer_fn=build_optimizer("adam", client_lr),
       server_optimizer_fn=build_optimizer(server_optimizer, server_lr),
-      model_aggregator=model_aggregator or build_model_aggregator())
+      model_aggregator=model_aggregator or build_model_aggregator(),
+      loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
 
 
 def build_evaluation_process(*, model_fn):
   """Federated evaluation (`tff.learning.algorithms.build_fed_eval`) of `model_fn`."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
-  return tff.learning.algorithms.build_fed_eval(model_fn)
+  return tff.learning.algorithms.build_fed_eval(
+      model_fn, loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
 
 
 def evaluation_metrics(result) -> dict[str, float]:

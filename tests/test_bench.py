@@ -1,0 +1,112 @@
+"""The benchmark binary: a smoke run at the smallest sizes (that it works, not that it is
+fast), and one-line errors for bad flags."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ROUNDS = 2
+
+
+def _run_bench(args, tmp_path, timeout):
+  env = dict(os.environ, TFF_SAM_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+  return subprocess.run([sys.executable, "-m", "tff_sam.experiments.bench", *args],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout,
+                        check=False)
+
+
+def _positive(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_smoke_run_writes_table_and_json(tmp_path):
+  out = tmp_path / "bench"
+  proc = _run_bench([f"--output_dir={out}", "--arch=tiny", "--clients=2",
+                     "--examples_per_client=2", f"--rounds={ROUNDS}", "--image_size=96",
+                     "--memory_clients=4", "--memory_base_clients=2", "--nomobile_sam"],
+                    tmp_path, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+
+  # Progress lines as it goes, then the table.
+  for line in ("[1/5] embedding precompute", "[1-2/5] federated rounds", "[3/5] memory"):
+    assert line in proc.stdout, proc.stdout[-3000:]
+  table = proc.stdout[proc.stdout.index("tff_sam benchmark:"):]
+  for row in ("1 cache speed-up", "embedding precompute", "2 TFF overhead",
+              "3 memory 4 vs 2 clients", "4 bytes/client/round", "full-model fine-tuning",
+              "5 throughput, tiny", "5 throughput, mobile_sam"):
+    assert row in table, table
+
+  result = json.loads((out / "bench.json").read_text())
+  for key in ("cache_speedup", "tff_overhead", "memory_ratio_64_vs_4"):
+    assert isinstance(result[key], float) and _positive(result[key]), (key, result[key])
+  assert result["memory_ratio_64_vs_4"] == pytest.approx(
+      result["memory"]["runs"]["large"]["peak_rss_bytes"]
+      / result["memory"]["runs"]["small"]["peak_rss_bytes"])
+  assert {r["participants"] for r in result["memory"]["runs"].values()} == {2, 4}
+
+  # Bytes: 4 x the parameter counts, and decoder-only < online < full model.
+  comm = result["bytes_per_client_round"]
+  params = comm["parameters"]
+  assert params["total"] == params["image_encoder"] + params["prompt_decoder"]
+  assert 0 < params["trainable"] <= params["prompt_decoder"] < params["total"]
+  cached, online, full = comm["cached"], comm["online"], comm["full_model"]
+  assert cached["upload_update"] == online["upload_update"] == 4 * params["trainable"]
+  assert cached["broadcast_model"] == 4 * params["prompt_decoder"]
+  assert online["broadcast_model"] == 4 * params["total"]
+  assert full["broadcast_model"] == full["upload_update"] == 4 * params["total"]
+  for mode in (cached, online, full):
+    assert mode["broadcast"] == mode["broadcast_model"] + mode["broadcast_other"]
+    assert mode["upload"] == mode["upload_update"] + mode["upload_other"]
+    assert mode["total"] == mode["broadcast"] + mode["upload"]
+    # Weight + metrics + robust aggregation scalars: small next to the model.
+    assert 0 < mode["upload_other"] < 1024 and 0 <= mode["broadcast_other"] < 1024
+  assert cached["upload"] < online["broadcast"] <= full["broadcast"]
+  assert cached["total"] < online["total"] < full["total"]
+
+  # Raw timings, throughput, machine, goals computed from the values.
+  rounds = result["timings"]["rounds"]
+  assert set(rounds) == {"cached TFF", "plain tf.function", "cached TFF, dataset_iterator",
+                         "online TFF"}
+  assert _positive(result["overhead"]["tff_overhead_dataset_iterator"])
+  for loop in rounds.values():
+    assert len(loop["round_s"]) == ROUNDS and all(_positive(s) for s in loop["round_s"])
+    assert _positive(loop["warmup_s"]) and loop["examples_per_round"] == 4
+  assert _positive(result["timings"]["precompute"]["precompute_s"])
+  tiny = result["throughput"]["tiny"]
+  for key in ("decoder_examples_per_s", "decoder_prompts_per_s", "precompute_images_per_s",
+              "encoder_images_per_s"):
+    assert _positive(tiny[key]), key
+  assert "skipped" in result["throughput"]["mobile_sam"]
+  assert result["machine"]["cores"] == os.cpu_count() and _positive(result["machine"]["ram_bytes"])
+  assert result["config"]["arch"] == "tiny"
+  for key, goal in result["goals"].items():
+    value = result[key]
+    assert goal["value"] == value
+    expected = value >= goal["threshold"] if goal["goal"].startswith(">=") else (
+        value <= goal["threshold"])
+    assert goal["met"] == expected, key
+  assert result["goals"]["cache_speedup"]["applicable"] is False  # tiny, not ViT-B
+  assert not (out / "work").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--rounds=1"], "--rounds: must be >= 2"),
+    (["--memory_clients=2", "--memory_base_clients=4"], "--memory_clients: must be >"),
+    (["--clients=0"], "--clients: must be >= 1"),
+    (["--max_concurrent_computation_calls=0"], "--max_concurrent_computation_calls:"),
+])
+def test_bench_bad_flag_is_one_error_line(tmp_path, args, expected):
+  proc = _run_bench([f"--output_dir={tmp_path / 'o'}", "--arch=tiny", *args], tmp_path,
+                    timeout=120)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
+  assert not (tmp_path / "o").exists()

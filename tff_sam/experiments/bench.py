@@ -1,0 +1,107 @@
+r"""Benchmark: embedding-cache speed-up, TFF overhead, memory, bytes, throughput.
+
+  python -m tff_sam.experiments.bench [--arch vit_b|tiny|mobile_sam] \
+      [--clients 2 --examples_per_client 4 --rounds 3] [--output_dir runs/bench]
+
+Prints a table and writes OUTPUT_DIR/bench.json (see BENCHMARKS.md for what each
+number means). Every ratio is measured side by side in one run. Flags are copied once
+into a validated `benchmark.BenchConfig`; mistakes end with one `error:` line, exit 1.
+"""
+
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF and TFF's C++ worker: errors only.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation banner.
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+
+from tff_sam import benchmark
+from tff_sam import errors
+
+# Defaults live in one place: the dataclass.
+_F = {f.name: f.default for f in dataclasses.fields(benchmark.BenchConfig)}
+
+flags.DEFINE_string("output_dir", _F["output_dir"], "Where bench.json goes (a work/ folder "
+                    "with synthetic images, records and manifests lives there during the run).")
+flags.DEFINE_enum("arch", _F["arch"], benchmark.ARCHS,
+                  "vit_b: SAM ViT-B architecture with random weights (timing only); tiny: "
+                  "the small random-init SAM (smoke runs); mobile_sam: MobileSAM's weights.")
+flags.DEFINE_integer("clients", _F["clients"], "Clients per round (all participate) in the "
+                     "speed-up, overhead and throughput sections.")
+flags.DEFINE_integer("examples_per_client", _F["examples_per_client"],
+                     "Images per client (also in the memory section).")
+flags.DEFINE_integer("batch_size", _F["batch_size"], "Images per local batch.")
+flags.DEFINE_integer("prompts_per_image", _F["prompts_per_image"],
+                     "Box prompts (objects) per image per local epoch.")
+flags.DEFINE_integer("rounds", _F["rounds"],
+                     "Timed rounds per loop (>= 2), after one untimed warm-up (tracing) round.")
+flags.DEFINE_integer("image_size", _F["image_size"],
+                     "Side of the synthetic images (SAM resizes them to its input size).")
+flags.DEFINE_integer("encode_batch_size", _F["encode_batch_size"],
+                     "Images per image-encoder call in the precompute.")
+flags.DEFINE_integer("memory_clients", _F["memory_clients"],
+                     "Clients of the large memory run (all participate in its round).")
+flags.DEFINE_integer("memory_base_clients", _F["memory_base_clients"],
+                     "Clients of the small memory run (and sampled per round from the large "
+                     "population in the third memory run).")
+flags.DEFINE_float("memory_interval", _F["memory_interval"], "Seconds between RSS samples.")
+flags.DEFINE_integer("max_concurrent_computation_calls", _F["max_concurrent_computation_calls"],
+                     "TFF C++ runtime: max concurrent calls of one computation (-1 = no limit, "
+                     "as the training binary runs); also used by the memory subprocesses.")
+flags.DEFINE_boolean("mobile_sam", _F["mobile_sam"],
+                     "Also measure MobileSAM's throughput when its weights are present "
+                     "(reported as skipped otherwise).")
+flags.DEFINE_string("cache_dir", None, "Cache holding converted MobileSAM weights (default "
+                    "$TFF_SAM_CACHE or ~/.cache/tff_sam). Embeddings go to the work folder.")
+flags.DEFINE_float("client_lr", _F["client_lr"], "Client Adam learning rate.")
+flags.DEFINE_enum("loop_implementation", _F["loop_implementation"],
+                  benchmark.LOOP_IMPLEMENTATIONS,
+                  "Client training loop of every TFF process: program = as the training "
+                  "program builds it; dataset_iterator / dataset_reduce = that "
+                  "tff.learning.LoopImplementation. Unless dataset_iterator, the cached round "
+                  "is also timed with dataset_iterator for comparison.")
+flags.DEFINE_integer("seed", _F["seed"], "Seed of the synthetic images and the prompts.")
+flags.DEFINE_boolean("keep_work", _F["keep_work"],
+                     "Keep OUTPUT_DIR/work (images, records, manifests) after the run.")
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> benchmark.BenchConfig:
+  """Copies the flags into a validated `BenchConfig` (the only place flags are read)."""
+  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(benchmark.BenchConfig)}
+  return benchmark.BenchConfig(**values).validate()
+
+
+def _log(line: str) -> None:
+  print(line, flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from tff_sam import runtime  # pylint: disable=g-import-not-at-top
+
+  try:
+    config = config_from_flags()
+    with runtime.child_processes_reaped():
+      runtime.configure_tff_execution(
+          max_concurrent_computation_calls=config.max_concurrent_computation_calls)
+      benchmark.run_benchmark(config, log=_log)
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
