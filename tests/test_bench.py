@@ -72,9 +72,11 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path):
 
   # Raw timings, throughput, machine, goals computed from the values.
   rounds = result["timings"]["rounds"]
-  assert set(rounds) == {"cached TFF", "plain tf.function", "cached TFF, dataset_iterator",
+  assert set(rounds) == {"cached TFF", "plain tf.function", "cached TFF, dataset_reduce",
                          "online TFF"}
-  assert _positive(result["overhead"]["tff_overhead_dataset_iterator"])
+  compared = result["overhead"]["compared"]
+  assert compared["loop_implementation"] == "dataset_reduce"
+  assert _positive(compared["tff_overhead"])
   for loop in rounds.values():
     assert len(loop["round_s"]) == ROUNDS and all(_positive(s) for s in loop["round_s"])
     assert _positive(loop["warmup_s"]) and loop["examples_per_round"] == 4

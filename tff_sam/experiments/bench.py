@@ -62,8 +62,9 @@ flags.DEFINE_enum("loop_implementation", _F["loop_implementation"],
                   benchmark.LOOP_IMPLEMENTATIONS,
                   "Client training loop of every TFF process: program = as the training "
                   "program builds it; dataset_iterator / dataset_reduce = that "
-                  "tff.learning.LoopImplementation. Unless dataset_iterator, the cached round "
-                  "is also timed with dataset_iterator for comparison.")
+                  "tff.learning.LoopImplementation. The cached round is also timed with "
+                  "dataset_reduce (TFF's default loop) for comparison, or with "
+                  "dataset_iterator when this is dataset_reduce.")
 flags.DEFINE_integer("seed", _F["seed"], "Seed of the synthetic images and the prompts.")
 flags.DEFINE_boolean("keep_work", _F["keep_work"],
                      "Keep OUTPUT_DIR/work (images, records, manifests) after the run.")
