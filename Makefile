@@ -39,3 +39,6 @@ test: install
 
 clean-env:
 	rm -rf $(VENV)
+
+bench: install
+	$(VPY) -m tff_sam.experiments.bench --output_dir runs/bench

@@ -121,11 +121,13 @@ class BenchConfig:
   arch: str = "vit_b"
   clients: int = 2
   examples_per_client: int = 4
-  batch_size: int = 2
+  # Batch 1 (training and encoding): with two clients, online mode at ViT-B size peaked
+  # at 9.8 GiB in TFF's worker at batch 1 and at over 14 GiB at batch 2 (BENCHMARKS.md).
+  batch_size: int = 1
   prompts_per_image: int = 4
   rounds: int = 3
   image_size: int = 256
-  encode_batch_size: int = 2
+  encode_batch_size: int = 1
   memory_clients: int = 64
   memory_base_clients: int = 4
   memory_interval: float = 0.1
