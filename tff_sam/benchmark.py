@@ -145,30 +145,26 @@ class BenchConfig:
     Raises:
       errors.ConfigError: naming the first invalid flag.
     """
-    def check(cond: bool, flag: str, msg: str) -> None:
-      if not cond:
-        raise errors.ConfigError(flag, msg)
-
-    check(bool(self.output_dir), "output_dir", "must be set")
-    check(self.arch in ARCHS, "arch", f"must be one of {ARCHS}, got {self.arch!r}")
+    errors.require(bool(self.output_dir), "output_dir", "must be set")
+    errors.require(self.arch in ARCHS, "arch", f"must be one of {ARCHS}, got {self.arch!r}")
     for flag in ("clients", "examples_per_client", "batch_size", "prompts_per_image",
                  "encode_batch_size", "memory_base_clients"):
       value = getattr(self, flag)
-      check(value >= 1, flag, f"must be >= 1, got {value}")
-    check(self.rounds >= 2, "rounds", f"must be >= 2 timed rounds, got {self.rounds}")
-    check(self.image_size >= 32, "image_size", f"must be >= 32 pixels, got {self.image_size}")
-    check(self.memory_clients > self.memory_base_clients, "memory_clients",
-          f"must be > --memory_base_clients ({self.memory_base_clients}), got "
-          f"{self.memory_clients}")
-    check(self.memory_interval > 0, "memory_interval",
-          f"must be > 0 seconds, got {self.memory_interval}")
-    check(self.max_concurrent_computation_calls == -1
-          or self.max_concurrent_computation_calls >= 1, "max_concurrent_computation_calls",
-          f"must be -1 (no limit) or >= 1, got {self.max_concurrent_computation_calls}")
-    check(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
-    check(self.loop_implementation in LOOP_IMPLEMENTATIONS, "loop_implementation",
-          f"must be one of {LOOP_IMPLEMENTATIONS}, got {self.loop_implementation!r}")
-    check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+      errors.require(value >= 1, flag, f"must be >= 1, got {value}")
+    errors.require(self.rounds >= 2, "rounds", f"must be >= 2 timed rounds, got {self.rounds}")
+    errors.require(self.image_size >= 32, "image_size", f"must be >= 32 pixels, got {self.image_size}")
+    errors.require(self.memory_clients > self.memory_base_clients, "memory_clients",
+                   f"must be > --memory_base_clients ({self.memory_base_clients}), got "
+                   f"{self.memory_clients}")
+    errors.require(self.memory_interval > 0, "memory_interval",
+                   f"must be > 0 seconds, got {self.memory_interval}")
+    errors.require(self.max_concurrent_computation_calls == -1
+                   or self.max_concurrent_computation_calls >= 1, "max_concurrent_computation_calls",
+                   f"must be -1 (no limit) or >= 1, got {self.max_concurrent_computation_calls}")
+    errors.require(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
+    errors.require(self.loop_implementation in LOOP_IMPLEMENTATIONS, "loop_implementation",
+                   f"must be one of {LOOP_IMPLEMENTATIONS}, got {self.loop_implementation!r}")
+    errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     return self
 
   def to_dict(self) -> dict[str, Any]:

@@ -78,45 +78,41 @@ class RunConfig:
     Raises:
       errors.ConfigError: naming the first invalid flag.
     """
-    def check(cond: bool, flag: str, msg: str) -> None:
-      if not cond:
-        raise errors.ConfigError(flag, msg)
-
-    check(bool(self.output_dir), "output_dir", "must be set")
-    check(self.data in NAMED_DATASETS, "data", f"must be one of {NAMED_DATASETS}, got {self.data!r}")
-    check(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}, got {self.partition!r}")
-    check(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
-    check(self.dirichlet_alpha > 0, "dirichlet_alpha", f"must be > 0, got {self.dirichlet_alpha}")
-    check(0.0 <= self.test_fraction < 1.0, "test_fraction", f"must be in [0, 1), got {self.test_fraction}")
-    check(self.prompt in PROMPT_MODES, "prompt", f"must be one of {PROMPT_MODES}, got {self.prompt!r}")
-    check(self.box_jitter >= 0, "box_jitter", f"must be >= 0 pixels, got {self.box_jitter}")
-    check(self.box_jitter_fraction >= 0, "box_jitter_fraction",
-          f"must be >= 0, got {self.box_jitter_fraction}")
-    check(self.num_points >= 1, "num_points", f"must be >= 1, got {self.num_points}")
-    check(self.num_negative_points >= 0, "num_negative_points", f"must be >= 0, got {self.num_negative_points}")
-    check(self.prompts_per_image >= 1, "prompts_per_image", f"must be >= 1, got {self.prompts_per_image}")
-    check(bool(self.model), "model", "must be set (tiny, a hub id or a local directory)")
-    check(self.encode_batch_size >= 1, "encode_batch_size", f"must be >= 1, got {self.encode_batch_size}")
-    check(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
-    check(self.clients_per_round >= 1, "clients_per_round", f"must be >= 1, got {self.clients_per_round}")
-    check(self.local_epochs >= 1, "local_epochs", f"must be >= 1, got {self.local_epochs}")
-    check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-    check(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
-    check(self.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer",
-          f"must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
-    check(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
-    check(self.loss in LOSSES, "loss", f"must be one of {LOSSES}, got {self.loss!r}")
+    errors.require(bool(self.output_dir), "output_dir", "must be set")
+    errors.require(self.data in NAMED_DATASETS, "data", f"must be one of {NAMED_DATASETS}, got {self.data!r}")
+    errors.require(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}, got {self.partition!r}")
+    errors.require(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
+    errors.require(self.dirichlet_alpha > 0, "dirichlet_alpha", f"must be > 0, got {self.dirichlet_alpha}")
+    errors.require(0.0 <= self.test_fraction < 1.0, "test_fraction", f"must be in [0, 1), got {self.test_fraction}")
+    errors.require(self.prompt in PROMPT_MODES, "prompt", f"must be one of {PROMPT_MODES}, got {self.prompt!r}")
+    errors.require(self.box_jitter >= 0, "box_jitter", f"must be >= 0 pixels, got {self.box_jitter}")
+    errors.require(self.box_jitter_fraction >= 0, "box_jitter_fraction",
+                   f"must be >= 0, got {self.box_jitter_fraction}")
+    errors.require(self.num_points >= 1, "num_points", f"must be >= 1, got {self.num_points}")
+    errors.require(self.num_negative_points >= 0, "num_negative_points", f"must be >= 0, got {self.num_negative_points}")
+    errors.require(self.prompts_per_image >= 1, "prompts_per_image", f"must be >= 1, got {self.prompts_per_image}")
+    errors.require(bool(self.model), "model", "must be set (tiny, a hub id or a local directory)")
+    errors.require(self.encode_batch_size >= 1, "encode_batch_size", f"must be >= 1, got {self.encode_batch_size}")
+    errors.require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
+    errors.require(self.clients_per_round >= 1, "clients_per_round", f"must be >= 1, got {self.clients_per_round}")
+    errors.require(self.local_epochs >= 1, "local_epochs", f"must be >= 1, got {self.local_epochs}")
+    errors.require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+    errors.require(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
+    errors.require(self.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer",
+                   f"must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+    errors.require(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
+    errors.require(self.loss in LOSSES, "loss", f"must be one of {LOSSES}, got {self.loss!r}")
     for flag in ("zeroing_quantile", "clipping_quantile"):
       value = getattr(self, flag)
-      check(0.0 < value < 1.0, flag, f"must be in (0, 1), got {value}")
-    check(self.zeroing_multiplier > 0, "zeroing_multiplier",
-          f"must be > 0, got {self.zeroing_multiplier}")
-    check(self.clipping_initial_norm > 0, "clipping_initial_norm",
-          f"must be > 0, got {self.clipping_initial_norm}")
-    check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
-    check(self.eval_max_objects >= 0, "eval_max_objects",
-          f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")
-    check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+      errors.require(0.0 < value < 1.0, flag, f"must be in (0, 1), got {value}")
+    errors.require(self.zeroing_multiplier > 0, "zeroing_multiplier",
+                   f"must be > 0, got {self.zeroing_multiplier}")
+    errors.require(self.clipping_initial_norm > 0, "clipping_initial_norm",
+                   f"must be > 0, got {self.clipping_initial_norm}")
+    errors.require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+    errors.require(self.eval_max_objects >= 0, "eval_max_objects",
+                   f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")
+    errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     return self
 
   def to_dict(self) -> dict[str, Any]:

@@ -19,6 +19,12 @@ class ConfigError(UserError):
     self.flag = flag
 
 
+def require(condition: bool, flag: str, message: str) -> None:
+  """Raises `ConfigError(flag, message)` unless `condition` (for `validate` methods)."""
+  if not condition:
+    raise ConfigError(flag, message)
+
+
 class DataError(UserError):
   """A problem with a data file or folder."""
 

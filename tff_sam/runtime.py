@@ -9,7 +9,8 @@ process of this one on normal exit, on an exception, on SIGINT and on SIGTERM.
 import contextlib
 import os
 import signal
-from typing import Iterator
+import sys
+from typing import Callable, Iterator
 
 
 def terminate_children(timeout: float = 5.0) -> int:
@@ -50,3 +51,24 @@ def configure_tff_execution(*, max_concurrent_computation_calls: int = -1) -> No
 
   tff.backends.native.set_sync_local_cpp_execution_context(
       max_concurrent_computation_calls=max_concurrent_computation_calls)
+
+
+def run_job(job: Callable[[], object]) -> int:
+  """Runs a binary's work with its children reaped; returns the exit code.
+
+  `job` builds its validated config and does the work (including
+  `configure_tff_execution`). A `errors.UserError` is printed as one `error:` line
+  (exit 1); Ctrl-C and SIGTERM print `interrupted` (exit 130); success is 0.
+  """
+  from tff_sam import errors  # pylint: disable=g-import-not-at-top
+
+  try:
+    with child_processes_reaped():
+      job()
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  return 0

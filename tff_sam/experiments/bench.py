@@ -10,7 +10,6 @@ into a validated `benchmark.BenchConfig`; mistakes end with one `error:` line, e
 
 import dataclasses
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF and TFF's C++ worker: errors only.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation banner.
@@ -20,7 +19,6 @@ from absl import flags
 from absl import logging
 
 from tff_sam import benchmark
-from tff_sam import errors
 
 # Defaults live in one place: the dataclass.
 _F = {f.name: f.default for f in dataclasses.fields(benchmark.BenchConfig)}
@@ -89,19 +87,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from tff_sam import runtime  # pylint: disable=g-import-not-at-top
 
-  try:
+  def job():
     config = config_from_flags()
-    with runtime.child_processes_reaped():
-      runtime.configure_tff_execution(
-          max_concurrent_computation_calls=config.max_concurrent_computation_calls)
-      benchmark.run_benchmark(config, log=_log)
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
-  return 0
+    runtime.configure_tff_execution(
+        max_concurrent_computation_calls=config.max_concurrent_computation_calls)
+    benchmark.run_benchmark(config, log=_log)
+
+  return runtime.run_job(job)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ into a validated `RunConfig`; user mistakes end with one `error:` line and exit 
 
 import dataclasses
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF and TFF's C++ worker: errors only.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation banner.
@@ -19,7 +18,6 @@ from absl import flags
 from absl import logging
 
 from tff_sam import config as config_lib
-from tff_sam import errors
 
 # Defaults live in one place: the dataclass.
 _F = {f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)}
@@ -118,18 +116,12 @@ def main(argv):
   from tff_sam import program  # pylint: disable=g-import-not-at-top
   from tff_sam import runtime  # pylint: disable=g-import-not-at-top
 
-  try:
+  def job():
     config = config_from_flags()
-    with runtime.child_processes_reaped():
-      runtime.configure_tff_execution()
-      program.run_experiment(config, fresh=FLAGS.fresh)
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
-  return 0
+    runtime.configure_tff_execution()
+    program.run_experiment(config, fresh=FLAGS.fresh)
+
+  return runtime.run_job(job)
 
 
 if __name__ == "__main__":
