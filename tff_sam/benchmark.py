@@ -34,7 +34,7 @@ loop (`compared_loop`) for comparison.
 
 The caller installs TFF's execution context first (`runtime.configure_tff_execution`).
 If TFF's `worker_binary` dies (the kernel's out-of-memory killer), TFF would restart it
-and retry forever; `WorkerWatch` ends the run with an error instead.
+and retry forever; `runtime.WorkerWatch` ends the run with an error instead.
 """
 
 import dataclasses
@@ -53,6 +53,7 @@ import numpy as np
 
 from tff_sam import errors
 from tff_sam import fileio
+from tff_sam import runtime
 
 if TYPE_CHECKING:  # Annotations only: these modules load TensorFlow, imported lazily below.
   import tff_sam.client_data  # pylint: disable=g-bad-import-order
@@ -454,10 +455,9 @@ def build_process(*, sam_config, spec: "tff_sam.client_data.PipelineSpec",
     client_ids: The clients `ClientData` knows.
     client_lr: Client Adam learning rate.
     online_encoder: None (cached embeddings) or the online mode's encoder kind.
-    loop_implementation: `program`: `federated.build_training_process` as the
-      program builds it. `dataset_iterator` or `dataset_reduce`: the same FedAvg
-      (same optimizers, robust aggregator) with that `tff.learning.LoopImplementation`
-      of the client training loop.
+    loop_implementation: `program`: `federated.build_training_process`'s default
+      loop, as the program builds it. `dataset_iterator` or `dataset_reduce`: the
+      same process with that `tff.learning.LoopImplementation` client loop.
   """
   from tff_sam import client_data  # pylint: disable=g-import-not-at-top
   from tff_sam import federated  # pylint: disable=g-import-not-at-top
@@ -466,17 +466,9 @@ def build_process(*, sam_config, spec: "tff_sam.client_data.PipelineSpec",
   model_fn = federated.build_model_fn(
       sam_config=sam_config, input_spec=cdata.element_type_structure, prompt="box",
       loss="dice_ce", train_iou_head=True, online_encoder=online_encoder)
-  if loop_implementation == "program":
-    process = federated.build_training_process(model_fn=model_fn, client_lr=client_lr,
-                                               server_optimizer="sgd", server_lr=1.0)
-  else:
-    import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-
-    process = tff.learning.algorithms.build_weighted_fed_avg(
-        model_fn, client_optimizer_fn=federated.build_optimizer("adam", client_lr),
-        server_optimizer_fn=federated.build_optimizer("sgd", 1.0),
-        model_aggregator=federated.build_model_aggregator(),
-        loop_implementation=tff.learning.LoopImplementation[loop_implementation.upper()])
+  loop = {} if loop_implementation == "program" else {"loop_implementation": loop_implementation}
+  process = federated.build_training_process(model_fn=model_fn, client_lr=client_lr,
+                                             server_optimizer="sgd", server_lr=1.0, **loop)
   return federated.compose_with_client_data(process, cdata)
 
 
@@ -660,7 +652,7 @@ def write_client_manifests(manifest_dir: Path, records: Sequence["tff_sam.embedd
 
 # ------------------------------------------------------------------- memory
 
-WORKER_BINARY = "worker_binary"  # TFF's C++ worker (a child of the Python process)
+WORKER_BINARY = runtime.WORKER_BINARY
 
 
 def _tree(pid: int) -> tuple[int, set[int]]:
@@ -684,66 +676,6 @@ def _tree(pid: int) -> tuple[int, set[int]]:
     except psutil.Error:
       pass
   return total, workers
-
-
-class WorkerWatch:
-  """Turns the death of this process's TFF worker into an error instead of a hang.
-
-  When the kernel kills TFF's `worker_binary` (out of memory), TFF's execution
-  context starts a new one and retries the computation, which dies the same way,
-  forever. This watch samples the direct children every `interval` seconds; when a
-  worker it saw disappears it records the pid and sends this process SIGINT, so the
-  blocked round raises `KeyboardInterrupt`; `check()` turns that into an error.
-  """
-
-  def __init__(self, interval: float = 0.5):
-    import threading  # pylint: disable=g-import-not-at-top
-
-    self.interval = interval
-    self.dead: list[int] = []
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, name="tff-worker-watch", daemon=True)
-
-  def __enter__(self) -> "WorkerWatch":
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self._stop.set()
-    self._thread.join(timeout=5)
-
-  def _workers(self) -> set[int]:
-    import psutil  # pylint: disable=g-import-not-at-top
-
-    out = set()
-    for p in psutil.Process().children(recursive=False):
-      try:
-        if p.name() == WORKER_BINARY and p.status() != psutil.STATUS_ZOMBIE:
-          out.add(p.pid)
-      except psutil.Error:
-        pass
-    return out
-
-  def _run(self) -> None:
-    import signal  # pylint: disable=g-import-not-at-top
-
-    seen = self._workers()
-    while not self._stop.wait(self.interval):
-      current = self._workers()
-      gone = seen - current
-      if gone:
-        self.dead.extend(sorted(gone))
-        os.kill(os.getpid(), signal.SIGINT)
-        return
-      seen = current
-
-  def check(self, section: str) -> None:
-    """Raises `errors.UserError` if a worker died (call when a round was interrupted)."""
-    if self.dead:
-      raise errors.UserError(
-          f"TFF's {WORKER_BINARY} (pid {self.dead[0]}) died during {section}; it is "
-          "usually the kernel's out-of-memory killer (see `dmesg`). Try a smaller "
-          "--batch_size or fewer --clients (BENCHMARKS.md, 'Memory limits')")
 
 
 def _end_tree(child: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -996,7 +928,7 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] = print
       f"{(machine['ram_bytes'] or 0) / _GIB:.1f} GiB RAM")
   progress = {"section": "setup"}
   try:
-    with WorkerWatch() as watch:
+    with runtime.WorkerWatch() as watch:
       try:
         result = _run_sections(config, work=work, machine=machine, progress=progress, log=log)
       except KeyboardInterrupt:

@@ -186,7 +186,8 @@ def aggregation_metrics(measurements: Any) -> dict[str, Optional[float]]:
 
 
 def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
-                           server_lr: float, model_aggregator=None):
+                           server_lr: float, model_aggregator=None,
+                           loop_implementation: str = "dataset_iterator"):
   """Weighted FedAvg (`tff.learning.algorithms.build_weighted_fed_avg`).
 
   Clients run Adam at `client_lr` for their local epochs; the server applies the
@@ -201,6 +202,9 @@ def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
     server_optimizer: `sgd` or `adam`.
     server_lr: Server learning rate.
     model_aggregator: Aggregation factory (default `build_model_aggregator()`).
+    loop_implementation: The client loop, a `tff.learning.LoopImplementation` name
+      in lower case (`dataset_iterator`, or TFF's default `dataset_reduce`, which the
+      benchmark compares against).
   """
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
@@ -209,7 +213,7 @@ def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
       client_optimizer_fn=build_optimizer("adam", client_lr),
       server_optimizer_fn=build_optimizer(server_optimizer, server_lr),
       model_aggregator=model_aggregator or build_model_aggregator(),
-      loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
+      loop_implementation=tff.learning.LoopImplementation[loop_implementation.upper()])
 
 
 def build_evaluation_process(*, model_fn):

@@ -4,6 +4,9 @@ TFF's local C++ execution context starts a `worker_binary` subprocess and reache
 over gRPC on localhost. It runs on CPU only (it is built without CUDA) and has been
 seen to outlive the Python process. `child_processes_reaped()` ends every child
 process of this one on normal exit, on an exception, on SIGINT and on SIGTERM.
+`WorkerWatch` turns a worker killed mid-computation (e.g. out of memory), which TFF
+would restart and retry forever, into an error; `run_job` is the binaries' shared
+error and interrupt handling.
 """
 
 import contextlib
@@ -11,6 +14,10 @@ import os
 import signal
 import sys
 from typing import Callable, Iterator
+
+from tff_sam import errors
+
+WORKER_BINARY = "worker_binary"  # TFF's C++ worker (a child of the Python process)
 
 
 def terminate_children(timeout: float = 5.0) -> int:
@@ -60,8 +67,6 @@ def run_job(job: Callable[[], object]) -> int:
   `configure_tff_execution`). A `errors.UserError` is printed as one `error:` line
   (exit 1); Ctrl-C and SIGTERM print `interrupted` (exit 130); success is 0.
   """
-  from tff_sam import errors  # pylint: disable=g-import-not-at-top
-
   try:
     with child_processes_reaped():
       job()
@@ -72,3 +77,61 @@ def run_job(job: Callable[[], object]) -> int:
     print("interrupted", file=sys.stderr)
     return 130
   return 0
+
+
+class WorkerWatch:
+  """Turns the death of this process's TFF worker into an error instead of a hang.
+
+  When the kernel kills TFF's `worker_binary` (out of memory), TFF's execution
+  context starts a new one and retries the computation, which dies the same way,
+  forever. This watch samples the direct children every `interval` seconds; when a
+  worker it saw disappears it records the pid and sends this process SIGINT, so the
+  blocked round raises `KeyboardInterrupt`; `check()` turns that into an error.
+  """
+
+  def __init__(self, interval: float = 0.5):
+    import threading  # pylint: disable=g-import-not-at-top
+
+    self.interval = interval
+    self.dead: list[int] = []
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="tff-worker-watch", daemon=True)
+
+  def __enter__(self) -> "WorkerWatch":
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+  def _workers(self) -> set[int]:
+    import psutil  # pylint: disable=g-import-not-at-top
+
+    out = set()
+    for p in psutil.Process().children(recursive=False):
+      try:
+        if p.name() == WORKER_BINARY and p.status() != psutil.STATUS_ZOMBIE:
+          out.add(p.pid)
+      except psutil.Error:
+        pass
+    return out
+
+  def _run(self) -> None:
+    seen = self._workers()
+    while not self._stop.wait(self.interval):
+      current = self._workers()
+      gone = seen - current
+      if gone:
+        self.dead.extend(sorted(gone))
+        os.kill(os.getpid(), signal.SIGINT)
+        return
+      seen = current
+
+  def check(self, section: str) -> None:
+    """Raises `errors.UserError` if a worker died (call when a round was interrupted)."""
+    if self.dead:
+      raise errors.UserError(
+          f"TFF's {WORKER_BINARY} (pid {self.dead[0]}) died during {section}; it is "
+          "usually the kernel's out-of-memory killer (see `dmesg`). Try a smaller "
+          "--batch_size or fewer --clients (BENCHMARKS.md, 'Memory limits')")
