@@ -87,6 +87,10 @@ def test_program_writes_outputs_and_export_reproduces_final_metrics(
   with open(out / "metrics.csv") as f:
     rows = list(csv.DictReader(f))
   assert [int(r["round"]) for r in rows] == [0, 1, 2]
+  # Every column is documented (METRIC_DOCS, README), per-client ones once per site.
+  documented = {k.replace("<client>", s) if "<client>" in k else k
+                for k in program.METRIC_DOCS for s in sites}
+  assert set(rows[0]) == documented | {"round"}
   assert rows[0]["train_loss"] == "" and float(rows[0]["test_dice"]) >= 0
   assert all(float(r["train_loss"]) > 0 for r in rows[1:])
   assert all(0 <= float(r["test_dice"]) <= 1 for r in rows)

@@ -106,6 +106,18 @@ def test_other_settings_are_refused_naming_the_flags(tmp_path, reference, small_
   assert json.loads((out / "config.json").read_text())["seed"] == 6
 
 
+def _workers(pid: int) -> list[psutil.Process]:
+  """The live TFF workers under `pid` (short-lived zombie children are skipped)."""
+  out = []
+  for child in psutil.Process(pid).children(recursive=True):
+    try:
+      if child.name() == "worker_binary" and child.status() != psutil.STATUS_ZOMBIE:
+        out.append(child)
+    except psutil.Error:
+      pass
+  return out
+
+
 def _cli(out, small_data, cache_dir):
   s = _settings(small_data, cache_dir)
   return [sys.executable, "-m", "tff_sam.experiments.run", f"--output_dir={out}",
@@ -157,8 +169,7 @@ def test_signal_ends_run_and_its_worker(tmp_path, small_data, cache_dir, sig):
   workers = []
   while not workers:
     assert proc.poll() is None and time.time() < deadline
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-               if "worker_binary" in " ".join(c.cmdline())]
+    workers = _workers(proc.pid)
     time.sleep(0.2)
   while not (out / "state" / "round_1").exists():
     assert proc.poll() is None and time.time() < deadline
@@ -169,3 +180,30 @@ def test_signal_ends_run_and_its_worker(tmp_path, small_data, cache_dir, sig):
   assert "Traceback" not in proc.stderr.read().decode()
   _, alive = psutil.wait_procs(workers, timeout=10)
   assert not alive, "TFF worker_binary outlived the run"
+
+
+def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, small_data, cache_dir):
+  """TFF restarts a killed worker and retries the round forever; the run must end."""
+  out = tmp_path / "oom"
+  proc = subprocess.Popen(_cli(out, small_data, cache_dir), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  while not (out / "state" / "round_1").exists():
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.2)
+  workers = _workers(proc.pid)
+  assert workers
+  for worker in workers:
+    worker.send_signal(signal.SIGKILL)  # As the kernel's out-of-memory killer does.
+  try:
+    proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+      proc.kill()
+  stderr = proc.stderr.read().decode()
+  assert proc.returncode == 1, stderr[-2000:]
+  assert "Traceback" not in stderr
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("error: TFF's worker_binary (pid ") and "died during round" in last, last

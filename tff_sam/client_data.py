@@ -13,15 +13,19 @@ round, epoch, example) and differ from round to round.
 
 import collections
 import dataclasses
+from pathlib import Path
 from typing import Optional, Sequence
 
 import tensorflow as tf
 
 from tff_sam import embeddings
+from tff_sam import model as model_lib
 from tff_sam import preprocess
 from tff_sam import prompts as prompts_lib
 
 ROUND_SEPARATOR = "@"
+# Box jitter is given in pixels of SAM's 1024 input frame; smaller models scale it.
+REFERENCE_INPUT_SIZE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,33 @@ class PipelineSpec:
   evaluation: bool = False
   max_objects_per_image: int = 0
   normalization: Optional[preprocess.PixelNormalization] = None
+
+
+def build_pipeline_spec(bundle: "model_lib.SamBundle", manifest_dir, *, online: bool,
+                        box_jitter: float = 20.0, **settings) -> PipelineSpec:
+  """The client pipeline for `bundle`'s model: shapes from its config.
+
+  Args:
+    bundle: The loaded SAM (config and processor).
+    manifest_dir: Folder with the clients' manifests.
+    online: Records hold resized images (the processor's normalization is redone in
+      TF) instead of embeddings.
+    box_jitter: Max box jitter in pixels of SAM's 1024 input frame (scaled to the
+      model's input size).
+    **settings: Any other `PipelineSpec` field (prompt, prompts_per_image, batch_size,
+      seed, ...).
+
+  Returns:
+    The spec.
+  """
+  cfg = bundle.config
+  side = model_lib.image_size(cfg)
+  return PipelineSpec(
+      manifest_dir=str(Path(manifest_dir).resolve()),
+      embedding_shape=model_lib.embedding_shape(cfg), low_res=model_lib.low_res_size(cfg),
+      input_size=side, box_jitter=box_jitter * side / REFERENCE_INPUT_SIZE,
+      normalization=preprocess.pixel_normalization(bundle.processor) if online else None,
+      **settings)
 
 
 def round_client_id(client: str, round_num: int) -> str:

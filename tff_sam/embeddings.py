@@ -277,10 +277,9 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
         data.skip_example(e, skipped)
         continue
       chunk.append(item)
-      prep = preprocess.preprocess(bundle.processor, image, labels, input_size=input_size)
-      if online:  # keep the resized 8-bit image, not the float pixel values
-        prep = dataclasses.replace(prep, pixel_values=preprocess.resized_image(
-            bundle.processor, image))
+      # Online records keep the resized 8-bit image, not the float pixel values.
+      prep = preprocess.preprocess(bundle.processor, image, labels, input_size=input_size,
+                                   resized_only=online)
       prepared.append((labels, prep))
       del image
     if progress is not None:

@@ -27,7 +27,8 @@ class Preprocessed:
   """One image ready for the encoder, and its targets.
 
   Attributes:
-    pixel_values: (3, S, S) float32 for the image encoder.
+    pixel_values: (3, S, S) float32 for the image encoder (with `resized_only`:
+      the (h, w, 3) uint8 resized image).
     input_labels: (S, S) int32 instance labels in SAM's input frame; -1 = padding.
     original_size: (height, width) of the original image.
     reshaped_size: (height, width) of the resized image inside the padded input.
@@ -57,7 +58,7 @@ def resize_labels(labels: np.ndarray, *, longest_edge: int, pad_to: int) -> np.n
 
 
 def preprocess(processor, image: np.ndarray, labels: np.ndarray, *,
-               input_size: int) -> Preprocessed:
+               input_size: int, resized_only: bool = False) -> Preprocessed:
   """Applies SAM's preprocessing to an image and its instance labels.
 
   Args:
@@ -65,13 +66,21 @@ def preprocess(processor, image: np.ndarray, labels: np.ndarray, *,
     image: (H, W, 3) uint8.
     labels: (H, W) int instance labels.
     input_size: Side of SAM's (square, padded) input frame.
+    resized_only: Stop after the processor's resize: `pixel_values` is then the
+      (h, w, 3) uint8 image of `resized_image` (online mode's records), from the
+      same single processor call.
 
   Returns:
     The preprocessed example.
   """
-  feats = processor(images=image, return_tensors="np")
+  if resized_only:
+    feats = _resized_features(processor, image)
+    pixels = _channels_last(feats["pixel_values"][0])
+  else:
+    feats = processor(images=image, return_tensors="np")
+    pixels = feats["pixel_values"][0].astype(np.float32)
   return Preprocessed(
-      pixel_values=feats["pixel_values"][0].astype(np.float32),
+      pixel_values=pixels,
       input_labels=resize_labels(labels, longest_edge=input_size, pad_to=input_size),
       original_size=tuple(int(v) for v in feats["original_sizes"][0]),
       reshaped_size=tuple(int(v) for v in feats["reshaped_input_sizes"][0]))
@@ -133,15 +142,22 @@ def pixel_normalization(processor) -> PixelNormalization:
                             std=tuple(float(v) for v in processor.image_std))
 
 
+def _resized_features(processor, image: np.ndarray):
+  return processor(images=image, do_rescale=False, do_normalize=False, do_pad=False,
+                   return_tensors="np")
+
+
+def _channels_last(pixels: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(pixels).transpose(1, 2, 0))
+
+
 def resized_image(processor, image: np.ndarray) -> np.ndarray:
   """(h, w, 3) uint8: the processor's own resize, before rescale, normalize and pad.
 
   `pixel_values_tf(resized_image(p, x), ...)` equals `p(images=x).pixel_values` to
   float32 rounding.
   """
-  feats = processor(images=image, do_rescale=False, do_normalize=False, do_pad=False,
-                    return_tensors="np")
-  return np.ascontiguousarray(np.asarray(feats["pixel_values"][0]).transpose(1, 2, 0))
+  return _channels_last(_resized_features(processor, image)["pixel_values"][0])
 
 
 def pixel_values_tf(image, normalization: PixelNormalization, input_size: int):

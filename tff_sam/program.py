@@ -44,11 +44,9 @@ from tff_sam import federated
 from tff_sam import fileio
 from tff_sam import model as model_lib
 from tff_sam import plots
-from tff_sam import preprocess
 from tff_sam import releases
+from tff_sam import runtime
 
-# --box_jitter is in pixels of SAM's 1024 input frame; smaller models scale it.
-REFERENCE_INPUT_SIZE = 1024
 # Columns of metrics.csv ("<name>/<client>" columns are per evaluation client).
 METRIC_DOCS = {
     "train_loss": "clients' mean training loss (example-weighted)",
@@ -197,19 +195,14 @@ def _encode_all(config: config_lib.RunConfig, splits: data.DatasetSplits,
 
 def _pipeline_spec(config: config_lib.RunConfig, bundle: model_lib.SamBundle,
                    manifest_dir: Path, **overrides) -> client_data.PipelineSpec:
-  cfg = bundle.config
   values = dict(
-      manifest_dir=str(manifest_dir.resolve()), embedding_shape=model_lib.embedding_shape(cfg),
-      low_res=model_lib.low_res_size(cfg), input_size=model_lib.image_size(cfg),
       prompt=config.prompt, prompts_per_image=config.prompts_per_image,
-      box_jitter=config.box_jitter * model_lib.image_size(cfg) / REFERENCE_INPUT_SIZE,
-      box_jitter_fraction=config.box_jitter_fraction, num_points=config.num_points,
-      num_negative_points=config.num_negative_points, local_epochs=config.local_epochs,
-      batch_size=config.batch_size, seed=config.seed,
-      normalization=(None if config.embedding_cache
-                     else preprocess.pixel_normalization(bundle.processor)))
+      box_jitter=config.box_jitter, box_jitter_fraction=config.box_jitter_fraction,
+      num_points=config.num_points, num_negative_points=config.num_negative_points,
+      local_epochs=config.local_epochs, batch_size=config.batch_size, seed=config.seed)
   values.update(overrides)
-  return client_data.PipelineSpec(**values)
+  return client_data.build_pipeline_spec(bundle, manifest_dir,
+                                         online=not config.embedding_cache, **values)
 
 
 EVAL_CHUNK = 16  # prompts per federated-evaluation example (bounds its memory)
@@ -273,8 +266,8 @@ def _central_metrics(result: evaluation.EvalResult, eval_clients: list[str]
 
 
 def _empty_row(eval_clients: list[str]) -> dict[str, Optional[float]]:
-  keys = ["train_loss", "train_dice", "test_dice", "test_iou", "fed_eval_loss",
-          "fed_eval_dice", *federated.AGGREGATION_METRICS, "seconds"]
+  """A `metrics.csv` row with every column of `METRIC_DOCS` (per client if several)."""
+  keys = [k for k in METRIC_DOCS if not k.endswith("/<client>")]
   if len(eval_clients) > 1:
     keys += [f"test_dice/{c}" for c in eval_clients]
   return dict.fromkeys(keys)
@@ -318,8 +311,17 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
     The summary (also written to `summary.json`).
 
   Raises:
-    errors.UserError: Bad data, model or settings (one-line message).
+    errors.UserError: Bad data, model or settings (one-line message), or TFF's worker
+      died (e.g. out of memory; TFF itself would retry the round forever).
   """
+  progress = {"section": "setup"}
+  with runtime.worker_watched(progress):
+    return _run_experiment(config, fresh=fresh, log=log, progress=progress)
+
+
+def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
+                    log: Callable[[str], None], progress: dict[str, str]) -> dict:
+  """`run_experiment`'s body; keeps `progress["section"]` up to date."""
   start = time.time()
   config.validate()
   out = Path(config.output_dir).expanduser()
@@ -399,6 +401,7 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
     start_round = version + 1
     log(f"resuming {out} after round {version}/{config.rounds}")
   if state is None:
+    progress["section"] = "round 0 (zero-shot evaluation)"
     state = initial
     t0 = time.time()
     row = _empty_row(eval_clients)
@@ -411,6 +414,7 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
         f"({baseline.num_objects} objects)  federated eval dice {_fmt(row['fed_eval_dice'])}")
 
   for round_num in range(start_round, config.rounds + 1):
+    progress["section"] = f"round {round_num}"
     t0 = time.time()
     sampled = sample_clients(client_ids, round_num=round_num,
                              clients_per_round=config.clients_per_round, seed=config.seed)
@@ -438,6 +442,7 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
         f"fed eval dice {_fmt(row['fed_eval_dice'])}  ({row['seconds']:.1f} s)"
         + (f"  robust aggregation: {robust}" if robust else ""))
 
+  progress["section"] = "export"
   rows = _read_metrics(out / "metrics.csv")
   results = _summarize_rows(rows)
   baseline, final = results["baseline"], results["final"]

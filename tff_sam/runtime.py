@@ -4,16 +4,16 @@ TFF's local C++ execution context starts a `worker_binary` subprocess and reache
 over gRPC on localhost. It runs on CPU only (it is built without CUDA) and has been
 seen to outlive the Python process. `child_processes_reaped()` ends every child
 process of this one on normal exit, on an exception, on SIGINT and on SIGTERM.
-`WorkerWatch` turns a worker killed mid-computation (e.g. out of memory), which TFF
-would restart and retry forever, into an error; `run_job` is the binaries' shared
-error and interrupt handling.
+`WorkerWatch` (used through `worker_watched`) turns a worker killed mid-computation
+(e.g. out of memory), which TFF would restart and retry forever, into an error;
+`run_job` is the binaries' shared error and interrupt handling.
 """
 
 import contextlib
 import os
 import signal
 import sys
-from typing import Callable, Iterator
+from typing import Callable, Iterator, MutableMapping
 
 from tff_sam import errors
 
@@ -87,7 +87,14 @@ class WorkerWatch:
   forever. This watch samples the direct children every `interval` seconds; when a
   worker it saw disappears it records the pid and sends this process SIGINT, so the
   blocked round raises `KeyboardInterrupt`; `check()` turns that into an error.
+
+  A worker ended by SIGINT, SIGTERM or SIGHUP was stopped by the user (Ctrl-C in a
+  terminal reaches the whole process group) and is left to the ordinary interrupt
+  handling. The signal is read with `waitid(WNOWAIT)`, which leaves the child for
+  TFF to reap; if TFF reaped it first the death counts as a crash.
   """
+
+  USER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
   def __init__(self, interval: float = 0.5):
     import threading  # pylint: disable=g-import-not-at-top
@@ -117,13 +124,23 @@ class WorkerWatch:
         pass
     return out
 
+  @classmethod
+  def _stopped_by_user(cls, pid: int) -> bool:
+    """Whether the (not yet reaped) child `pid` was ended by a user's signal."""
+    try:
+      info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # Already reaped by TFF: the signal is unknown.
+      return False
+    return (info is not None and info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+            and info.si_status in cls.USER_SIGNALS)
+
   def _run(self) -> None:
     seen = self._workers()
     while not self._stop.wait(self.interval):
       current = self._workers()
-      gone = seen - current
-      if gone:
-        self.dead.extend(sorted(gone))
+      crashed = sorted(pid for pid in seen - current if not self._stopped_by_user(pid))
+      if crashed:
+        self.dead.extend(crashed)
         os.kill(os.getpid(), signal.SIGINT)
         return
       seen = current
@@ -134,4 +151,27 @@ class WorkerWatch:
       raise errors.UserError(
           f"TFF's {WORKER_BINARY} (pid {self.dead[0]}) died during {section}; it is "
           "usually the kernel's out-of-memory killer (see `dmesg`). Try a smaller "
-          "--batch_size or fewer --clients (BENCHMARKS.md, 'Memory limits')")
+          "--batch_size or fewer clients per round (BENCHMARKS.md, 'Memory limits')")
+
+
+@contextlib.contextmanager
+def worker_watched(progress: MutableMapping[str, str], *, interval: float = 0.5
+                   ) -> Iterator[None]:
+  """Runs the body under a `WorkerWatch`; a dead worker ends it with an error.
+
+  Args:
+    progress: `progress["section"]` names what the body is doing; the body updates
+      it, and the error names the section the worker died in.
+    interval: Seconds between looks at the children.
+
+  Raises:
+    errors.UserError: The worker died (instead of the `KeyboardInterrupt` the watch
+      sent to stop TFF's retries). A real Ctrl-C still raises `KeyboardInterrupt`.
+  """
+  progress.setdefault("section", "setup")
+  with WorkerWatch(interval=interval) as watch:
+    try:
+      yield
+    except KeyboardInterrupt:
+      watch.check(progress["section"])
+      raise
