@@ -44,12 +44,18 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path):
     assert row in table, table
 
   result = json.loads((out / "bench.json").read_text())
-  for key in ("cache_speedup", "tff_overhead", "memory_ratio_64_vs_4"):
+  for key in ("cache_speedup", "tff_overhead", "memory_ratio_64_vs_4",
+              "memory_ratio_64_vs_4_subrounds"):
     assert isinstance(result[key], float) and _positive(result[key]), (key, result[key])
-  assert result["memory_ratio_64_vs_4"] == pytest.approx(
-      result["memory"]["runs"]["large"]["peak_rss_bytes"]
-      / result["memory"]["runs"]["small"]["peak_rss_bytes"])
-  assert {r["participants"] for r in result["memory"]["runs"].values()} == {2, 4}
+  runs = result["memory"]["runs"]
+  for key, run in (("memory_ratio_64_vs_4", "large"),
+                   ("memory_ratio_64_vs_4_subrounds", "large_subrounds")):
+    assert result[key] == pytest.approx(runs[run]["peak_rss_bytes"]
+                                        / runs["small"]["peak_rss_bytes"])
+  assert {n: r["participants"] for n, r in runs.items()} == {
+      "small": 2, "large": 4, "large_sampled": 2, "large_subrounds": 4}
+  assert result["memory"]["subrounds"] == 2
+  assert "all 4 in 2 subrounds" in table
 
   # Bytes: 4 x the parameter counts, and decoder-only < online < full model.
   comm = result["bytes_per_client_round"]

@@ -268,22 +268,15 @@ def test_empty_images_folder(tmp_path):
   _assert_data_error(e, tmp_path / "images")
 
 
-def test_image_without_mask(tmp_path):
+@pytest.mark.parametrize("folder", ["images", "masks"])
+def test_file_without_partner(tmp_path, folder):
+  """An image without a mask, or a mask without an image."""
   _flat(tmp_path, 2)
-  (tmp_path / "images" / "orphan.png").write_bytes(
-      (tmp_path / "images" / "img_000.png").read_bytes())
+  (tmp_path / folder / "orphan.png").write_bytes(
+      (tmp_path / folder / "img_000.png").read_bytes())
   with pytest.raises(errors.DataError) as e:
     _split(tmp_path, num_clients=1)
-  _assert_data_error(e, tmp_path / "images" / "orphan.png")
-
-
-def test_mask_without_image(tmp_path):
-  _flat(tmp_path, 2)
-  (tmp_path / "masks" / "orphan.png").write_bytes(
-      (tmp_path / "masks" / "img_000.png").read_bytes())
-  with pytest.raises(errors.DataError) as e:
-    _split(tmp_path, num_clients=1)
-  _assert_data_error(e, tmp_path / "masks" / "orphan.png")
+  _assert_data_error(e, tmp_path / folder / "orphan.png")
 
 
 def test_image_without_mask_in_a_site(tmp_path):

@@ -182,6 +182,11 @@ def test_config_validation_names_the_flag():
     config_lib.RunConfig(output_dir="x", clipping_quantile=1.0).validate()
   with pytest.raises(errors.ConfigError, match="^--zeroing_multiplier:"):
     config_lib.RunConfig(output_dir="x", zeroing_multiplier=0).validate()
+  with pytest.raises(errors.ConfigError, match="^--clients_per_subround: must be >= 0"):
+    config_lib.RunConfig(output_dir="x", clients_per_subround=-1).validate()
+  for per_subround, subrounds in ((0, 1), (1, 5), (2, 3), (5, 1), (9, 1)):
+    assert config_lib.RunConfig(output_dir="x", clients_per_round=5,
+                                clients_per_subround=per_subround).num_subrounds == subrounds
 
 
 @pytest.mark.parametrize("case", ["image_without_mask", "size_mismatch", "unreadable"])

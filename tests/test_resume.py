@@ -207,3 +207,29 @@ def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, small_data, ca
   assert "Traceback" not in stderr
   last = stderr.strip().splitlines()[-1]
   assert last.startswith("error: TFF's worker_binary (pid ") and "died during round" in last, last
+
+
+def test_subrounds_give_the_same_rounds(tmp_path, reference, small_data, cache_dir):
+  """`--clients_per_subround`: TFF's mergeable execution, one client per subround."""
+  from tff_sam import runtime  # pylint: disable=g-import-not-at-top
+
+  settings = dict(_settings(small_data, cache_dir), rounds=2, clients_per_subround=1)
+  config = config_lib.RunConfig(output_dir=str(tmp_path / "sub"), **settings)
+  assert config.num_subrounds == 2
+  runtime.configure_tff_execution(num_subrounds=config.num_subrounds)
+  try:
+    import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+    context = tff.framework.get_context_stack().current
+    assert type(context).__name__ == "MergeableCompExecutionContext"
+    program.run_experiment(config, log=lambda _: None)
+  finally:
+    runtime.configure_tff_execution()
+  with open(reference[0] / "metrics.csv") as f:
+    want = list(csv.DictReader(f))[:3]
+  with open(tmp_path / "sub" / "metrics.csv") as f:
+    got = list(csv.DictReader(f))
+  assert [r["round"] for r in got] == ["0", "1", "2"]
+  for g, w in zip(got, want):
+    for key in ("train_loss", "test_dice", "test_iou", "fed_eval_dice"):
+      if w[key]:
+        assert float(g[key]) == pytest.approx(float(w[key]), rel=1e-4, abs=1e-6), (g["round"], key)

@@ -54,6 +54,9 @@ class RunConfig:
   # Federated optimization.
   rounds: int = 10
   clients_per_round: int = 2
+  # 0 = a round's clients run at once; N = in sequential groups of N whose partial
+  # aggregates are merged (TFF's mergeable execution): bounds the round's memory.
+  clients_per_subround: int = 0
   local_epochs: int = 1
   batch_size: int = 2
   client_lr: float = 1e-5
@@ -71,6 +74,13 @@ class RunConfig:
   eval_every: int = 1
   eval_max_objects: int = 0
   seed: int = 0
+
+  @property
+  def num_subrounds(self) -> int:
+    """Sequential client groups per round (1 = all clients at once)."""
+    if not self.clients_per_subround:
+      return 1
+    return -(-self.clients_per_round // self.clients_per_subround)
 
   def validate(self) -> "RunConfig":
     """Checks every field; returns self so it can be chained.
@@ -95,6 +105,8 @@ class RunConfig:
     errors.require(self.encode_batch_size >= 1, "encode_batch_size", f"must be >= 1, got {self.encode_batch_size}")
     errors.require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
     errors.require(self.clients_per_round >= 1, "clients_per_round", f"must be >= 1, got {self.clients_per_round}")
+    errors.require(self.clients_per_subround >= 0, "clients_per_subround",
+                   f"must be >= 0 (0 = all at once), got {self.clients_per_subround}")
     errors.require(self.local_epochs >= 1, "local_epochs", f"must be >= 1, got {self.local_epochs}")
     errors.require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
     errors.require(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")

@@ -100,7 +100,8 @@ STATE_DIR = "state"
 STATE_PREFIX = "round_"
 KEEP_STATES = 3
 # Settings that may differ between a run and its resumption.
-RESUMABLE_DIFFERENCES = ("output_dir",)
+# How a round executes, not what it computes (equal up to float summation order).
+RESUMABLE_DIFFERENCES = ("output_dir", "clients_per_subround")
 
 
 def _read_metrics(path: Path) -> list[dict]:

@@ -52,12 +52,30 @@ def child_processes_reaped() -> Iterator[None]:
     terminate_children()
 
 
-def configure_tff_execution(*, max_concurrent_computation_calls: int = -1) -> None:
-  """Installs TFF's local C++ execution context (CPU-only worker)."""
+def configure_tff_execution(*, max_concurrent_computation_calls: int = -1,
+                            num_subrounds: int = 1) -> None:
+  """Installs TFF's local C++ execution context (CPU-only worker).
+
+  Args:
+    max_concurrent_computation_calls: TFF's limit on concurrent calls in the C++
+      runtime (-1 = none).
+    num_subrounds: Above 1, TFF's mergeable-computation context: every computation
+      is compiled to `MergeableCompForm`, its clients are split into this many groups
+      run one after another on the same worker, and each group's partial aggregate
+      is merged into the running one as it finishes. The round's memory then grows
+      with the clients of one group instead of all of them; results equal the
+      one-shot round's up to float summation order.
+  """
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
-  tff.backends.native.set_sync_local_cpp_execution_context(
-      max_concurrent_computation_calls=max_concurrent_computation_calls)
+  if num_subrounds > 1:
+    tff.backends.native.set_mergeable_comp_execution_context(
+        [tff.backends.native.create_async_local_cpp_execution_context(
+            max_concurrent_computation_calls=max_concurrent_computation_calls)],
+        num_subrounds=num_subrounds)
+  else:
+    tff.backends.native.set_sync_local_cpp_execution_context(
+        max_concurrent_computation_calls=max_concurrent_computation_calls)
 
 
 def run_job(job: Callable[[], object]) -> int:

@@ -67,6 +67,10 @@ flags.DEFINE_boolean("embedding_cache", _F["embedding_cache"],
 # Federated optimization.
 flags.DEFINE_integer("rounds", _F["rounds"], "Federated rounds.")
 flags.DEFINE_integer("clients_per_round", _F["clients_per_round"], "Clients sampled per round.")
+flags.DEFINE_integer("clients_per_subround", _F["clients_per_subround"],
+                     "Run a round's clients in sequential groups of this many, merging their "
+                     "partial aggregates (TFF's mergeable execution), so memory grows with the "
+                     "group, not the round; 0 = all at once.")
 flags.DEFINE_integer("local_epochs", _F["local_epochs"], "Local epochs per round.")
 flags.DEFINE_integer("batch_size", _F["batch_size"], "Images per local batch.")
 flags.DEFINE_float("client_lr", _F["client_lr"], "Client Adam learning rate.")
@@ -118,7 +122,7 @@ def main(argv):
 
   def job():
     config = config_from_flags()
-    runtime.configure_tff_execution()
+    runtime.configure_tff_execution(num_subrounds=config.num_subrounds)
     program.run_experiment(config, fresh=FLAGS.fresh)
 
   return runtime.run_job(job)
