@@ -169,7 +169,8 @@ class WorkerWatch:
       raise errors.UserError(
           f"TFF's {WORKER_BINARY} (pid {self.dead[0]}) died during {section}; it is "
           "usually the kernel's out-of-memory killer (see `dmesg`). Try a smaller "
-          "--batch_size or fewer clients per round (BENCHMARKS.md, 'Memory limits')")
+          "--batch_size, fewer clients per round or --clients_per_subround (README, 'Many "
+          "clients per round: memory')")
 
 
 @contextlib.contextmanager
