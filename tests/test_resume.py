@@ -210,23 +210,26 @@ def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, small_data, ca
 
 
 def test_subrounds_give_the_same_rounds(tmp_path, reference, small_data, cache_dir):
-  """`--clients_per_subround`: TFF's mergeable execution, one client per subround."""
-  from tff_sam import runtime  # pylint: disable=g-import-not-at-top
+  """`--clients_per_subround`: TFF's mergeable execution, one client per subround.
 
-  settings = dict(_settings(small_data, cache_dir), rounds=2, clients_per_subround=1)
-  config = config_lib.RunConfig(output_dir=str(tmp_path / "sub"), **settings)
-  assert config.num_subrounds == 2
-  runtime.configure_tff_execution(num_subrounds=config.num_subrounds)
-  try:
-    import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-    context = tff.framework.get_context_stack().current
-    assert type(context).__name__ == "MergeableCompExecutionContext"
-    program.run_experiment(config, log=lambda _: None)
-  finally:
-    runtime.configure_tff_execution()
+  Runs in fresh processes: replacing a live TFF context in this one makes TFF stop its
+  old worker with SIGINT and wait for it, which can hang.
+  """
+  code = ("import tensorflow_federated as tff; from tff_sam import runtime; "
+          "runtime.configure_tff_execution(num_subrounds=2); "
+          "print(type(tff.framework.get_context_stack().current).__name__)")
+  probe = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, check=False)
+  assert probe.stdout.strip() == "MergeableCompExecutionContext", probe.stderr[-2000:]
+
+  out = tmp_path / "sub"
+  cmd = [*_cli(out, small_data, cache_dir), "--rounds=2", "--clients_per_subround=1"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads((out / "config.json").read_text())["clients_per_subround"] == 1
   with open(reference[0] / "metrics.csv") as f:
     want = list(csv.DictReader(f))[:3]
-  with open(tmp_path / "sub" / "metrics.csv") as f:
+  with open(out / "metrics.csv") as f:
     got = list(csv.DictReader(f))
   assert [r["round"] for r in got] == ["0", "1", "2"]
   for g, w in zip(got, want):
