@@ -1,16 +1,17 @@
 """Shared test set-up: the tiny model, an isolated cache, and ending TFF's C++ worker
 when the session ends."""
 
-import contextlib
-
 import pytest
+
+from tff_sam import runtime
+from tff_sam.federated import execution
+from tff_sam.models import build
 
 
 @pytest.fixture(name="bundle", scope="session")
 def _tiny_bundle():
   """The random-init tiny SAM (deterministic, so one instance serves every test)."""
-  from tff_sam import model as model_lib  # pylint: disable=g-import-not-at-top
-  return model_lib.load_sam("tiny")
+  return build.load_sam("tiny")
 
 
 @pytest.fixture(name="isolated_cache")
@@ -25,14 +26,8 @@ def _end_tff_workers_after_session():
   """Ends the `worker_binary` children this pytest process started, once, at the end.
 
   Killing the worker mid-session would leave TFF's current execution context unusable
-  for later tests (ProcessLookupError), so it happens only after the last test, after
-  installing a fresh, lazy context.
+  for later tests (ProcessLookupError), so it happens only after the last test.
   """
   yield
-  import sys  # pylint: disable=g-import-not-at-top
-  if "tensorflow_federated" in sys.modules:
-    tff = sys.modules["tensorflow_federated"]
-    with contextlib.suppress(Exception):
-      tff.backends.native.set_sync_local_cpp_execution_context()
-  from tff_sam import runtime  # pylint: disable=g-import-not-at-top
+  execution.end_workers()
   runtime.terminate_children()

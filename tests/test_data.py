@@ -8,7 +8,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tff_sam import data
+from tff_sam.data import discovery
+from tff_sam.data import reading
 from tff_sam import errors
 
 
@@ -41,14 +42,14 @@ def _stems(examples) -> list[str]:
   return [e.stem for e in examples]
 
 
-def _all_client_stems(splits: data.DatasetSplits) -> list[str]:
+def _all_client_stems(splits: discovery.DatasetSplits) -> list[str]:
   return [s for exs in splits.clients.values() for s in _stems(exs)]
 
 
 def _split(root, **kw):
   args = dict(partition="iid", num_clients=3, dirichlet_alpha=0.5, test_fraction=0.0, seed=0)
   args.update(kw)
-  return data.discover_splits(root, **args)
+  return discovery.discover_splits(root, **args)
 
 
 def _as_dict(splits):
@@ -74,7 +75,7 @@ def test_list_examples_pairs_by_stem_sorted(tmp_path):
   # Hidden files and unsupported extensions are ignored.
   (tmp_path / "images" / ".hidden.png").write_bytes(b"junk")
   (tmp_path / "images" / "notes.txt").write_text("x")
-  examples = data.list_examples(tmp_path)
+  examples = discovery.list_examples(tmp_path)
   assert _stems(examples) == ["a", "b", "c"]
   for ex in examples:
     assert ex.image_path == tmp_path / "images" / f"{ex.image_path.stem}.png"
@@ -84,7 +85,7 @@ def test_list_examples_pairs_by_stem_sorted(tmp_path):
 def test_example_stem_is_file_stem(tmp_path):
   for s in ("b", "a", "c"):
     _write_pair(tmp_path, s)
-  examples = data.list_examples(tmp_path)
+  examples = discovery.list_examples(tmp_path)
   assert [e.stem for e in examples] == ["a", "b", "c"]
   assert all(e.stem == e.image_path.stem for e in examples)
   # Clients' examples and the test set are in stem order.
@@ -292,7 +293,7 @@ def test_duplicate_stems(tmp_path):
   _flat(tmp_path, 2)
   tifffile.imwrite(tmp_path / "images" / "img_001.tif", np.zeros((12, 16), np.uint8))
   with pytest.raises(errors.DataError) as e:
-    data.list_examples(tmp_path)
+    discovery.list_examples(tmp_path)
   _assert_data_error(e, tmp_path / "images" / "img_001.tif")
   assert "img_001.png" in str(e.value)
 
@@ -305,11 +306,11 @@ def test_truncated_png(tmp_path):
   raw = path.read_bytes()
   path.write_bytes(raw[:len(raw) // 2])
   with pytest.raises(errors.DataError) as e:
-    data.read_image(path)
+    reading.read_image(path)
   _assert_data_error(e, path)
-  ex = data.list_examples(tmp_path)[0]
+  ex = discovery.list_examples(tmp_path)[0]
   with pytest.raises(errors.DataError) as e:
-    data.load_example(ex)
+    reading.load_example(ex)
   _assert_data_error(e, path)
 
 
@@ -318,10 +319,10 @@ def test_garbage_file(tmp_path, name):
   path = tmp_path / name
   path.write_bytes(b"this is not an image\n" * 10)
   with pytest.raises(errors.DataError) as e:
-    data.read_image(path)
+    reading.read_image(path)
   _assert_data_error(e, path)
   with pytest.raises(errors.DataError) as e:
-    data.read_mask(path)
+    reading.read_mask(path)
   _assert_data_error(e, path)
 
 
@@ -329,9 +330,9 @@ def test_size_mismatch(tmp_path):
   _write_pair(tmp_path, "a", size=(12, 16))
   mask_path = tmp_path / "masks" / "a.png"
   Image.fromarray(np.zeros((16, 12), np.uint8)).save(mask_path)
-  ex = data.list_examples(tmp_path)[0]
+  ex = discovery.list_examples(tmp_path)[0]
   with pytest.raises(errors.DataError) as e:
-    data.load_example(ex)
+    reading.load_example(ex)
   _assert_data_error(e, mask_path)
   assert "16x12" in str(e.value) and "12x16" in str(e.value)
 
@@ -340,7 +341,7 @@ def test_stack_tiff_as_image(tmp_path):
   path = tmp_path / "stack.tif"
   tifffile.imwrite(path, np.zeros((5, 20, 24), np.uint16))
   with pytest.raises(errors.DataError) as e:
-    data.read_image(path)
+    reading.read_image(path)
   _assert_data_error(e, path)
 
 
@@ -348,7 +349,7 @@ def test_stack_tiff_as_mask(tmp_path):
   path = tmp_path / "stack.tif"
   tifffile.imwrite(path, np.zeros((5, 20, 24), np.uint16))
   with pytest.raises(errors.DataError) as e:
-    data.read_mask(path)
+    reading.read_mask(path)
   _assert_data_error(e, path)
 
 
@@ -358,7 +359,7 @@ def test_bad_mask_values(tmp_path, values):
   path = tmp_path / "m.tif"
   tifffile.imwrite(path, values.astype(np.float32 if values.dtype.kind == "f" else np.int16))
   with pytest.raises(errors.DataError) as e:
-    data.read_mask(path)
+    reading.read_mask(path)
   _assert_data_error(e, path)
 
 
@@ -375,7 +376,7 @@ def test_read_gray8_png(tmp_path):
   a = _rng_image((10, 14))
   path = tmp_path / "g.png"
   Image.fromarray(a).save(path)
-  out = data.read_image(path)
+  out = reading.read_image(path)
   assert out.dtype == np.uint8 and out.shape == (10, 14, 3)
   for c in range(3):
     np.testing.assert_array_equal(out[..., c], a)
@@ -387,7 +388,7 @@ def test_read_rgb8_png_and_tiff(tmp_path):
   Image.fromarray(a).save(png)
   tifffile.imwrite(tif, a, photometric="rgb")
   for path in (png, tif):
-    out = data.read_image(path)
+    out = reading.read_image(path)
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, a)
 
@@ -396,7 +397,7 @@ def test_read_bgr_written_by_cv2_is_rgb(tmp_path):
   a = _rng_image((10, 14, 3), seed=1)
   path = tmp_path / "c.png"
   cv2.imwrite(str(path), a[..., ::-1])
-  np.testing.assert_array_equal(data.read_image(path), a)
+  np.testing.assert_array_equal(reading.read_image(path), a)
 
 
 def test_read_rgba_drops_alpha(tmp_path):
@@ -405,7 +406,7 @@ def test_read_rgba_drops_alpha(tmp_path):
   a[0, 0, 3] = 255
   path = tmp_path / "c.png"
   Image.fromarray(a, mode="RGBA").save(path)
-  out = data.read_image(path)
+  out = reading.read_image(path)
   assert out.shape == (10, 14, 3)
   np.testing.assert_array_equal(out, a[..., :3])
 
@@ -414,11 +415,11 @@ def test_read_palette_png(tmp_path):
   a = _rng_image((10, 14, 3), seed=3) // 64 * 64  # few colours
   path = tmp_path / "p.png"
   Image.fromarray(a).convert("P", palette=Image.ADAPTIVE, colors=64).save(path)
-  np.testing.assert_array_equal(data.read_image(path), a)
+  np.testing.assert_array_equal(reading.read_image(path), a)
 
 
 def _expected_percentile_scaling(a):
-  lo, hi = np.percentile(a.astype(np.float64), data.PERCENTILES)
+  lo, hi = np.percentile(a.astype(np.float64), reading.PERCENTILES)
   return np.clip(np.round((a.astype(np.float64) - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
 
 
@@ -433,7 +434,7 @@ def test_read_gray16_percentile_scaling(tmp_path, fmt):
     tifffile.imwrite(path, a)
   else:
     assert cv2.imwrite(str(path), a)
-  out = data.read_image(path)
+  out = reading.read_image(path)
   assert out.dtype == np.uint8 and out.shape == (40, 50, 3)
   expected = _expected_percentile_scaling(a)
   np.testing.assert_array_equal(out[..., 0], expected)
@@ -445,10 +446,10 @@ def test_read_gray16_percentile_scaling(tmp_path, fmt):
 
 
 def test_to_uint8_constant_and_bool():
-  np.testing.assert_array_equal(data.to_uint8(np.full((3, 3), 7, np.uint16)), np.zeros((3, 3)))
-  np.testing.assert_array_equal(data.to_uint8(np.eye(2, dtype=bool)), np.eye(2) * 255)
+  np.testing.assert_array_equal(reading.to_uint8(np.full((3, 3), 7, np.uint16)), np.zeros((3, 3)))
+  np.testing.assert_array_equal(reading.to_uint8(np.eye(2, dtype=bool)), np.eye(2) * 255)
   a = _rng_image((4, 4))
-  assert data.to_uint8(a) is a
+  assert reading.to_uint8(a) is a
 
 
 def test_read_channels_first_tiff(tmp_path):
@@ -457,14 +458,14 @@ def test_read_channels_first_tiff(tmp_path):
   tifffile.imwrite(path, np.ascontiguousarray(np.moveaxis(a, -1, 0)), photometric="minisblack",
                    planarconfig="contig")
   assert tifffile.imread(path).shape == (3, 10, 14)
-  np.testing.assert_array_equal(data.read_image(path), a)
+  np.testing.assert_array_equal(reading.read_image(path), a)
 
 
 def test_read_single_channel_tiff(tmp_path):
   a = _rng_image((10, 14, 1), seed=6)
   path = tmp_path / "one.tif"
   tifffile.imwrite(path, a, photometric="minisblack")
-  out = data.read_image(path)
+  out = reading.read_image(path)
   np.testing.assert_array_equal(out, np.repeat(a, 3, axis=-1))
 
 
@@ -473,7 +474,7 @@ def test_read_rgb16_tiff_scaled(tmp_path):
   a = rng.integers(0, 4096, size=(12, 10, 3)).astype(np.uint16)
   path = tmp_path / "rgb16.tif"
   tifffile.imwrite(path, a, photometric="rgb")
-  out = data.read_image(path)
+  out = reading.read_image(path)
   np.testing.assert_array_equal(out, _expected_percentile_scaling(a))
 
 
@@ -492,18 +493,18 @@ def test_binary_mask_is_one_object(tmp_path):
   m = _two_squares()
   path = tmp_path / "m.png"
   Image.fromarray(m).save(path)
-  out = data.read_mask(path)
+  out = reading.read_mask(path)
   assert out.dtype == np.int32
   np.testing.assert_array_equal(out, (m > 0).astype(np.int32))
-  np.testing.assert_array_equal(data.object_ids(out), [1])
+  np.testing.assert_array_equal(reading.object_ids(out), [1])
 
 
 def test_binary_mask_components(tmp_path):
   m = _two_squares()
   path = tmp_path / "m.png"
   Image.fromarray(m).save(path)
-  out = data.read_mask(path, binary_components=True)
-  np.testing.assert_array_equal(data.object_ids(out), [1, 2])
+  out = reading.read_mask(path, binary_components=True)
+  np.testing.assert_array_equal(reading.object_ids(out), [1, 2])
   np.testing.assert_array_equal(out > 0, m > 0)
   assert out[2, 2] == out[6, 6] != out[12, 14]
   assert len(np.unique(out[2:6, 2:6])) == 1 and len(np.unique(out[10:15, 12:18])) == 1
@@ -513,8 +514,8 @@ def test_binary_mask_other_foreground_value(tmp_path):
   m = (_two_squares() > 0).astype(np.uint8)  # {0, 1}
   path = tmp_path / "m.tif"
   tifffile.imwrite(path, m)
-  np.testing.assert_array_equal(data.read_mask(path), m)
-  assert len(data.object_ids(data.read_mask(path, binary_components=True))) == 2
+  np.testing.assert_array_equal(reading.read_mask(path), m)
+  assert len(reading.object_ids(reading.read_mask(path, binary_components=True))) == 2
 
 
 def test_instance_labels_binary_components_ignored(tmp_path):
@@ -524,7 +525,7 @@ def test_instance_labels_binary_components_ignored(tmp_path):
   m[8:10, 0:3] = 9
   path = tmp_path / "m.png"
   Image.fromarray(m).save(path)
-  out = data.read_mask(path, binary_components=True)
+  out = reading.read_mask(path, binary_components=True)
   np.testing.assert_array_equal(out, m.astype(np.int32))
 
 
@@ -540,10 +541,10 @@ def test_instance_labels_above_255_preserved(tmp_path, fmt):
     assert cv2.imwrite(str(path), m)
   else:
     tifffile.imwrite(path, m)
-  out = data.read_mask(path)
+  out = reading.read_mask(path)
   assert out.dtype == np.int32
   np.testing.assert_array_equal(out, m.astype(np.int32))
-  np.testing.assert_array_equal(data.object_ids(out), [256, 300, 1000, 60000])
+  np.testing.assert_array_equal(reading.object_ids(out), [256, 300, 1000, 60000])
 
 
 def test_rgb_mask_one_object_per_colour(tmp_path):
@@ -554,11 +555,11 @@ def test_rgb_mask_one_object_per_colour(tmp_path):
   m[0:3, 8:11] = (10, 20, 30)
   path = tmp_path / "m.png"
   Image.fromarray(m).save(path)
-  out = data.read_mask(path)
+  out = reading.read_mask(path)
   assert out.dtype == np.int32
   assert (out == 0).sum() == (m.sum(-1) == 0).sum()
   np.testing.assert_array_equal(out == 0, m.sum(-1) == 0)
-  assert len(data.object_ids(out)) == 3
+  assert len(reading.object_ids(out)) == 3
   assert out[0, 0] == out[9, 9] != 0
   assert len({out[0, 0], out[5, 5], out[1, 9]}) == 3
 
@@ -569,8 +570,8 @@ def test_rgb_mask_without_black_background(tmp_path):
   m[2:4, 2:4] = (200, 0, 0)
   path = tmp_path / "m.png"
   Image.fromarray(m).save(path)
-  out = data.read_mask(path)
-  assert len(data.object_ids(out)) == 2 and (out == 0).sum() == 0
+  out = reading.read_mask(path)
+  assert len(reading.object_ids(out)) == 2 and (out == 0).sum() == 0
 
 
 def test_gray_rgb_mask_read_as_gray(tmp_path):
@@ -579,7 +580,7 @@ def test_gray_rgb_mask_read_as_gray(tmp_path):
   g[5:7, 5:7] = 7
   path = tmp_path / "m.png"
   Image.fromarray(np.repeat(g[..., None], 3, axis=-1)).save(path)
-  np.testing.assert_array_equal(data.read_mask(path), g.astype(np.int32))
+  np.testing.assert_array_equal(reading.read_mask(path), g.astype(np.int32))
 
 
 def test_rgba_mask_uses_colour(tmp_path):
@@ -589,13 +590,13 @@ def test_rgba_mask_uses_colour(tmp_path):
   m[5:7, 5:7, :3] = (0, 200, 0)
   path = tmp_path / "m.png"
   Image.fromarray(m, mode="RGBA").save(path)
-  out = data.read_mask(path)
-  assert len(data.object_ids(out)) == 2
+  out = reading.read_mask(path)
+  assert len(reading.object_ids(out)) == 2
   np.testing.assert_array_equal(out == 0, m[..., :3].sum(-1) == 0)
 
 
 def test_load_example_reads_both(tmp_path):
   _write_pair(tmp_path, "a", size=(12, 16), value=77)
-  image, labels = data.load_example(data.list_examples(tmp_path)[0])
+  image, labels = reading.load_example(discovery.list_examples(tmp_path)[0])
   assert image.shape == (12, 16, 3) and image.dtype == np.uint8 and (image == 77).all()
   assert labels.shape == (12, 16) and labels.sum() == 4 * 5

@@ -1,4 +1,4 @@
-"""Tests for tff_sam.embeddings (the record cache) and tff_sam.client_data (tf.data)."""
+"""Tests for tff_sam.data.cache (the record cache) and tff_sam.data.pipeline (tf.data)."""
 
 import dataclasses
 import shutil
@@ -9,12 +9,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tff_sam import client_data
-from tff_sam import data
-from tff_sam import embeddings
-from tff_sam import model as model_lib
-from tff_sam import preprocess
-from tff_sam import synthetic
+from tff_sam.data import cache
+from tff_sam.data import discovery
+from tff_sam.data import pipeline
+from tff_sam.data import preprocess
+from tff_sam.data import reading
+from tff_sam.data import synthetic
+from tff_sam.models import sam as sam_lib
 
 PROMPTS = 5  # more than any synthetic image's object count (2..4)
 
@@ -29,10 +30,10 @@ def _dataset(tmp_path_factory):
   return root
 
 
-def _examples(root: Path) -> list[data.Example]:
+def _examples(root: Path) -> list[discovery.Example]:
   out = []
   for folder in ("site_0", "site_1", "site_2", "test"):
-    out.extend(data.list_examples(root / folder))
+    out.extend(discovery.list_examples(root / folder))
   return out
 
 
@@ -58,26 +59,26 @@ def _build(bundle, examples, cache_root, **kw):
   args = dict(bundle=bundle, cache_root=cache_root, binary_components=False, batch_size=4,
               show_progress=False)
   args.update(kw)
-  return embeddings.build_records(examples, **args)
+  return cache.build_records(examples, **args)
 
 
 @pytest.fixture(name="built", scope="module")
 def _built(bundle, dataset, tmp_path_factory):
-  cache = tmp_path_factory.mktemp("cache")
+  cache_dir = tmp_path_factory.mktemp("cache")
   counting = _CountingBundle(bundle)
   examples = _examples(dataset)
-  records, stats = _build(counting.bundle, examples, cache)
-  return dict(cache=cache, examples=examples, records=records, stats=stats,
+  records, stats = _build(counting.bundle, examples, cache_dir)
+  return dict(cache_dir=cache_dir, examples=examples, records=records, stats=stats,
               encoded_images=counting.images)
 
 
-def _record_dir(cache, bundle) -> Path:
-  return Path(cache) / "embeddings" / bundle.fingerprint
+def _record_dir(cache_dir, bundle) -> Path:
+  return Path(cache_dir) / "embeddings" / bundle.fingerprint
 
 
 def _read(bundle, path):
-  return embeddings.read_record(path, embedding_shape=model_lib.embedding_shape(bundle.config),
-                                input_size=model_lib.image_size(bundle.config))
+  return cache.read_record(path, embedding_shape=sam_lib.embedding_shape(bundle.config),
+                                input_size=sam_lib.image_size(bundle.config))
 
 
 # ----------------------------------------------------------------------------- records
@@ -91,18 +92,18 @@ def test_build_records_encodes_each_image_once(built, bundle):
   assert built["encoded_images"] == n
   paths = [r.path for r in built["records"]]
   assert len(set(paths)) == n
-  assert all(p.parent == _record_dir(built["cache"], bundle) for p in paths)
+  assert all(p.parent == _record_dir(built["cache_dir"], bundle) for p in paths)
   assert all(p.is_file() and p.suffix == ".tfrecord" for p in paths)
   assert stats.objects == sum(r.num_objects for r in built["records"])
   assert stats.objects >= 2 * n - stats.objects_too_small
   assert stats.images_without_objects == sum(r.num_objects == 0 for r in built["records"])
   # Nothing temporary is left behind.
-  assert not [p for p in _record_dir(built["cache"], bundle).iterdir() if p.name.startswith(".")]
+  assert not [p for p in _record_dir(built["cache_dir"], bundle).iterdir() if p.name.startswith(".")]
 
 
 def test_second_call_reuses(built, bundle):
   counting = _CountingBundle(bundle)
-  records, stats = _build(counting.bundle, built["examples"], built["cache"])
+  records, stats = _build(counting.bundle, built["examples"], built["cache_dir"])
   assert (stats.images, stats.encoded, stats.reused) == (9, 0, 9)
   assert counting.images == 0
   assert records == built["records"]
@@ -112,19 +113,19 @@ def test_second_call_reuses(built, bundle):
 def test_changed_files_and_settings_give_new_records(bundle, dataset, tmp_path):
   root = tmp_path / "data"
   shutil.copytree(dataset, root)
-  cache = tmp_path / "cache"
-  examples = data.list_examples(root / "site_1")
-  first, stats = _build(bundle, examples, cache)
+  cache_dir = tmp_path / "cache"
+  examples = discovery.list_examples(root / "site_1")
+  first, stats = _build(bundle, examples, cache_dir)
   assert stats.encoded == 2
   # Remove one object from the first mask.
   mask_path = examples[0].mask_path
-  labels = data.read_mask(mask_path)
-  drop = data.object_ids(labels)[0]
+  labels = reading.read_mask(mask_path)
+  drop = reading.object_ids(labels)[0]
   raw = np.asarray(Image.open(mask_path))
   raw = np.where(labels == drop, 0, raw).astype(raw.dtype)
   Image.fromarray(raw).save(mask_path)
   counting = _CountingBundle(bundle)
-  second, stats = _build(counting.bundle, examples, cache)
+  second, stats = _build(counting.bundle, examples, cache_dir)
   assert (stats.encoded, stats.reused) == (1, 1)
   assert counting.images == 1
   assert second[0].path != first[0].path and second[1] == first[1]
@@ -136,11 +137,11 @@ def test_changed_files_and_settings_give_new_records(bundle, dataset, tmp_path):
   img = np.asarray(Image.open(examples[1].image_path)).copy()
   img[0, 0] ^= 0xFF
   Image.fromarray(img).save(examples[1].image_path)
-  third, stats = _build(bundle, examples, cache)
+  third, stats = _build(bundle, examples, cache_dir)
   assert (stats.encoded, stats.reused) == (1, 1)
   assert third[1].path != second[1].path and third[0] == second[0]
   # So does a different mask interpretation.
-  fourth, stats = _build(bundle, examples, cache, binary_components=True)
+  fourth, stats = _build(bundle, examples, cache_dir, binary_components=True)
   assert stats.encoded == 2
   assert {r.path for r in fourth}.isdisjoint({r.path for r in third})
 
@@ -153,22 +154,22 @@ def _expected_embedding(bundle, image):
 
 def test_records_round_trip(built, bundle):
   config = bundle.config
-  side = model_lib.image_size(config)
+  side = sam_lib.image_size(config)
   for ex, record in zip(built["examples"], built["records"]):
     rec = _read(bundle, record.path)
-    image, labels = data.load_example(ex)
+    image, labels = reading.load_example(ex)
     want = _expected_embedding(bundle, image)
-    assert rec["embedding"].shape == model_lib.embedding_shape(config)
+    assert rec["embedding"].shape == sam_lib.embedding_shape(config)
     assert rec["embedding"].dtype == np.float32
     np.testing.assert_allclose(rec["embedding"], want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
     # Labels in the input frame, objects renumbered 1..K in id order, -1 padding.
     resized = preprocess.resize_labels(labels, longest_edge=side, pad_to=side)
-    ids = data.object_ids(labels)
+    ids = reading.object_ids(labels)
     ids = ids[np.isin(ids, resized)]
     assert len(ids) == record.num_objects >= 1
     np.testing.assert_array_equal(rec["object_ids"], np.arange(1, len(ids) + 1))
     assert rec["labels"].shape == (side, side)
-    np.testing.assert_array_equal(rec["labels"], embeddings.renumber(resized, ids))
+    np.testing.assert_array_equal(rec["labels"], cache.renumber(resized, ids))
     for new, old in enumerate(ids, start=1):
       np.testing.assert_array_equal(rec["labels"] == new, resized == old)
     np.testing.assert_array_equal(rec["labels"] == -1, resized == -1)
@@ -186,21 +187,21 @@ def test_record_stem_is_image_stem(built, bundle):
 
 def test_renumber_and_png_labels():
   labels = np.array([[-1, 0, 300], [70000, 300, 5]], np.int32)
-  out = embeddings.renumber(labels, np.array([5, 300, 70000]))
+  out = cache.renumber(labels, np.array([5, 300, 70000]))
   np.testing.assert_array_equal(out, [[-1, 0, 2], [3, 2, 1]])
-  out = embeddings.renumber(labels, np.array([300]))  # unlisted ids become background
+  out = cache.renumber(labels, np.array([300]))  # unlisted ids become background
   np.testing.assert_array_equal(out, [[-1, 0, 1], [0, 1, 0]])
   big = np.full((3, 3), 65534, np.int32)
   big[0, 0] = -1
-  png = embeddings.encode_labels(big)
+  png = cache.encode_labels(big)
   decoded = tf.io.decode_png(png, channels=1, dtype=tf.uint16).numpy()[..., 0]
-  np.testing.assert_array_equal(np.where(decoded == embeddings.PNG_PAD, -1, decoded), big)
+  np.testing.assert_array_equal(np.where(decoded == cache.PNG_PAD, -1, decoded), big)
   with pytest.raises(ValueError):
-    embeddings.encode_labels(np.full((2, 2), 65535, np.int32))
+    cache.encode_labels(np.full((2, 2), 65535, np.int32))
 
 
 def test_stray_temp_files_are_ignored(built, bundle):
-  out_dir = _record_dir(built["cache"], bundle)
+  out_dir = _record_dir(built["cache_dir"], bundle)
   victim = built["records"][0].path
   strays = [out_dir / ".x.tmp", out_dir / f".{victim.name}.abc123.tmp",
             out_dir / f".{victim.name}.old.tmp"]
@@ -208,11 +209,11 @@ def test_stray_temp_files_are_ignored(built, bundle):
     good = victim.read_bytes()
     for p in strays:
       p.write_bytes(good[:len(good) // 3])  # a partially written record
-    records, stats = _build(bundle, built["examples"], built["cache"])
+    records, stats = _build(bundle, built["examples"], built["cache_dir"])
     assert stats.reused == 9 and stats.encoded == 0
     assert all(not r.path.name.startswith(".") for r in records)
-    manifest_dir = built["cache"] / "manifests"
-    embeddings.write_manifests(manifest_dir, {"c": records})
+    manifest_dir = built["cache_dir"] / "manifests"
+    cache.write_manifests(manifest_dir, {"c": records})
     listed = (manifest_dir / "c.txt").read_text().split()
     assert not [p for p in listed if Path(p).name.startswith(".")]
   finally:
@@ -221,8 +222,8 @@ def test_stray_temp_files_are_ignored(built, bundle):
 
 
 def test_crash_while_writing_leaves_nothing_trusted(bundle, dataset, tmp_path, monkeypatch):
-  examples = data.list_examples(dataset / "site_2")
-  cache = tmp_path / "cache"
+  examples = discovery.list_examples(dataset / "site_2")
+  cache_dir = tmp_path / "cache"
   real_writer = tf.io.TFRecordWriter
 
   class CrashingWriter:
@@ -243,19 +244,19 @@ def test_crash_while_writing_leaves_nothing_trusted(bundle, dataset, tmp_path, m
 
   monkeypatch.setattr(tf.io, "TFRecordWriter", CrashingWriter)
   with pytest.raises(OSError):
-    _build(bundle, examples, cache)
-  out_dir = _record_dir(cache, bundle)
+    _build(bundle, examples, cache_dir)
+  out_dir = _record_dir(cache_dir, bundle)
   assert list(out_dir.iterdir()) == []  # no record and no temporary file
   monkeypatch.setattr(tf.io, "TFRecordWriter", real_writer)
-  records, stats = _build(bundle, examples, cache)
+  records, stats = _build(bundle, examples, cache_dir)
   assert stats.encoded == 2 and stats.reused == 0
   assert all(r.path.exists() for r in records)
 
 
 def test_write_manifests(built, tmp_path):
   recs = built["records"]
-  empty = embeddings.Record(tmp_path / "none.tfrecord", 0)
-  counts = embeddings.write_manifests(tmp_path / "m", {"a": recs[:3] + [empty], "b": [empty]})
+  empty = cache.Record(tmp_path / "none.tfrecord", 0)
+  counts = cache.write_manifests(tmp_path / "m", {"a": recs[:3] + [empty], "b": [empty]})
   assert counts == {"a": 3, "b": 0}
   assert (tmp_path / "m" / "a.txt").read_text().splitlines() == [str(r.path) for r in recs[:3]]
   assert (tmp_path / "m" / "b.txt").read_text() == ""
@@ -266,18 +267,18 @@ def test_write_manifests(built, tmp_path):
 
 def _spec(bundle, manifest_dir, **kw):
   args = dict(
-      manifest_dir=str(manifest_dir), embedding_shape=model_lib.embedding_shape(bundle.config),
-      low_res=model_lib.low_res_size(bundle.config), input_size=model_lib.image_size(bundle.config),
+      manifest_dir=str(manifest_dir), embedding_shape=sam_lib.embedding_shape(bundle.config),
+      low_res=sam_lib.low_res_size(bundle.config), input_size=sam_lib.image_size(bundle.config),
       prompt="both", prompts_per_image=PROMPTS, box_jitter=4.0, num_points=2,
       num_negative_points=1, local_epochs=1, batch_size=2, seed=0)
   args.update(kw)
-  return client_data.PipelineSpec(**args)
+  return pipeline.PipelineSpec(**args)
 
 
 @pytest.fixture(name="manifests", scope="module")
 def _manifests(built, tmp_path_factory):
   folder = tmp_path_factory.mktemp("manifests")
-  counts = embeddings.write_manifests(folder, {"all": built["records"], "two": built["records"][:2]})
+  counts = cache.write_manifests(folder, {"all": built["records"], "two": built["records"][:2]})
   assert counts["all"] == 9
   return folder
 
@@ -304,8 +305,8 @@ def _records_by_embedding(bundle, built):
 
 def test_client_dataset_element_spec(bundle, manifests):
   spec = _spec(bundle, manifests)
-  ds = client_data.client_dataset("all@3", spec)
-  c, s, _ = model_lib.embedding_shape(bundle.config)
+  ds = pipeline.client_dataset("all@3", spec)
+  c, s, _ = sam_lib.embedding_shape(bundle.config)
   low = spec.low_res
   es = ds.element_spec
   assert es["x"]["image_embeddings"] == tf.TensorSpec([None, c, s, s], tf.float32)
@@ -331,7 +332,7 @@ def _blocks(x, low):
 def test_client_dataset_examples(bundle, built, manifests):
   spec = _spec(bundle, manifests)
   low = spec.low_res
-  batches = _batches(client_data.client_dataset("all@3", spec))
+  batches = _batches(pipeline.client_dataset("all@3", spec))
   assert [b["y"].shape[0] for b in batches] == [2, 2, 2, 2, 1]
   examples = _unbatch(batches)
   by_emb = _records_by_embedding(bundle, built)
@@ -377,12 +378,12 @@ def test_client_dataset_examples(bundle, built, manifests):
 
 def test_client_dataset_deterministic_per_id_and_round(bundle, manifests):
   spec = _spec(bundle, manifests)
-  a = _batches(client_data.client_dataset("all@3", spec))
-  b = _batches(client_data.client_dataset(tf.constant("all@3"), spec))
+  a = _batches(pipeline.client_dataset("all@3", spec))
+  b = _batches(pipeline.client_dataset(tf.constant("all@3"), spec))
   assert len(a) == len(b)
   for x, y in zip(a, b):
     tf.nest.map_structure(np.testing.assert_array_equal, x, y)
-  c = _batches(client_data.client_dataset("all@4", spec))
+  c = _batches(pipeline.client_dataset("all@4", spec))
 
   def prompts_of(batches):
     return {e["image_embeddings"].tobytes(): (e["boxes"], e["points"])
@@ -399,16 +400,16 @@ def _prompts_by_image(batches):
 
 
 def test_run_seed_changes_prompts(bundle, manifests):
-  a = _prompts_by_image(_batches(client_data.client_dataset("all@3", _spec(bundle, manifests))))
+  a = _prompts_by_image(_batches(pipeline.client_dataset("all@3", _spec(bundle, manifests))))
   b = _prompts_by_image(_batches(
-      client_data.client_dataset("all@3", _spec(bundle, manifests, seed=1))))
+      pipeline.client_dataset("all@3", _spec(bundle, manifests, seed=1))))
   assert set(a) == set(b)
   assert all(not np.array_equal(a[key][0], b[key][0]) for key in a)
 
 
 def test_client_dataset_epochs_and_box_mode(bundle, manifests):
   spec = _spec(bundle, manifests, local_epochs=2, prompt="box", batch_size=3)
-  examples = _unbatch(_batches(client_data.client_dataset("two@0", spec)))
+  examples = _unbatch(_batches(pipeline.client_dataset("two@0", spec)))
   assert len(examples) == 4
   for e in examples:
     assert (e["point_labels"] == -1).all() and (e["points"] == 0).all()
@@ -424,10 +425,10 @@ def test_client_dataset_epochs_and_box_mode(bundle, manifests):
 def test_client_dataset_in_legacy_graph(bundle, manifests):
   """TFF builds client datasets inside a tf.Graph from a string placeholder."""
   spec = _spec(bundle, manifests)
-  eager = _batches(client_data.client_dataset("all@3", spec))
+  eager = _batches(pipeline.client_dataset("all@3", spec))
   with tf.Graph().as_default() as graph:
     cid = tf.compat.v1.placeholder(tf.string, [])
-    ds = client_data.client_dataset(cid, spec)
+    ds = pipeline.client_dataset(cid, spec)
     assert ds.element_spec["y"].shape.as_list() == [None, PROMPTS, spec.low_res, spec.low_res]
     it = tf.compat.v1.data.make_initializable_iterator(ds)
     nxt = it.get_next()
@@ -444,14 +445,14 @@ def test_build_client_data(bundle, manifests):
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   spec = _spec(bundle, manifests)
-  cd = client_data.build_client_data(["all", "two"], spec)
+  cd = pipeline.build_client_data(["all", "two"], spec)
   assert isinstance(cd, tff.simulation.datasets.ClientData)
   assert cd.client_ids == ["all", "two"]
-  assert client_data.round_client_id("two", 7) == "two@7"
+  assert pipeline.round_client_id("two", 7) == "two@7"
   for cid, dataset_fn in (("two", cd.create_tf_dataset_for_client),
                           ("two@7", cd.serializable_dataset_fn)):
     got = _batches(dataset_fn(cid))
-    want = _batches(client_data.client_dataset(cid, spec))
+    want = _batches(pipeline.client_dataset(cid, spec))
     assert len(got) == len(want) == 1
     tf.nest.map_structure(np.testing.assert_array_equal, got[0], want[0])
 
@@ -461,7 +462,7 @@ def test_evaluation_dataset_prompts_every_object_once(bundle, built, manifests, 
   spec = _spec(bundle, manifests, prompts_per_image=chunk, box_jitter=0.0,
                box_jitter_fraction=0.0, evaluation=True, max_objects_per_image=cap,
                batch_size=1)
-  examples = _unbatch(_batches(client_data.evaluation_dataset("all@0", spec)))
+  examples = _unbatch(_batches(pipeline.evaluation_dataset("all@0", spec)))
   by_emb = _records_by_embedding(bundle, built)
   prompted = {}
   for ex in examples:
@@ -480,7 +481,7 @@ def test_evaluation_dataset_prompts_every_object_once(bundle, built, manifests, 
     k = len(by_emb[key]["object_ids"])
     assert seen == list(range(min(k, cap) if cap else k))
   # Deterministic: the same examples again.
-  again = _unbatch(_batches(client_data.evaluation_dataset("all@0", spec)))
+  again = _unbatch(_batches(pipeline.evaluation_dataset("all@0", spec)))
   for a, b in zip(examples, again):
     for name in a:
       np.testing.assert_array_equal(a[name], b[name])

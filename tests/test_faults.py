@@ -17,11 +17,12 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tff_sam import data
-from tff_sam import embeddings
+from tff_sam.data import cache
+from tff_sam.data import discovery
+from tff_sam.data import preprocess
+from tff_sam.data import reading
 from tff_sam import errors
-from tff_sam import model as model_lib
-from tff_sam import preprocess
+from tff_sam.models import sam as sam_lib
 
 H, W = 24, 32
 
@@ -136,7 +137,7 @@ def _build(bundle, examples, cache_root, **kw):
   args = dict(bundle=bundle, cache_root=cache_root, binary_components=False, batch_size=4,
               show_progress=False)
   args.update(kw)
-  return embeddings.build_records(examples, **args)
+  return cache.build_records(examples, **args)
 
 
 # ----------------------------------------------------------------------------- per-file faults
@@ -145,11 +146,11 @@ def _build(bundle, examples, cache_root, **kw):
 @pytest.mark.parametrize("fault", ["corrupt", "truncated", "size_mismatch", "bad_mask_values"])
 def test_per_file_fault_is_one_line_error_by_default(tmp_path, bundle, fault):
   bad = _fault_folder(tmp_path / "d")
-  examples = data.list_examples(tmp_path / "d")
+  examples = discovery.list_examples(tmp_path / "d")
   path = bad[fault]
   (ex,) = [e for e in examples if path in (e.image_path, e.mask_path)]
   with pytest.raises(errors.DataError) as e:
-    data.load_example(ex)
+    reading.load_example(ex)
   _assert_one_line_error(e.value, path)
   # build_records stops at the first bad example, with the same error.
   (good,) = [e for e in examples if e.stem == "good"]
@@ -160,12 +161,12 @@ def test_per_file_fault_is_one_line_error_by_default(tmp_path, bundle, fault):
 
 def test_fault_messages(tmp_path):
   bad = _fault_folder(tmp_path)
-  by_path = {e.image_path: e for e in data.list_examples(tmp_path)}
+  by_path = {e.image_path: e for e in discovery.list_examples(tmp_path)}
   by_path.update({e.mask_path: e for e in by_path.values()})
 
   def message(fault):
-    with pytest.raises(data.ExampleError) as e:
-      data.load_example(by_path[bad[fault]])
+    with pytest.raises(discovery.ExampleError) as e:
+      reading.load_example(by_path[bad[fault]])
     return e.value
   assert message("corrupt").reason == "unreadable"
   assert "cannot read file" in str(message("corrupt"))
@@ -180,11 +181,11 @@ def test_fault_messages(tmp_path):
 
 def test_build_records_skips_bad_examples(tmp_path, bundle, caplog):
   bad = _fault_folder(tmp_path / "d")
-  examples = data.list_examples(tmp_path / "d")
+  examples = discovery.list_examples(tmp_path / "d")
   assert len(examples) == len(GOOD) + 4
-  cache = tmp_path / "cache"
+  cache_dir = tmp_path / "cache"
   with caplog.at_level(logging.WARNING):
-    records, stats = _build(bundle, examples, cache, skip_bad_examples=True)
+    records, stats = _build(bundle, examples, cache_dir, skip_bad_examples=True)
   _assert_warned(caplog, {bad["corrupt"]: "unreadable", bad["truncated"]: "unreadable",
                           bad["size_mismatch"]: "size_mismatch",
                           bad["bad_mask_values"]: "bad_mask_values"})
@@ -201,7 +202,7 @@ def test_build_records_skips_bad_examples(tmp_path, bundle, caplog):
   assert all(n == 1 for s, n in objects.items() if s not in ("empty", "labels"))
   assert stats.objects == sum(objects.values())
   # The empty-mask image is kept out of training by the manifest.
-  counts = embeddings.write_manifests(tmp_path / "clients", {"c": records})
+  counts = cache.write_manifests(tmp_path / "clients", {"c": records})
   assert counts == {"c": len(GOOD) - 1}
   # summary.json stores vars(stats): still JSON.
   assert json.loads(json.dumps(vars(stats)))["skipped"] == SKIPPED
@@ -209,28 +210,28 @@ def test_build_records_skips_bad_examples(tmp_path, bundle, caplog):
   # A second build reuses the good records and skips (and counts) the bad ones again.
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    again, stats2 = _build(bundle, examples, cache, skip_bad_examples=True)
+    again, stats2 = _build(bundle, examples, cache_dir, skip_bad_examples=True)
   assert len(_warnings(caplog)) == 4
   assert (stats2.encoded, stats2.reused, stats2.skipped) == (0, len(GOOD), SKIPPED)
   assert again == records
 
   # Without skipping, good examples give one record per example, as before.
   good = [r.example for r in records]
-  plain, stats3 = _build(bundle, good, cache)
+  plain, stats3 = _build(bundle, good, cache_dir)
   assert [r.example for r in plain] == good and stats3.skipped == {}
 
 
 def test_skip_whole_batch_and_stats_add(tmp_path, bundle, caplog):
   bad = _fault_folder(tmp_path / "d")
-  examples = [e for e in data.list_examples(tmp_path / "d")
+  examples = [e for e in discovery.list_examples(tmp_path / "d")
               if bad["corrupt"] == e.image_path or bad["truncated"] == e.image_path]
   with caplog.at_level(logging.WARNING):
     records, stats = _build(bundle, examples, tmp_path / "cache", skip_bad_examples=True,
                             batch_size=2)
   assert records == [] and stats.skipped == {"unreadable": 2}
-  total = embeddings.CacheStats()
+  total = cache.CacheStats()
   total.add(stats)
-  total.add(embeddings.CacheStats(images=1, skipped={"unreadable": 1, "size_mismatch": 1}))
+  total.add(cache.CacheStats(images=1, skipped={"unreadable": 1, "size_mismatch": 1}))
   assert total.skipped == {"unreadable": 3, "size_mismatch": 1}
   assert total.images == 3 and total.num_skipped == 4
 
@@ -240,19 +241,19 @@ def test_skip_whole_batch_and_stats_add(tmp_path, bundle, caplog):
 
 def test_rgba_16bit_gray_images_read_and_encode(tmp_path, bundle):
   _fault_folder(tmp_path / "d")
-  examples = {e.stem: e for e in data.list_examples(tmp_path / "d")}
+  examples = {e.stem: e for e in discovery.list_examples(tmp_path / "d")}
   chosen = [examples[s] for s in ("rgba", "rgb16", "gray16", "gray8")]
   for ex in chosen:
-    image = data.read_image(ex.image_path)
+    image = reading.read_image(ex.image_path)
     assert image.dtype == np.uint8 and image.shape == (H, W, 3), ex.stem
     assert image.max() > image.min()  # 16-bit is scaled, not clipped to black
-  rgba = data.read_image(examples["rgba"].image_path)
+  rgba = reading.read_image(examples["rgba"].image_path)
   np.testing.assert_array_equal(rgba, _image(7, (H, W, 4))[..., :3])
   records, stats = _build(bundle, chosen, tmp_path / "cache")
   assert stats.encoded == 4 and stats.skipped == {}
   for r in records:
-    rec = embeddings.read_record(r.path, embedding_shape=model_lib.embedding_shape(bundle.config),
-                                 input_size=model_lib.image_size(bundle.config))
+    rec = cache.read_record(r.path, embedding_shape=sam_lib.embedding_shape(bundle.config),
+                                 input_size=sam_lib.image_size(bundle.config))
     assert tuple(rec["original_size"]) == (H, W)
     assert np.isfinite(rec["embedding"]).all()
 
@@ -267,24 +268,24 @@ def test_unpaired_files(tmp_path, caplog):
   (masks / "a.png").unlink()  # image without mask
   Image.fromarray(_mask()).save(masks / "z.png")  # mask without image
   with pytest.raises(errors.DataError) as e:
-    data.list_examples(tmp_path)
+    discovery.list_examples(tmp_path)
   _assert_one_line_error(e.value, images / "a.png")
   assert "has no mask" in str(e.value)
   (images / "a.png").rename(tmp_path / "a.png")
   with pytest.raises(errors.DataError) as e:
-    data.list_examples(tmp_path)
+    discovery.list_examples(tmp_path)
   _assert_one_line_error(e.value, masks / "z.png")
   assert "has no image" in str(e.value)
   (tmp_path / "a.png").rename(images / "a.png")
 
   skipped = collections.Counter()
   with caplog.at_level(logging.WARNING):
-    examples = data.list_examples(tmp_path, skip_bad_examples=True, skipped=skipped)
+    examples = discovery.list_examples(tmp_path, skip_bad_examples=True, skipped=skipped)
   assert [e.stem for e in examples] == ["b"]
   assert skipped == {"unpaired": 2}
   _assert_warned(caplog, {images / "a.png": "unpaired", masks / "z.png": "unpaired"})
   # Counting is optional.
-  assert data.list_examples(tmp_path, skip_bad_examples=True) == examples
+  assert discovery.list_examples(tmp_path, skip_bad_examples=True) == examples
 
 
 @pytest.mark.parametrize("where", ["images", "masks"])
@@ -293,13 +294,13 @@ def test_duplicate_stem_skips_the_stem(tmp_path, caplog, where):
     _pair(tmp_path, s)
   tifffile.imwrite(tmp_path / where / "a.tif", _mask() if where == "masks" else _image())
   with pytest.raises(errors.DataError) as e:
-    data.list_examples(tmp_path)
+    discovery.list_examples(tmp_path)
   _assert_one_line_error(e.value, tmp_path / where / "a.tif")
   assert "duplicate stem" in str(e.value) and "a.png" in str(e.value)
 
   skipped = collections.Counter()
   with caplog.at_level(logging.WARNING):
-    examples = data.list_examples(tmp_path, skip_bad_examples=True, skipped=skipped)
+    examples = discovery.list_examples(tmp_path, skip_bad_examples=True, skipped=skipped)
   # Neither a.png nor a.tif is used (nor the other side's a.*): one count per stem.
   assert [e.stem for e in examples] == ["b"]
   assert skipped == {"duplicate_stem": 1}
@@ -312,7 +313,7 @@ def test_duplicate_stem_without_partner_counts_once(tmp_path):
   Image.fromarray(_image()).save(images / "a.png")
   tifffile.imwrite(images / "a.tif", _image())  # no masks/a.*: still one duplicate_stem
   skipped = collections.Counter()
-  assert [e.stem for e in data.list_examples(
+  assert [e.stem for e in discovery.list_examples(
       tmp_path, skip_bad_examples=True, skipped=skipped)] == ["b"]
   assert skipped == {"duplicate_stem": 1}
 
@@ -322,7 +323,7 @@ def test_nothing_left_after_skipping_is_an_error(tmp_path):
   (tmp_path / "masks" / "a.png").rename(tmp_path / "masks" / "x.png")
   skipped = collections.Counter()
   with pytest.raises(errors.DataError) as e:
-    data.list_examples(tmp_path, skip_bad_examples=True, skipped=skipped)
+    discovery.list_examples(tmp_path, skip_bad_examples=True, skipped=skipped)
   _assert_one_line_error(e.value, tmp_path)
   assert "no usable" in str(e.value)
   assert skipped == {"unpaired": 2}
@@ -339,9 +340,9 @@ def test_discover_splits_passes_skipping_through(tmp_path):
   (tmp_path / "test" / "images" / "t1.png").unlink()
   kw = dict(partition="iid", num_clients=1, dirichlet_alpha=1.0, test_fraction=0.0, seed=0)
   with pytest.raises(errors.DataError):
-    data.discover_splits(tmp_path, **kw)
+    discovery.discover_splits(tmp_path, **kw)
   skipped = collections.Counter()
-  splits = data.discover_splits(tmp_path, skip_bad_examples=True, skipped=skipped, **kw)
+  splits = discovery.discover_splits(tmp_path, skip_bad_examples=True, skipped=skipped, **kw)
   assert {c: [e.stem for e in v] for c, v in splits.clients.items()} == {
       "s0": ["s0_0", "s0_2"], "s1": ["s1_0", "s1_1"]}
   assert [e.stem for e in splits.test] == ["t0"]
@@ -352,7 +353,7 @@ def test_discover_splits_passes_skipping_through(tmp_path):
     _pair(flat, f"f{i}")
   (flat / "images" / "f3.png").unlink()
   skipped = collections.Counter()
-  splits = data.discover_splits(flat, skip_bad_examples=True, skipped=skipped,
+  splits = discovery.discover_splits(flat, skip_bad_examples=True, skipped=skipped,
                                 **dict(kw, num_clients=3))
   assert splits.num_train_examples == 3 and skipped == {"unpaired": 1}
 
@@ -368,18 +369,18 @@ def test_integer_mask_values(tmp_path, values, objects):
     m[:, k * 4:(k + 1) * 4] = v
   path = tmp_path / "m.png"
   Image.fromarray(m).save(path)
-  assert len(data.object_ids(data.read_mask(path))) == objects
+  assert len(reading.object_ids(reading.read_mask(path))) == objects
 
 
 def test_float_masks(tmp_path):
   ok = tmp_path / "ok.tif"
   tifffile.imwrite(ok, np.array([[0.0, 1.0], [2.0, 2.0]], np.float32))  # integer-valued
-  np.testing.assert_array_equal(data.object_ids(data.read_mask(ok)), [1, 2])
+  np.testing.assert_array_equal(reading.object_ids(reading.read_mask(ok)), [1, 2])
   for name, values in (("half.tif", [[0.0, 0.5]]), ("nan.tif", [[0.0, np.nan]]),
                        ("prob.tif", [[0.1, 0.9]])):
     tifffile.imwrite(tmp_path / name, np.array(values, np.float32))
-    with pytest.raises(data.ExampleError) as e:
-      data.read_mask(tmp_path / name)
+    with pytest.raises(discovery.ExampleError) as e:
+      reading.read_mask(tmp_path / name)
     _assert_one_line_error(e.value, tmp_path / name)
     assert e.value.reason == "bad_mask_values"
 
@@ -400,12 +401,12 @@ def test_large_image_builds_a_record(tmp_path, bundle):
   mask[100:110, 100:110] = 0  # nothing else: one object
   assert cv2.imwrite(str(masks / "big.png"), mask, [cv2.IMWRITE_PNG_COMPRESSION, 1])
   del mask
-  (ex,) = data.list_examples(tmp_path / "big")
+  (ex,) = discovery.list_examples(tmp_path / "big")
   records, stats = _build(bundle, [ex], tmp_path / "cache")
   assert stats.encoded == 1 and records[0].num_objects == 1
-  size = model_lib.image_size(bundle.config)
-  rec = embeddings.read_record(records[0].path,
-                               embedding_shape=model_lib.embedding_shape(bundle.config),
+  size = sam_lib.image_size(bundle.config)
+  rec = cache.read_record(records[0].path,
+                               embedding_shape=sam_lib.embedding_shape(bundle.config),
                                input_size=size)
   assert tuple(rec["original_size"]) == (h, w)
   assert tuple(rec["reshaped_size"]) == preprocess.resized_shape((h, w), size) == (171, size)

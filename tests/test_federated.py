@@ -15,12 +15,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tff_sam import client_data
-from tff_sam import data
-from tff_sam import embeddings
-from tff_sam import federated
-from tff_sam import model as model_lib
-from tff_sam import synthetic
+from tff_sam import config as config_lib
+from tff_sam.data import cache
+from tff_sam.data import discovery
+from tff_sam.data import pipeline
+from tff_sam.data import synthetic
+from tff_sam.federated import aggregation
+from tff_sam.federated import processes
+from tff_sam.federated import tasks
+from tff_sam.models import build
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import sam as sam_lib
 
 SITES = ("site_0", "site_1", "site_2")
 ROUNDS = 6
@@ -58,51 +63,44 @@ def _run(tmp_path_factory):
   try:
     root = synthetic.generate(tmp / "data", images_per_site=IMAGES_PER_SITE, test_per_site=0,
                               seed=0)
-    bundle = model_lib.load_sam("tiny")
+    bundle = build.load_sam("tiny")
     records = {}
     for site in SITES:
-      records[site], _ = embeddings.build_records(
-          data.list_examples(root / site), bundle=bundle, cache_root=tmp / "cache",
+      records[site], _ = cache.build_records(
+          discovery.list_examples(root / site), bundle=bundle, cache_root=tmp / "cache",
           binary_components=False, batch_size=4, show_progress=False)
-    counts = embeddings.write_manifests(tmp / "clients", records)
+    counts = cache.write_manifests(tmp / "clients", records)
     assert counts == {s: IMAGES_PER_SITE for s in SITES}
     poisoned = _poison(records["site_2"], tmp / "poisoned")
     (tmp / "clients" / f"{POISONED}.txt").write_text("".join(f"{p}\n" for p in poisoned))
-    cfg = bundle.config
-    spec = client_data.PipelineSpec(
-        manifest_dir=str(tmp / "clients"), embedding_shape=model_lib.embedding_shape(cfg),
-        low_res=model_lib.low_res_size(cfg), input_size=model_lib.image_size(cfg),
-        prompt="box", prompts_per_image=4, box_jitter=2.0, local_epochs=1, batch_size=2,
-        seed=0)
-    cdata = client_data.build_client_data(list(SITES) + [POISONED], spec)
-    model_fn = federated.build_model_fn(
-        sam_config=cfg, input_spec=cdata.element_type_structure, prompt="box",
-        loss="dice_ce", train_iou_head=True)
-    process = federated.compose_with_client_data(
-        federated.build_training_process(model_fn=model_fn, client_lr=CLIENT_LR,
-                                         server_optimizer="sgd", server_lr=1.0),
-        cdata)
-    local = model_lib.build_prompt_mask_decoder(bundle, prompt="box", train_iou_head=True)
-    trainable, non_trainable = model_lib.model_weights_lists(local)
+    # The program's task builder; box jitter 8 px of SAM's 1024 frame = 2 px here.
+    config = config_lib.RunConfig(
+        output_dir=str(tmp / "out"), prompt="box", prompts_per_image=4, box_jitter=8.0,
+        local_epochs=1, batch_size=2, client_lr=CLIENT_LR, seed=0)
+    task = tasks.build_task(config=config, bundle=bundle,
+                            client_ids=list(SITES) + [POISONED], manifest_dir=tmp / "clients")
+    assert task.pipeline_spec.box_jitter == 2.0
+    process, local = task.training_process, task.decoder
+    trainable, non_trainable = decoder_lib.model_weights_lists(local)
     default_state = process.initialize()
-    state = federated.initial_state(process, trainable, non_trainable)
-    initial = federated.weights_from_state(process, state)
-    metrics, aggregation = [], []
+    state = task.initial_state
+    initial = processes.weights_from_state(process, state)
+    metrics, aggregates = [], []
     for round_num in range(1, ROUNDS + 1):
       result = process.next(
-          state, [client_data.round_client_id(c, round_num) for c in SITES])
+          state, [pipeline.round_client_id(c, round_num) for c in SITES])
       state = result.state
       metrics.append(result.metrics["client_work"]["train"])
-      aggregation.append(federated.aggregation_metrics(result.metrics["aggregator"]))
-    final = federated.weights_from_state(process, state)
+      aggregates.append(aggregation.aggregation_metrics(result.metrics["aggregator"]))
+    final = processes.weights_from_state(process, state)
     # From the same start: two healthy clients, without and with the poisoned one.
-    start = federated.initial_state(process, trainable, non_trainable)
-    healthy = [client_data.round_client_id(c, 1) for c in SITES[:2]]
+    start = processes.initial_state(process, trainable, non_trainable)
+    healthy = [pipeline.round_client_id(c, 1) for c in SITES[:2]]
     clean = process.next(start, healthy)
-    dirty = process.next(start, healthy + [client_data.round_client_id(POISONED, 1)])
+    dirty = process.next(start, healthy + [pipeline.round_client_id(POISONED, 1)])
     yield dict(process=process, local=local, given=(trainable, non_trainable),
-               default=federated.weights_from_state(process, default_state),
-               initial=initial, final=final, metrics=metrics, aggregation=aggregation,
+               default=processes.weights_from_state(process, default_state),
+               initial=initial, final=final, metrics=metrics, aggregation=aggregates,
                clean=clean, dirty=dirty)
   finally:
     mp.undo()
@@ -163,12 +161,12 @@ def test_only_trainable_weights_change(run):
 def test_final_weights_load_into_keras_model(run):
   """The trained global model can be put into a Keras model and gives finite masks."""
   local = run["local"]
-  model_lib.assign_model_weights(local, *run["final"])
+  decoder_lib.assign_model_weights(local, *run["final"])
   cfg = local.sam_config
-  side = model_lib.image_size(cfg)
+  side = sam_lib.image_size(cfg)
   out = local({
       "image_embeddings": tf.random.stateless_normal(
-          (1,) + model_lib.embedding_shape(cfg), seed=[1, 2]),
+          (1,) + sam_lib.embedding_shape(cfg), seed=[1, 2]),
       "boxes": tf.constant([[[0.1 * side, 0.1 * side, 0.5 * side, 0.6 * side]]]),
   })
   assert np.isfinite(out["masks"].numpy()).all()
@@ -185,10 +183,10 @@ def test_healthy_rounds_zero_nothing(run):
 
 def test_poisoned_client_cannot_change_the_global_model(run):
   process, clean, dirty = run["process"], run["clean"], run["dirty"]
-  assert federated.aggregation_metrics(dirty.metrics["aggregator"])["nonfinite_clients"] == 1
-  assert federated.aggregation_metrics(clean.metrics["aggregator"])["nonfinite_clients"] == 0
-  clean_t, _ = federated.weights_from_state(process, clean.state)
-  dirty_t, _ = federated.weights_from_state(process, dirty.state)
+  assert aggregation.aggregation_metrics(dirty.metrics["aggregator"])["nonfinite_clients"] == 1
+  assert aggregation.aggregation_metrics(clean.metrics["aggregator"])["nonfinite_clients"] == 0
+  clean_t, _ = processes.weights_from_state(process, clean.state)
+  dirty_t, _ = processes.weights_from_state(process, dirty.state)
   for a, b in zip(clean_t, dirty_t):
     assert np.isfinite(b).all()
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-7)
@@ -204,7 +202,7 @@ def _aggregate(factory, updates, weights):
   process = factory.create(value_type, tff.TensorType(np.float32))
   out = process.next(process.initialize(), [np.asarray(u, np.float32) for u in updates],
                      [np.float32(w) for w in weights])
-  return np.asarray(out.result), federated.aggregation_metrics(out.measurements)
+  return np.asarray(out.result), aggregation.aggregation_metrics(out.measurements)
 
 
 # Three healthy updates (L2 norms 0.17, 0.35, 0.52), one with norm 5 (clipped at the
@@ -215,7 +213,7 @@ WEIGHTS = [1.0, 2.0, 1.0, 1.0, 1.0, 0.0]
 
 
 def test_robust_aggregator_zeroes_clips_and_counts():
-  result, m = _aggregate(federated.build_model_aggregator(), UPDATES, WEIGHTS)
+  result, m = _aggregate(aggregation.build_model_aggregator(), UPDATES, WEIGHTS)
   assert m["nonfinite_clients"] == 1 and m["zeroed_clients"] == 1
   assert m["clipped_clients"] == 1
   assert m["clipping_norm"] == pytest.approx(1.0) and m["zeroing_norm"] == pytest.approx(21.0)
@@ -225,7 +223,7 @@ def test_robust_aggregator_zeroes_clips_and_counts():
 
 
 def test_robust_aggregation_can_be_disabled():
-  result, m = _aggregate(federated.build_model_aggregator(zeroing=False, clipping=False),
+  result, m = _aggregate(aggregation.build_model_aggregator(zeroing=False, clipping=False),
                          UPDATES, WEIGHTS)
   assert m == {"nonfinite_clients": 1, "zeroed_clients": None, "clipped_clients": None,
                "zeroing_norm": None, "clipping_norm": None}
@@ -235,7 +233,7 @@ def test_robust_aggregation_can_be_disabled():
 
 
 def test_clipping_only_and_its_settings():
-  _, m = _aggregate(federated.build_model_aggregator(zeroing=False, clipping_initial_norm=0.3),
+  _, m = _aggregate(aggregation.build_model_aggregator(zeroing=False, clipping_initial_norm=0.3),
                     UPDATES[:3] + UPDATES[5:], WEIGHTS[:3] + WEIGHTS[5:])
   assert m["zeroed_clients"] is None and m["clipping_norm"] == pytest.approx(0.3)
   assert m["clipped_clients"] == 2  # norms 0.35 and 0.52

@@ -1,4 +1,4 @@
-"""Tests for tff_sam.losses against hand-computed and numpy reference values."""
+"""Tests for tff_sam.models.losses against hand-computed and numpy reference values."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tff_sam import losses
+from tff_sam.models import losses
 
 LN2 = math.log(2.0)
 KINDS = ("dice_ce", "bce", "focal_dice")

@@ -1,4 +1,4 @@
-"""Tests for tff_sam.mobile_sam: pinned MobileSAM weights mapped into TFSamModel + TinyViT."""
+"""Tests for tff_sam.models.mobile_sam: pinned MobileSAM weights mapped into TFSamModel + TinyViT."""
 
 import dataclasses
 import zipfile
@@ -9,9 +9,10 @@ import pytest
 import transformers
 
 from tff_sam import errors
-from tff_sam import mobile_sam
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import mobile_sam
+from tff_sam.models import torch_checkpoint
 from tff_sam import registry
-from tff_sam import torch_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tinyvit_parity.npz"
 
@@ -37,7 +38,7 @@ def test_config_keeps_sam_decoder_and_shrinks_vit():
   sam = transformers.TFSamModel(config)
   sam.build_in_name_scope()
   vit = sum(int(np.prod(w.shape)) for w in sam.weights if "vision_encoder/" in w.name)
-  rest = sum(int(np.prod(w.shape)) for w in mobile_sam.prompt_decoder_weights(sam).values())
+  rest = sum(int(np.prod(w.shape)) for w in decoder_lib.prompt_decoder_weights(sam).values())
   assert vit < 700_000  # 3x3 256->256 neck conv dominates; SAM ViT-B's encoder is 89.7 M.
   assert rest == 4_058_340 + 2 * 128 + 6_220  # Mask decoder + shared PE + prompt encoder.
 
@@ -75,7 +76,7 @@ def test_mapping_is_complete_and_shapes_match(state_dict):
   unmapped = sorted(k for k, t in mapping.items() if t is None)
   assert not unmapped
   sam = transformers.TFSamModel(mobile_sam.mobile_sam_config())
-  targets = mobile_sam.prompt_decoder_weights(sam)
+  targets = decoder_lib.prompt_decoder_weights(sam)
   used = list(mapping.values())
   assert len(set(used)) == len(used), "two tensors map to one weight"
   assert set(targets) - set(used) == set(), "weights left unset"
@@ -130,7 +131,7 @@ def test_converted_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatc
   folder = mobile_sam.converted_cache_dir(tmp_path)
   assert folder == tmp_path / "models" / f"mobile_sam-{mobile_sam.MOBILE_SAM.sha256[:12]}"
   assert {p.name for p in folder.iterdir()} == {"sam", "tinyvit.npz", "manifest.json"}
-  ref_decoder = {k: v.numpy() for k, v in mobile_sam.prompt_decoder_weights(sam).items()}
+  ref_decoder = {k: v.numpy() for k, v in decoder_lib.prompt_decoder_weights(sam).items()}
   ref_encoder = {k: v.numpy() for k, v, _ in encoder.torch_params()}
 
   def refuse(*args, **kwargs):
@@ -138,7 +139,7 @@ def test_converted_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatc
 
   monkeypatch.setattr(mobile_sam.torch_checkpoint, "load_torch_state_dict", refuse)
   sam2, encoder2 = mobile_sam.load_mobile_sam(cache_dir=tmp_path)
-  for k, v in mobile_sam.prompt_decoder_weights(sam2).items():
+  for k, v in decoder_lib.prompt_decoder_weights(sam2).items():
     np.testing.assert_array_equal(v.numpy(), ref_decoder[k])
   for k, v, _ in encoder2.torch_params():
     np.testing.assert_array_equal(v.numpy(), ref_encoder[k])

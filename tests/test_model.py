@@ -1,11 +1,14 @@
-"""Tests for tff_sam.model: loading, the PromptMaskDecoder, graph safety, weights."""
+"""Tests for tff_sam.models: loading, the PromptMaskDecoder, graph safety, weights."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tff_sam import errors
-from tff_sam import model as model_lib
+from tff_sam.models import build
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import losses
+from tff_sam.models import sam as sam_lib
 
 MODES = ("box", "points", "both")
 
@@ -24,11 +27,11 @@ def _offline(monkeypatch, tmp_path):
 
 def _inputs(config, seed=0, batch=2, prompts=3):
   rng = np.random.default_rng(seed)
-  side = model_lib.image_size(config)
+  side = sam_lib.image_size(config)
   corners = np.sort(rng.uniform(0, side - 1, (batch, prompts, 2, 2)), axis=2)
   return {
       "image_embeddings": rng.normal(
-          size=(batch,) + model_lib.embedding_shape(config)).astype(np.float32),
+          size=(batch,) + sam_lib.embedding_shape(config)).astype(np.float32),
       "boxes": corners.reshape(batch, prompts, 4).astype(np.float32),
       "points": rng.uniform(0, side - 1, (batch, prompts, 2, 2)).astype(np.float32),
       # positive+negative, positive+padding, two positives
@@ -67,9 +70,9 @@ def _assert_close_scaled(got, want, rel=1e-4):
 @pytest.mark.parametrize("mode", MODES)
 def test_decoder_equals_full_sam(bundle, mode):
   inputs = _inputs(bundle.config)
-  m = model_lib.build_prompt_mask_decoder(bundle, prompt=mode)
+  m = build.build_prompt_mask_decoder(bundle, prompt=mode)
   out = m(inputs)
-  low = model_lib.low_res_size(bundle.config)
+  low = sam_lib.low_res_size(bundle.config)
   assert out["masks"].shape == (2, 3, low, low) and out["iou"].shape == (2, 3)
   masks, iou = _sam_reference(bundle.sam, inputs, mode)
   np.testing.assert_array_equal(out["masks"].numpy(), masks)
@@ -82,11 +85,11 @@ def test_prompt_modes_use_their_prompts(bundle):
   moved = dict(inputs, boxes=inputs["boxes"][:, ::-1].copy(), points=inputs["points"] + 9.0)
   outs = {}
   for mode in MODES:
-    m = model_lib.build_prompt_mask_decoder(bundle, prompt=mode)
+    m = build.build_prompt_mask_decoder(bundle, prompt=mode)
     outs[mode] = m(inputs)["masks"].numpy()
     moved_out = m(moved)["masks"].numpy()
     assert not np.allclose(moved_out, outs[mode], rtol=1e-3, atol=0)
-  box_only = model_lib.build_prompt_mask_decoder(bundle, prompt="box")
+  box_only = build.build_prompt_mask_decoder(bundle, prompt="box")
   np.testing.assert_array_equal(
       box_only(dict(inputs, points=inputs["points"] + 9.0))["masks"].numpy(), outs["box"])
   assert not np.allclose(outs["box"], outs["points"], rtol=1e-3, atol=0)
@@ -95,13 +98,13 @@ def test_prompt_modes_use_their_prompts(bundle):
 
 def test_unknown_prompt_mode(bundle):
   with pytest.raises(ValueError, match="prompt"):
-    model_lib.PromptMaskDecoder(bundle.config, prompt="mask")
+    decoder_lib.PromptMaskDecoder(bundle.config, prompt="mask")
 
 
 def _run_in_legacy_graph(config, weights, inputs, mode):
   """Builds a fresh PromptMaskDecoder in a tf.Graph (as TFF does) and runs it."""
   with tf.Graph().as_default() as graph:
-    model = model_lib.PromptMaskDecoder(config, prompt=mode)
+    model = decoder_lib.PromptMaskDecoder(config, prompt=mode)
     assert [tuple(w.shape) for w in model.weights] == [v.shape for v in weights]
     placeholders = {k: tf.compat.v1.placeholder(tf.as_dtype(v.dtype), v.shape)
                     for k, v in inputs.items()}
@@ -116,7 +119,7 @@ def _run_in_legacy_graph(config, weights, inputs, mode):
 def test_legacy_graph_equals_eager(bundle, mode):
   """Regression: TFF traces in a legacy tf.Graph, where tensor `==` is identity."""
   inputs = _inputs(bundle.config, seed=1)
-  eager = model_lib.build_prompt_mask_decoder(bundle, prompt=mode)
+  eager = build.build_prompt_mask_decoder(bundle, prompt=mode)
   want = eager(inputs)
   got = _run_in_legacy_graph(bundle.config, [w.numpy() for w in eager.weights], inputs, mode)
   _assert_close_scaled(got["masks"], want["masks"].numpy())
@@ -128,10 +131,10 @@ def test_legacy_graph_check_detects_stock_prompt_encoder(bundle, monkeypatch):
   from transformers.models.sam.modeling_tf_sam import TFSamPromptEncoder  # pylint: disable=g-import-not-at-top
 
   inputs = _inputs(bundle.config, seed=1)
-  eager = model_lib.build_prompt_mask_decoder(bundle, prompt="box")
+  eager = build.build_prompt_mask_decoder(bundle, prompt="box")
   want = eager(inputs)
   weights = [w.numpy() for w in eager.weights]
-  monkeypatch.setattr(model_lib, "_graph_safe_prompt_encoder_class", lambda: TFSamPromptEncoder)
+  monkeypatch.setattr(decoder_lib, "GraphSafePromptEncoder", TFSamPromptEncoder)
   got = _run_in_legacy_graph(bundle.config, weights, inputs, "box")
   with pytest.raises(AssertionError):
     _assert_close_scaled(got["masks"], want["masks"].numpy())
@@ -139,7 +142,7 @@ def test_legacy_graph_check_detects_stock_prompt_encoder(bundle, monkeypatch):
 
 def test_tf_function_equals_eager(bundle):
   inputs = _inputs(bundle.config, seed=2)
-  m = model_lib.build_prompt_mask_decoder(bundle, prompt="both")
+  m = build.build_prompt_mask_decoder(bundle, prompt="both")
   want = m(inputs)
   got = tf.function(m)({k: tf.constant(v) for k, v in inputs.items()})
   _assert_close_scaled(got["masks"].numpy(), want["masks"].numpy(), rel=1e-5)
@@ -149,7 +152,7 @@ def test_tf_function_equals_eager(bundle):
 
 
 def test_only_mask_decoder_is_trainable(bundle):
-  m = model_lib.build_prompt_mask_decoder(bundle, prompt="both")
+  m = build.build_prompt_mask_decoder(bundle, prompt="both")
   trainable = [w.name for w in m.trainable_weights]
   non_trainable = [w.name for w in m.non_trainable_weights]
   assert trainable and non_trainable
@@ -165,23 +168,21 @@ def test_only_mask_decoder_is_trainable(bundle):
 
 
 def test_frozen_iou_head(bundle):
-  m = model_lib.build_prompt_mask_decoder(bundle, train_iou_head=False)
+  m = build.build_prompt_mask_decoder(bundle, train_iou_head=False)
   trainable = [w.name for w in m.trainable_weights]
   assert trainable and all("mask_decoder" in n for n in trainable)
   assert not any("iou_prediction_head" in n for n in trainable)
   assert any("iou_prediction_head" in w.name for w in m.non_trainable_weights)
-  full = model_lib.build_prompt_mask_decoder(bundle, train_iou_head=True)
+  full = build.build_prompt_mask_decoder(bundle, train_iou_head=True)
   head = [w for w in full.trainable_weights if "iou_prediction_head" in w.name]
   assert len(full.trainable_weights) == len(trainable) + len(head)
 
 
 def test_gradients_reach_only_trainable_weights(bundle):
-  from tff_sam import losses  # pylint: disable=g-import-not-at-top
-
   inputs = _inputs(bundle.config, seed=3)
-  low = model_lib.low_res_size(bundle.config)
+  low = sam_lib.low_res_size(bundle.config)
   y = (np.random.default_rng(0).uniform(size=(2, 3, low, low)) > 0.5).astype(np.float32)
-  m = model_lib.build_prompt_mask_decoder(bundle, prompt="both")
+  m = build.build_prompt_mask_decoder(bundle, prompt="both")
   with tf.GradientTape() as tape:
     loss = losses.mask_loss(tf.constant(y), m(inputs, training=True), iou_weight=1.0)
   grads = tape.gradient(loss, m.trainable_weights)
@@ -190,46 +191,46 @@ def test_gradients_reach_only_trainable_weights(bundle):
 
 
 def test_build_copies_pretrained_weights(bundle):
-  m = model_lib.build_prompt_mask_decoder(bundle, prompt="both")
+  m = build.build_prompt_mask_decoder(bundle, prompt="both")
   sam_weights = {w.name: w.numpy() for w in bundle.sam.weights}
   for w in m.weights:
     key = f"{bundle.sam.name}/{w.name}"
     assert key in sam_weights, key
     np.testing.assert_array_equal(w.numpy(), sam_weights[key])
   # A freshly constructed model (random init) differs: the copy is what makes it equal.
-  fresh = model_lib.PromptMaskDecoder(bundle.config, prompt="both")
+  fresh = decoder_lib.PromptMaskDecoder(bundle.config, prompt="both")
   assert any(not np.array_equal(a.numpy(), b.numpy())
              for a, b in zip(fresh.trainable_weights, m.trainable_weights))
 
 
 def test_weights_lists_round_trip_and_assign_to_sam(bundle):
   inputs = _inputs(bundle.config, seed=4)
-  m = model_lib.build_prompt_mask_decoder(bundle, prompt="box")
-  trainable, non_trainable = model_lib.model_weights_lists(m)
+  m = build.build_prompt_mask_decoder(bundle, prompt="box")
+  trainable, non_trainable = decoder_lib.model_weights_lists(m)
   assert [v.shape for v in trainable] == [tuple(w.shape) for w in m.trainable_weights]
   rng = np.random.default_rng(0)
   perturbed = [v + rng.normal(0, 0.05, v.shape).astype(v.dtype) for v in trainable]
-  other = model_lib.build_prompt_mask_decoder(bundle, prompt="box")
-  model_lib.assign_model_weights(other, perturbed, non_trainable)
+  other = build.build_prompt_mask_decoder(bundle, prompt="box")
+  decoder_lib.assign_model_weights(other, perturbed, non_trainable)
   for w, v in zip(other.trainable_weights, perturbed):
     np.testing.assert_array_equal(w.numpy(), v)
   want = other(inputs)
   assert not np.allclose(want["masks"].numpy(), m(inputs)["masks"].numpy())
   # Export path: the fine-tuned decoder copied into a TFSamModel gives the same output.
-  target = model_lib.load_sam("tiny").sam
-  model_lib.copy_prompt_decoder_weights(other, target)
+  target = build.load_sam("tiny").sam
+  decoder_lib.copy_prompt_decoder_weights(other, target)
   masks, iou = _sam_reference(target, inputs, "box")
   np.testing.assert_array_equal(masks, want["masks"].numpy())
   np.testing.assert_array_equal(iou, want["iou"].numpy())
   with pytest.raises(ValueError):
-    model_lib.assign_model_weights(other, perturbed[:-1], non_trainable)
+    decoder_lib.assign_model_weights(other, perturbed[:-1], non_trainable)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def test_tiny_is_deterministic(bundle):
-  again = model_lib.load_sam("tiny")
+  again = build.load_sam("tiny")
   assert again.fingerprint == bundle.fingerprint
   assert len(bundle.fingerprint) == 16
   a, b = _by_name(bundle.sam), _by_name(again.sam)
@@ -237,19 +238,19 @@ def test_tiny_is_deterministic(bundle):
   for name, value in a.items():
     np.testing.assert_array_equal(value, b[name], err_msg=name)
   config = bundle.config
-  side = model_lib.image_size(config)
+  side = sam_lib.image_size(config)
   assert side == config.vision_config.image_size
-  c, s, s2 = model_lib.embedding_shape(config)
+  c, s, s2 = sam_lib.embedding_shape(config)
   assert s == s2 == side // config.vision_config.patch_size
   assert c == config.mask_decoder_config.hidden_size == config.vision_config.output_channels
-  assert model_lib.low_res_size(config) == 4 * s
+  assert sam_lib.low_res_size(config) == 4 * s
 
 
 def test_tiny_encoder_output_shape(bundle):
-  side = model_lib.image_size(bundle.config)
+  side = sam_lib.image_size(bundle.config)
   px = np.random.default_rng(0).normal(size=(2, 3, side, side)).astype(np.float32)
   emb = bundle.encoder_fn()(tf.constant(px)).numpy()
-  assert emb.shape == (2,) + model_lib.embedding_shape(bundle.config)
+  assert emb.shape == (2,) + sam_lib.embedding_shape(bundle.config)
   assert np.isfinite(emb).all() and emb.std() > 0
 
 
@@ -257,7 +258,7 @@ def test_save_pretrained_round_trip(bundle, tmp_path, offline):
   del offline
   folder = tmp_path / "model"
   bundle.sam.save_pretrained(str(folder))
-  loaded = model_lib.load_sam(str(folder))
+  loaded = build.load_sam(str(folder))
   assert loaded.name == str(folder)
   assert loaded.fingerprint == bundle.fingerprint
   src, dst = _by_name(bundle.sam), _by_name(loaded.sam)
@@ -266,8 +267,8 @@ def test_save_pretrained_round_trip(bundle, tmp_path, offline):
     np.testing.assert_array_equal(dst[name], value, err_msg=name)
   inputs = _inputs(bundle.config, seed=5)
   for mode in ("box", "points"):
-    a = model_lib.build_prompt_mask_decoder(bundle, prompt=mode)(inputs)
-    b = model_lib.build_prompt_mask_decoder(loaded, prompt=mode)(inputs)
+    a = build.build_prompt_mask_decoder(bundle, prompt=mode)(inputs)
+    b = build.build_prompt_mask_decoder(loaded, prompt=mode)(inputs)
     np.testing.assert_array_equal(a["masks"].numpy(), b["masks"].numpy())
     np.testing.assert_array_equal(a["iou"].numpy(), b["iou"].numpy())
   assert loaded.processor.to_dict() == bundle.processor.to_dict()
@@ -285,7 +286,7 @@ def _assert_model_error(excinfo, name):
 def test_unknown_hub_name(offline, name):
   del offline
   with pytest.raises(errors.ModelError) as e:
-    model_lib.load_sam(name)
+    build.load_sam(name)
   _assert_model_error(e, name)
 
 
@@ -293,7 +294,7 @@ def test_nonexistent_dir(tmp_path, offline):
   del offline
   name = str(tmp_path / "does" / "not" / "exist")
   with pytest.raises(errors.ModelError) as e:
-    model_lib.load_sam(name)
+    build.load_sam(name)
   _assert_model_error(e, name)
 
 
@@ -303,7 +304,7 @@ def test_dir_without_config(tmp_path, offline):
   folder.mkdir()
   (folder / "tf_model.h5").write_bytes(b"")
   with pytest.raises(errors.ModelError) as e:
-    model_lib.load_sam(str(folder))
+    build.load_sam(str(folder))
   _assert_model_error(e, str(folder))
   assert "config.json" in str(e.value)
 
@@ -313,7 +314,7 @@ def test_dir_with_config_but_no_weights(bundle, tmp_path, offline):
   folder = tmp_path / "no_weights"
   bundle.sam.config.save_pretrained(str(folder))
   with pytest.raises(errors.ModelError) as e:
-    model_lib.load_sam(str(folder))
+    build.load_sam(str(folder))
   _assert_model_error(e, str(folder))
 
 
@@ -323,5 +324,5 @@ def test_dir_with_corrupt_config(tmp_path, offline):
   folder.mkdir()
   (folder / "config.json").write_text("{not json")
   with pytest.raises(errors.ModelError) as e:
-    model_lib.load_sam(str(folder))
+    build.load_sam(str(folder))
   _assert_model_error(e, str(folder))

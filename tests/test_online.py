@@ -12,12 +12,14 @@ import pytest
 import tensorflow as tf
 
 from tff_sam import config as config_lib
-from tff_sam import data
-from tff_sam import embeddings
-from tff_sam import model as model_lib
-from tff_sam import preprocess
-from tff_sam import program
-from tff_sam import synthetic
+from tff_sam.data import cache
+from tff_sam.data import discovery
+from tff_sam.data import preprocess
+from tff_sam.data import reading
+from tff_sam.data import synthetic
+from tff_sam.federated import program
+from tff_sam.models import build
+from tff_sam.models import sam as sam_lib
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")
 def test_tf_pixel_values_equal_the_processor(bundle, shape):
   rng = np.random.default_rng(sum(shape))
   image = rng.integers(0, 256, size=shape, dtype=np.uint8)
-  side = model_lib.image_size(bundle.config)
+  side = sam_lib.image_size(bundle.config)
   want = bundle.processor(images=image, return_tensors="np")["pixel_values"][0]
   resized = preprocess.resized_image(bundle.processor, image)
   assert resized.dtype == np.uint8 and max(resized.shape[:2]) == side
@@ -38,24 +40,24 @@ def test_tf_pixel_values_equal_the_processor(bundle, shape):
 
 def test_image_records_round_trip(bundle, tmp_path):
   root = synthetic.generate(tmp_path / "d", images_per_site=1, test_per_site=0, seed=5)
-  examples = data.list_examples(root / "site_0")
-  cached, _ = embeddings.build_records(examples, bundle=bundle, cache_root=tmp_path / "c",
+  examples = discovery.list_examples(root / "site_0")
+  cached, _ = cache.build_records(examples, bundle=bundle, cache_root=tmp_path / "c",
                                        binary_components=False, batch_size=2,
                                        show_progress=False)
-  online, stats = embeddings.build_records(
+  online, stats = cache.build_records(
       examples, bundle=bundle, cache_root=tmp_path / "c", binary_components=False,
       batch_size=2, show_progress=False, online=True)
   assert stats.encoded == 1 and online[0].path != cached[0].path
   cfg = bundle.config
-  side = model_lib.image_size(cfg)
+  side = sam_lib.image_size(cfg)
   raw = next(iter(tf.data.TFRecordDataset(str(online[0].path))))
-  rec = embeddings.parse_record(raw, embedding_shape=model_lib.embedding_shape(cfg),
+  rec = cache.parse_record(raw, embedding_shape=sam_lib.embedding_shape(cfg),
                                 input_size=side,
                                 normalization=preprocess.pixel_normalization(bundle.processor))
-  image, labels = data.load_example(examples[0])
+  image, labels = reading.load_example(examples[0])
   want = preprocess.preprocess(bundle.processor, image, labels, input_size=side)
   np.testing.assert_allclose(rec["pixel_values"].numpy(), want.pixel_values, atol=1e-5)
-  ref = embeddings.read_record(cached[0].path, embedding_shape=model_lib.embedding_shape(cfg),
+  ref = cache.read_record(cached[0].path, embedding_shape=sam_lib.embedding_shape(cfg),
                                input_size=side)
   for key in ("labels", "object_ids", "boxes", "original_size", "reshaped_size"):
     np.testing.assert_array_equal(rec[key].numpy(), ref[key])
@@ -65,9 +67,9 @@ def test_image_records_round_trip(bundle, tmp_path):
 
 
 def test_online_model_equals_decoder_on_encoder_output(bundle):
-  online = model_lib.build_online_model(bundle, prompt="box")
-  decoder = model_lib.build_prompt_mask_decoder(bundle, prompt="box")
-  side = model_lib.image_size(bundle.config)
+  online = build.build_online_model(bundle, prompt="box")
+  decoder = build.build_prompt_mask_decoder(bundle, prompt="box")
+  side = sam_lib.image_size(bundle.config)
   px = tf.random.stateless_normal((2, 3, side, side), seed=[3, 4])
   boxes = tf.constant([[[2.0, 3.0, 30.0, 41.0]], [[10.0, 12.0, 50.0, 40.0]]])
   got = online({"pixel_values": px, "boxes": boxes})

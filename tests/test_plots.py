@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from tff_sam import plots
+from tff_sam.evaluation import plots
 
 
 def test_plot_metrics_writes_png(tmp_path):

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tff_sam import data
+from tff_sam.data import datasets
+from tff_sam.data import discovery
+from tff_sam.data import reading
+from tff_sam.data import synthetic
 from tff_sam import errors
+from tff_sam.evaluation import inference
 from tff_sam import fileio
-from tff_sam import inference
-from tff_sam import losses
-from tff_sam import synthetic
+from tff_sam.models import losses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +30,7 @@ def images(tmp_path_factory):
 
 
 def test_box_prediction_writes_mask_and_overlay_of_image_size(tmp_path, images):
-  h, w = data.read_image(images[0]).shape[:2]
+  h, w = reading.read_image(images[0]).shape[:2]
   written = inference.predict_paths(
       model="tiny", image=str(images[0]), boxes=[[5, 6, 40, 50], [50, 20, 90, 60]], points=[],
       output=str(tmp_path / "o.png"), mask_out=str(tmp_path / "m.png"))
@@ -50,7 +52,7 @@ def test_points_and_both_modes_and_batch_folder(tmp_path, images):
       output=str(tmp_path / "out"), mask_out=str(tmp_path / "masks"))
   assert len(written) == 2 * len(images)
   for p in images:
-    h, w = data.read_image(p).shape[:2]
+    h, w = reading.read_image(p).shape[:2]
     assert cv2.imread(str(tmp_path / "masks" / f"{p.stem}.png"), cv2.IMREAD_UNCHANGED).shape == (h, w)
   written = inference.predict_paths(model="tiny", image=str(images[0]), boxes=[],
                                     points=[[30, 30]], output=str(tmp_path / "p.png"))
@@ -94,10 +96,10 @@ def test_cli_errors_are_one_line(tmp_path, images):
 
 @pytest.mark.slow
 def test_mobile_sam_box_prediction_matches_ground_truth(tmp_path):
-  root = data.named_dataset("sample", cache_root=fileio.default_cache_dir())
-  example = data.list_examples(root / "test" / "bacteria")[0]
-  labels = data.read_mask(example.mask_path)
-  ids = data.object_ids(labels)
+  root = datasets.named_dataset("sample", cache_root=fileio.default_cache_dir())
+  example = discovery.list_examples(root / "test" / "bacteria")[0]
+  labels = reading.read_mask(example.mask_path)
+  ids = reading.object_ids(labels)
   sizes = [(labels == i).sum() for i in ids]
   obj = ids[int(np.argmax(sizes))]
   ys, xs = np.nonzero(labels == obj)

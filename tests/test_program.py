@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from tff_sam import config as config_lib
+from tff_sam.data import cache
+from tff_sam.data import synthetic
 from tff_sam import errors
-from tff_sam import evaluation
-from tff_sam import program
-from tff_sam import synthetic
+from tff_sam.evaluation import heldout
+from tff_sam.federated import program
+from tff_sam.models import build
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,22 +130,21 @@ def test_program_writes_outputs_and_export_reproduces_final_metrics(
   assert saved["final"]["federated_eval"]["dice"] == float(rows[-1]["fed_eval_dice"])
 
   # The exported model loads with from_pretrained and reproduces the final metrics.
-  from tff_sam import embeddings, model as model_lib  # pylint: disable=g-import-not-at-top
-  bundle = model_lib.load_sam(str(out / "model"))
+  bundle = build.load_sam(str(out / "model"))
   splits = program.prepare_data(config, Path(cache_dir))
-  records, _ = embeddings.build_records(list(splits.test), bundle=bundle, cache_root=Path(cache_dir),
+  records, _ = cache.build_records(list(splits.test), bundle=bundle, cache_root=Path(cache_dir),
                                         binary_components=False, batch_size=4, show_progress=False)
-  evaluator = evaluation.Evaluator(
+  evaluator = heldout.Evaluator(
       examples=list(splits.test), records=records, bundle=bundle,
       clients=[c for c, exs in splits.test_clients.items() for _ in exs])
-  result = evaluator(model_lib.build_prompt_mask_decoder(bundle))
+  result = evaluator(build.build_prompt_mask_decoder(bundle))
   assert result.dice == pytest.approx(saved["final"]["dice"], abs=1e-9)
   assert result.iou == pytest.approx(saved["final"]["iou"], abs=1e-9)
   assert {c: v["dice"] for c, v in result.by_client.items()} == pytest.approx(
       saved["final"]["dice_by_client"], abs=1e-9)
   assert sum(v["num_objects"] for v in result.by_client.values()) == result.num_objects
   # Fine-tuning changed the decoder: the export differs from the pretrained tiny model.
-  base = model_lib.load_sam("tiny")
+  base = build.load_sam("tiny")
   changed = [not np.array_equal(a.numpy(), b.numpy()) for a, b in
              zip(base.sam.mask_decoder.weights, bundle.sam.mask_decoder.weights)]
   assert any(changed)

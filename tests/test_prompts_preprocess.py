@@ -1,4 +1,4 @@
-"""Tests for tff_sam.preprocess (SAM preprocessing parity) and tff_sam.prompts."""
+"""Tests for tff_sam.data.preprocess (SAM preprocessing parity) and tff_sam.data.prompts."""
 
 import numpy as np
 import pytest
@@ -6,21 +6,21 @@ import tensorflow as tf
 from transformers import SamConfig, SamImageProcessor
 from transformers.models.sam.image_processing_sam import _normalize_coordinates
 
-from tff_sam import model as model_lib
-from tff_sam import preprocess
-from tff_sam import prompts
+from tff_sam.data import preprocess
+from tff_sam.data import prompts
+from tff_sam.models import sam as sam_lib
 
 # Frames of the prompt-sampling tests (any sizes work; prompts does not use a model).
 INPUT, LOW = 128, 32
 
 # Frames of the tiny model's processor, for the preprocessing tests.
-_TINY = model_lib.tiny_sam_config()
-P_INPUT, P_LOW = model_lib.image_size(_TINY), model_lib.low_res_size(_TINY)
+_TINY = sam_lib.tiny_sam_config()
+P_INPUT, P_LOW = sam_lib.image_size(_TINY), sam_lib.low_res_size(_TINY)
 
 
 @pytest.fixture(name="processor", scope="module")
 def _processor():
-  return model_lib.build_image_processor(_TINY)
+  return sam_lib.build_image_processor(_TINY)
 
 
 def _image(h, w, seed=0):
@@ -59,7 +59,7 @@ def test_pixel_values_equal_sam_image_processor(processor, hw):
 
 def test_build_image_processor_matches_sam_defaults():
   """At SAM's real size (1024), the built processor is transformers' default one."""
-  ours = model_lib.build_image_processor(SamConfig())
+  ours = sam_lib.build_image_processor(SamConfig())
   default = SamImageProcessor()
   for key in ("size", "pad_size", "mask_size", "mask_pad_size", "image_mean", "image_std",
               "rescale_factor", "do_normalize", "do_pad", "do_resize", "do_rescale", "resample"):

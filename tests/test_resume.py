@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from tff_sam import config as config_lib
+from tff_sam.data import synthetic
 from tff_sam import errors
-from tff_sam import program
-from tff_sam import synthetic
+from tff_sam.federated import program
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 4

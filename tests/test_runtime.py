@@ -1,4 +1,4 @@
-"""`runtime.worker_watched`: a killed TFF worker becomes an error, not an endless retry.
+"""`execution.worker_watched`: a killed TFF worker becomes an error, not an endless retry.
 
 The worker here is a real child process named like TFF's (`sleep` under the name
 `worker_binary`); `test_resume.py` kills the real worker of a running binary.
@@ -12,12 +12,13 @@ import time
 import pytest
 
 from tff_sam import errors
+from tff_sam.federated import execution
 from tff_sam import runtime
 
 
 @pytest.fixture
 def fake_worker(tmp_path):
-  path = tmp_path / runtime.WORKER_BINARY
+  path = tmp_path / execution.WORKER_BINARY
   os.symlink("/bin/sleep", path)
   procs = []
 
@@ -43,7 +44,7 @@ def test_killed_worker_is_an_error_naming_the_section(fake_worker):
   progress = {"section": "setup"}
   with pytest.raises(errors.UserError, match=r"worker_binary \(pid \d+\) died during round 3;"
                      r" .*out-of-memory"):
-    with runtime.worker_watched(progress, interval=0.05):
+    with execution.worker_watched(progress, interval=0.05):
       worker = fake_worker()
       progress["section"] = "round 3"
       worker.send_signal(signal.SIGKILL)  # What the kernel's OOM killer sends.
@@ -54,7 +55,7 @@ def test_killed_worker_is_an_error_naming_the_section(fake_worker):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_worker_stopped_by_user_signal_is_not_reported(fake_worker, sig):
   progress = {}
-  with runtime.worker_watched(progress, interval=0.05):
+  with execution.worker_watched(progress, interval=0.05):
     worker = fake_worker()
     worker.send_signal(sig)  # Ctrl-C in a terminal reaches the worker too.
     _wait_for_interrupt(1.0)  # No interrupt arrives: the body ends normally.
@@ -63,14 +64,14 @@ def test_worker_stopped_by_user_signal_is_not_reported(fake_worker, sig):
 
 def test_real_interrupt_passes_through(fake_worker):
   with pytest.raises(KeyboardInterrupt):
-    with runtime.worker_watched({}, interval=0.05):
+    with execution.worker_watched({}, interval=0.05):
       fake_worker()
       raise KeyboardInterrupt
 
 
 def test_run_job_prints_one_error_line_for_a_dead_worker(fake_worker, capsys):
   def job():
-    with runtime.worker_watched({"section": "round 1"}, interval=0.05):
+    with execution.worker_watched({"section": "round 1"}, interval=0.05):
       fake_worker().send_signal(signal.SIGKILL)
       _wait_for_interrupt(10)
 

@@ -1,4 +1,4 @@
-"""Tests for tff_sam.sample_data and its binary."""
+"""Tests for tff_sam.data.sample and its binary."""
 
 import json
 import os
@@ -13,9 +13,9 @@ import pytest
 import tifffile
 from PIL import Image
 
+from tff_sam.data import sample as sample_data
 from tff_sam import errors
 from tff_sam import registry
-from tff_sam import sample_data
 
 _REPO = Path(__file__).resolve().parents[1]
 _STEM = re.compile(r"^(hela|bact)_t(\d+)$")

@@ -1,4 +1,4 @@
-"""Tests for tff_sam.tinyvit: MobileSAM's TinyViT encoder in Keras."""
+"""Tests for tff_sam.models.tinyvit: MobileSAM's TinyViT encoder in Keras."""
 
 from pathlib import Path
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tff_sam import errors
-from tff_sam import tinyvit
+from tff_sam.models import mobile_sam
+from tff_sam.models import tinyvit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tinyvit_parity.npz"
 
@@ -122,7 +123,6 @@ def _fixture_pixel_values(fx) -> np.ndarray:
 
 @pytest.mark.slow
 def test_parity_with_pytorch_reference():
-  from tff_sam import mobile_sam  # pylint: disable=g-import-not-at-top
 
   _, encoder = mobile_sam.load_mobile_sam()
   with np.load(FIXTURE) as fx:

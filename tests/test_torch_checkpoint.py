@@ -1,4 +1,4 @@
-"""Tests for tff_sam.torch_checkpoint: torch zip checkpoints read without torch."""
+"""Tests for tff_sam.models.torch_checkpoint: torch zip checkpoints read without torch."""
 
 import os
 import pickle
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tff_sam import errors
-from tff_sam import torch_checkpoint
+from tff_sam.models import torch_checkpoint
 
 
 class _PickleAsm:

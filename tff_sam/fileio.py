@@ -6,6 +6,7 @@ place with `os.replace`, which is atomic on POSIX file systems.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -103,8 +104,6 @@ def default_cache_dir() -> Path:
 
 def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
   """Returns the hex SHA-256 of a file's bytes."""
-  import hashlib  # pylint: disable=g-import-not-at-top
-
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(chunk_size), b""):

@@ -1,29 +1,25 @@
-"""Process hygiene for the binaries: TFF's C++ worker must not outlive a run.
+"""Process hygiene and error handling for the binaries.
 
 TFF's local C++ execution context starts a `worker_binary` subprocess and reaches it
-over gRPC on localhost. It runs on CPU only (it is built without CUDA) and has been
-seen to outlive the Python process. `child_processes_reaped()` ends every child
-process of this one on normal exit, on an exception, on SIGINT and on SIGTERM.
-`WorkerWatch` (used through `worker_watched`) turns a worker killed mid-computation
-(e.g. out of memory), which TFF would restart and retry forever, into an error;
-`run_job` is the binaries' shared error and interrupt handling.
+over gRPC on localhost; it has been seen to outlive the Python process.
+`child_processes_reaped()` ends every child process of this one on normal exit, on
+an exception, on SIGINT and on SIGTERM. `run_job` is every binary's shared error and
+interrupt handling: a user mistake is one `error:` line.
 """
 
 import contextlib
 import os
 import signal
 import sys
-from typing import Callable, Iterator, MutableMapping
+from typing import Callable, Iterator, Optional
+
+import psutil
 
 from tff_sam import errors
-
-WORKER_BINARY = "worker_binary"  # TFF's C++ worker (a child of the Python process)
 
 
 def terminate_children(timeout: float = 5.0) -> int:
   """Terminates (then kills) all descendant processes; returns how many there were."""
-  import psutil  # pylint: disable=g-import-not-at-top
-
   children = psutil.Process(os.getpid()).children(recursive=True)
   for child in children:
     with contextlib.suppress(psutil.Error):
@@ -52,42 +48,23 @@ def child_processes_reaped() -> Iterator[None]:
     terminate_children()
 
 
-def configure_tff_execution(*, max_concurrent_computation_calls: int = -1,
-                            num_subrounds: int = 1) -> None:
-  """Installs TFF's local C++ execution context (CPU-only worker).
-
-  Args:
-    max_concurrent_computation_calls: TFF's limit on concurrent calls in the C++
-      runtime (-1 = none).
-    num_subrounds: Above 1, TFF's mergeable-computation context: every computation
-      is compiled to `MergeableCompForm`, its clients are split into this many groups
-      run one after another on the same worker, and each group's partial aggregate
-      is merged into the running one as it finishes. The round's memory then grows
-      with the clients of one group instead of all of them; results equal the
-      one-shot round's up to float summation order.
-  """
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-
-  if num_subrounds > 1:
-    tff.backends.native.set_mergeable_comp_execution_context(
-        [tff.backends.native.create_async_local_cpp_execution_context(
-            max_concurrent_computation_calls=max_concurrent_computation_calls)],
-        num_subrounds=num_subrounds)
-  else:
-    tff.backends.native.set_sync_local_cpp_execution_context(
-        max_concurrent_computation_calls=max_concurrent_computation_calls)
-
-
-def run_job(job: Callable[[], object]) -> int:
+def run_job(job: Callable[[], object], *,
+            cleanup: Optional[Callable[[], object]] = None) -> int:
   """Runs a binary's work with its children reaped; returns the exit code.
 
-  `job` builds its validated config and does the work (including
-  `configure_tff_execution`). A `errors.UserError` is printed as one `error:` line
-  (exit 1); Ctrl-C and SIGTERM print `interrupted` (exit 130); success is 0.
+  `job` builds its validated config and does the work (including installing TFF's
+  execution context, `tff_sam.federated.execution`). A `errors.UserError` is printed
+  as one `error:` line (exit 1); Ctrl-C and SIGTERM print `interrupted` (exit 130);
+  success is 0. `cleanup` runs after the job however it ended, before the children
+  are reaped (binaries that load TFF pass `execution.end_workers`).
   """
   try:
     with child_processes_reaped():
-      job()
+      try:
+        job()
+      finally:
+        if cleanup is not None:
+          cleanup()
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -95,102 +72,3 @@ def run_job(job: Callable[[], object]) -> int:
     print("interrupted", file=sys.stderr)
     return 130
   return 0
-
-
-class WorkerWatch:
-  """Turns the death of this process's TFF worker into an error instead of a hang.
-
-  When the kernel kills TFF's `worker_binary` (out of memory), TFF's execution
-  context starts a new one and retries the computation, which dies the same way,
-  forever. This watch samples the direct children every `interval` seconds; when a
-  worker it saw disappears it records the pid and sends this process SIGINT, so the
-  blocked round raises `KeyboardInterrupt`; `check()` turns that into an error.
-
-  A worker ended by SIGINT, SIGTERM or SIGHUP was stopped by the user (Ctrl-C in a
-  terminal reaches the whole process group) and is left to the ordinary interrupt
-  handling. The signal is read with `waitid(WNOWAIT)`, which leaves the child for
-  TFF to reap; if TFF reaped it first the death counts as a crash.
-  """
-
-  USER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-  def __init__(self, interval: float = 0.5):
-    import threading  # pylint: disable=g-import-not-at-top
-
-    self.interval = interval
-    self.dead: list[int] = []
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, name="tff-worker-watch", daemon=True)
-
-  def __enter__(self) -> "WorkerWatch":
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self._stop.set()
-    self._thread.join(timeout=5)
-
-  def _workers(self) -> set[int]:
-    import psutil  # pylint: disable=g-import-not-at-top
-
-    out = set()
-    for p in psutil.Process().children(recursive=False):
-      try:
-        if p.name() == WORKER_BINARY and p.status() != psutil.STATUS_ZOMBIE:
-          out.add(p.pid)
-      except psutil.Error:
-        pass
-    return out
-
-  @classmethod
-  def _stopped_by_user(cls, pid: int) -> bool:
-    """Whether the (not yet reaped) child `pid` was ended by a user's signal."""
-    try:
-      info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:  # Already reaped by TFF: the signal is unknown.
-      return False
-    return (info is not None and info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
-            and info.si_status in cls.USER_SIGNALS)
-
-  def _run(self) -> None:
-    seen = self._workers()
-    while not self._stop.wait(self.interval):
-      current = self._workers()
-      crashed = sorted(pid for pid in seen - current if not self._stopped_by_user(pid))
-      if crashed:
-        self.dead.extend(crashed)
-        os.kill(os.getpid(), signal.SIGINT)
-        return
-      seen = current
-
-  def check(self, section: str) -> None:
-    """Raises `errors.UserError` if a worker died (call when a round was interrupted)."""
-    if self.dead:
-      raise errors.UserError(
-          f"TFF's {WORKER_BINARY} (pid {self.dead[0]}) died during {section}; it is "
-          "usually the kernel's out-of-memory killer (see `dmesg`). Try a smaller "
-          "--batch_size, fewer clients per round or --clients_per_subround (README, 'Many "
-          "clients per round: memory')")
-
-
-@contextlib.contextmanager
-def worker_watched(progress: MutableMapping[str, str], *, interval: float = 0.5
-                   ) -> Iterator[None]:
-  """Runs the body under a `WorkerWatch`; a dead worker ends it with an error.
-
-  Args:
-    progress: `progress["section"]` names what the body is doing; the body updates
-      it, and the error names the section the worker died in.
-    interval: Seconds between looks at the children.
-
-  Raises:
-    errors.UserError: The worker died (instead of the `KeyboardInterrupt` the watch
-      sent to stop TFF's retries). A real Ctrl-C still raises `KeyboardInterrupt`.
-  """
-  progress.setdefault("section", "setup")
-  with WorkerWatch(interval=interval) as watch:
-    try:
-      yield
-    except KeyboardInterrupt:
-      watch.check(progress["section"])
-      raise

@@ -5,7 +5,7 @@ r"""Benchmark: embedding-cache speed-up, TFF overhead, memory, bytes, throughput
 
 Prints a table and writes OUTPUT_DIR/bench.json (see BENCHMARKS.md for what each
 number means). Every ratio is measured side by side in one run. Flags are copied once
-into a validated `benchmark.BenchConfig`; mistakes end with one `error:` line, exit 1.
+into a validated `config.BenchConfig`; mistakes end with one `error:` line, exit 1.
 """
 
 import dataclasses
@@ -18,14 +18,15 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 
-from tff_sam import benchmark
+from tff_sam import config as config_lib
+from tff_sam import runtime
 
 # Defaults live in one place: the dataclass.
-_F = {f.name: f.default for f in dataclasses.fields(benchmark.BenchConfig)}
+_F = {f.name: f.default for f in dataclasses.fields(config_lib.BenchConfig)}
 
 flags.DEFINE_string("output_dir", _F["output_dir"], "Where bench.json goes (a work/ folder "
                     "with synthetic images, records and manifests lives there during the run).")
-flags.DEFINE_enum("arch", _F["arch"], benchmark.ARCHS,
+flags.DEFINE_enum("arch", _F["arch"], config_lib.ARCHS,
                   "vit_b: SAM ViT-B architecture with random weights (timing only); tiny: "
                   "the small random-init SAM (smoke runs); mobile_sam: MobileSAM's weights.")
 flags.DEFINE_integer("clients", _F["clients"], "Clients per round (all participate) in the "
@@ -57,7 +58,7 @@ flags.DEFINE_string("cache_dir", None, "Cache holding converted MobileSAM weight
                     "$TFF_SAM_CACHE or ~/.cache/tff_sam). Embeddings go to the work folder.")
 flags.DEFINE_float("client_lr", _F["client_lr"], "Client Adam learning rate.")
 flags.DEFINE_enum("loop_implementation", _F["loop_implementation"],
-                  benchmark.LOOP_IMPLEMENTATIONS,
+                  config_lib.LOOP_IMPLEMENTATIONS,
                   "Client training loop of every TFF process: program = as the training "
                   "program builds it; dataset_iterator / dataset_reduce = that "
                   "tff.learning.LoopImplementation. The cached round is also timed with "
@@ -70,10 +71,10 @@ flags.DEFINE_boolean("keep_work", _F["keep_work"],
 FLAGS = flags.FLAGS
 
 
-def config_from_flags() -> benchmark.BenchConfig:
+def config_from_flags() -> config_lib.BenchConfig:
   """Copies the flags into a validated `BenchConfig` (the only place flags are read)."""
-  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(benchmark.BenchConfig)}
-  return benchmark.BenchConfig(**values).validate()
+  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config_lib.BenchConfig)}
+  return config_lib.BenchConfig(**values).validate()
 
 
 def _log(line: str) -> None:
@@ -85,13 +86,20 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from tff_sam import runtime  # pylint: disable=g-import-not-at-top
 
   def job():
     config = config_from_flags()
-    runtime.configure_tff_execution(
+    # The library loads only once the flags are parsed and valid: a bad flag stays one
+    # error line (importing TFF installs an execution context whose clean-up at exit
+    # prints a traceback when it was never used).
+    # lazy: TensorFlow and TFF after flag parsing and validation; keeps --help fast.
+    from tff_sam.bench import runner  # pylint: disable=g-import-not-at-top
+    # lazy: as above.
+    from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top
+
+    execution.configure_tff_execution(
         max_concurrent_computation_calls=config.max_concurrent_computation_calls)
-    benchmark.run_benchmark(config, log=_log)
+    runner.run_benchmark(config, log=_log)
 
   return runtime.run_job(job)
 

@@ -10,7 +10,6 @@ writes JSON with `dice`, `iou`, `num_objects`, `num_images` per prompt mode.
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF and TFF's C++ worker: errors only.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation banner.
@@ -19,16 +18,18 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 
-from tff_sam import errors
+from tff_sam import config as config_lib
 
-flags.DEFINE_string("model", "tiny", "tiny, a hub id, or a save_pretrained directory.")
+flags.DEFINE_string("model", config_lib.TINY_MODEL,
+                    "tiny, mobile_sam, a hub id, or a save_pretrained directory.")
 flags.DEFINE_string("data_dir", None, "Data folder (same layout as for run). Default: the "
                     "--data dataset.")
-flags.DEFINE_enum("data", "sample", ["sample", "synthetic"],
+flags.DEFINE_enum("data", config_lib.SAMPLE_DATASET, config_lib.NAMED_DATASETS,
                   "Embedded dataset used when --data_dir is not given.")
 flags.DEFINE_enum("split", "auto", ["auto", "test", "all"],
                   "auto: test/ if present, else all images.")
-flags.DEFINE_multi_enum("prompt", ["box", "points"], ["box", "points", "both"],
+flags.DEFINE_multi_enum("prompt", [config_lib.BOX_PROMPT, config_lib.POINTS_PROMPT],
+                        config_lib.PROMPT_MODES,
                         "Prompt mode(s) to evaluate (repeat the flag for several).")
 flags.DEFINE_boolean("binary_components", False,
                      "Binary masks: one object per connected component.")
@@ -44,24 +45,25 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
-  from tff_sam import evaluation  # pylint: disable=g-import-not-at-top
-  try:
-    result = evaluation.evaluate_folder(
+  # lazy: TensorFlow loads only after the flags parsed (a fast --help).
+  from tff_sam import fileio  # pylint: disable=g-import-not-at-top
+  from tff_sam import runtime  # pylint: disable=g-import-not-at-top
+  from tff_sam.evaluation import heldout  # pylint: disable=g-import-not-at-top
+
+  def job():
+    result = heldout.evaluate_folder(
         model=FLAGS.model, data_dir=FLAGS.data_dir, data_name=FLAGS.data, split=FLAGS.split,
         prompts=FLAGS.prompt, binary_components=FLAGS.binary_components,
         max_objects_per_image=FLAGS.max_objects, cache_dir=FLAGS.cache_dir,
         encode_batch_size=FLAGS.encode_batch_size)
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  for mode, r in result["results"].items():
-    print(f"{mode:>6}: dice {r['dice']:.4f}  iou {r['iou']:.4f}  "
-          f"({r['num_objects']} objects, {r['num_images']} images)")
-  if FLAGS.output_json:
-    from tff_sam import fileio  # pylint: disable=g-import-not-at-top
-    fileio.write_json(FLAGS.output_json, result)
-  print(json.dumps(result))
-  return 0
+    for mode, r in result["results"].items():
+      print(f"{mode:>6}: dice {r['dice']:.4f}  iou {r['iou']:.4f}  "
+            f"({r['num_objects']} objects, {r['num_images']} images)")
+    if FLAGS.output_json:
+      fileio.write_json(FLAGS.output_json, result)
+    print(json.dumps(result))
+
+  return runtime.run_job(job)
 
 
 if __name__ == "__main__":

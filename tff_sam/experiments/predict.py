@@ -11,7 +11,6 @@ DIR gets the same prompts and --output (and --mask_out) name folders. The mask i
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF and TFF's C++ worker: errors only.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation banner.
@@ -20,9 +19,10 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 
+from tff_sam import config as config_lib
 from tff_sam import errors
 
-flags.DEFINE_string("model", "mobile_sam", "mobile_sam, tiny, a hub id, or a save_pretrained "
+flags.DEFINE_string("model", config_lib.MOBILE_SAM_MODEL, "mobile_sam, tiny, a hub id, or a save_pretrained "
                     "directory (e.g. a run's model/).")
 flags.DEFINE_string("image", None, "An image file, or a folder of images (batch mode).")
 flags.DEFINE_multi_string("box", [], "x0,y0,x1,y1 in image pixels; one object per --box.")
@@ -50,8 +50,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
-  from tff_sam import inference  # pylint: disable=g-import-not-at-top
-  try:
+  # lazy: TensorFlow loads only after the flags parsed (a fast --help).
+  from tff_sam import runtime  # pylint: disable=g-import-not-at-top
+  from tff_sam.evaluation import inference  # pylint: disable=g-import-not-at-top
+
+  def job():
     if not FLAGS.image:
       raise errors.ConfigError("image", "is required")
     boxes = [_numbers(b, "box", (4,)) for b in FLAGS.box]
@@ -59,12 +62,10 @@ def main(argv):
     written = inference.predict_paths(
         model=FLAGS.model, image=FLAGS.image, boxes=boxes, points=points,
         output=FLAGS.output, mask_out=FLAGS.mask_out, cache_dir=FLAGS.cache_dir)
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  for path in written:
-    print(path)
-  return 0
+    for path in written:
+      print(path)
+
+  return runtime.run_job(job)
 
 
 if __name__ == "__main__":

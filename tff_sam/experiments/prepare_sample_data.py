@@ -7,13 +7,11 @@ Prints the dataset root (usable as `--data_dir`) and the per-site frame/object c
 A complete dataset already at the output directory is reused as is.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 
-from tff_sam import errors
-from tff_sam import sample_data
+from tff_sam import runtime
+from tff_sam.data import sample as sample_data
 
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None,
@@ -24,20 +22,19 @@ _CACHE_DIR = flags.DEFINE_string(
     "Cache root for the fetched source files (default: $TFF_SAM_CACHE or ~/.cache/tff_sam).")
 
 
-def main(argv: list) -> None:
+def main(argv: list) -> int:
   if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(1)
-  try:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+  def job():
     root = sample_data.prepare_sample_data(_OUTPUT_DIR.value, cache_dir=_CACHE_DIR.value)
     summary = sample_data.load_summary(root)
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(root)
-  for site, entry in (summary or {}).items():
-    role = "held-out" if sample_data.is_test_site(site) else "client"
-    print(f"  {site:<14} {role:<8} {entry['frames']:>3} frames {entry['objects']:>6} objects")
+    print(root)
+    for site, entry in (summary or {}).items():
+      role = "held-out" if sample_data.is_test_site(site) else "client"
+      print(f"  {site:<14} {role:<8} {entry['frames']:>3} frames {entry['objects']:>6} objects")
+
+  return runtime.run_job(job)
 
 
 if __name__ == "__main__":

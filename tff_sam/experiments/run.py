@@ -117,15 +117,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:  # -v 0 shows the per-round release log.
     logging.set_verbosity(logging.WARNING)
-  from tff_sam import program  # pylint: disable=g-import-not-at-top
+  # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
   from tff_sam import runtime  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated import program  # pylint: disable=g-import-not-at-top
 
   def job():
     config = config_from_flags()
-    runtime.configure_tff_execution(num_subrounds=config.num_subrounds)
+    execution.configure_tff_execution(num_subrounds=config.num_subrounds)
     program.run_experiment(config, fresh=FLAGS.fresh)
 
-  return runtime.run_job(job)
+  return runtime.run_job(job, cleanup=execution.end_workers)
 
 
 if __name__ == "__main__":

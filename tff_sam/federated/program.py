@@ -1,6 +1,7 @@
 """The federated fine-tuning program: data -> cache -> TFF rounds -> evaluation -> export.
 
-No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
+The platform wiring of `program_logic.train_model`: files, data, the model and TFF's
+worker. No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
 `tff_sam.experiments.run` builds it from flags) and writes into `output_dir`:
 
 * `config.json`: the config;
@@ -9,7 +10,7 @@ No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
 * `clients/<client>.txt`: each client's cached records (what it trains on);
   `eval_clients/<client>.txt`: the held-out evaluation clients' records;
 * `metrics.csv` and `tensorboard/`: one row (TensorBoard step) per round, released
-  through TFF release managers (`tff_sam.releases`); round 0 is the zero-shot
+  through TFF release managers (`releases`); round 0 is the zero-shot
   baseline. Columns (`METRIC_DOCS`): training loss/Dice, central held-out Dice/IoU
   (also per evaluation client), federated evaluation loss/Dice, robust-aggregation
   counts, seconds;
@@ -25,6 +26,7 @@ No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
 import asyncio
 import collections
 import csv
+import dataclasses
 import json
 import shutil
 import time
@@ -32,20 +34,25 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import tensorflow_federated as tff
 
-from tff_sam import client_data
 from tff_sam import config as config_lib
-from tff_sam import data
-from tff_sam import embeddings
 from tff_sam import errors
-from tff_sam import evaluation
-from tff_sam import export
-from tff_sam import federated
 from tff_sam import fileio
-from tff_sam import model as model_lib
-from tff_sam import plots
-from tff_sam import releases
-from tff_sam import runtime
+from tff_sam.data import cache
+from tff_sam.data import datasets
+from tff_sam.data import discovery
+from tff_sam.data import pipeline
+from tff_sam.evaluation import heldout
+from tff_sam.evaluation import plots
+from tff_sam.federated import aggregation
+from tff_sam.federated import execution
+from tff_sam.federated import program_logic
+from tff_sam.federated import releases
+from tff_sam.federated import tasks
+from tff_sam.models import build
+from tff_sam.models import export
+from tff_sam.models import sam as sam_lib
 
 # Columns of metrics.csv ("<name>/<client>" columns are per evaluation client).
 METRIC_DOCS = {
@@ -78,14 +85,14 @@ def _fmt(value: Optional[float], digits: int = 4) -> str:
 
 
 def prepare_data(config: config_lib.RunConfig, cache_root: Path,
-                 skipped: Optional[collections.Counter] = None) -> data.DatasetSplits:
+                 skipped: Optional[collections.Counter] = None) -> discovery.DatasetSplits:
   """Finds the data (`data_dir`, else the named dataset) and splits it.
 
   With `config.skip_bad_examples`, bad files are skipped and counted in `skipped`.
   """
-  root = (Path(config.data_dir).expanduser() if config.data_dir
-          else data.named_dataset(config.data, cache_root=cache_root))
-  splits = data.discover_splits(
+  root = datasets.dataset_root(data_dir=config.data_dir, data=config.data,
+                               cache_root=cache_root)
+  splits = discovery.discover_splits(
       root, partition=config.partition, num_clients=config.num_clients,
       dirichlet_alpha=config.dirichlet_alpha, test_fraction=config.test_fraction,
       seed=config.seed, skip_bad_examples=config.skip_bad_examples, skipped=skipped)
@@ -111,9 +118,7 @@ def _read_metrics(path: Path) -> list[dict]:
     return [dict(r) for r in csv.DictReader(f)]
 
 
-def _state_manager(out: Path):
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-
+def _state_manager(out: Path) -> tff.program.FileProgramStateManager:
   return tff.program.FileProgramStateManager(
       root_dir=str(out / STATE_DIR), prefix=STATE_PREFIX, keep_total=KEEP_STATES,
       keep_first=False)
@@ -162,102 +167,52 @@ def _parse(value: Optional[str]) -> Optional[float]:
   return float(value) if value not in (None, "") else None
 
 
-def _encode_all(config: config_lib.RunConfig, splits: data.DatasetSplits,
-                bundle: model_lib.SamBundle, cache_root: Path, skipped: collections.Counter,
-                log: Callable[[str], None]):
-  """Caches every client's and every test image; returns records and stats.
+@dataclasses.dataclass(frozen=True)
+class _Records:
+  """The run's cached records.
 
-  Returns:
-    (client -> training records, test embedding records for central evaluation,
-    test records for federated evaluation (image records in online mode, else the
-    same embedding records), stats).
+  Attributes:
+    clients: Training client -> its records.
+    test: Held-out embedding records (central evaluation).
+    federated_test: Held-out records for federated evaluation (image records in
+      online mode, else `test`).
+    stats: The cache's counts.
   """
-  stats = embeddings.CacheStats(skipped=dict(skipped))
+
+  clients: dict[str, list[cache.Record]]
+  test: list[cache.Record]
+  federated_test: list[cache.Record]
+  stats: cache.CacheStats
+
+
+def _encode_all(config: config_lib.RunConfig, splits: discovery.DatasetSplits,
+                bundle: sam_lib.SamBundle, cache_root: Path, skipped: collections.Counter,
+                log: Callable[[str], None]) -> _Records:
+  """Caches every client's and every test image."""
+  stats = cache.CacheStats(skipped=dict(skipped))
   encode = dict(bundle=bundle, cache_root=cache_root, binary_components=config.binary_components,
                 batch_size=config.encode_batch_size, skip_bad_examples=config.skip_bad_examples)
   online = not config.embedding_cache
   client_records = {}
   for client, examples in splits.clients.items():
-    client_records[client], s = embeddings.build_records(
+    client_records[client], s = cache.build_records(
         examples, desc=f"encoding {client}", online=online, **encode)
     stats.add(s)
-  test_records, s = embeddings.build_records(list(splits.test), desc="encoding test", **encode)
+  test_records, s = cache.build_records(list(splits.test), desc="encoding test", **encode)
   stats.add(s)
   fed_test_records = test_records
   if online:
-    fed_test_records, _ = embeddings.build_records(list(splits.test), desc="test images",
-                                                   online=True, **encode)
+    fed_test_records, _ = cache.build_records(list(splits.test), desc="test images",
+                                              online=True, **encode)
   log(f"{'images (online mode)' if online else 'embeddings'}: {stats.encoded} computed, "
       f"{stats.reused} reused from the cache; "
       f"{stats.objects} objects, {stats.images_without_objects} images without objects, "
       f"{stats.num_skipped} bad examples skipped")
-  return client_records, test_records, fed_test_records, stats
+  return _Records(clients=client_records, test=test_records,
+                  federated_test=fed_test_records, stats=stats)
 
 
-def _pipeline_spec(config: config_lib.RunConfig, bundle: model_lib.SamBundle,
-                   manifest_dir: Path, **overrides) -> client_data.PipelineSpec:
-  values = dict(
-      prompt=config.prompt, prompts_per_image=config.prompts_per_image,
-      box_jitter=config.box_jitter, box_jitter_fraction=config.box_jitter_fraction,
-      num_points=config.num_points, num_negative_points=config.num_negative_points,
-      local_epochs=config.local_epochs, batch_size=config.batch_size, seed=config.seed)
-  values.update(overrides)
-  return client_data.build_pipeline_spec(bundle, manifest_dir,
-                                         online=not config.embedding_cache, **values)
-
-
-EVAL_CHUNK = 16  # prompts per federated-evaluation example (bounds its memory)
-
-
-class _FederatedEvaluation:
-  """`build_fed_eval` on the held-out evaluation clients, with the global model.
-
-  Every object of every held-out image is prompted once (up to `eval_max_objects`
-  per image), with its exact box (no jitter) and fixed points, in chunks of
-  `EVAL_CHUNK` prompts; the prompts are the same in every round, so the numbers are
-  comparable across rounds.
-  """
-
-  def __init__(self, *, config: config_lib.RunConfig, bundle: model_lib.SamBundle,
-               records: dict[str, list], manifest_dir: Path):
-    counts = embeddings.write_manifests(manifest_dir, records)
-    self.client_ids = [c for c, n in counts.items() if n > 0]
-    objects = [r.num_objects for recs in records.values() for r in recs]
-    chunk = min(EVAL_CHUNK, max(objects, default=1))
-    self.process = None
-    if not self.client_ids:
-      return
-    spec = _pipeline_spec(config, bundle, manifest_dir, prompts_per_image=chunk,
-                          box_jitter=0.0, box_jitter_fraction=0.0, local_epochs=1,
-                          batch_size=1, evaluation=True,
-                          max_objects_per_image=config.eval_max_objects)
-    cdata = client_data.build_client_data(self.client_ids, spec)
-    model_fn = federated.build_model_fn(
-        sam_config=bundle.config, input_spec=cdata.element_type_structure,
-        prompt=config.prompt, loss=config.loss, train_iou_head=config.train_iou_head,
-        online_encoder=_online_encoder(config, bundle))
-    self.process = federated.compose_with_client_data(
-        federated.build_evaluation_process(model_fn=model_fn), cdata)
-    self._state = self.process.initialize()
-
-  def __call__(self, training_process, training_state) -> dict[str, Optional[float]]:
-    if self.process is None:
-      return {"fed_eval_loss": None, "fed_eval_dice": None}
-    state = federated.with_model_weights(self.process, self._state, training_process,
-                                         training_state)
-    result = self.process.next(state, [client_data.round_client_id(c, 0)
-                                       for c in self.client_ids])
-    m = federated.evaluation_metrics(result)
-    return {"fed_eval_loss": m["loss"], "fed_eval_dice": m["dice"]}
-
-
-def _online_encoder(config: config_lib.RunConfig, bundle: model_lib.SamBundle
-                    ) -> Optional[str]:
-  """The encoder the TFF model holds in online mode, else None."""
-  return None if config.embedding_cache else model_lib.encoder_kind(bundle)
-
-
-def _central_metrics(result: evaluation.EvalResult, eval_clients: list[str]
+def _central_metrics(result: heldout.EvalResult, eval_clients: list[str]
                      ) -> dict[str, Optional[float]]:
   out = {"test_dice": result.dice, "test_iou": result.iou}
   if len(eval_clients) > 1:
@@ -316,8 +271,30 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
       died (e.g. out of memory; TFF itself would retry the round forever).
   """
   progress = {"section": "setup"}
-  with runtime.worker_watched(progress):
+  with execution.worker_watched(progress):
     return _run_experiment(config, fresh=fresh, log=log, progress=progress)
+
+
+def _check_saved_metrics(out: Path, version: int) -> None:
+  """A saved state needs `metrics.csv` rows from round 0 on (they are released first)."""
+  rows = [r for r in _read_metrics(out / "metrics.csv") if int(r["round"]) <= version]
+  if not rows or rows[0]["round"] != "0":
+    raise errors.DataError(out / STATE_DIR, "saved state is unreadable or metrics.csv lacks "
+                           "its rounds; pass --fresh to start over")
+
+
+def _round_line(round_num: int, row: dict, *, total: int, num_objects: int) -> str:
+  """The progress line of one round."""
+  if round_num == 0:
+    return (f"round 0/{total}  zero-shot test dice {row['test_dice']:.4f}  "
+            f"iou {row['test_iou']:.4f}  ({num_objects} objects)  "
+            f"federated eval dice {_fmt(row['fed_eval_dice'])}")
+  robust = "  ".join(f"{k.split('_')[0]} {row[k]}" for k in
+                     ("nonfinite_clients", "zeroed_clients", "clipped_clients") if row[k])
+  return (f"round {round_num}/{total}  loss {row['train_loss']:.4f}  "
+          f"test dice {_fmt(row['test_dice'])}  iou {_fmt(row['test_iou'])}  "
+          f"fed eval dice {_fmt(row['fed_eval_dice'])}  ({row['seconds']:.1f} s)"
+          + (f"  robust aggregation: {robust}" if robust else ""))
 
 
 def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
@@ -333,126 +310,83 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
   else:
     _start_fresh(out)
   fileio.write_text(out / "config.json", config.to_json() + "\n")
-  cache_root = Path(config.cache_dir).expanduser() if config.cache_dir else fileio.default_cache_dir()
+  cache_root = (Path(config.cache_dir).expanduser() if config.cache_dir
+                else fileio.default_cache_dir())
 
+  # Data, model, cache.
   skipped = collections.Counter()
   splits = prepare_data(config, cache_root, skipped)
   log(f"data: {len(splits.clients)} clients ({'sites' if splits.natural else config.partition}), "
       f"{splits.num_train_examples} training images, {len(splits.test)} test images in "
       f"{len(splits.test_clients)} held-out evaluation client(s)")
-  bundle = model_lib.load_sam(config.model, cache_dir=cache_root)
+  bundle = build.load_sam(config.model, cache_dir=cache_root)
   log(f"model: {config.model} (encoder fingerprint {bundle.fingerprint})")
-  client_records, test_records, fed_test_records, stats = _encode_all(
-      config, splits, bundle, cache_root, skipped, log)
-  counts = embeddings.write_manifests(out / "clients", client_records)
+  records = _encode_all(config, splits, bundle, cache_root, skipped, log)
+  counts = cache.write_manifests(out / "clients", records.clients)
   client_ids = [c for c, n in counts.items() if n > 0]
   if not client_ids:
     raise errors.DataError(out / "clients", "no client has an image with objects to train on")
 
   # Held-out records by evaluation client (skipped examples have no record).
   client_of = {id(e): c for c, exs in splits.test_clients.items() for e in exs}
-  test_clients = [client_of[id(r.example)] for r in test_records]
+  test_clients = [client_of[id(r.example)] for r in records.test]
   eval_clients = sorted(set(test_clients))
-  fed_eval = _FederatedEvaluation(
-      config=config, bundle=bundle, manifest_dir=out / "eval_clients",
-      records={c: [r for r, rc in zip(fed_test_records, test_clients) if rc == c]
-               for c in eval_clients})
-  evaluator = evaluation.Evaluator(
-      examples=[r.example for r in test_records], records=test_records, bundle=bundle,
+  fed_records = {c: [r for r, rc in zip(records.federated_test, test_clients) if rc == c]
+                 for c in eval_clients}
+  fed_counts = cache.write_manifests(out / "eval_clients", fed_records)
+  fed_clients = [c for c, n in fed_counts.items() if n > 0]
+  objects = [r.num_objects for recs in fed_records.values() for r in recs]
+  evaluator = heldout.Evaluator(
+      examples=[r.example for r in records.test], records=records.test, bundle=bundle,
       binary_components=config.binary_components,
       max_objects_per_image=config.eval_max_objects, clients=test_clients)
 
-  cdata = client_data.build_client_data(
-      client_ids, _pipeline_spec(config, bundle, out / "clients"))
-  model_fn = federated.build_model_fn(
-      sam_config=bundle.config, input_spec=cdata.element_type_structure, prompt=config.prompt,
-      loss=config.loss, train_iou_head=config.train_iou_head,
-      online_encoder=_online_encoder(config, bundle))
-  aggregator = federated.build_model_aggregator(
-      zeroing=config.zeroing, zeroing_quantile=config.zeroing_quantile,
-      zeroing_multiplier=config.zeroing_multiplier, clipping=config.clipping,
-      clipping_quantile=config.clipping_quantile,
-      clipping_initial_norm=config.clipping_initial_norm)
-  process = federated.compose_with_client_data(
-      federated.build_training_process(
-          model_fn=model_fn, client_lr=config.client_lr,
-          server_optimizer=config.server_optimizer, server_lr=config.server_lr,
-          model_aggregator=aggregator),
-      cdata)
-  # `trained` has the TFF model's weight structure; `local` is its decoder part.
-  if config.embedding_cache:
-    trained = local = model_lib.build_prompt_mask_decoder(
-        bundle, prompt=config.prompt, train_iou_head=config.train_iou_head)
-  else:
-    trained = model_lib.build_online_model(
-        bundle, prompt=config.prompt, train_iou_head=config.train_iou_head)
-    local = trained.decoder
-  initial = federated.initial_state(process, *model_lib.model_weights_lists(trained))
-
-  states = _state_manager(out)
-  metrics = releases.build_release_manager(
-      metrics_csv=out / "metrics.csv", tensorboard_dir=out / releases.TENSORBOARD_DIR)
-  state, start_round = None, 1
+  task = tasks.build_task(
+      config=config, bundle=bundle, client_ids=client_ids, manifest_dir=out / "clients",
+      evaluation_clients=fed_clients, evaluation_manifest_dir=out / "eval_clients",
+      evaluation_chunk=min(tasks.EVAL_CHUNK, max(objects, default=1)))
   if versions:
-    state, version = asyncio.run(states.load_latest(initial))
-    rows = [r for r in _read_metrics(out / "metrics.csv") if int(r["round"]) <= version]
-    if state is None or not rows or rows[0]["round"] != "0":
-      raise errors.DataError(out / STATE_DIR, "saved state is unreadable or metrics.csv lacks "
-                             "its rounds; pass --fresh to start over")
-    start_round = version + 1
-    log(f"resuming {out} after round {version}/{config.rounds}")
-  if state is None:
-    progress["section"] = "round 0 (zero-shot evaluation)"
-    state = initial
-    t0 = time.time()
-    row = _empty_row(eval_clients)
-    baseline = evaluator(local)
-    row.update(_central_metrics(baseline, eval_clients))
-    row.update(fed_eval(process, state))
-    row["seconds"] = round(time.time() - t0, 2)
-    releases.release(metrics, row, round_num=0)
-    log(f"round 0/{config.rounds}  zero-shot test dice {baseline.dice:.4f}  iou {baseline.iou:.4f}  "
-        f"({baseline.num_objects} objects)  federated eval dice {_fmt(row['fed_eval_dice'])}")
+    _check_saved_metrics(out, max(versions))
 
-  for round_num in range(start_round, config.rounds + 1):
+  def evaluate(state, round_num: int) -> dict:
+    progress["section"] = (f"round {round_num}" if round_num
+                           else "round 0 (zero-shot evaluation)")
+    result = evaluator(task.load_state(state))
+    return {**_central_metrics(result, eval_clients), **task.federated_evaluation(state)}
+
+  def select(round_num: int) -> list[str]:
     progress["section"] = f"round {round_num}"
-    t0 = time.time()
     sampled = sample_clients(client_ids, round_num=round_num,
                              clients_per_round=config.clients_per_round, seed=config.seed)
-    result = process.next(state, [client_data.round_client_id(c, round_num) for c in sampled])
-    state = result.state
-    train = result.metrics["client_work"]["train"]
-    row = _empty_row(eval_clients)
-    row.update(train_loss=float(train["loss"]), train_dice=float(train["dice"]))
-    row.update(federated.aggregation_metrics(result.metrics["aggregator"]))
-    evaluated = None
-    if round_num % config.eval_every == 0 or round_num == config.rounds:
-      model_lib.assign_model_weights(trained, *federated.weights_from_state(process, state))
-      evaluated = evaluator(local)
-      row.update(_central_metrics(evaluated, eval_clients))
-      row.update(fed_eval(process, state))
-    row["seconds"] = round(time.time() - t0, 2)
-    releases.release(metrics, row, round_num=round_num)
-    asyncio.run(states.save(state, round_num))
-    robust = "  ".join(f"{k.split('_')[0]} {row[k]}" for k in
-                       ("nonfinite_clients", "zeroed_clients", "clipped_clients")
-                       if row[k])
-    log(f"round {round_num}/{config.rounds}  loss {row['train_loss']:.4f}  "
-        f"test dice {_fmt(evaluated.dice if evaluated else None)}  "
-        f"iou {_fmt(evaluated.iou if evaluated else None)}  "
-        f"fed eval dice {_fmt(row['fed_eval_dice'])}  ({row['seconds']:.1f} s)"
-        + (f"  robust aggregation: {robust}" if robust else ""))
+    return [pipeline.round_client_id(c, round_num) for c in sampled]
 
+  def train_metrics(result) -> dict:
+    train = result.metrics["client_work"]["train"]
+    return {"train_loss": float(train["loss"]), "train_dice": float(train["dice"]),
+            **aggregation.aggregation_metrics(result.metrics["aggregator"])}
+
+  state, _ = program_logic.train_model(
+      train_process=task.training_process, initial_state=task.initial_state,
+      total_rounds=config.rounds, client_selection=select, round_metrics=train_metrics,
+      evaluation=evaluate, evaluation_periodicity=config.eval_every,
+      program_state_manager=_state_manager(out),
+      metrics_release_manager=releases.build_release_manager(
+          metrics_csv=out / "metrics.csv", tensorboard_dir=out / releases.TENSORBOARD_DIR),
+      columns=list(_empty_row(eval_clients)),
+      on_round=lambda r, row: log(_round_line(r, row, total=config.rounds,
+                                              num_objects=evaluator.num_objects)),
+      on_resume=lambda v: log(f"resuming {out} after round {v}/{config.rounds}"))
+
+  # Outputs.
   progress["section"] = "export"
-  rows = _read_metrics(out / "metrics.csv")
-  results = _summarize_rows(rows)
+  results = _summarize_rows(_read_metrics(out / "metrics.csv"))
   baseline, final = results["baseline"], results["final"]
-  model_lib.assign_model_weights(trained, *federated.weights_from_state(process, state))
-  export.export_model(bundle=bundle, decoder=local, out_dir=out / "model")
+  fine_tuned = task.load_state(state)
+  export.export_model(bundle=bundle, decoder=fine_tuned, out_dir=out / "model")
   plots.plot_metrics(out / "metrics.csv", out / "metrics.png")
-  zero_shot = model_lib.build_prompt_mask_decoder(bundle, prompt=config.prompt)
+  zero_shot = build.build_prompt_mask_decoder(bundle, prompt=config.prompt)
   overlays = plots.write_overlays(out / "overlays", evaluator=evaluator,
-                                  zero_shot_model=zero_shot, fine_tuned_model=local)
+                                  zero_shot_model=zero_shot, fine_tuned_model=fine_tuned)
   releases.write_tensorboard_images(out / releases.TENSORBOARD_DIR, overlays,
                                     step=config.rounds)
   summary = {
@@ -460,10 +394,10 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
       **results,
       "num_test_objects": evaluator.num_objects,
       "evaluation_clients": eval_clients,
-      "federated_evaluation_clients": fed_eval.client_ids,
+      "federated_evaluation_clients": fed_clients,
       "rounds": config.rounds,
       "clients": counts,
-      "cache": vars(stats),
+      "cache": vars(records.stats),
       "overlays": [str(p.relative_to(out)) for p in overlays],
       "wall_time_s": round(time.time() - start, 2),
   }

@@ -9,15 +9,19 @@ them (`python -m tff_sam.experiments.predict`).
 from pathlib import Path
 from typing import Callable, Optional
 
+import cv2
 import numpy as np
 import tensorflow as tf
 
-from tff_sam import data
+from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import fileio
-from tff_sam import model as model_lib
-from tff_sam import plots
-from tff_sam import preprocess
+from tff_sam.data import discovery
+from tff_sam.data import preprocess
+from tff_sam.data import reading
+from tff_sam.evaluation import plots
+from tff_sam.models import build
+from tff_sam.models import sam as sam_lib
 
 
 def masks_at_original_size(forward: Callable[[dict], tf.Tensor], processor, *,
@@ -62,14 +66,14 @@ def masks_at_original_size(forward: Callable[[dict], tf.Tensor], processor, *,
 class Predictor:
   """Segments objects in images from box and/or point prompts."""
 
-  def __init__(self, bundle: model_lib.SamBundle, *, prompt: str):
+  def __init__(self, bundle: sam_lib.SamBundle, *, prompt: str):
     """Builds the model for one prompt mode (`box`, `points` or `both`)."""
     self.bundle = bundle
     self.prompt = prompt
-    self._model = model_lib.build_prompt_mask_decoder(bundle, prompt=prompt)
+    self._model = build.build_prompt_mask_decoder(bundle, prompt=prompt)
     self._forward = tf.function(lambda x: self._model(x, training=False)["masks"])
     self._encode = bundle.encoder_fn()
-    self._input_size = model_lib.image_size(bundle.config)
+    self._input_size = sam_lib.image_size(bundle.config)
 
   def __call__(self, image: np.ndarray, *, boxes: Optional[np.ndarray] = None,
                points: Optional[np.ndarray] = None,
@@ -126,12 +130,13 @@ def _prompt_arrays(boxes, points):
       raise errors.ConfigError("box", f"{','.join(f'{v:g}' for v in b)} must be x0,y0,x1,y1 "
                                "with x0 <= x1 and y0 <= y1")
   if not points:
-    return "box", box_arr, None, None
+    return config_lib.BOX_PROMPT, box_arr, None, None
   pts = np.asarray([p[:2] for p in points], np.float32)[None]
   labels = np.asarray([int(p[2]) if len(p) > 2 else 1 for p in points], np.int32)[None]
   if not np.isin(labels, (0, 1)).all():
     raise errors.ConfigError("point", "labels must be 1 (object) or 0 (background)")
-  return ("both" if boxes else "points"), box_arr, pts, labels
+  mode = config_lib.BOTH_PROMPTS if boxes else config_lib.POINTS_PROMPT
+  return mode, box_arr, pts, labels
 
 
 def predict_paths(*, model: str, image: str, boxes, points, output: str,
@@ -139,7 +144,7 @@ def predict_paths(*, model: str, image: str, boxes, points, output: str,
   """What `python -m tff_sam.experiments.predict` does; returns the files written.
 
   Args:
-    model: Model name or directory (see `model.load_sam`).
+    model: Model name or directory (see `tff_sam.models.build.load_sam`).
     image: An image file, or a folder of images (each gets the same prompts).
     boxes: List of [x0, y0, x1, y1] in image pixels, one object each.
     points: List of [x, y] or [x, y, label]; together they prompt one object.
@@ -150,13 +155,11 @@ def predict_paths(*, model: str, image: str, boxes, points, output: str,
   Raises:
     errors.UserError: Bad prompts, files or model (one line).
   """
-  import cv2  # pylint: disable=g-import-not-at-top
-
   mode, box_arr, pts, labels = _prompt_arrays(boxes, points)
   source = Path(image).expanduser()
   if source.is_dir():
     images = sorted(p for p in source.iterdir()
-                    if p.is_file() and p.suffix.lower() in data.IMAGE_SUFFIXES)
+                    if p.is_file() and p.suffix.lower() in discovery.IMAGE_SUFFIXES)
     if not images:
       raise errors.DataError(source, "no images found")
     overlay_paths = [Path(output) / f"{p.stem}.png" for p in images]
@@ -167,10 +170,10 @@ def predict_paths(*, model: str, image: str, boxes, points, output: str,
   else:
     raise errors.DataError(source, "image not found")
   cache = Path(cache_dir).expanduser() if cache_dir else None
-  predictor = Predictor(model_lib.load_sam(model, cache_dir=cache), prompt=mode)
+  predictor = Predictor(build.load_sam(model, cache_dir=cache), prompt=mode)
   written = []
   for i, path in enumerate(images):
-    img = data.read_image(path)
+    img = reading.read_image(path)
     masks = predictor(img, boxes=box_arr, points=pts, point_labels=labels)
     drawn = plots.draw_prediction(img, masks, boxes=box_arr, points=pts, point_labels=labels)
     ok, png = cv2.imencode(".png", drawn[..., ::-1])

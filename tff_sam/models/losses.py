@@ -19,6 +19,7 @@ Metrics keep plain sums as state (TFF aggregates them by summing), so they work
 inside TFF, unlike `tf.keras.metrics.BinaryIoU`.
 """
 
+import numpy as np
 import tensorflow as tf
 
 EPS = 1e-6
@@ -137,10 +138,8 @@ class MeanDice(tf.keras.metrics.Metric):
     self.count.assign(0.0)
 
 
-def dice_iou(pred: "np.ndarray", target: "np.ndarray") -> tuple[float, float]:
+def dice_iou(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
   """Dice and IoU of two boolean masks (both 1.0 when both are empty)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   pred, target = np.asarray(pred, bool), np.asarray(target, bool)
   inter = float(np.logical_and(pred, target).sum())
   total = float(pred.sum() + target.sum())

@@ -18,9 +18,20 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from PIL import Image
+import tensorflow as tf
+import tensorflow_federated as tff
 
 TENSORBOARD_DIR = "tensorboard"
 ROUND_KEY = "round"
+
+
+class FlushingTensorBoardReleaseManager(tff.program.TensorBoardReleaseManager):
+  """Flushes its event file after every release (TFF's flushes every 2 min)."""
+
+  async def release(self, value, key: int) -> None:
+    await super().release(value, key)
+    self._summary_writer.flush()  # pylint: disable=protected-access
 
 
 def build_release_manager(*, metrics_csv: Path, tensorboard_dir: Path):
@@ -30,15 +41,6 @@ def build_release_manager(*, metrics_csv: Path, tensorboard_dir: Path):
     metrics_csv: The CSV file (created with a `round` column if missing).
     tensorboard_dir: Folder for TensorBoard event files.
   """
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-
-  class FlushingTensorBoardReleaseManager(tff.program.TensorBoardReleaseManager):
-    """Flushes its event file after every release (TFF's flushes every 2 min)."""
-
-    async def release(self, value, key: int) -> None:
-      await super().release(value, key)
-      self._summary_writer.flush()  # pylint: disable=protected-access
-
   return tff.program.GroupingReleaseManager([
       tff.program.CSVFileReleaseManager(
           file_path=str(metrics_csv), save_mode=tff.program.CSVSaveMode.WRITE,
@@ -61,9 +63,6 @@ def write_tensorboard_images(tensorboard_dir: Path, pngs: Sequence[Path], *, ste
   Returns:
     How many images were written.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   writer = tf.summary.create_file_writer(str(tensorboard_dir))
   with writer.as_default():
     for png in pngs:

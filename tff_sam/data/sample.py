@@ -54,6 +54,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
+import tifffile
 
 from tff_sam import errors
 from tff_sam import fileio
@@ -181,9 +183,6 @@ def _stem(prefix: str, frame: int, num_frames: int) -> str:
 
 def _write_frame(root: Path, site: str, stem: str, image: np.ndarray, mask: np.ndarray) -> int:
   """Writes one image/mask pair; returns the number of objects in the mask."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  import tifffile  # pylint: disable=g-import-not-at-top
-
   gray = normalize_frame(image)
   rgb = np.repeat(gray[:, :, None], 3, axis=2)
   Image.fromarray(rgb).save(root / site / "images" / f"{stem}.png", format="PNG")
@@ -406,8 +405,6 @@ def load_summary(root: os.PathLike) -> Optional[Dict[str, Dict[str, Any]]]:
 
 
 def _read_stack(path: Path) -> np.ndarray:
-  import tifffile  # pylint: disable=g-import-not-at-top
-
   try:
     stack = tifffile.imread(path)
   except Exception as e:  # pylint: disable=broad-except

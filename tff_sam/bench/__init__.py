@@ -1,0 +1,1 @@
+"""The benchmark behind `python -m tff_sam.experiments.bench` (BENCHMARKS.md)."""

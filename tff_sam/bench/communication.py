@@ -1,0 +1,151 @@
+"""Section 4 of the benchmark: bytes each client receives and sends per round.
+
+Read from the type signatures of the broadcast and aggregation intrinsics inside a
+process's `next` computation (`communication`), then tabulated for the cached,
+online and (derived) full-model processes (`bytes_per_client_round`).
+"""
+
+from typing import Any
+
+import numpy as np
+import tensorflow_federated as tff
+
+
+def type_bytes(type_spec: tff.types.Type) -> int:
+  """Bytes of a value of a TFF type: element counts x dtype sizes, over its tensors.
+
+  Federated types count their member once (the value one client sends or receives).
+  """
+  if isinstance(type_spec, tff.types.FederatedType):
+    return type_bytes(type_spec.member)
+  if isinstance(type_spec, tff.types.TensorType):
+    if type_spec.shape is None or any(d is None for d in type_spec.shape):
+      raise ValueError(f"tensor of unknown shape in {type_spec}")
+    return int(np.prod(type_spec.shape, dtype=np.int64)) * np.dtype(type_spec.dtype).itemsize
+  if isinstance(type_spec, tff.types.StructType):
+    return sum(type_bytes(t) for t in type_spec)
+  raise ValueError(f"cannot size a value of type {type_spec}")
+
+
+def _placed_bytes(type_spec: tff.types.Type, placement: tff.framework.PlacementLiteral) -> int:
+  """Bytes of the parts of `type_spec` placed at `placement`."""
+  if isinstance(type_spec, tff.types.FederatedType):
+    return type_bytes(type_spec.member) if type_spec.placement is placement else 0
+  if isinstance(type_spec, tff.types.StructType):
+    return sum(_placed_bytes(t, placement) for t in type_spec)
+  return 0
+
+
+def _flat_tensor_types(type_spec: tff.types.Type) -> list[tuple]:
+  if isinstance(type_spec, tff.types.TensorType):
+    return [(tuple(type_spec.shape), np.dtype(type_spec.dtype).str)]
+  if isinstance(type_spec, tff.types.StructType):
+    return [x for t in type_spec for x in _flat_tensor_types(t)]
+  return [("other", str(type_spec))]
+
+
+def _struct_equivalent(type_spec: tff.types.Type, target: tff.types.Type) -> bool:
+  if isinstance(type_spec, tff.types.FederatedType):
+    type_spec = type_spec.member
+  return _flat_tensor_types(type_spec) == _flat_tensor_types(target)
+
+
+def _contains_equivalent(type_spec: tff.types.Type, target: tff.types.Type) -> bool:
+  """Whether a part of `type_spec` (client-placed) has `target`'s tensors."""
+  if isinstance(type_spec, tff.types.FederatedType):
+    return type_spec.placement is tff.CLIENTS and _struct_equivalent(type_spec, target)
+  if isinstance(type_spec, tff.types.StructType):
+    return any(_contains_equivalent(t, target) for t in type_spec)
+  return False
+
+
+def _intrinsic_calls(process: tff.learning.templates.LearningProcess,
+                     weights_type: tff.types.Type) -> list[dict[str, Any]]:
+  """Every broadcast and aggregation intrinsic call in `process.next`, sized."""
+  trainable_type = weights_type.trainable
+  calls = []
+
+  def visit(comp):
+    if isinstance(comp, tff.framework.Call) and isinstance(comp.function, tff.framework.Intrinsic):
+      definition = comp.function.intrinsic_def()
+      arg = comp.argument.type_signature if comp.argument is not None else None
+      if definition.broadcast_kind is not None and arg is not None:
+        calls.append({"intrinsic": comp.function.uri, "direction": "broadcast",
+                      "bytes": _placed_bytes(arg, tff.SERVER),
+                      "model": _struct_equivalent(arg, weights_type)})
+      elif definition.aggregation_kind is not None and arg is not None:
+        calls.append({"intrinsic": comp.function.uri, "direction": "upload",
+                      "bytes": _placed_bytes(arg, tff.CLIENTS),
+                      "model": _contains_equivalent(arg, trainable_type)})
+    return comp, False
+
+  tff.framework.transform_postorder(process.next.to_building_block(), visit)
+  return calls
+
+
+def communication(process: tff.learning.templates.LearningProcess) -> dict[str, Any]:
+  """Bytes each client receives and sends per round, from `process.next`'s intrinsics.
+
+  Walks the building block of `process.next`: every broadcast intrinsic
+  (`federated_broadcast`, ...) sends its server value to each client; every
+  aggregation intrinsic (`federated_sum`, `federated_mean`, ...) takes each client's
+  value. The model's share is identified by type: the broadcast of the model weights
+  (`process.get_model_weights`'s result type) and the aggregation of an update
+  shaped like the trainable weights.
+
+  Returns:
+    `broadcast`, `upload` (totals), `broadcast_model`, `upload_update`, the rest
+    (`broadcast_other`, `upload_other`: optimizer hyper-parameters, robust
+    aggregation norms and counts, client weight, metrics) and the intrinsic calls.
+  """
+  weights_type = process.get_model_weights.type_signature.result
+  calls = _intrinsic_calls(process, weights_type)
+  broadcast = sum(c["bytes"] for c in calls if c["direction"] == "broadcast")
+  upload = sum(c["bytes"] for c in calls if c["direction"] == "upload")
+  model_broadcast = [c for c in calls if c["direction"] == "broadcast" and c["model"]]
+  model_upload = [c for c in calls if c["direction"] == "upload" and c["model"]]
+  if len(model_broadcast) != 1 or len(model_upload) != 1:
+    raise ValueError(f"expected one model broadcast and one update aggregation, found "
+                     f"{len(model_broadcast)} and {len(model_upload)}")
+  update = type_bytes(weights_type.trainable)
+  return {"broadcast": broadcast, "upload": upload,
+          "broadcast_model": model_broadcast[0]["bytes"], "upload_update": update,
+          "broadcast_other": broadcast - model_broadcast[0]["bytes"],
+          "upload_other": upload - update,
+          "model_weights": type_bytes(weights_type),
+          "intrinsics": [{k: c[k] for k in ("intrinsic", "direction", "bytes")} for c in calls]}
+
+
+def _mode(c: dict[str, Any], note: str) -> dict[str, Any]:
+  out = {k: c[k] for k in ("broadcast", "upload", "broadcast_model", "upload_update",
+                           "broadcast_other", "upload_other")}
+  out["total"] = c["broadcast"] + c["upload"]
+  out["note"] = note
+  return out
+
+
+def bytes_per_client_round(*, cached: dict[str, Any], online: dict[str, Any],
+                           parameters: dict[str, int]) -> dict[str, Any]:
+  """The communication table: cached, online and full-model fine-tuning.
+
+  Full-model fine-tuning (every weight trained, as the published federated-SAM
+  recipes do) is derived: all float32 weights both ways plus the online process's
+  non-model traffic; no such process is built.
+  """
+  full_weights = 4 * parameters["total"]
+  full = {"broadcast": full_weights + online["broadcast_other"],
+          "upload": full_weights + online["upload_other"],
+          "broadcast_model": full_weights, "upload_update": full_weights,
+          "broadcast_other": online["broadcast_other"], "upload_other": online["upload_other"]}
+  return {
+      "cached": _mode(cached, "decoder-only: prompt encoder + mask decoder broadcast, "
+                      "mask decoder update uploaded (from the process's type signatures)"),
+      "online": _mode(online, "online mode: frozen image encoder broadcast with the "
+                      "decoder every round, mask decoder update uploaded (from the "
+                      "process's type signatures)"),
+      "full_model": _mode(full, "full-model fine-tuning: all float32 weights both ways "
+                          "(derived: 4 bytes x parameters + the online process's other "
+                          "traffic)"),
+      "parameters": dict(parameters),
+      "intrinsics": {"cached": cached["intrinsics"], "online": online["intrinsics"]},
+  }

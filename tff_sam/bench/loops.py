@@ -1,0 +1,146 @@
+"""The timed training loops of the benchmark: TFF rounds and their plain equivalent.
+
+`TffLoop` runs rounds of a composed TFF training process; `PlainLoop` does the same
+client work as a plain `tf.function` loop in this process; `time_loops` times them
+side by side, round by round.
+"""
+
+import time
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_sam import config as config_lib
+from tff_sam.data import pipeline
+from tff_sam.federated import processes
+from tff_sam.models import build
+from tff_sam.models import losses
+from tff_sam.models import sam as sam_lib
+
+
+class TffLoop:
+  """Rounds of a TFF process over fixed clients; `step` returns the round's seconds."""
+
+  def __init__(self, process: tff.learning.templates.LearningProcess, state: Any,
+               clients: Sequence[str]):
+    self.process, self.state, self.clients = process, state, list(clients)
+    self.examples: list[int] = []
+
+  def step(self, round_num: int) -> float:
+    ids = [pipeline.round_client_id(c, round_num) for c in self.clients]
+    t0 = time.perf_counter()
+    result = self.process.next(self.state, ids)
+    seconds = time.perf_counter() - t0
+    self.state = result.state
+    self.examples.append(int(result.metrics["client_work"]["train"]["num_examples"]))
+    return seconds
+
+
+class PlainLoop:
+  """The TFF round's client work as a plain `tf.function` loop in this process.
+
+  Per client, one `tf.function` call: start from the global weights, a fresh client
+  Adam state (TFF's own Adam), then every batch of the same `tf.data` pipeline (built
+  inside the function from the client id, as TFF builds it), iterated with an
+  iterator loop: forward, the same loss, gradients, Adam step, the same Dice metric.
+  The server step is FedAvg's: the example-weighted mean of the client deltas,
+  applied with SGD at learning rate 1. No robust aggregation (that is part of what
+  the TFF round pays).
+  """
+
+  def __init__(self, *, bundle: sam_lib.SamBundle, spec: pipeline.PipelineSpec,
+               clients: Sequence[str], config: config_lib.RunConfig):
+    """Builds the loop.
+
+    Args:
+      bundle: The loaded model (its decoder's pretrained weights start the loop).
+      spec: The clients' pipeline (the cached task's).
+      clients: The clients, trained one after another every round.
+      config: The TFF task's settings (prompt, loss, IoU head, client learning rate).
+    """
+    self.spec, self.clients = spec, list(clients)
+    self.model = build.build_prompt_mask_decoder(bundle, prompt=config.prompt,
+                                                 train_iou_head=config.train_iou_head)
+    self.weights = [w.numpy() for w in self.model.trainable_weights]
+    self.examples: list[int] = []
+    self._client_update = _client_update_fn(
+        self.model, spec, loss_fn=losses.MaskLoss(
+            config.loss, iou_weight=1.0 if config.train_iou_head else 0.0),
+        optimizer=processes.build_optimizer("adam", config.client_lr))
+
+  def step(self, round_num: int) -> float:
+    t0 = time.perf_counter()
+    initial = tuple(tf.constant(w) for w in self.weights)
+    total = [np.zeros_like(w) for w in self.weights]
+    weight_sum, examples = 0.0, 0
+    for c in self.clients:
+      delta, num, _ = self._client_update(
+          initial, tf.constant(pipeline.round_client_id(c, round_num)))
+      n = int(num)
+      for acc, d in zip(total, delta):
+        acc += n * d.numpy()
+      weight_sum += n
+      examples += n
+    self.weights = [w - acc / max(weight_sum, 1.0) for w, acc in zip(self.weights, total)]
+    seconds = time.perf_counter() - t0
+    self.examples.append(examples)
+    return seconds
+
+
+def _client_update_fn(model: tf.keras.Model, spec: pipeline.PipelineSpec, *,
+                      loss_fn: tf.keras.losses.Loss,
+                      optimizer: tff.learning.optimizers.Optimizer) -> Callable:
+  """`(initial weights, client id) -> (delta, num_examples, loss_sum)`, compiled."""
+  metric = losses.MeanDice()
+  trainable = model.trainable_weights
+  specs = tuple(tf.TensorSpec(w.shape, w.dtype) for w in trainable)
+
+  # The dataset is built inside the function from the client id, as TFF builds it
+  # (tf.data traces its map functions on every eager construction).
+  @tf.function(input_signature=[specs, tf.TensorSpec([], tf.string)])
+  def client_update(initial, client_id):
+    dataset = pipeline.client_dataset(client_id, spec)
+    for var, value in zip(trainable, initial):
+      var.assign(value)
+    metric.reset_state()
+    state = optimizer.initialize(specs)
+    num_examples = tf.constant(0, tf.int64)
+    loss_sum = tf.constant(0.0)
+    # An iterator loop (a while loop in this graph), as TFF's DATASET_ITERATOR.
+    for batch in iter(dataset):
+      with tf.GradientTape() as tape:
+        prediction = model(batch["x"], training=True)
+        loss = loss_fn(batch["y"], prediction)
+      gradients = tape.gradient(loss, trainable)
+      state, updated = optimizer.next(state, tuple(trainable), tuple(gradients))
+      for var, value in zip(trainable, updated):
+        var.assign(value)
+      metric.update_state(batch["y"], prediction)
+      size = tf.shape(batch["y"], out_type=tf.int64)[0]
+      num_examples += size
+      loss_sum += loss * tf.cast(size, tf.float32)
+    delta = [value - var for var, value in zip(trainable, initial)]
+    return delta, num_examples, loss_sum
+
+  return client_update
+
+
+def time_loops(loops: dict[str, Union[TffLoop, PlainLoop]], rounds: int,
+               log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+  """Round 0 of each loop untimed (tracing), then rounds 1..N interleaved across loops."""
+  out = {name: {"warmup_s": None, "round_s": []} for name in loops}
+  for name, loop in loops.items():
+    seconds = loop.step(0)
+    out[name]["warmup_s"] = seconds
+    log(f"  {name}: warm-up round (tracing) {seconds:.2f} s")
+  for r in range(1, rounds + 1):
+    for name, loop in loops.items():
+      seconds = loop.step(r)
+      out[name]["round_s"].append(seconds)
+      log(f"  {name}: round {r}/{rounds} {seconds:.2f} s")
+  for name, loop in loops.items():
+    out[name]["mean_s"] = float(np.mean(out[name]["round_s"]))
+    out[name]["examples_per_round"] = loop.examples[-1]
+  return out

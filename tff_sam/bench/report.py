@@ -1,0 +1,139 @@
+"""The benchmark's verdicts and its printed table.
+
+`goal_verdicts` checks a result against `GOALS`; `format_table` is the human-readable
+summary `run_benchmark` prints (one row helper per section).
+"""
+
+from typing import Any
+
+from tff_sam import config as config_lib
+from tff_sam.bench import machine
+
+# Goals of the benchmark: (key, comparison, threshold).
+GOALS = (("cache_speedup", ">=", 20.0), ("tff_overhead", "<=", 1.2),
+         ("memory_ratio_64_vs_4", "<=", 1.3), ("memory_ratio_64_vs_4_subrounds", "<=", 1.3))
+_MB = 1e6
+
+Row = tuple[str, str, str]
+
+
+def goal_verdicts(result: dict[str, Any], config: config_lib.BenchConfig
+                  ) -> dict[str, dict[str, Any]]:
+  """Each goal's value, threshold, whether it is met and whether it applies.
+
+  The cache speed-up goal applies to ViT-B only, the memory goals to 64 vs 4 clients.
+  """
+  applicable = {
+      "cache_speedup": config.arch == config_lib.VIT_B_ARCH,
+      "tff_overhead": True,
+      "memory_ratio_64_vs_4": (config.memory_clients, config.memory_base_clients) == (64, 4),
+  }
+  applicable["memory_ratio_64_vs_4_subrounds"] = applicable["memory_ratio_64_vs_4"]
+  out = {}
+  for key, op, threshold in GOALS:
+    value = result[key]
+    met = value >= threshold if op == ">=" else value <= threshold
+    out[key] = {"value": value, "goal": f"{op} {threshold:g}", "threshold": threshold,
+                "met": bool(met), "applicable": applicable[key]}
+  return out
+
+
+def _mb(value: float) -> str:
+  return f"{value / _MB:,.2f} MB"
+
+
+def _goal(goals: dict[str, dict[str, Any]], key: str) -> str:
+  g = goals[key]
+  verdict = "met" if g["met"] else "NOT met"
+  return f"goal {g['goal']}: {verdict}" + ("" if g["applicable"] else " (n/a at these sizes)")
+
+
+def _speed_rows(result: dict[str, Any]) -> list[Row]:
+  """Sections 1 and 2: cache speed-up, precompute, TFF overhead, the other loop."""
+  goals, cache = result["goals"], result["cache"]
+  pre = result["timings"]["precompute"]
+  break_even = cache["break_even_rounds"]
+  ov = result["overhead"]
+  other = ov["compared"]
+  return [
+      ("1 cache speed-up (per round)", f"{result['cache_speedup']:.1f}x  online "
+       f"{cache['online_round_s']:.2f} s vs cached {cache['cached_round_s']:.3f} s",
+       _goal(goals, "cache_speedup")),
+      ("  embedding precompute", f"{pre['precompute_s']:.1f} s for {pre['images']} "
+       f"images; encoder {pre['encoder_s_per_image']:.3f} s/image",
+       "" if break_even is None else f"repaid after {break_even:.2f} rounds"),
+      ("2 TFF overhead (TFF / plain)", f"{result['tff_overhead']:.2f}x  TFF "
+       f"{ov['tff_round_s']:.3f} s vs tf.function {ov['plain_round_s']:.3f} s",
+       _goal(goals, "tff_overhead")),
+      (f"  TFF with the {other['loop_implementation']} loop",
+       f"{other['tff_overhead']:.2f}x  TFF {other['tff_round_s']:.3f} s",
+       f"(the run's loop: {ov['loop_implementation']})"),
+  ]
+
+
+def _memory_rows(result: dict[str, Any]) -> list[Row]:
+  """Section 3: the large, sampled and subrounds runs against the small one."""
+  goals, mem = result["goals"], result["memory"]
+  runs = mem["runs"]
+  gib = machine.GIB
+  bound = ">= " if mem.get("ratio_is_lower_bound") else ""
+  large, sub = runs["large"], runs["large_subrounds"]
+  return [
+      (f"3 memory {mem['clients']} vs {mem['base_clients']} clients",
+       f"{bound}{mem['ratio']:.2f}x  peak RSS {large['peak_rss_bytes'] / gib:.2f}"
+       f" vs {runs['small']['peak_rss_bytes'] / gib:.2f} GiB",
+       _goal(goals, "memory_ratio_64_vs_4") + (f"; {large['failed']}"
+                                               if "failed" in large else "")),
+      (f"  {mem['base_clients']} of {mem['clients']} sampled",
+       f"{mem['ratio_sampled']:.2f}x  peak RSS "
+       f"{runs['large_sampled']['peak_rss_bytes'] / gib:.2f} GiB",
+       runs["large_sampled"].get("failed", "")),
+      (f"  all {mem['clients']} in {mem['subrounds']} subrounds",
+       f"{'>= ' if 'failed' in sub else ''}{mem['ratio_subrounds']:.2f}x  peak RSS "
+       f"{sub['peak_rss_bytes'] / gib:.2f} GiB",
+       _goal(goals, "memory_ratio_64_vs_4_subrounds") + (f"; {sub['failed']}"
+                                                         if "failed" in sub else "")),
+  ]
+
+
+def _communication_rows(result: dict[str, Any]) -> list[Row]:
+  """Section 4: bytes down and up per client and round, per mode."""
+  comm = result["bytes_per_client_round"]
+  rows = []
+  for key, label in (("cached", "cached (decoder only)"), ("online", "online (encoder too)"),
+                     ("full_model", "full-model fine-tuning")):
+    c = comm[key]
+    rows.append((f"4 bytes/client/round, {label}" if key == "cached" else f"  {label}",
+                 f"down {_mb(c['broadcast'])}, up {_mb(c['upload'])}", ""))
+  return rows
+
+
+def _throughput_rows(result: dict[str, Any]) -> list[Row]:
+  """Section 5: decoder and precompute throughput per architecture."""
+  rows = []
+  for arch, t in result["throughput"].items():
+    if "skipped" in t:
+      rows.append((f"5 throughput, {arch}", "skipped", t["skipped"][:70]))
+      continue
+    rows.append((f"5 throughput, {arch}",
+                 f"decoder {t['decoder_examples_per_s']:.2f} images/s "
+                 f"({t['decoder_prompts_per_s']:.1f} prompts/s) in TFF",
+                 f"precompute {t['precompute_images_per_s']:.3f} images/s "
+                 f"(encoder alone {t['encoder_images_per_s']:.3f})"))
+  return rows
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """The human-readable summary of a `run_benchmark` result."""
+  cfg, params = result["config"], result["model"]["parameters"]
+  rows = (_speed_rows(result) + _memory_rows(result) + _communication_rows(result)
+          + _throughput_rows(result))
+  widths = [max(len(r[i]) for r in rows) for i in range(3)]
+  head = (f"tff_sam benchmark: {result['model']['name']}, {params['total'] / 1e6:.1f} M "
+          f"parameters; {cfg['clients']} clients x {cfg['examples_per_client']} images, "
+          f"batch {cfg['batch_size']}, mean of {cfg['rounds']} timed rounds; client loop "
+          f"{cfg['loop_implementation']}\n"
+          f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores")
+  lines = [head, "-" * (sum(widths) + 4)]
+  lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows]
+  return "\n".join(lines)

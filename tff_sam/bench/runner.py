@@ -1,0 +1,369 @@
+"""The benchmark behind `python -m tff_sam.experiments.bench` (no flags here).
+
+`run_benchmark(config)` measures, side by side in one run, on synthetic images written
+into a fresh work folder (so every embedding is really computed):
+
+1. **Cache speed-up**: wall time of one federated round, online (`--noembedding_cache`:
+   the TFF model runs the frozen image encoder at every step) vs cached (the model
+   reads precomputed embeddings), same clients, same data, same prompts, same local
+   steps and batch size. The embedding precompute is timed separately (end to end,
+   and the encoder alone in steady state).
+2. **TFF overhead**: the same client work as a plain `tf.function` training loop in
+   this process (same model class, loss, metric, Adam, datasets; one client after
+   another, each starting from the global weights; example-weighted mean of the
+   deltas) vs the TFF round.
+3. **Memory**: peak RSS (the process plus all its descendants, TFF's `worker_binary`
+   included) of a fresh subprocess running one cached round in which every client
+   participates, `memory_clients` vs `memory_base_clients` clients with the same
+   per-client data (the clients' manifests share the record files on disk); also the
+   `memory_clients` population with `memory_base_clients` sampled, and all
+   `memory_clients` in subrounds of `memory_base_clients` (`--clients_per_subround`).
+4. **Communication**: bytes broadcast to and uploaded from each client per round,
+   from the type signatures of the broadcast and aggregation intrinsics inside the
+   processes' `next` computation: cached (decoder-only), online (encoder broadcast
+   too) and full-model fine-tuning (every weight both ways, derived from the
+   parameter counts).
+5. **Throughput**: decoder training examples/s from cached embeddings and embedding
+   precompute images/s, for `arch` and for MobileSAM when its weights are present.
+
+Wall times exclude the first (tracing) round of every loop and average
+`config.rounds` timed rounds, interleaved round by round across the loops. Every TFF
+process is built by `tff_sam.federated.tasks.build_task`, as the training program
+builds it (robust aggregation on), from the `RunConfig` of `workload.task_config`;
+`config.loop_implementation` can swap their client training loop
+(`tff.learning.LoopImplementation`), and the cached round is also timed with the other
+loop (`workload.compared_loop`) for comparison.
+
+The sections live in this package's modules: `machine` (the machine and the model),
+`workload` (data, precompute, manifests, the task's settings), `loops` (the timed
+loops), `memory` (section 3), `communication` (section 4) and `report` (goals and the
+table); this module runs them in order.
+
+The caller installs TFF's execution context first
+(`tff_sam.federated.execution.configure_tff_execution`). If TFF's `worker_binary` dies
+(the kernel's out-of-memory killer), TFF would restart it and retry forever;
+`execution.worker_watched` ends the run with an error instead.
+"""
+
+import dataclasses
+import gc
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from tff_sam import config as config_lib
+from tff_sam import errors
+from tff_sam import fileio
+from tff_sam.bench import communication
+from tff_sam.bench import loops as loops_lib
+from tff_sam.bench import machine
+from tff_sam.bench import memory as memory_lib
+from tff_sam.bench import report
+from tff_sam.bench import workload
+from tff_sam.data import cache
+from tff_sam.data import discovery
+from tff_sam.federated import execution
+from tff_sam.federated import tasks
+from tff_sam.models import build
+from tff_sam.models import sam as sam_lib
+
+BENCH_JSON = "bench.json"
+
+Loop = Union[loops_lib.TffLoop, loops_lib.PlainLoop]
+
+
+@dataclasses.dataclass
+class _Run:
+  """What every section of one benchmark run shares.
+
+  Attributes:
+    config: The settings.
+    work: The work folder (images, records, manifests).
+    progress: `progress["section"]` names the current section (for a dead worker).
+    log: Where progress lines go.
+    cache_dir: Cache root holding converted MobileSAM weights, or None (default).
+    timings: The raw timings, filled section by section.
+  """
+
+  config: config_lib.BenchConfig
+  work: Path
+  progress: dict[str, str]
+  log: Callable[[str], None]
+  cache_dir: Optional[Path] = None
+  timings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def section(self, name: str) -> None:
+    self.progress["section"] = name
+
+
+def run_benchmark(config: config_lib.BenchConfig, *, log: Callable[[str], None] = print
+                  ) -> dict[str, Any]:
+  """Runs every section, prints progress, writes `output_dir/bench.json`.
+
+  Args:
+    config: The settings (validated here).
+    log: Where progress lines go.
+
+  Returns:
+    The result (also written to `bench.json`).
+
+  Raises:
+    errors.UserError: A bad setting, `arch=mobile_sam` without its weights, or
+      TFF's worker killed (out of memory).
+  """
+  config.validate()
+  start = time.perf_counter()
+  out = Path(config.output_dir).expanduser()
+  out.mkdir(parents=True, exist_ok=True)
+  work = out / "work"
+  shutil.rmtree(work, ignore_errors=True)
+  info = machine.machine_info()
+  log(f"machine: {info['cpu']}, {info['cores']} cores, "
+      f"{(info['ram_bytes'] or 0) / machine.GIB:.1f} GiB RAM")
+  run = _Run(config=config, work=work, progress={"section": "setup"}, log=log,
+             cache_dir=Path(config.cache_dir).expanduser() if config.cache_dir else None)
+  try:
+    with execution.worker_watched(run.progress):
+      result = _run_sections(run, info)
+  finally:
+    if not config.keep_work:
+      shutil.rmtree(work, ignore_errors=True)
+  result["timings"]["total_s"] = time.perf_counter() - start
+  fileio.write_json(out / BENCH_JSON, result)
+  log("")
+  log(report.format_table(result))
+  log(f"\nwritten: {out / BENCH_JSON}")
+  return result
+
+
+def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
+  """The sections of `run_benchmark`, in order; returns the result."""
+  config = run.config
+  bundle, params = _load_model(run)
+  examples, records, image_records, pre = _precompute_section(run, bundle)
+  loops, comm = _process_section(run, bundle, records, image_records, params)
+  rounds = _rounds_section(run, loops)
+  del loops
+  gc.collect()
+  memory = _memory_section(run, bundle, records)
+  throughput = _throughput_section(run, bundle, examples, pre, rounds)
+  cached, online, plain = rounds["cached TFF"], rounds["online TFF"], rounds["plain tf.function"]
+  other = workload.compared_loop(config.loop_implementation)
+  compared = rounds[f"cached TFF, {other}"]
+  saved = online["mean_s"] - cached["mean_s"]
+  result = {
+      "cache_speedup": online["mean_s"] / cached["mean_s"],
+      "tff_overhead": cached["mean_s"] / plain["mean_s"],
+      "memory_ratio_64_vs_4": memory["ratio"],
+      "memory_ratio_64_vs_4_subrounds": memory["ratio_subrounds"],
+      "bytes_per_client_round": comm,
+      "cache": {"online_round_s": online["mean_s"], "cached_round_s": cached["mean_s"],
+                "precompute_s": pre["precompute_s"],
+                "break_even_rounds": pre["precompute_s"] / saved if saved > 0 else None},
+      "overhead": {
+          "tff_round_s": cached["mean_s"], "plain_round_s": plain["mean_s"],
+          "loop_implementation": config.loop_implementation,
+          "compared": {"loop_implementation": other, "tff_round_s": compared["mean_s"],
+                       "tff_overhead": compared["mean_s"] / plain["mean_s"]}},
+      "memory": memory,
+      "throughput": throughput,
+      "timings": run.timings,
+      "machine": info,
+      "config": config.to_dict(),
+      "model": {"name": bundle.name, "parameters": params},
+  }
+  result["goals"] = report.goal_verdicts(result, config)
+  return result
+
+
+def _load_model(run: _Run) -> tuple[sam_lib.SamBundle, dict[str, int]]:
+  """Loads the benchmark's architecture; returns it and its parameter counts."""
+  config = run.config
+  t0 = time.perf_counter()
+  bundle = machine.load_bench_bundle(config.arch, cache_dir=run.cache_dir)
+  run.timings["load_model_s"] = time.perf_counter() - t0
+  params = machine.parameter_counts(bundle)
+  if config.arch == config_lib.VIT_B_ARCH and params["total"] != machine.VIT_B_PARAMETERS:
+    raise RuntimeError(f"ViT-B has {params['total']} weights, expected "
+                       f"{machine.VIT_B_PARAMETERS}")
+  run.log(f"model: {bundle.name}: {params['total'] / 1e6:.2f} M parameters (image encoder "
+          f"{params['image_encoder'] / 1e6:.2f} M, prompt encoder + decoder "
+          f"{params['prompt_decoder'] / 1e6:.3f} M, trainable {params['trainable'] / 1e6:.3f} M)")
+  return bundle, params
+
+
+def _precompute_section(run: _Run, bundle: sam_lib.SamBundle
+                        ) -> tuple[list[discovery.Example], list[cache.Record],
+                                   list[cache.Record], dict[str, float]]:
+  """Writes the images; the embedding precompute (timed) and the online records.
+
+  Returns:
+    The examples, their cached records, their online (image) records and the
+    precompute's timings.
+  """
+  config = run.config
+  n = config.clients * config.examples_per_client
+  examples = workload.write_examples(run.work / "data", count=n, size=config.image_size,
+                                     seed=config.seed)
+  run.section("the embedding precompute")
+  run.log(f"[1/5] embedding precompute: {n} images ({config.clients} clients x "
+          f"{config.examples_per_client})")
+  records, pre = workload.precompute(bundle, examples, cache_root=run.work / "cache",
+                                     batch_size=config.encode_batch_size)
+  run.log(f"  {pre['precompute_s']:.1f} s end to end ({pre['precompute_images_per_s']:.3f} "
+          f"images/s); encoder alone {pre['encoder_s_per_image']:.3f} s/image")
+  t0 = time.perf_counter()
+  image_records, _ = cache.build_records(
+      examples, bundle=bundle, cache_root=run.work / "cache", binary_components=False,
+      batch_size=config.encode_batch_size, show_progress=False, online=True)
+  run.timings["online_records_s"] = time.perf_counter() - t0
+  run.timings["precompute"] = pre
+  return examples, records, image_records, pre
+
+
+def _process_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cache.Record],
+                     image_records: Sequence[cache.Record], params: dict[str, int]
+                     ) -> tuple[dict[str, Loop], dict[str, Any]]:
+  """Builds the loops (`tasks.build_task`, as the program does) and sizes their bytes.
+
+  Returns:
+    The loops to time (cached TFF, plain `tf.function`, cached TFF with the compared
+    client loop, online TFF) and section 4, communication (from the cached and online
+    processes' type signatures).
+  """
+  config = run.config
+  run.section("building the processes")
+  per_client = dict(clients=config.clients, per_client=config.examples_per_client)
+  clients = workload.write_client_manifests(run.work / "manifests", records, **per_client)
+  if workload.write_client_manifests(run.work / "online_manifests", image_records,
+                                     **per_client) != clients:
+    raise RuntimeError("online and cached clients differ")
+  cached_config = workload.task_config(config, run.work)
+  build_cached = dict(config=cached_config, bundle=bundle, client_ids=clients,
+                      manifest_dir=run.work / "manifests")
+  t0 = time.perf_counter()
+  cached = tasks.build_task(**build_cached,
+                            loop_implementation=workload.client_loop(config.loop_implementation))
+  loops = {"cached TFF": loops_lib.TffLoop(cached.training_process, cached.initial_state,
+                                           clients)}
+  run.timings["build_cached_process_s"] = time.perf_counter() - t0
+  loops["plain tf.function"] = loops_lib.PlainLoop(
+      bundle=bundle, spec=cached.pipeline_spec, clients=clients, config=cached_config)
+  other = workload.compared_loop(config.loop_implementation)
+  compared = tasks.build_task(**build_cached, loop_implementation=other)
+  loops[f"cached TFF, {other}"] = loops_lib.TffLoop(compared.training_process,
+                                                    compared.initial_state, clients)
+  del compared
+  t0 = time.perf_counter()
+  online = tasks.build_task(
+      config=workload.task_config(config, run.work, online=True), bundle=bundle,
+      client_ids=clients, manifest_dir=run.work / "online_manifests",
+      loop_implementation=workload.client_loop(config.loop_implementation))
+  online_process = online.training_process
+  loops["online TFF"] = loops_lib.TffLoop(online_process, online.initial_state, clients)
+  del online  # Its Keras model holds a copy of the image encoder.
+  gc.collect()
+  run.timings["build_online_process_s"] = time.perf_counter() - t0
+  run.log(f"  processes built: cached {run.timings['build_cached_process_s']:.1f} s, online "
+          f"{run.timings['build_online_process_s']:.1f} s (client loop: "
+          f"{config.loop_implementation})")
+  comm = communication.bytes_per_client_round(
+      cached=communication.communication(cached.training_process),
+      online=communication.communication(online_process), parameters=params)
+  if comm["cached"]["upload_update"] != 4 * params["trainable"]:
+    raise RuntimeError("the update type does not match the trainable weights")
+  return loops, comm
+
+
+def _rounds_section(run: _Run, loops: dict[str, Loop]) -> dict[str, dict[str, Any]]:
+  """Sections 1 and 2: the loops' rounds, interleaved; returns their timings."""
+  config = run.config
+  run.section("the federated rounds (the online round is the largest)")
+  run.log(f"[1-2/5] federated rounds: {config.clients} clients x "
+          f"{config.examples_per_client} images, batch {config.batch_size}, "
+          f"{config.prompts_per_image} prompts/image; 1 warm-up + {config.rounds} timed "
+          "rounds each, interleaved")
+  rounds = loops_lib.time_loops(loops, config.rounds, run.log)
+  if len({r["examples_per_round"] for r in rounds.values()}) != 1:
+    raise RuntimeError(f"the loops trained on different numbers of examples: "
+                       f"{ {k: r['examples_per_round'] for k, r in rounds.items()} }")
+  run.timings["rounds"] = rounds
+  return rounds
+
+
+def _memory_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cache.Record]
+                    ) -> dict[str, Any]:
+  """Section 3: peak RSS of fresh subprocesses (`memory.measure_memory`)."""
+  config = run.config
+  run.section("the memory runs")
+  run.log(f"[3/5] memory: fresh subprocesses, one cached round, {config.memory_clients} vs "
+          f"{config.memory_base_clients} clients x {config.examples_per_client} images")
+  memory = memory_lib.measure_memory(bundle=bundle, records=records, config=config,
+                                     work_dir=run.work, log=run.log)
+  run.timings["memory"] = {k: {"setup_s": v.get("setup_s"), "round_s": v.get("round_s")}
+                           for k, v in memory["runs"].items()}
+  return memory
+
+
+def _throughput_section(run: _Run, bundle: sam_lib.SamBundle,
+                        examples: Sequence[discovery.Example], pre: dict[str, float],
+                        rounds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """Section 5: throughput of `arch` (from the timed rounds), and of MobileSAM."""
+  config = run.config
+  run.section("the throughput section")
+  cached, online, plain = rounds["cached TFF"], rounds["online TFF"], rounds["plain tf.function"]
+  examples_per_round = cached["examples_per_round"]
+  throughput = {config.arch: {
+      "model": bundle.name,
+      "decoder_examples_per_s": examples_per_round / cached["mean_s"],
+      "decoder_prompts_per_s": examples_per_round * config.prompts_per_image / cached["mean_s"],
+      "decoder_examples_per_s_plain": examples_per_round / plain["mean_s"],
+      "online_examples_per_s": examples_per_round / online["mean_s"],
+      "precompute_images_per_s": pre["precompute_images_per_s"],
+      "encoder_images_per_s": pre["encoder_images_per_s"],
+  }}
+  if config.arch == config_lib.MOBILE_SAM_MODEL:
+    return throughput
+  if not config.mobile_sam:
+    throughput[config_lib.MOBILE_SAM_MODEL] = {"skipped": "--nomobile_sam"}
+    return throughput
+  run.log("[5/5] throughput: mobile_sam")
+  mobile = _mobile_sam_throughput(run, examples)
+  if "cached_round" in mobile:
+    run.timings["mobile_sam"] = {"precompute": mobile.pop("precompute"),
+                                 "cached_round": mobile.pop("cached_round")}
+  throughput[config_lib.MOBILE_SAM_MODEL] = mobile
+  return throughput
+
+
+def _mobile_sam_throughput(run: _Run, examples: Sequence[discovery.Example]
+                           ) -> dict[str, Any]:
+  """Precompute and cached-round throughput of MobileSAM, or why it was skipped."""
+  config = run.config
+  try:
+    bundle = build.load_sam(config_lib.MOBILE_SAM_MODEL, cache_dir=run.cache_dir)
+  except errors.UserError as e:
+    run.log(f"  mobile_sam: skipped ({e})")
+    return {"skipped": str(e)}
+  records, pre = workload.precompute(bundle, examples, cache_root=run.work / "cache",
+                                     batch_size=config.encode_batch_size)
+  run.log(f"  mobile_sam precompute: {pre['images']} images in {pre['precompute_s']:.1f} s; "
+          f"encoder {pre['encoder_s_per_image']:.3f} s/image")
+  manifest_dir = run.work / "mobile_sam_manifests"
+  clients = workload.write_client_manifests(manifest_dir, records, clients=config.clients,
+                                            per_client=config.examples_per_client)
+  task = tasks.build_task(config=workload.task_config(config, run.work), bundle=bundle,
+                          client_ids=clients, manifest_dir=manifest_dir,
+                          loop_implementation=workload.client_loop(config.loop_implementation))
+  name = "mobile_sam cached TFF"
+  timed = loops_lib.time_loops(
+      {name: loops_lib.TffLoop(task.training_process, task.initial_state, clients)},
+      config.rounds, run.log)[name]
+  examples_per_round = timed["examples_per_round"]
+  return {"model": bundle.name, "precompute": pre, "cached_round": timed,
+          "decoder_examples_per_s": examples_per_round / timed["mean_s"],
+          "decoder_prompts_per_s": examples_per_round * config.prompts_per_image / timed["mean_s"],
+          "precompute_images_per_s": pre["precompute_images_per_s"],
+          "encoder_images_per_s": pre["encoder_images_per_s"],
+          "parameters": machine.parameter_counts(bundle)}

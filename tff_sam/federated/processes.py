@@ -1,0 +1,130 @@
+"""The TFF processes: weighted FedAvg over the prompt encoder + mask decoder, and
+federated evaluation.
+
+`model_fn` builds the architecture from the SAM config only (TFF calls it several
+times while building the process); pretrained weights go into the initial state with
+`process.set_model_weights`. Only the mask decoder is trainable, so only its weights
+are updated and aggregated; the frozen prompt encoder's few non-trainable weights are
+broadcast with them.
+
+The model aggregator is `aggregation.build_model_aggregator` (robust by default).
+"""
+
+from typing import Callable, Optional
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_sam.federated import aggregation
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import losses
+from tff_sam.models import online as online_lib
+
+
+def build_model_fn(*, sam_config, input_spec, prompt: str, loss: str,
+                   train_iou_head: bool, online_encoder: Optional[str] = None
+                   ) -> Callable[[], object]:
+  """Returns a no-argument function building a fresh `tff.learning` model.
+
+  Args:
+    sam_config: The `SamConfig` (architecture only; weights are set later).
+    input_spec: Element spec of a client dataset (`OrderedDict(x=..., y=...)`).
+    prompt: Prompt mode of the model (`box`, `points`, `both`).
+    loss: Loss name (see `losses`).
+    train_iou_head: Train the IoU head with an MSE term, or freeze it.
+    online_encoder: None: the model reads cached embeddings (`PromptMaskDecoder`).
+      `vit` or `tinyvit`: online mode, the model holds that frozen image encoder
+      and reads pixel values (`tff_sam.models.online.OnlineSamModel`).
+  """
+  def model_fn():
+    if online_encoder:
+      keras_model = online_lib.OnlineSamModel(
+          sam_config, encoder=online_encoder, prompt=prompt, train_iou_head=train_iou_head)
+    else:
+      keras_model = decoder_lib.PromptMaskDecoder(
+          sam_config, prompt=prompt, train_iou_head=train_iou_head)
+    return tff.learning.models.from_keras_model(
+        keras_model,
+        loss=losses.MaskLoss(loss, iou_weight=1.0 if train_iou_head else 0.0),
+        input_spec=input_spec,
+        metrics=[losses.MeanDice()])
+
+  return model_fn
+
+
+def build_optimizer(name: str, learning_rate: float):
+  """A `tff.learning.optimizers` optimizer: `sgd` (plain, no momentum) or `adam`."""
+  if name == "sgd":
+    return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
+  if name == "adam":
+    return tff.learning.optimizers.build_adam(learning_rate=learning_rate)
+  raise ValueError(f"unknown optimizer {name!r}")
+
+
+def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
+                           server_lr: float, model_aggregator=None,
+                           loop_implementation: str = "dataset_iterator"):
+  """Weighted FedAvg (`tff.learning.algorithms.build_weighted_fed_avg`).
+
+  Clients run Adam at `client_lr` for their local epochs; the server applies the
+  example-weighted mean update with `server_optimizer` at `server_lr`. The client loop
+  iterates the dataset (`LoopImplementation.DATASET_ITERATOR`): TFF's default
+  `dataset.reduce` loop measured several times slower per round and, in online mode at
+  ViT-B size, about twice the worker memory (BENCHMARKS.md).
+
+  Args:
+    model_fn: See `build_model_fn`.
+    client_lr: Client Adam learning rate.
+    server_optimizer: `sgd` or `adam`.
+    server_lr: Server learning rate.
+    model_aggregator: Aggregation factory (default
+      `aggregation.build_model_aggregator()`).
+    loop_implementation: The client loop, a `tff.learning.LoopImplementation` name
+      in lower case (`dataset_iterator`, or TFF's default `dataset_reduce`, which the
+      benchmark compares against).
+  """
+  return tff.learning.algorithms.build_weighted_fed_avg(
+      model_fn,
+      client_optimizer_fn=build_optimizer("adam", client_lr),
+      server_optimizer_fn=build_optimizer(server_optimizer, server_lr),
+      model_aggregator=model_aggregator or aggregation.build_model_aggregator(),
+      loop_implementation=tff.learning.LoopImplementation[loop_implementation.upper()])
+
+
+def build_evaluation_process(*, model_fn):
+  """Federated evaluation (`tff.learning.algorithms.build_fed_eval`) of `model_fn`."""
+  return tff.learning.algorithms.build_fed_eval(
+      model_fn, loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
+
+
+def evaluation_metrics(result) -> dict[str, float]:
+  """`loss`, `dice` and `num_examples` of a federated evaluation round's output."""
+  m = result.metrics["client_work"]["eval"]["current_round_metrics"]
+  return {"loss": float(m["loss"]), "dice": float(m["dice"]),
+          "num_examples": int(m["num_examples"])}
+
+
+def compose_with_client_data(process, client_data):
+  """A process whose `next` takes client ids and builds their datasets in TFF."""
+  return tff.simulation.compose_dataset_computation_with_learning_process(
+      client_data.dataset_computation, process)
+
+
+def with_model_weights(process, state, source_process, source_state):
+  """`state` of `process` carrying the global model of `source_state`."""
+  return process.set_model_weights(state, source_process.get_model_weights(source_state))
+
+
+def initial_state(process, trainable, non_trainable):
+  """The process's initial state carrying the given (pretrained) model weights."""
+  state = process.initialize()
+  return process.set_model_weights(
+      state, tff.learning.models.ModelWeights(trainable=list(trainable),
+                                              non_trainable=list(non_trainable)))
+
+
+def weights_from_state(process, state) -> tuple[list, list]:
+  """(trainable, non_trainable) numpy weights of the global model in `state`."""
+  w = process.get_model_weights(state)
+  return [tf.convert_to_tensor(v).numpy() for v in w.trainable], [
+      tf.convert_to_tensor(v).numpy() for v in w.non_trainable]

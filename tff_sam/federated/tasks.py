@@ -1,0 +1,196 @@
+"""The one task builder: a config and a loaded model become TFF processes and state.
+
+`build_task` is the only place where the program's training process, its federated
+evaluation process, the initial state and the client pipelines are assembled; the
+training program, the benchmark and the tests all call it, so a new execution
+backend, aggregator or model variant changes this one function.
+
+A `Task` holds:
+
+* `training_process`: weighted FedAvg (`processes.build_training_process`) with the
+  robust model aggregator configured by the run, composed with the clients' dataset
+  computation, so `next(state, ids)` takes client ids (`pipeline.round_client_id`)
+  and TFF builds each client's dataset from its manifest by id;
+* `initial_state`: its initial state carrying the bundle's pretrained weights;
+* `model` and `decoder`: a Keras model with the TFF model's weight structure
+  (`PromptMaskDecoder`, or `OnlineSamModel` in online mode) and its decoder part,
+  which `load_state` fills from a state for central evaluation and export;
+* optionally the federated evaluation (`build_fed_eval`) of held-out clients: every
+  object of every held-out image prompted once with its exact box and fixed points,
+  in chunks of `evaluation_chunk` prompts, the same prompts in every round.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import tensorflow as tf
+
+from tff_sam import config as config_lib
+from tff_sam.data import pipeline
+from tff_sam.data import preprocess
+from tff_sam.federated import aggregation
+from tff_sam.federated import processes
+from tff_sam.models import build
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import sam as sam_lib
+
+# Prompts per federated-evaluation example (bounds its memory: with all ~195 prompts of
+# a HeLa image in one example TFF's worker reached 18 GB).
+EVAL_CHUNK = 16
+# The client training loop of the program (`tff.learning.LoopImplementation`, lower
+# case): TFF's default `dataset_reduce` measured several times slower per round and,
+# in online mode at ViT-B size, twice the worker memory (BENCHMARKS.md).
+LOOP_IMPLEMENTATION = "dataset_iterator"
+
+
+@dataclasses.dataclass
+class Task:
+  """The TFF processes of one run and what goes with them (module docstring).
+
+  Attributes:
+    training_process: The composed training process (`next(state, client_ids)`).
+    initial_state: Its initial state (pretrained weights unless built from an
+      architecture only).
+    pipeline_spec: The training clients' pipeline.
+    model: Keras model with the TFF model's weight structure, or None when built
+      from an architecture only.
+    decoder: The `PromptMaskDecoder` part of `model` (the same object in cached
+      mode), or None.
+    evaluation_process: The composed federated evaluation process, or None.
+    evaluation_state: Its initial state.
+    evaluation_clients: Ids of the federated evaluation clients.
+    evaluation_spec: Their pipeline.
+  """
+
+  training_process: Any
+  initial_state: Any
+  pipeline_spec: pipeline.PipelineSpec
+  model: Optional[tf.keras.Model] = None
+  decoder: Optional[tf.keras.Model] = None
+  evaluation_process: Any = None
+  evaluation_state: Any = None
+  evaluation_clients: tuple[str, ...] = ()
+  evaluation_spec: Optional[pipeline.PipelineSpec] = None
+
+  def load_state(self, state: Any) -> tf.keras.Model:
+    """Puts the global model of a training `state` into `model`; returns `decoder`."""
+    trainable, non_trainable = processes.weights_from_state(self.training_process, state)
+    decoder_lib.assign_model_weights(self.model, trainable, non_trainable)
+    return self.decoder
+
+  def federated_evaluation(self, state: Any) -> dict[str, Optional[float]]:
+    """`fed_eval_loss` and `fed_eval_dice` of the global model in a training `state`.
+
+    Both None when there are no federated evaluation clients.
+    """
+    if self.evaluation_process is None:
+      return {"fed_eval_loss": None, "fed_eval_dice": None}
+    eval_state = processes.with_model_weights(self.evaluation_process, self.evaluation_state,
+                                              self.training_process, state)
+    result = self.evaluation_process.next(
+        eval_state, [pipeline.round_client_id(c, 0) for c in self.evaluation_clients])
+    m = processes.evaluation_metrics(result)
+    return {"fed_eval_loss": m["loss"], "fed_eval_dice": m["dice"]}
+
+
+def _spec(config: config_lib.RunConfig, *, sam_config: Any, manifest_dir: Path,
+          normalization: Optional[preprocess.PixelNormalization],
+          **overrides) -> pipeline.PipelineSpec:
+  values = dict(
+      prompt=config.prompt, prompts_per_image=config.prompts_per_image,
+      box_jitter=config.box_jitter, box_jitter_fraction=config.box_jitter_fraction,
+      num_points=config.num_points, num_negative_points=config.num_negative_points,
+      local_epochs=config.local_epochs, batch_size=config.batch_size, seed=config.seed)
+  values.update(overrides)
+  return pipeline.build_pipeline_spec(sam_config=sam_config, manifest_dir=manifest_dir,
+                                      normalization=normalization, **values)
+
+
+def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
+               manifest_dir: Path, bundle: Optional[sam_lib.SamBundle] = None,
+               sam_config: Any = None, evaluation_clients: Sequence[str] = (),
+               evaluation_manifest_dir: Optional[Path] = None,
+               evaluation_chunk: int = EVAL_CHUNK,
+               loop_implementation: str = LOOP_IMPLEMENTATION) -> Task:
+  """Builds the run's processes, initial state and pipelines.
+
+  Args:
+    config: The run's settings (prompts, pipeline, optimizers, aggregation, online
+      mode via `embedding_cache=False`).
+    client_ids: The training clients (manifests `manifest_dir/<client>.txt`).
+    manifest_dir: Folder of the training clients' manifests.
+    bundle: The loaded model: architecture, processor and pretrained weights.
+    sam_config: Instead of `bundle`: the architecture only (cached mode); the
+      initial state then holds TFF's random initialization and `model` is None (the
+      benchmark's memory runs need nothing more).
+    evaluation_clients: Federated evaluation clients (manifests in
+      `evaluation_manifest_dir`); none = no evaluation process.
+    evaluation_manifest_dir: Folder of their manifests.
+    evaluation_chunk: Prompts per federated evaluation example.
+    loop_implementation: The client loop of the training process
+      (`dataset_iterator`, the program's, or `dataset_reduce`, TFF's default).
+
+  Returns:
+    The task.
+  """
+  if (bundle is None) == (sam_config is None):
+    raise ValueError("pass exactly one of bundle and sam_config")
+  online = not config.embedding_cache
+  if bundle is None and online:
+    raise ValueError("online mode needs the bundle (its encoder weights)")
+  arch = bundle.config if bundle is not None else sam_config
+  shapes = dict(
+      sam_config=arch,
+      normalization=preprocess.pixel_normalization(bundle.processor) if online else None)
+  encoder = sam_lib.encoder_kind(bundle) if online else None
+
+  def model_fn_for(spec: pipeline.PipelineSpec, ids: Sequence[str]):
+    client_data = pipeline.build_client_data(ids, spec)
+    model_fn = processes.build_model_fn(
+        sam_config=arch, input_spec=client_data.element_type_structure, prompt=config.prompt,
+        loss=config.loss, train_iou_head=config.train_iou_head, online_encoder=encoder)
+    return model_fn, client_data
+
+  spec = _spec(config, manifest_dir=manifest_dir, **shapes)
+  model_fn, client_data = model_fn_for(spec, client_ids)
+  aggregator = aggregation.build_model_aggregator(
+      zeroing=config.zeroing, zeroing_quantile=config.zeroing_quantile,
+      zeroing_multiplier=config.zeroing_multiplier, clipping=config.clipping,
+      clipping_quantile=config.clipping_quantile,
+      clipping_initial_norm=config.clipping_initial_norm)
+  training_process = processes.compose_with_client_data(
+      processes.build_training_process(
+          model_fn=model_fn, client_lr=config.client_lr,
+          server_optimizer=config.server_optimizer, server_lr=config.server_lr,
+          model_aggregator=aggregator, loop_implementation=loop_implementation),
+      client_data)
+  evaluation_process, eval_spec = None, None
+  if evaluation_clients:
+    eval_spec = _spec(config, manifest_dir=evaluation_manifest_dir, **shapes,
+                      prompts_per_image=evaluation_chunk, box_jitter=0.0,
+                      box_jitter_fraction=0.0, local_epochs=1, batch_size=1,
+                      evaluation=True, max_objects_per_image=config.eval_max_objects)
+    eval_model_fn, eval_data = model_fn_for(eval_spec, evaluation_clients)
+    evaluation_process = processes.compose_with_client_data(
+        processes.build_evaluation_process(model_fn=eval_model_fn), eval_data)
+  task = Task(training_process=training_process, initial_state=None, pipeline_spec=spec,
+              evaluation_process=evaluation_process,
+              evaluation_clients=tuple(evaluation_clients), evaluation_spec=eval_spec)
+  if evaluation_process is not None:
+    task.evaluation_state = evaluation_process.initialize()
+  # The Keras models come last: TFF builds its models in a legacy graph while tracing,
+  # which invalidates Keras models made before (Keras 2.14, "invalid state").
+  if bundle is None:
+    task.initial_state = training_process.initialize()
+    return task
+  if online:
+    task.model = build.build_online_model(bundle, prompt=config.prompt,
+                                          train_iou_head=config.train_iou_head)
+    task.decoder = task.model.decoder
+  else:
+    task.model = task.decoder = build.build_prompt_mask_decoder(
+        bundle, prompt=config.prompt, train_iou_head=config.train_iou_head)
+  task.initial_state = processes.initial_state(
+      training_process, *decoder_lib.model_weights_lists(task.model))
+  return task

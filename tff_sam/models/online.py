@@ -1,0 +1,61 @@
+"""The model of online mode: a frozen image encoder in front of `PromptMaskDecoder`."""
+
+import tensorflow as tf
+from transformers.models.sam.modeling_tf_sam import TFSamVisionEncoder
+
+from tff_sam import config as config_lib
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import sam as sam_lib
+from tff_sam.models import tinyvit
+
+
+class OnlineSamModel(tf.keras.Model):
+  """Frozen image encoder + `PromptMaskDecoder`: the model of online mode.
+
+  As in the published federated-SAM recipes, the client model embeds every image at
+  every step. Inputs are `PromptMaskDecoder`'s with `pixel_values` (B, 3, S, S)
+  (`SamImageProcessor` output) instead of `image_embeddings`; outputs are the same.
+  Only the mask decoder is trainable; the encoder's weights are non-trainable.
+
+  Attributes:
+    image_encoder: The frozen encoder, pixel values -> embeddings.
+    decoder: The `PromptMaskDecoder` (use it for evaluation and export).
+  """
+
+  def __init__(self, config, *, encoder: str = sam_lib.VIT_ENCODER,
+               prompt: str = config_lib.BOX_PROMPT,
+               train_iou_head: bool = True, **kwargs):
+    """Builds the architecture (random weights; see `build_online_model`).
+
+    Args:
+      config: The `SamConfig`.
+      encoder: `vit` (TFSamModel's vision encoder) or `tinyvit` (MobileSAM).
+      prompt: Prompt mode.
+      train_iou_head: Train the IoU head or freeze it.
+    """
+    super().__init__(**kwargs)
+    side = sam_lib.image_size(config)
+    if encoder == sam_lib.VIT_ENCODER:
+      self.image_encoder = TFSamVisionEncoder(config.vision_config, name="vision_encoder")
+      with tf.name_scope(self.image_encoder.name):
+        self.image_encoder.build(None)
+    elif encoder == sam_lib.TINYVIT_ENCODER:
+      self.image_encoder = tinyvit.build_tinyvit(side)
+    else:
+      raise ValueError(f"unknown encoder {encoder!r}")
+    self.encoder_kind = encoder
+    self.image_encoder.trainable = False
+    self.decoder = decoder_lib.PromptMaskDecoder(config, prompt=prompt,
+                                                 train_iou_head=train_iou_head)
+    self.built = True
+
+  def embed(self, pixel_values: tf.Tensor) -> tf.Tensor:
+    pixel_values = tf.convert_to_tensor(pixel_values, tf.float32)
+    if self.encoder_kind == sam_lib.VIT_ENCODER:
+      return self.image_encoder(pixel_values, training=False)[0]
+    return self.image_encoder(pixel_values)
+
+  def call(self, inputs, training=False):
+    decoder_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    decoder_inputs["image_embeddings"] = self.embed(inputs["pixel_values"])
+    return self.decoder(decoder_inputs, training=training)
