@@ -1,6 +1,7 @@
 # tff_sam: every target installs what it needs first (idempotent; see BUILD_NOTES.md).
 #   make demo      federated fine-tuning on the embedded default data -> runs/demo/
 #   make test      the whole test suite (what .ci/run calls)
+#   make test-fast the suite without tests marked slow (for iterating; CI runs them all)
 #   make install   only create/update .venv/
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 # GPU=1 also installs TF's CUDA runtime wheels (several GB; see BUILD_NOTES.md).
 GPU ?=
 
-.PHONY: install demo test bench clean-env
+.PHONY: install demo test test-fast bench clean-env
 
 install: $(STAMP)
 
@@ -36,6 +37,9 @@ demo: install
 
 test: install
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean-env:
 	rm -rf $(VENV)

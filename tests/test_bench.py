@@ -110,11 +110,10 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path):
     (["--clients=0"], "--clients: must be >= 1"),
     (["--max_concurrent_computation_calls=0"], "--max_concurrent_computation_calls:"),
 ])
-def test_bench_bad_flag_is_one_error_line(tmp_path, args, expected):
-  proc = _run_bench([f"--output_dir={tmp_path / 'o'}", "--arch=tiny", *args], tmp_path,
-                    timeout=120)
-  assert proc.returncode == 1, proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
-  error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-  assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
+def test_bench_bad_flag_is_one_error_line(tmp_path, run_binary, args, expected):
+  result = run_binary("bench", f"--output_dir={tmp_path / 'o'}", "--arch=tiny", *args)
+  assert result.code == 1, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert len(result.error_lines()) == 1, result.stderr[-2000:]
+  assert expected in result.error_lines()[0]
   assert not (tmp_path / "o").exists()

@@ -13,18 +13,6 @@ from tff_sam.models import sam as sam_lib
 MODES = ("box", "points", "both")
 
 
-@pytest.fixture(name="offline")
-def _offline(monkeypatch, tmp_path):
-  """No network and an empty hub cache, so hub ids fail fast and deterministically."""
-  import huggingface_hub.constants  # pylint: disable=g-import-not-at-top
-  import transformers.utils.hub  # pylint: disable=g-import-not-at-top
-
-  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-  monkeypatch.setattr(transformers.utils.hub, "_is_offline_mode", True)
-  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-  monkeypatch.setenv("TFF_SAM_CACHE", str(tmp_path / "cache"))
-
-
 def _inputs(config, seed=0, batch=2, prompts=3):
   rng = np.random.default_rng(seed)
   side = sam_lib.image_size(config)

@@ -76,22 +76,33 @@ def test_bad_prompts_are_refused(tmp_path, images, boxes, points, flag):
   assert not (tmp_path / "o.png").exists()
 
 
-def test_cli_errors_are_one_line(tmp_path, images):
+def test_cli_errors_are_one_line(tmp_path, images, run_binary):
   bad = tmp_path / "bad.png"
   bad.write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
   for args, expected in [
       ([f"--image={images[0]}", "--box=0,0,10000,10"], "--box: coordinate"),
       ([f"--image={bad}", "--box=0,0,1,1"], "bad.png: cannot read file"),
       ([f"--image={images[0]}", "--box=1,2,3"], "--box: cannot parse"),
+      (["--box=1,2,3,4"], "--image: is required"),
   ]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tff_sam.experiments.predict", "--model=tiny",
-         f"--output={tmp_path / 'o.png'}", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+    result = run_binary("predict", "--model=tiny", f"--output={tmp_path / 'o.png'}", *args)
+    assert result.code == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert len(result.error_lines()) == 1, result.stderr[-2000:]
+    assert expected in result.error_lines()[0]
+  assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_smoke_run(tmp_path, images):
+  """The binary in a fresh process: an overlay and a label mask, their paths printed."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "tff_sam.experiments.predict", "--model=tiny",
+       f"--image={images[0]}", "--box=5,6,40,50", f"--output={tmp_path / 'o.png'}",
+       f"--mask_out={tmp_path / 'm.png'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == [str(tmp_path / "o.png"), str(tmp_path / "m.png")]
+  assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -1,14 +1,18 @@
 """End-to-end tests of the main job: the program on its own, and the CLI binaries."""
 
 import csv
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tff_sam import config as config_lib
 from tff_sam.data import cache
@@ -19,33 +23,6 @@ from tff_sam.federated import program
 from tff_sam.models import build
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data") / "synthetic"
-  return synthetic.generate(root, images_per_site=3, test_per_site=1)
-
-
-@pytest.fixture(scope="module")
-def site_test_data(tmp_path_factory, small_data):
-  """small_data with its held-out images in one test/<site>/ folder per site."""
-  import shutil  # pylint: disable=g-import-not-at-top
-
-  root = tmp_path_factory.mktemp("data") / "site_test"
-  shutil.copytree(small_data, root)
-  for sub in ("images", "masks"):
-    for f in sorted((root / "test" / sub).iterdir()):
-      site = f"site_{f.stem[4]}"  # stems are site<k>_<i>
-      (root / "test" / site / sub).mkdir(parents=True, exist_ok=True)
-      f.rename(root / "test" / site / sub / f.name)
-    (root / "test" / sub).rmdir()
-  return root
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("cache")
 
 
 def _config(tmp_path, data_dir, cache_dir, **overrides):
@@ -66,8 +43,6 @@ def _run_cli(args, env_extra=None, timeout=600):
 
 def _tensorboard(folder: Path) -> dict[str, dict[int, object]]:
   """Tag -> step -> value (a float, or the image's encoded bytes) from event files."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   found = {}
   for path in sorted(folder.glob("events.out.tfevents.*")):
     for event in tf.data.TFRecordDataset(str(path)):
@@ -78,17 +53,16 @@ def _tensorboard(folder: Path) -> dict[str, dict[int, object]]:
   return found
 
 
-def test_program_writes_outputs_and_export_reproduces_final_metrics(
-    tmp_path, site_test_data, cache_dir):
-  config = _config(tmp_path, site_test_data, cache_dir)
-  lines = []
-  summary = program.run_experiment(config, log=lines.append)
-  out = Path(config.output_dir)
+def test_program_writes_outputs_and_export_reproduces_final_metrics(reference_run):
+  config, out, summary, lines = (reference_run.config, reference_run.out,
+                                 reference_run.summary, reference_run.lines)
+  cache_dir = config.cache_dir
+  rounds = config.rounds
   sites = ["site_0", "site_1", "site_2"]
 
   with open(out / "metrics.csv") as f:
     rows = list(csv.DictReader(f))
-  assert [int(r["round"]) for r in rows] == [0, 1, 2]
+  assert [int(r["round"]) for r in rows] == list(range(rounds + 1))
   # Every column is documented (METRIC_DOCS, README), per-client ones once per site.
   documented = {k.replace("<client>", s) if "<client>" in k else k
                 for k in program.METRIC_DOCS for s in sites}
@@ -99,7 +73,7 @@ def test_program_writes_outputs_and_export_reproduces_final_metrics(
   # Federated evaluation on the three held-out clients, with the current global model.
   assert all(0 <= float(r["fed_eval_dice"]) <= 1 and float(r["fed_eval_loss"]) > 0
              for r in rows)
-  assert rows[0]["fed_eval_loss"] != rows[2]["fed_eval_loss"]
+  assert rows[0]["fed_eval_loss"] != rows[rounds]["fed_eval_loss"]
   for r in rows:
     per_site = [float(r[f"test_dice/{s}"]) for s in sites]
     assert min(per_site) <= float(r["test_dice"]) <= max(per_site)
@@ -110,19 +84,20 @@ def test_program_writes_outputs_and_export_reproduces_final_metrics(
   assert rows[0]["clipped_clients"] == ""
   # The same releases as TensorBoard scalars, plus the overlays as images.
   board = _tensorboard(out / "tensorboard")
-  assert set(board["test_dice"]) == {0, 1, 2} and set(board["train_loss"]) == {1, 2}
-  assert board["fed_eval_dice"][2] == pytest.approx(float(rows[2]["fed_eval_dice"]))
+  assert set(board["test_dice"]) == set(range(rounds + 1))
+  assert set(board["train_loss"]) == set(range(1, rounds + 1))
+  assert board["fed_eval_dice"][rounds] == pytest.approx(float(rows[rounds]["fed_eval_dice"]))
   images = [t for t in board if t.startswith("overlays/")]
   assert len(images) == len(summary["overlays"]) and images
-  assert all(set(board[t]) == {2} for t in images)
+  assert all(set(board[t]) == {rounds} for t in images)
 
   saved = json.loads((out / "summary.json").read_text())
   assert saved["config"] == config.to_dict()
-  assert saved["rounds"] == 2 and saved["wall_time_s"] > 0
+  assert saved["rounds"] == rounds and saved["wall_time_s"] > 0
   assert set(saved["baseline"]) >= {"dice", "iou"} and set(saved["final"]) >= {"dice", "iou"}
   assert saved["final"]["dice"] == pytest.approx(float(rows[-1]["test_dice"]), abs=1e-6)
   assert json.loads((out / "config.json").read_text()) == config.to_dict()
-  assert sum(1 for line in lines if line.startswith("round ")) == 3  # 0, 1, 2
+  assert sum(1 for line in lines if line.startswith("round ")) == rounds + 1  # 0..rounds
   assert summary == saved
   assert saved["evaluation_clients"] == sites == saved["federated_evaluation_clients"]
   assert saved["aggregation"] == {"nonfinite_clients": 0, "zeroed_clients": 0,
@@ -165,9 +140,9 @@ def test_sample_clients_is_deterministic_per_round():
   assert program.sample_clients(ids[:2], round_num=1, clients_per_round=5, seed=1) == ids[:2]
 
 
-def test_program_refuses_data_without_test_split(tmp_path, cache_dir):
+def test_program_refuses_data_without_test_split(tmp_path, reference_cache):
   root = synthetic.generate(tmp_path / "d", images_per_site=1, test_per_site=0)
-  config = _config(tmp_path, root, cache_dir)
+  config = _config(tmp_path, root, reference_cache)
   with pytest.raises(errors.ConfigError, match="--test_fraction"):
     program.run_experiment(config, log=lambda _: None)
 
@@ -191,12 +166,9 @@ def test_config_validation_names_the_flag():
 
 
 @pytest.mark.parametrize("case", ["image_without_mask", "size_mismatch", "unreadable"])
-def test_data_mistakes_are_one_line_errors(tmp_path, small_data, cache_dir, case):
-  import shutil  # pylint: disable=g-import-not-at-top
-  import cv2  # pylint: disable=g-import-not-at-top
-
+def test_data_mistakes_are_one_line_errors(tmp_path, reference_data, reference_cache, case):
   root = tmp_path / "bad"
-  shutil.copytree(small_data, root)
+  shutil.copytree(reference_data, root)
   site = root / "site_0"
   victim = sorted((site / "images").iterdir())[0]
   mask = site / "masks" / (victim.stem + ".png")
@@ -209,7 +181,7 @@ def test_data_mistakes_are_one_line_errors(tmp_path, small_data, cache_dir, case
   else:
     victim.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     expected = victim.name
-  config = _config(tmp_path, root, cache_dir)
+  config = _config(tmp_path, root, reference_cache)
   with pytest.raises(errors.DataError) as info:
     program.run_experiment(config, log=lambda _: None)
   message = str(info.value)
@@ -219,7 +191,6 @@ def test_data_mistakes_are_one_line_errors(tmp_path, small_data, cache_dir, case
 def test_cli_help_documents_every_flag():
   proc = _run_cli(["tff_sam.experiments.run", "--help"])
   assert proc.returncode in (0, 1), proc.stderr[-2000:]  # absl's --help exits with 1.
-  import dataclasses  # pylint: disable=g-import-not-at-top
   for field in dataclasses.fields(config_lib.RunConfig):
     documented = (f"--{field.name}" in proc.stdout or f"--[no]{field.name}" in proc.stdout)
     assert documented, field.name
@@ -231,28 +202,29 @@ def test_cli_help_documents_every_flag():
     (["--model=facebook/sam-vit-base"], "cannot load it"),
     (["--rounds=-3"], "--rounds: must be >= 0"),
 ])
-def test_cli_user_mistakes_exit_nonzero_with_one_line(tmp_path, small_data, cache_dir, args, expected):
-  base = [f"--output_dir={tmp_path / 'o'}", f"--cache_dir={cache_dir}", "--rounds=1"]
+def test_cli_user_mistakes_exit_nonzero_with_one_line(tmp_path, reference_data, reference_cache,
+                                                      offline, run_binary, args, expected):
+  del offline
+  base = [f"--output_dir={tmp_path / 'o'}", f"--cache_dir={reference_cache}", "--rounds=1"]
   if not any(a.startswith("--data_dir") for a in args):
-    base.append(f"--data_dir={small_data}")
-  proc = _run_cli(["tff_sam.experiments.run", *base, *args],
-                  env_extra={"HF_HUB_OFFLINE": "1"})
-  assert proc.returncode == 1, proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
-  error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-  assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
+    base.append(f"--data_dir={reference_data}")
+  result = run_binary("run", *base, *args)
+  assert result.code == 1, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert len(result.error_lines()) == 1, result.stderr[-2000:]
+  assert expected in result.error_lines()[0]
 
 
-def test_cli_flagfile_run_and_evaluate(tmp_path, small_data, cache_dir):
+def test_cli_flagfile_run_and_evaluate(tmp_path, reference_data, reference_cache, run_binary):
   flagfile = tmp_path / "exp.flags"
   out = tmp_path / "run"
   flagfile.write_text("\n".join([
-      f"--data_dir={small_data}", f"--cache_dir={cache_dir}", f"--output_dir={out}",
+      f"--data_dir={reference_data}", f"--cache_dir={reference_cache}", f"--output_dir={out}",
       "--rounds=1", "--clients_per_round=2", "--prompts_per_image=2", "--prompt=both",
       "--nozeroing", "--clipping_initial_norm=1e-9"]) + "\n")
-  proc = _run_cli(["tff_sam.experiments.run", f"--flagfile={flagfile}"])
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "round 1/1" in proc.stdout
+  result = run_binary("run", f"--flagfile={flagfile}")
+  assert result.code == 0, result.stderr[-3000:]
+  assert "round 1/1" in result.stdout
   summary = json.loads((out / "summary.json").read_text())
   assert summary["config"]["prompt"] == "both"
   assert summary["config"]["zeroing"] is False
@@ -261,11 +233,12 @@ def test_cli_flagfile_run_and_evaluate(tmp_path, small_data, cache_dir):
   assert last["zeroed_clients"] == "" and last["zeroing_norm"] == ""  # disabled
   assert last["clipped_clients"] == "2" and float(last["clipping_norm"]) == pytest.approx(1e-9)
   assert summary["aggregation"]["clipped_clients"] == 2
-  assert "robust aggregation: clipped 2" in proc.stdout
+  assert "robust aggregation: clipped 2" in result.stdout
 
+  # The evaluate binary's smoke run, in a fresh process.
   report = tmp_path / "eval.json"
   proc = _run_cli(["tff_sam.experiments.evaluate", f"--model={out / 'model'}",
-                   f"--data_dir={small_data}", f"--cache_dir={cache_dir}",
+                   f"--data_dir={reference_data}", f"--cache_dir={reference_cache}",
                    f"--output_json={report}", "--prompt=box", "--prompt=points"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(report.read_text())

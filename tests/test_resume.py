@@ -12,33 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+import shutil
+
 import psutil
 import pytest
 
 from tff_sam import config as config_lib
-from tff_sam.data import synthetic
 from tff_sam import errors
 from tff_sam.federated import program
 
 REPO = Path(__file__).resolve().parents[1]
-ROUNDS = 4
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-  return synthetic.generate(tmp_path_factory.mktemp("data") / "syn", images_per_site=3,
-                            test_per_site=1)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("cache")
-
-
-def _settings(small_data, cache_dir):
-  return dict(data_dir=str(small_data), cache_dir=str(cache_dir), model="tiny",
-              rounds=ROUNDS, clients_per_round=2, local_epochs=1, batch_size=2,
-              prompts_per_image=2, client_lr=3e-3, eval_every=1, seed=5)
 
 
 def _rounds(out: Path) -> list[int]:
@@ -46,27 +29,24 @@ def _rounds(out: Path) -> list[int]:
     return [int(r["round"]) for r in csv.DictReader(f)]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, small_data, cache_dir):
-  """An uninterrupted run."""
-  out = tmp_path_factory.mktemp("reference")
-  config = config_lib.RunConfig(output_dir=str(out), **_settings(small_data, cache_dir))
-  summary = program.run_experiment(config, log=lambda _: None)
-  return out, summary
+@pytest.fixture(name="reference")
+def _reference(reference_run):
+  """The session's uninterrupted reference run: (output folder, summary)."""
+  return reference_run.out, reference_run.summary
 
 
-def test_reference_saves_bounded_state_versions(reference):
+def test_reference_saves_bounded_state_versions(reference, reference_settings):
   out, _ = reference
+  rounds = reference_settings["rounds"]
   saved = sorted(p.name for p in (out / program.STATE_DIR).iterdir())
-  assert saved == [f"round_{r}" for r in range(ROUNDS - program.KEEP_STATES + 1, ROUNDS + 1)]
-  assert _rounds(out) == list(range(ROUNDS + 1))
+  assert saved == [f"round_{r}" for r in range(rounds - program.KEEP_STATES + 1, rounds + 1)]
+  assert _rounds(out) == list(range(rounds + 1))
 
 
-def test_resume_after_crash_between_metrics_and_state(tmp_path, reference, small_data, cache_dir):
+def test_resume_after_crash_between_metrics_and_state(tmp_path, reference, reference_settings):
   """A crash after round 3's metrics were written but before its state was saved."""
-  import shutil  # pylint: disable=g-import-not-at-top
-
   ref_out, ref_summary = reference
+  assert reference_settings["rounds"] == 4
   out = tmp_path / "crashed"
   shutil.copytree(ref_out, out)
   shutil.rmtree(out / "state" / "round_4")
@@ -74,23 +54,21 @@ def test_resume_after_crash_between_metrics_and_state(tmp_path, reference, small
   (out / "summary.json").unlink()
   # Leftover of a save interrupted mid-way: must be ignored and removed.
   (out / "state" / "round_3_temp1234").mkdir()
-  config = config_lib.RunConfig(output_dir=str(out), **_settings(small_data, cache_dir))
+  config = config_lib.RunConfig(output_dir=str(out), **reference_settings)
   lines = []
   summary = program.run_experiment(config, log=lines.append)
   assert any(line.startswith("resuming") and "after round 2/4" in line for line in lines)
-  assert _rounds(out) == list(range(ROUNDS + 1))  # Rounds 3, 4 redone, each once.
+  assert _rounds(out) == list(range(5))  # Rounds 3, 4 redone, each once.
   assert not (out / "state" / "round_3_temp1234").exists()
   for key in ("baseline", "final"):
     for metric in ("dice", "iou"):
       assert summary[key][metric] == pytest.approx(ref_summary[key][metric], abs=1e-5)
 
 
-def test_other_settings_are_refused_naming_the_flags(tmp_path, reference, small_data, cache_dir):
-  import shutil  # pylint: disable=g-import-not-at-top
-
+def test_other_settings_are_refused_naming_the_flags(tmp_path, reference, reference_settings):
   out = tmp_path / "copy"
   shutil.copytree(reference[0], out)
-  settings = _settings(small_data, cache_dir)
+  settings = dict(reference_settings)
   settings.update(client_lr=1e-4, seed=6)
   config = config_lib.RunConfig(output_dir=str(out), **settings)
   with pytest.raises(errors.ConfigError) as info:
@@ -118,16 +96,16 @@ def _workers(pid: int) -> list[psutil.Process]:
   return out
 
 
-def _cli(out, small_data, cache_dir):
-  s = _settings(small_data, cache_dir)
+def _cli(out, settings):
+  s = settings
   return [sys.executable, "-m", "tff_sam.experiments.run", f"--output_dir={out}",
           *[f"--{k}={v}" for k, v in s.items()]]
 
 
-def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference, small_data,
-                                                             cache_dir):
+def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference,
+                                                             reference_settings):
   out = tmp_path / "killed"
-  cmd = _cli(out, small_data, cache_dir)
+  cmd = _cli(out, reference_settings)
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 600
   try:
@@ -152,7 +130,7 @@ def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming" in again.stdout
-  assert _rounds(out) == list(range(ROUNDS + 1))
+  assert _rounds(out) == list(range(reference_settings["rounds"] + 1))
   summary = json.loads((out / "summary.json").read_text())
   ref = reference[1]
   for key in ("baseline", "final"):
@@ -161,18 +139,16 @@ def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_ends_run_and_its_worker(tmp_path, small_data, cache_dir, sig):
+def test_signal_ends_run_and_its_worker(tmp_path, reference_settings, sig):
+  """Ctrl-C or SIGTERM while TFF works (its worker is running) ends run and worker."""
   out = tmp_path / f"sig{int(sig)}"
-  proc = subprocess.Popen(_cli(out, small_data, cache_dir), cwd=REPO,
+  proc = subprocess.Popen(_cli(out, reference_settings), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 600
   workers = []
   while not workers:
     assert proc.poll() is None and time.time() < deadline
     workers = _workers(proc.pid)
-    time.sleep(0.2)
-  while not (out / "state" / "round_1").exists():
-    assert proc.poll() is None and time.time() < deadline
     time.sleep(0.2)
   proc.send_signal(sig)
   proc.wait(timeout=120)
@@ -182,10 +158,10 @@ def test_signal_ends_run_and_its_worker(tmp_path, small_data, cache_dir, sig):
   assert not alive, "TFF worker_binary outlived the run"
 
 
-def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, small_data, cache_dir):
+def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, reference_settings):
   """TFF restarts a killed worker and retries the round forever; the run must end."""
   out = tmp_path / "oom"
-  proc = subprocess.Popen(_cli(out, small_data, cache_dir), cwd=REPO,
+  proc = subprocess.Popen(_cli(out, reference_settings), cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 600
   while not (out / "state" / "round_1").exists():
@@ -209,21 +185,21 @@ def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, small_data, ca
   assert last.startswith("error: TFF's worker_binary (pid ") and "died during round" in last, last
 
 
-def test_subrounds_give_the_same_rounds(tmp_path, reference, small_data, cache_dir):
+def test_subrounds_give_the_same_rounds(tmp_path, reference, reference_settings):
   """`--clients_per_subround`: TFF's mergeable execution, one client per subround.
 
   Runs in fresh processes: replacing a live TFF context in this one makes TFF stop its
   old worker with SIGINT and wait for it, which can hang.
   """
-  code = ("import tensorflow_federated as tff; from tff_sam import runtime; "
-          "runtime.configure_tff_execution(num_subrounds=2); "
+  code = ("import tensorflow_federated as tff; from tff_sam.federated import execution; "
+          "execution.configure_tff_execution(num_subrounds=2); "
           "print(type(tff.framework.get_context_stack().current).__name__)")
   probe = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=300, check=False)
   assert probe.stdout.strip() == "MergeableCompExecutionContext", probe.stderr[-2000:]
 
   out = tmp_path / "sub"
-  cmd = [*_cli(out, small_data, cache_dir), "--rounds=2", "--clients_per_subround=1"]
+  cmd = [*_cli(out, reference_settings), "--rounds=2", "--clients_per_subround=1"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads((out / "config.json").read_text())["clients_per_subround"] == 1

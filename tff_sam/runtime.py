@@ -10,6 +10,7 @@ interrupt handling: a user mistake is one `error:` line.
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 from typing import Callable, Iterator, Optional
 
@@ -30,6 +31,19 @@ def terminate_children(timeout: float = 5.0) -> int:
       child.kill()
   psutil.wait_procs(alive, timeout=timeout)
   return len(children)
+
+
+def stop_process(process: subprocess.Popen, *, timeout: float = 5.0) -> bool:
+  """SIGTERM, then SIGKILL after `timeout` seconds; returns whether it was running."""
+  if process.poll() is not None:
+    return False
+  process.terminate()
+  try:
+    process.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
+  return True
 
 
 def _raise_keyboard_interrupt(signum, frame):

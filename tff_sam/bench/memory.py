@@ -70,12 +70,7 @@ def _end_tree(child: subprocess.Popen, timeout: float = 10.0) -> None:
     tree = psutil.Process(child.pid).children(recursive=True)
   except psutil.Error:
     tree = []
-  child.terminate()
-  try:
-    child.wait(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    child.kill()
-    child.wait()
+  runtime.stop_process(child, timeout=timeout)
   for p in tree:
     try:
       p.kill()

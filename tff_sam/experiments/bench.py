@@ -86,22 +86,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
+  from tff_sam.bench import runner  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top
 
   def job():
     config = config_from_flags()
-    # The library loads only once the flags are parsed and valid: a bad flag stays one
-    # error line (importing TFF installs an execution context whose clean-up at exit
-    # prints a traceback when it was never used).
-    # lazy: TensorFlow and TFF after flag parsing and validation; keeps --help fast.
-    from tff_sam.bench import runner  # pylint: disable=g-import-not-at-top
-    # lazy: as above.
-    from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top
-
     execution.configure_tff_execution(
         max_concurrent_computation_calls=config.max_concurrent_computation_calls)
     runner.run_benchmark(config, log=_log)
 
-  return runtime.run_job(job)
+  return runtime.run_job(job, cleanup=execution.end_workers)
 
 
 if __name__ == "__main__":

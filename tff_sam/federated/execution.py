@@ -20,6 +20,7 @@ import psutil
 import tensorflow_federated as tff
 
 from tff_sam import errors
+from tff_sam import runtime
 
 WORKER_BINARY = "worker_binary"  # TFF's C++ worker (a child of the Python process)
 
@@ -79,14 +80,7 @@ def end_workers(timeout: float = 5.0) -> int:
     type(manager).__del__ = lambda self: None
     process = getattr(manager, "_process", None)
     if isinstance(process, subprocess.Popen):
-      if process.poll() is None:
-        process.terminate()
-        try:
-          process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-          process.kill()
-          process.wait()
-        ended += 1
+      ended += runtime.stop_process(process, timeout=timeout)
       manager._process = None  # pylint: disable=protected-access
       manager._stub = None  # pylint: disable=protected-access
   return ended
