@@ -12,7 +12,7 @@ from tff_sam.data import discovery
 from tff_sam.evaluation import heldout
 from tff_sam import fileio
 from tff_sam.models import build
-from tff_sam.models import export
+from tff_sam.export import pretrained
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_exported_mobile_sam_directory_is_a_model(bundle, tmp_path):
   decoder = build.build_prompt_mask_decoder(bundle)
   w = decoder.mask_decoder.iou_token
   w.assign(w + 0.01)  # A "fine-tuned" decoder that differs from the pretrained one.
-  out = export.export_model(bundle=bundle, decoder=decoder, out_dir=tmp_path / "model")
+  out = pretrained.export_model(bundle=bundle, decoder=decoder, out_dir=tmp_path / "model")
   loaded = build.load_sam(str(out))
   assert loaded.image_encoder is not None
   assert loaded.fingerprint == bundle.fingerprint  # Same TinyViT weights, so same cache.

@@ -7,7 +7,7 @@ downstream takes the config (or explicit keyword arguments), never flags.
 saved as JSON next to its results (`summary.json` and `config.json`).
 
 This module is also the one place for the names users type: prompt modes, embedded
-datasets, built-in models, losses, optimizers, benchmark architectures.
+datasets, built-in models, losses, optimizers, benchmark architectures, export formats.
 """
 
 import dataclasses
@@ -35,6 +35,12 @@ SERVER_OPTIMIZERS = ("sgd", "adam")
 # random-init SAM, MobileSAM's real weights.
 VIT_B_ARCH = "vit_b"
 ARCHS = (VIT_B_ARCH, TINY_MODEL, MOBILE_SAM_MODEL)
+# Export formats (`python -m tff_sam.experiments.export --format`); a run's `model/`
+# already holds transformers' TF and PyTorch layouts.
+SAM_CHECKPOINT_FORMAT = "sam_checkpoint"
+ONNX_FORMAT = "onnx"
+SAVED_MODEL_FORMAT = "saved_model"
+EXPORT_FORMATS = (SAM_CHECKPOINT_FORMAT, ONNX_FORMAT, SAVED_MODEL_FORMAT)
 # The benchmark's client training loop: `program` = as the training program builds
 # it, else that `tff.learning.LoopImplementation` (lower case).
 LOOP_IMPLEMENTATIONS = ("program", "dataset_iterator", "dataset_reduce")

@@ -37,21 +37,21 @@ import numpy as np
 import tensorflow_federated as tff
 
 from tff_sam import config as config_lib
-from tff_sam import errors
-from tff_sam import fileio
 from tff_sam.data import cache
 from tff_sam.data import datasets
 from tff_sam.data import discovery
 from tff_sam.data import pipeline
+from tff_sam import errors
 from tff_sam.evaluation import heldout
 from tff_sam.evaluation import plots
+from tff_sam.export import pretrained
 from tff_sam.federated import aggregation
 from tff_sam.federated import execution
 from tff_sam.federated import program_logic
 from tff_sam.federated import releases
 from tff_sam.federated import tasks
+from tff_sam import fileio
 from tff_sam.models import build
-from tff_sam.models import export
 from tff_sam.models import sam as sam_lib
 
 # Columns of metrics.csv ("<name>/<client>" columns are per evaluation client).
@@ -382,7 +382,8 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
   results = _summarize_rows(_read_metrics(out / "metrics.csv"))
   baseline, final = results["baseline"], results["final"]
   fine_tuned = task.load_state(state)
-  export.export_model(bundle=bundle, decoder=fine_tuned, out_dir=out / "model")
+  pretrained.export_model(bundle=bundle, decoder=fine_tuned, out_dir=out / "model",
+                          cache_dir=cache_root)
   plots.plot_metrics(out / "metrics.csv", out / "metrics.png")
   zero_shot = build.build_prompt_mask_decoder(bundle, prompt=config.prompt)
   overlays = plots.write_overlays(out / "overlays", evaluator=evaluator,

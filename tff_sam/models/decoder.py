@@ -99,7 +99,8 @@ class PromptMaskDecoder(tf.keras.Model):
       self.mask_decoder.iou_prediction_head.trainable = False
     self.built = True
 
-  def _image_positional_embeddings(self) -> tf.Tensor:
+  def image_positional_embeddings(self) -> tf.Tensor:
+    """(1, C, s, s): the positional encoding of every image-embedding cell."""
     size = int(self.sam_config.prompt_encoder_config.image_embedding_size)
     grid = tf.ones((size, size))
     y = (tf.math.cumsum(grid, axis=0) - 0.5) / size
@@ -116,7 +117,7 @@ class PromptMaskDecoder(tf.keras.Model):
     if config_lib.uses_points(self.prompt_mode):
       points = tf.cast(inputs["points"], tf.float32)
       labels = tf.cast(inputs["point_labels"], tf.int32)
-    positional = tf.repeat(self._image_positional_embeddings(), batch, axis=0)
+    positional = tf.repeat(self.image_positional_embeddings(), batch, axis=0)
     sparse, dense = self.prompt_encoder(
         batch_size=batch, input_points=points, input_labels=labels, input_boxes=boxes,
         input_masks=None)

