@@ -2,21 +2,28 @@
 #   make demo      federated fine-tuning on the embedded default data -> runs/demo/
 #   make test      the whole test suite (what .ci/run calls)
 #   make test-fast the suite without tests marked slow (for iterating; CI runs them all)
-#   make install   only create/update .venv/
+#   make install   only create/update .venv/ (and `make install-torch` .venv-torch/, the
+#                  PyTorch-only environment the export tests load PyTorch exports in)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 VPY := $(VENV)/bin/python
 TFF_VERSION := 0.87.0
+# Installed with --no-deps after the lock: its protobuf~=3.20 pin conflicts with TF 2.14's
+# protobuf 4.25.3, with which it works (BUILD_NOTES.md).
+TF2ONNX_VERSION := 1.16.1
+TORCH_VENV := .venv-torch
+TORCH_HASH := $(shell { cat requirements-torch.lock; } 2>/dev/null | sha256sum | cut -c1-16)
+TORCH_STAMP := $(TORCH_VENV)/.tff_sam-torch-env-$(TORCH_HASH)
 # The stamp's name is a hash of everything that decides the environment: a second run
 # with unchanged pins finds it and installs nothing; a changed pin makes a new stamp.
-ENV_HASH := $(shell { cat requirements.lock setup.cfg pyproject.toml; echo "gpu=$(GPU)"; } 2>/dev/null | sha256sum | cut -c1-16)
+ENV_HASH := $(shell { cat requirements.lock setup.cfg pyproject.toml; echo "gpu=$(GPU) tf2onnx=$(TF2ONNX_VERSION)"; } 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.tff_sam-env-$(ENV_HASH)
 PYTEST_ARGS ?=
 # GPU=1 also installs TF's CUDA runtime wheels (several GB; see BUILD_NOTES.md).
 GPU ?=
 
-.PHONY: install demo test test-fast bench clean-env
+.PHONY: install install-torch demo test test-fast bench clean-env
 
 install: $(STAMP)
 
@@ -26,23 +33,33 @@ $(STAMP):
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps tensorflow-federated==$(TFF_VERSION)
+	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps tf2onnx==$(TF2ONNX_VERSION)
 	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@if [ -n "$(GPU)" ]; then $(VPY) -m pip install --quiet --disable-pip-version-check "tensorflow[and-cuda]==2.14.1" -c requirements.lock; fi
 	@rm -f $(VENV)/.tff_sam-env-*
 	@touch $(STAMP)
 	@echo "environment ready: $(VENV) ($(ENV_HASH))"
 
+install-torch: $(TORCH_STAMP)
+
+$(TORCH_STAMP):
+	@test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-torch.lock
+	@rm -f $(TORCH_VENV)/.tff_sam-torch-env-*
+	@touch $(TORCH_STAMP)
+	@echo "PyTorch environment ready: $(TORCH_VENV) ($(TORCH_HASH))"
+
 demo: install
 	$(VPY) -m tff_sam.experiments.run --flagfile=experiments/demo.flags
 
-test: install
-	$(VPY) -m pytest -q $(PYTEST_ARGS)
+test: install install-torch
+	TFF_SAM_TORCH_PYTHON=$(CURDIR)/$(TORCH_VENV)/bin/python $(VPY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install
-	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test-fast: install install-torch
+	TFF_SAM_TORCH_PYTHON=$(CURDIR)/$(TORCH_VENV)/bin/python $(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean-env:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TORCH_VENV)
 
 bench: install
 	$(VPY) -m tff_sam.experiments.bench --output_dir runs/bench

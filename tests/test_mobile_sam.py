@@ -11,6 +11,7 @@ import transformers
 from tff_sam import errors
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import mobile_sam
+from tff_sam.models import sam_layout
 from tff_sam.models import torch_checkpoint
 from tff_sam import registry
 
@@ -71,8 +72,10 @@ def test_pinned_spec():
 @pytest.mark.slow
 def test_mapping_is_complete_and_shapes_match(state_dict):
   sources = {k for k in state_dict if k.startswith(("prompt_encoder.", "mask_decoder."))}
-  mapping = mobile_sam.prompt_decoder_weight_map(state_dict)
+  mapping = sam_layout.prompt_decoder_weight_map(state_dict)
   assert set(mapping) == sources and len(sources) == 137
+  # The keys the export writes back (SAM's layout) are exactly the checkpoint's.
+  assert set(sam_layout.prompt_decoder_keys(mobile_sam.mobile_sam_config())) == sources
   unmapped = sorted(k for k, t in mapping.items() if t is None)
   assert not unmapped
   sam = transformers.TFSamModel(mobile_sam.mobile_sam_config())

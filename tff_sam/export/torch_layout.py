@@ -45,10 +45,17 @@ def hf_state_dict(sam: tf.keras.Model) -> dict[str, np.ndarray]:
   Raises:
     ValueError: Two TF weights map to one PyTorch name.
   """
+  vision = sam.config.vision_config
+  # TF's vision attention holds relative-position tables even when they are unused;
+  # PyTorch's creates them (and the absolute one) only when the config uses them.
+  unused = (() if vision.use_rel_pos else (".attn.rel_pos_h", ".attn.rel_pos_w")) + (
+      () if vision.use_abs_pos else ("vision_encoder.pos_embed",))
   out: dict[str, np.ndarray] = {}
   for weight in sam.weights:
     name, transpose = convert_tf_weight_name_to_pt_weight_name(
         weight.name, tf_weight_shape=weight.shape)
+    if name.endswith(unused):
+      continue
     if name in out:
       raise ValueError(f"{weight.name}: PyTorch name {name} is taken")
     value = apply_transpose(transpose, weight.numpy(), pt_to_tf=False)

@@ -25,9 +25,41 @@ from tff_sam import runtime
 WORKER_BINARY = "worker_binary"  # TFF's C++ worker (a child of the Python process)
 
 
+def compile_for_cpp_worker(comp: tff.framework.ConcreteComputation
+                           ) -> tff.framework.ConcreteComputation:
+  """TFF's compilation for its C++ worker, without its static Grappler pass.
+
+  TFF's own `desugar_and_transform_to_native` runs Grappler (aggressive constant
+  folding, arithmetic, loop, memory and function optimization) over every
+  TensorFlow graph in Python before the first call of a computation, then disables
+  Grappler for the worker. Measured here (BENCHMARKS.md): that pass is most of a
+  computation's first call (tiny model 21.4 s -> 6.8 s without it; MobileSAM decoder
+  67 s -> 32 s) and the rounds are no slower without it (19-22 s vs 17-21 s per
+  MobileSAM round; identical losses). Everything else is TFF's pipeline unchanged.
+  """
+  desugared, _ = tff.tensorflow.replace_intrinsics_with_bodies(comp.to_building_block())
+  return tff.backends.native.transform_to_native_form(
+      tff.framework.ConcreteComputation(computation_proto=desugared.proto,
+                                        context_stack=tff.framework.get_context_stack()),
+      grappler_config=None)
+
+
+def _cpp_context(sync: bool, max_concurrent_computation_calls: int):
+  factory = tff.framework.local_cpp_executor_factory(
+      max_concurrent_computation_calls=max_concurrent_computation_calls)
+  context = tff.framework.SyncExecutionContext if sync else tff.framework.AsyncExecutionContext
+  return context(executor_fn=factory, compiler_fn=compile_for_cpp_worker,
+                 transform_args=tff.tensorflow.transform_args,
+                 transform_result=tff.tensorflow.transform_result)
+
+
 def configure_tff_execution(*, max_concurrent_computation_calls: int = -1,
                             num_subrounds: int = 1) -> None:
   """Installs TFF's local C++ execution context (CPU-only worker).
+
+  The contexts are TFF's (`create_sync_local_cpp_execution_context` and its async
+  and mergeable variants) with one change: `compile_for_cpp_worker` skips TFF's
+  static Grappler pass.
 
   Args:
     max_concurrent_computation_calls: TFF's limit on concurrent calls in the C++
@@ -41,12 +73,9 @@ def configure_tff_execution(*, max_concurrent_computation_calls: int = -1,
   """
   if num_subrounds > 1:
     tff.backends.native.set_mergeable_comp_execution_context(
-        [tff.backends.native.create_async_local_cpp_execution_context(
-            max_concurrent_computation_calls=max_concurrent_computation_calls)],
-        num_subrounds=num_subrounds)
+        [_cpp_context(False, max_concurrent_computation_calls)], num_subrounds=num_subrounds)
   else:
-    tff.backends.native.set_sync_local_cpp_execution_context(
-        max_concurrent_computation_calls=max_concurrent_computation_calls)
+    tff.framework.set_default_context(_cpp_context(True, max_concurrent_computation_calls))
   if not _ATEXIT_REGISTERED:
     atexit.register(end_workers)
     _ATEXIT_REGISTERED.append(True)
