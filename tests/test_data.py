@@ -547,52 +547,151 @@ def test_instance_labels_above_255_preserved(tmp_path, fmt):
   np.testing.assert_array_equal(reading.object_ids(out), [256, 300, 1000, 60000])
 
 
-def test_rgb_mask_one_object_per_colour(tmp_path):
-  m = np.zeros((12, 12, 3), np.uint8)
-  m[0:3, 0:3] = (255, 0, 0)
-  m[4:7, 4:7] = (0, 255, 0)
-  m[8:11, 8:11] = (255, 0, 0)  # same colour elsewhere: same object
-  m[0:3, 8:11] = (10, 20, 30)
-  path = tmp_path / "m.png"
-  Image.fromarray(m).save(path)
-  out = reading.read_mask(path)
-  assert out.dtype == np.int32
-  assert (out == 0).sum() == (m.sum(-1) == 0).sum()
-  np.testing.assert_array_equal(out == 0, m.sum(-1) == 0)
-  assert len(reading.object_ids(out)) == 3
-  assert out[0, 0] == out[9, 9] != 0
-  assert len({out[0, 0], out[5, 5], out[1, 9]}) == 3
-
-
-def test_rgb_mask_without_black_background(tmp_path):
-  m = np.zeros((6, 6, 3), np.uint8)
-  m[:] = (1, 2, 3)
-  m[2:4, 2:4] = (200, 0, 0)
-  path = tmp_path / "m.png"
-  Image.fromarray(m).save(path)
-  out = reading.read_mask(path)
-  assert len(reading.object_ids(out)) == 2 and (out == 0).sum() == 0
-
-
-def test_gray_rgb_mask_read_as_gray(tmp_path):
+def _gray_labels() -> np.ndarray:
   g = np.zeros((8, 8), np.uint8)
   g[1:3, 1:3] = 4
   g[5:7, 5:7] = 7
+  return g
+
+
+def _colour_error(path: Path) -> discovery.ExampleError:
+  with pytest.raises(discovery.ExampleError) as e:
+    reading.read_mask(path)
+  assert e.value.reason == discovery.COLOUR_MASK == "colour_mask"
+  assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+  assert "save one channel of integer labels (0 = background, 1..N = objects)" in str(e.value)
+  return e.value
+
+
+def test_rgb_colour_coded_mask_is_refused(tmp_path):
+  m = np.zeros((12, 12, 3), np.uint8)
+  m[0:3, 0:3] = (255, 0, 0)
+  m[4:7, 4:7] = (0, 255, 0)
+  m[8:11, 8:11] = (255, 0, 0)
+  m[0:3, 8:11] = (10, 20, 30)
   path = tmp_path / "m.png"
-  Image.fromarray(np.repeat(g[..., None], 3, axis=-1)).save(path)
+  Image.fromarray(m).save(path)
+  e = _colour_error(path)
+  assert str(e) == (
+      f"{path}: RGB mask with differing channels (4 colours: colour-coded objects?); save "
+      "one channel of integer labels (0 = background, 1..N = objects), e.g. a grayscale or "
+      "16-bit PNG")
+
+
+def test_red_on_black_mask_is_refused(tmp_path):
+  # Before: read as ONE object per image (one colour besides black), silently.
+  m = np.zeros((12, 12, 3), np.uint8)
+  m[1:4, 1:4] = (255, 0, 0)
+  m[7:10, 7:10] = (255, 0, 0)
+  path = tmp_path / "nuclei.png"
+  Image.fromarray(m).save(path)
+  assert "RGB mask with differing channels (2 colours" in str(_colour_error(path))
+
+
+def test_gray_rgb_mask_read_as_gray(tmp_path):
+  g = _gray_labels()
+  Image.fromarray(g).save(tmp_path / "gray.png")
+  Image.fromarray(np.repeat(g[..., None], 3, axis=-1)).save(tmp_path / "rgb.png")
+  out = reading.read_mask(tmp_path / "rgb.png")
+  assert out.dtype == np.int32
+  np.testing.assert_array_equal(out, g.astype(np.int32))
+  np.testing.assert_array_equal(out, reading.read_mask(tmp_path / "gray.png"))
+
+
+@pytest.mark.parametrize("alpha", [255, 0, 128])
+def test_rgba_gray_mask_with_constant_alpha_read_as_gray(tmp_path, alpha):
+  g = _gray_labels()
+  m = np.zeros((8, 8, 4), np.uint8)
+  m[..., :3] = g[..., None]
+  m[..., 3] = alpha
+  path = tmp_path / "m.png"
+  Image.fromarray(m, mode="RGBA").save(path)
   np.testing.assert_array_equal(reading.read_mask(path), g.astype(np.int32))
 
 
-def test_rgba_mask_uses_colour(tmp_path):
+def test_rgba_mask_with_colours_is_refused(tmp_path):
   m = np.zeros((8, 8, 4), np.uint8)
   m[..., 3] = 255
   m[1:3, 1:3, :3] = (0, 0, 200)
   m[5:7, 5:7, :3] = (0, 200, 0)
   path = tmp_path / "m.png"
   Image.fromarray(m, mode="RGBA").save(path)
-  out = reading.read_mask(path)
-  assert len(reading.object_ids(out)) == 2
-  np.testing.assert_array_equal(out == 0, m[..., :3].sum(-1) == 0)
+  assert "RGBA mask with differing channels (3 colours" in str(_colour_error(path))
+
+
+def test_rgba_mask_drawn_as_transparency_is_refused(tmp_path):
+  # Black everywhere, the objects only in alpha: before, silently an empty mask.
+  m = np.zeros((8, 8, 4), np.uint8)
+  m[2:5, 2:5, 3] = 255
+  path = tmp_path / "m.png"
+  Image.fromarray(m, mode="RGBA").save(path)
+  assert "RGBA mask with varying alpha" in str(_colour_error(path))
+
+
+def test_16bit_rgb_png_mask_keeps_16_bits(tmp_path):
+  # Pillow alone reads 16-bit RGB PNGs as 8 bits (300 -> 1, 1000 -> 3).
+  g = np.zeros((6, 6), np.uint16)
+  g[0:2, 0:2], g[3:5, 3:5], g[0:2, 4:6] = 300, 1000, 301
+  path = tmp_path / "m.png"
+  assert cv2.imwrite(str(path), np.repeat(g[..., None], 3, axis=-1))
+  np.testing.assert_array_equal(reading.read_mask(path), g.astype(np.int32))
+  rgba = tmp_path / "rgba.png"
+  m = np.full((6, 6, 4), 65535, np.uint16)
+  m[..., :3] = g[..., None]
+  assert cv2.imwrite(str(rgba), m)
+  np.testing.assert_array_equal(reading.read_mask(rgba), g.astype(np.int32))
+  coloured = tmp_path / "c.png"
+  c = np.zeros((6, 6, 3), np.uint16)
+  c[0:2, 0:2] = (300, 0, 0)  # BGR on disk: blue
+  assert cv2.imwrite(str(coloured), c)
+  assert "(2 colours" in str(_colour_error(coloured))
+
+
+def test_16bit_rgb_png_image_is_scaled_not_truncated(tmp_path):
+  a = np.zeros((8, 8, 3), np.uint16)
+  a[..., 0] = np.arange(64, dtype=np.uint16).reshape(8, 8) * 64  # 12-bit data, 0..4032
+  a[..., 2] = 4032  # red on disk (BGR): order must come back as RGB
+  path = tmp_path / "i.png"
+  assert cv2.imwrite(str(path), a)
+  out = reading.read_image(path)
+  assert out.dtype == np.uint8 and out.shape == (8, 8, 3)
+  # Scaled per image (percentile window), not the high byte (which would be <= 15).
+  np.testing.assert_array_equal(out, reading.to_uint8(a[..., ::-1]))
+  assert out.max() == 255 and out[..., 0].min() == 255
+
+
+def test_palette_mask_reads_indices(tmp_path):
+  idx = np.zeros((8, 8), np.uint8)
+  idx[1:3, 1:3], idx[4:6, 4:6], idx[6:8, 0:2] = 1, 2, 5
+  # A binary palette mask with Pillow's default palette (black only): before, silently
+  # empty (index 1 has no colour, so it read as black).
+  bare = tmp_path / "bare.png"
+  Image.fromarray((idx == 1).astype(np.uint8), mode="P").save(bare)
+  assert Image.open(bare).mode == "P"
+  np.testing.assert_array_equal(reading.read_mask(bare), (idx == 1).astype(np.int32))
+  # A VOC-style colour palette (index 0 black): index = label.
+  voc = Image.fromarray(idx, mode="P")
+  voc.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128])
+  voc.save(tmp_path / "voc.png")
+  np.testing.assert_array_equal(reading.read_mask(tmp_path / "voc.png"), idx.astype(np.int32))
+  # A gray image saved as palette: the same labels as the gray file.
+  Image.fromarray(idx).convert("P").save(tmp_path / "gray.png")
+  assert Image.open(tmp_path / "gray.png").mode == "P"
+  np.testing.assert_array_equal(reading.read_mask(tmp_path / "gray.png"), idx.astype(np.int32))
+  # Palette images are still read as their colours.
+  np.testing.assert_array_equal(reading.read_image(tmp_path / "voc.png")[5, 5], (0, 128, 0))
+
+
+def test_palette_mask_with_black_not_at_index_0_is_refused(tmp_path):
+  idx = np.ones((8, 8), np.uint8)  # index 1 (black) everywhere ...
+  idx[2:5, 2:5] = 0  # ... and index 0 (red) for the object
+  im = Image.fromarray(idx, mode="P")
+  im.putpalette([255, 0, 0, 0, 0, 0])
+  path = tmp_path / "m.png"
+  im.save(path)
+  e = _colour_error(path)
+  assert "palette mask paints index 1 black but index 0 (read as the background) is " \
+         "(255, 0, 0)" in str(e)
 
 
 def test_load_example_reads_both(tmp_path):

@@ -101,6 +101,18 @@ def test_build_records_encodes_each_image_once(built, bundle):
   assert not [p for p in _record_dir(built["cache_dir"], bundle).iterdir() if p.name.startswith(".")]
 
 
+def test_one_compiled_encoder_for_the_whole_run(bundle, dataset, tmp_path):
+  """Every build_records call (one per site, the test set) uses one traced function."""
+  fn = bundle.encoder_fn()
+  assert bundle.encoder_fn() is fn
+  before = fn.experimental_get_tracing_count()
+  for site in ("site_0", "site_1"):
+    cache.build_records(discovery.list_examples(dataset / site), bundle=bundle,
+                        cache_root=tmp_path / site, binary_components=False, batch_size=2,
+                        show_progress=False)
+  assert fn.experimental_get_tracing_count() == max(before, 1)
+
+
 def test_second_call_reuses(built, bundle):
   counting = _CountingBundle(bundle)
   records, stats = _build(counting.bundle, built["examples"], built["cache_dir"])
@@ -214,7 +226,7 @@ def test_stray_temp_files_are_ignored(built, bundle):
     assert all(not r.path.name.startswith(".") for r in records)
     manifest_dir = built["cache_dir"] / "manifests"
     cache.write_manifests(manifest_dir, {"c": records})
-    listed = (manifest_dir / "c.txt").read_text().split()
+    listed = cache.manifest_records(manifest_dir / "c.txt")
     assert not [p for p in listed if Path(p).name.startswith(".")]
   finally:
     for p in strays:
@@ -258,7 +270,9 @@ def test_write_manifests(built, tmp_path):
   empty = cache.Record(tmp_path / "none.tfrecord", 0)
   counts = cache.write_manifests(tmp_path / "m", {"a": recs[:3] + [empty], "b": [empty]})
   assert counts == {"a": 3, "b": 0}
-  assert (tmp_path / "m" / "a.txt").read_text().splitlines() == [str(r.path) for r in recs[:3]]
+  assert (tmp_path / "m" / "a.txt").read_text().splitlines() == [
+      f"{r.example.image_path}\t{r.path}" for r in recs[:3]]
+  assert cache.manifest_records(tmp_path / "m" / "a.txt") == [r.path for r in recs[:3]]
   assert (tmp_path / "m" / "b.txt").read_text() == ""
 
 
@@ -420,6 +434,22 @@ def test_client_dataset_epochs_and_box_mode(bundle, manifests):
   second = {k: e["boxes"] for k, e in zip(keys[2:], examples[2:])}
   assert set(first) == set(second)
   assert all(not np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_client_dataset_reports_batches_taken(bundle, manifests, tmp_path):
+  """With `progress_dir`, each batch taken overwrites `<dir>/<id>` with the count."""
+  spec = _spec(bundle, manifests, local_epochs=2, batch_size=4, progress_dir=str(tmp_path))
+  expected = pipeline.expected_batches(9, spec)
+  assert expected == 5  # 9 images x 2 epochs / 4 per batch, rounded up
+  seen = []
+  for i, batch in enumerate(pipeline.client_dataset("all@3", spec)):
+    seen.append(int((tmp_path / "all@3").read_text()))
+    assert seen[-1] == i + 1
+  assert seen == list(range(1, expected + 1))
+  plain = _batches(pipeline.client_dataset("all@3", _spec(bundle, manifests, local_epochs=2,
+                                                          batch_size=4)))
+  reported = _batches(pipeline.client_dataset("all@3", spec))
+  tf.nest.map_structure(np.testing.assert_array_equal, plain, reported)  # Same data.
 
 
 def test_client_dataset_in_legacy_graph(bundle, manifests):

@@ -103,11 +103,26 @@ def _fault_folder(root: Path) -> dict[str, Path]:
   Image.fromarray(_image(10, (H, W))).save(images / "gray8.png")
   for stem in ("rgba", "rgb16", "gray16", "gray8"):
     Image.fromarray(_mask()).save(masks / f"{stem}.png")
+
+  # 9. A JPEG mask: lossy, refused (a JPEG image with a PNG mask is fine).
+  Image.fromarray(_image(11)).save(images / "jpegmask.png")
+  Image.fromarray(_mask()).save(masks / "jpegmask.jpg", quality=75)
+  bad["lossy_mask"] = masks / "jpegmask.jpg"
+  Image.fromarray(_image(12)).save(images / "jpegimage.jpg", quality=90)
+  Image.fromarray(_mask()).save(masks / "jpegimage.png")
+
+  # 10. An RGB mask with differing channels: red objects on black, refused.
+  Image.fromarray(_image(13)).save(images / "colour.png")
+  red = np.zeros((H, W, 3), np.uint8)
+  red[_mask() > 0] = (255, 0, 0)
+  Image.fromarray(red).save(masks / "colour.png")
+  bad["colour_mask"] = masks / "colour.png"
   return bad
 
 
-GOOD = ["empty", "good", "gray16", "gray8", "labels", "rgb16", "rgba"]
-SKIPPED = {"unreadable": 2, "size_mismatch": 1, "bad_mask_values": 1}
+GOOD = ["empty", "good", "gray16", "gray8", "jpegimage", "labels", "rgb16", "rgba"]
+SKIPPED = {"unreadable": 2, "size_mismatch": 1, "bad_mask_values": 1, "lossy_mask": 1,
+           "colour_mask": 1}
 
 
 def _assert_one_line_error(exc: BaseException, path: Path) -> None:
@@ -143,7 +158,8 @@ def _build(bundle, examples, cache_root, **kw):
 # ----------------------------------------------------------------------------- per-file faults
 
 
-@pytest.mark.parametrize("fault", ["corrupt", "truncated", "size_mismatch", "bad_mask_values"])
+@pytest.mark.parametrize("fault", ["corrupt", "truncated", "size_mismatch", "bad_mask_values",
+                                   "lossy_mask", "colour_mask"])
 def test_per_file_fault_is_one_line_error_by_default(tmp_path, bundle, fault):
   bad = _fault_folder(tmp_path / "d")
   examples = discovery.list_examples(tmp_path / "d")
@@ -177,19 +193,25 @@ def test_fault_messages(tmp_path):
   assert f"{H}x{W + 1}" in str(m) and f"{H}x{W}" in str(m) and "mismatch.png" in str(m)
   m = message("bad_mask_values")
   assert m.reason == "bad_mask_values" and "non-integer" in str(m)
+  m = message("lossy_mask")
+  assert m.reason == "lossy_mask" and "JPEG masks are lossy" in str(m)
+  assert str(m).endswith("save masks as PNG or TIFF")
+  m = message("colour_mask")
+  assert m.reason == "colour_mask" and "RGB mask with differing channels (2 colours" in str(m)
 
 
 def test_build_records_skips_bad_examples(tmp_path, bundle, caplog):
   bad = _fault_folder(tmp_path / "d")
   examples = discovery.list_examples(tmp_path / "d")
-  assert len(examples) == len(GOOD) + 4
+  assert len(examples) == len(GOOD) + len(bad)
   cache_dir = tmp_path / "cache"
   with caplog.at_level(logging.WARNING):
     records, stats = _build(bundle, examples, cache_dir, skip_bad_examples=True)
   _assert_warned(caplog, {bad["corrupt"]: "unreadable", bad["truncated"]: "unreadable",
                           bad["size_mismatch"]: "size_mismatch",
-                          bad["bad_mask_values"]: "bad_mask_values"})
-  assert stats.skipped == SKIPPED and stats.num_skipped == 4
+                          bad["bad_mask_values"]: "bad_mask_values",
+                          bad["lossy_mask"]: "lossy_mask", bad["colour_mask"]: "colour_mask"})
+  assert stats.skipped == SKIPPED and stats.num_skipped == len(bad)
   assert (stats.images, stats.encoded, stats.reused) == (len(examples), len(GOOD), 0)
   # Records are the good examples only, in order, each carrying its example.
   assert [r.example.stem for r in records] == GOOD
@@ -211,7 +233,7 @@ def test_build_records_skips_bad_examples(tmp_path, bundle, caplog):
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     again, stats2 = _build(bundle, examples, cache_dir, skip_bad_examples=True)
-  assert len(_warnings(caplog)) == 4
+  assert len(_warnings(caplog)) == len(bad)
   assert (stats2.encoded, stats2.reused, stats2.skipped) == (0, len(GOOD), SKIPPED)
   assert again == records
 
@@ -383,6 +405,181 @@ def test_float_masks(tmp_path):
       reading.read_mask(tmp_path / name)
     _assert_one_line_error(e.value, tmp_path / name)
     assert e.value.reason == "bad_mask_values"
+
+
+# ----------------------------------------------------------------------------- 9. lossy masks
+
+
+def _lossy_error(path: Path, fmt: str = "JPEG") -> str:
+  with pytest.raises(discovery.ExampleError) as e:
+    reading.read_mask(path)
+  _assert_one_line_error(e.value, path)
+  assert e.value.reason == discovery.LOSSY_MASK == "lossy_mask"
+  assert f": {fmt} masks " in str(e.value) and str(e.value).endswith(
+      "; save masks as PNG or TIFF")
+  return str(e.value)
+
+
+def test_jpeg_mask_is_refused_with_its_value_count(tmp_path):
+  path = tmp_path / "m.jpg"
+  Image.fromarray(_mask()).save(path, quality=75)
+  with Image.open(path) as im:
+    assert im.format == "JPEG"
+    n = len(np.unique(np.asarray(im)))
+  assert n > 2  # the trap: {0, 255} became many values
+  assert _lossy_error(path) == (
+      f"{path}: JPEG masks are lossy (compression turns a binary {{0, 255}} mask into many "
+      f"values, which would be read as instance labels; this file has {n} distinct values); "
+      "save masks as PNG or TIFF")
+
+
+def test_jpeg_mask_is_refused_by_content_and_by_extension(tmp_path):
+  # JPEG content under a .png name; PNG content under .jpeg / .JPG names.
+  Image.fromarray(_mask()).save(tmp_path / "content.png", format="JPEG")
+  Image.fromarray(_mask()).save(tmp_path / "ext.jpeg", format="PNG")
+  Image.fromarray(_mask()).save(tmp_path / "ext.JPG", format="PNG")
+  _lossy_error(tmp_path / "content.png")
+  assert "this file has 2 distinct values" in _lossy_error(tmp_path / "ext.jpeg")
+  _lossy_error(tmp_path / "ext.JPG")
+  # An RGB JPEG mask too (lossy comes first: it is the fix to make).
+  rgb = np.repeat(_mask()[..., None], 3, axis=-1)
+  Image.fromarray(rgb).save(tmp_path / "rgb.jpg")
+  _lossy_error(tmp_path / "rgb.jpg")
+  # Images may be JPEG.
+  Image.fromarray(_image()).save(tmp_path / "image.jpg")
+  assert reading.read_image(tmp_path / "image.jpg").shape == (H, W, 3)
+
+
+def test_webp_mask_is_refused(tmp_path):
+  path = tmp_path / "m.png"
+  Image.fromarray(_mask()).save(path, format="WEBP", lossless=True)
+  assert "WebP masks may be lossy" in _lossy_error(path, "WebP")
+
+
+def test_jpeg_compressed_tiff_mask_is_refused(tmp_path):
+  # Written uncompressed, then the Compression tag set to JPEG (7): found from the
+  # header, before (and without) decoding.
+  path = tmp_path / "m.tif"
+  tifffile.imwrite(path, _mask())
+  with tifffile.TiffFile(path) as tif:
+    offset = tif.pages[0].tags["Compression"].valueoffset
+  data = bytearray(path.read_bytes())
+  data[offset:offset + 2] = (7).to_bytes(2, "little")
+  path.write_bytes(bytes(data))
+  message = _lossy_error(path)
+  assert "distinct values" not in message  # it does not decode here
+
+
+def test_lossy_mask_is_skipped_and_counted(tmp_path, bundle, caplog):
+  _pair(tmp_path / "d", "a")
+  _pair(tmp_path / "d", "b")
+  jpg = tmp_path / "d" / "masks" / "b.jpg"
+  (tmp_path / "d" / "masks" / "b.png").unlink()
+  Image.fromarray(_mask()).save(jpg)
+  examples = discovery.list_examples(tmp_path / "d")
+  with pytest.raises(discovery.ExampleError) as e:
+    _build(bundle, examples, tmp_path / "cache")
+  _assert_one_line_error(e.value, jpg)
+  with caplog.at_level(logging.WARNING):
+    records, stats = _build(bundle, examples, tmp_path / "cache", skip_bad_examples=True)
+  assert [r.example.stem for r in records] == ["a"]
+  assert stats.skipped == {"lossy_mask": 1}
+  _assert_warned(caplog, {jpg: "lossy_mask"})
+
+
+# ----------------------------------------------------------------------------- 10. colour masks
+
+
+def test_colour_masks(tmp_path):
+  g = np.zeros((H, W), np.uint8)
+  g[2:8, 2:10], g[12:20, 2:10] = 1, 2
+  gray3 = np.repeat(g[..., None], 3, axis=-1)
+  Image.fromarray(g).save(tmp_path / "gray.png")
+  Image.fromarray(gray3).save(tmp_path / "rgb_equal.png")
+  Image.fromarray(np.dstack([gray3, np.full((H, W), 255, np.uint8)]), mode="RGBA").save(
+      tmp_path / "rgba_opaque.png")
+  tifffile.imwrite(tmp_path / "rgb_equal16.tif", gray3.astype(np.uint16) * 300,
+                   photometric="rgb")
+  expected = g.astype(np.int32)
+  for name in ("gray.png", "rgb_equal.png", "rgba_opaque.png"):
+    np.testing.assert_array_equal(reading.read_mask(tmp_path / name), expected, err_msg=name)
+  np.testing.assert_array_equal(reading.read_mask(tmp_path / "rgb_equal16.tif"), expected * 300)
+
+  red = np.zeros((H, W, 3), np.uint8)
+  red[g > 0] = (255, 0, 0)  # two objects painted red on black
+  Image.fromarray(red).save(tmp_path / "red.png")
+  translucent = np.dstack([gray3, np.where(g > 0, 255, 0).astype(np.uint8)])
+  Image.fromarray(translucent, mode="RGBA").save(tmp_path / "translucent.png")
+  tifffile.imwrite(tmp_path / "red.tif", red, photometric="rgb")
+  for name, what in (("red.png", "RGB mask with differing channels (2 colours: "
+                                 "colour-coded objects?)"),
+                     ("red.tif", "RGB mask with differing channels (2 colours"),
+                     ("translucent.png", "RGBA mask with varying alpha")):
+    with pytest.raises(discovery.ExampleError) as e:
+      reading.read_mask(tmp_path / name)
+    _assert_one_line_error(e.value, tmp_path / name)
+    assert e.value.reason == "colour_mask"
+    assert str(e.value).startswith(f"{tmp_path / name}: {what}")
+    assert str(e.value).endswith("; save one channel of integer labels (0 = background, "
+                                 "1..N = objects), e.g. a grayscale or 16-bit PNG")
+
+
+# ----------------------------------------------------------------------------- 11. binary hint
+
+
+def _regions(n: int) -> np.ndarray:
+  m = np.zeros((H, W), np.uint8)
+  for k in range(n):
+    m[2:5, 1 + 4 * k:3 + 4 * k] = 255  # n separate 3x2 blocks
+  return m
+
+
+def _hints(caplog) -> list[str]:
+  return [l for l in _warnings(caplog) if l.startswith("hint: ")]
+
+
+@pytest.fixture(name="fresh_hints")
+def _fresh_hints(monkeypatch):
+  monkeypatch.setattr(reading, "_HINTS_GIVEN", set())
+
+
+@pytest.mark.usefixtures("fresh_hints")
+def test_many_region_binary_mask_hints_once(tmp_path, caplog):
+  for name, n in (("three.png", 3), ("four.png", 4), ("seven.png", 7)):
+    Image.fromarray(_regions(n)).save(tmp_path / name)
+  labels = np.zeros((H, W), np.uint8)
+  for k in range(6):
+    labels[2:5, 1 + 4 * k:3 + 4 * k] = k + 1  # instance labels: no hint
+  Image.fromarray(labels).save(tmp_path / "labels.png")
+  with caplog.at_level(logging.WARNING):
+    reading.read_mask(tmp_path / "labels.png")
+    reading.read_mask(tmp_path / "three.png")  # below BINARY_HINT_REGIONS
+    reading.read_mask(tmp_path / "seven.png", binary_components=True)  # already split
+    assert _hints(caplog) == []
+    out = reading.read_mask(tmp_path / "four.png")
+    reading.read_mask(tmp_path / "seven.png")
+    reading.read_mask(tmp_path / "four.png")
+  np.testing.assert_array_equal(reading.object_ids(out), [1])  # still one object
+  assert _hints(caplog) == [
+      f"hint: {tmp_path / 'four.png'} is a binary mask with 4 separate regions read as ONE "
+      "object; if they are separate objects, pass --binary_components (shown once)"]
+  assert all(r.name == "tff_sam.data.reading" for r in caplog.records
+             if r.getMessage().startswith("hint: "))
+
+
+@pytest.mark.usefixtures("fresh_hints")
+def test_hint_once_per_build(tmp_path, bundle, caplog):
+  for stem in ("a", "b", "c"):
+    _pair(tmp_path / "d", stem)
+    Image.fromarray(_regions(5)).save(tmp_path / "d" / "masks" / f"{stem}.png")
+  examples = discovery.list_examples(tmp_path / "d")
+  with caplog.at_level(logging.WARNING):
+    _build(bundle, examples, tmp_path / "cache", binary_components=True)
+    assert _hints(caplog) == []
+    records, _ = _build(bundle, examples, tmp_path / "cache")
+  assert [r.num_objects for r in records] == [1, 1, 1]
+  (hint,) = _hints(caplog)
+  assert "a.png is a binary mask with 5 separate regions" in hint
 
 
 # ----------------------------------------------------------------------------- 8. a large image

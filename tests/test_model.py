@@ -1,5 +1,7 @@
 """Tests for tff_sam.models: loading, the PromptMaskDecoder, graph safety, weights."""
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -276,6 +278,43 @@ def test_unknown_hub_name(offline, name):
   with pytest.raises(errors.ModelError) as e:
     build.load_sam(name)
   _assert_model_error(e, name)
+
+
+@pytest.mark.parametrize("name,suggestion", [
+    ("mobilesam", "mobile_sam"), ("Mobile-SAM", "mobile_sam"), ("tinny", "tiny"),
+    ("facebook/sam-vit-bas", None), ("sam_vit_base", "facebook/sam-vit-base"),
+    ("zzzz", None)])
+def test_unknown_name_suggests_nearest_and_never_asks_hub(name, suggestion, monkeypatch):
+  asked = []
+  monkeypatch.setattr(build.TFSamModel, "from_pretrained",
+                      lambda *a, **k: asked.append(a) or (_ for _ in ()).throw(OSError("offline")))
+  with pytest.raises(errors.ModelError) as e:
+    build.load_sam(name)
+  _assert_model_error(e, name)
+  msg = str(e.value)
+  if "/" in name:  # Shaped like a hub id: asked once, one line.
+    assert len(asked) == 1 and "cannot load it" in msg
+    return
+  assert not asked, "a name that is not an org/name id must not go to the hub"
+  assert f"--model {name}: not found" in msg
+  if suggestion:
+    assert f"did you mean --model {suggestion}?" in msg
+  else:
+    assert "did you mean" not in msg
+
+
+def test_a_file_is_not_a_model(tmp_path):
+  path = tmp_path / "model.h5"
+  path.write_bytes(b"x")
+  with pytest.raises(errors.ModelError, match="is a file, not a model directory"):
+    build.load_sam(str(path))
+
+
+def test_tiny_says_it_is_random(caplog):
+  with caplog.at_level(logging.WARNING, logger="tff_sam.models"):
+    build.load_sam("tiny")
+  assert any("RANDOM weights" in r.getMessage() and "mobile_sam" in r.getMessage()
+             for r in caplog.records)
 
 
 def test_nonexistent_dir(tmp_path, offline):

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -188,24 +189,65 @@ def test_data_mistakes_are_one_line_errors(tmp_path, reference_data, reference_c
   assert expected in message and "\n" not in message
 
 
-def test_cli_help_documents_every_flag():
+def test_cli_help_documents_every_flag_by_topic():
   proc = _run_cli(["tff_sam.experiments.run", "--help"])
-  assert proc.returncode in (0, 1), proc.stderr[-2000:]  # absl's --help exits with 1.
+  assert proc.returncode == 0, proc.stderr[-2000:]
   for field in dataclasses.fields(config_lib.RunConfig):
-    documented = (f"--{field.name}" in proc.stdout or f"--[no]{field.name}" in proc.stdout)
+    documented = (f"--{field.name}:" in proc.stdout or f"--[no]{field.name}:" in proc.stdout)
     assert documented, field.name
+  assert "mobile_sam" in proc.stdout
+  # Topics in order; each flag under its topic.
+  headings = [line[:-1] for line in proc.stdout.splitlines()
+              if line.endswith(":") and not line.startswith(" ")]
+  assert headings == ["data", "model", "prompts", "training (on each client)",
+                      "federated (rounds and aggregation)", "evaluation", "output"]
+  sections = re.split(r"\n(?=[a-z][^\n]*:\n)", proc.stdout)[1:]
+  listed = [re.findall(r"^  --(?:\[no\])?(\w+):", part, re.M) for part in sections]
+  flat = [name for names in listed for name in names]
+  fields = {f.name for f in dataclasses.fields(config_lib.RunConfig)}
+  assert len(flat) == len(set(flat)) and set(flat) == fields | {"fresh"}  # Each flag once.
+  assert "data_dir" in listed[0] and "model" in listed[1] and "rounds" in listed[4]
+
+
+def test_rounds_report_their_clients_as_they_finish(reference_run, reference_settings):
+  """Inside each round: one line per client that finished (the log is not a terminal)."""
+  lines = reference_run.lines
+  for r in range(1, reference_settings["rounds"] + 1):
+    mine = [line for line in lines if line.startswith(f"  round {r}: ")]
+    assert len(mine) == 2, lines  # clients_per_round
+    assert "1/2 clients done" in mine[0] or "2/2 clients done" in mine[0]
+    assert mine[1].startswith(f"  round {r}: 2/2 clients done")
+    total = int(re.search(r"/(\d+) images trained", mine[1]).group(1))
+    assert f"{total}/{total} images trained" in mine[1]
+    # Before the round's own line.
+    assert lines.index(mine[1]) < next(i for i, line in enumerate(lines)
+                                       if line.startswith(f"round {r}/"))
+
+
+def test_defaults_are_real_models():
+  assert config_lib.RunConfig(output_dir="x").model == config_lib.MOBILE_SAM_MODEL
+  for binary in ("run", "evaluate", "predict"):
+    text = (REPO / "tff_sam" / "experiments" / f"{binary}.py").read_text()
+    assert 'flags.DEFINE_string("model", ' in text
+    assert ('config_lib.MOBILE_SAM_MODEL' in text.split('flags.DEFINE_string("model", ')[1][:40]
+            or '_F["model"]' in text.split('flags.DEFINE_string("model", ')[1][:40]), binary
 
 
 @pytest.mark.parametrize("args,expected", [
     (["--data_dir=/nonexistent/tff_sam_data"], "/nonexistent/tff_sam_data: data directory not found"),
-    (["--model=/nonexistent/model_dir"], "--model /nonexistent/model_dir"),
+    (["--model=/nonexistent/model_dir"], "--model /nonexistent/model_dir: not found"),
+    (["--model=mobilesam"], "did you mean --model mobile_sam?"),
+    (["--model=runs/demo/modle"], "--model runs/demo/modle: not found"),
     (["--model=facebook/sam-vit-base"], "cannot load it"),
     (["--rounds=-3"], "--rounds: must be >= 0"),
+    (["--clients_per_round=9"], "--clients_per_round: is 9 but there are only 3 clients"),
 ])
 def test_cli_user_mistakes_exit_nonzero_with_one_line(tmp_path, reference_data, reference_cache,
                                                       offline, run_binary, args, expected):
   del offline
   base = [f"--output_dir={tmp_path / 'o'}", f"--cache_dir={reference_cache}", "--rounds=1"]
+  if not any(a.startswith("--model") for a in args):
+    base.append("--model=tiny")
   if not any(a.startswith("--data_dir") for a in args):
     base.append(f"--data_dir={reference_data}")
   result = run_binary("run", *base, *args)
@@ -220,7 +262,7 @@ def test_cli_flagfile_run_and_evaluate(tmp_path, reference_data, reference_cache
   out = tmp_path / "run"
   flagfile.write_text("\n".join([
       f"--data_dir={reference_data}", f"--cache_dir={reference_cache}", f"--output_dir={out}",
-      "--rounds=1", "--clients_per_round=2", "--prompts_per_image=2", "--prompt=both",
+      "--model=tiny", "--rounds=1", "--clients_per_round=2", "--prompts_per_image=2", "--prompt=both",
       "--nozeroing", "--clipping_initial_norm=1e-9"]) + "\n")
   result = run_binary("run", f"--flagfile={flagfile}")
   assert result.code == 0, result.stderr[-3000:]

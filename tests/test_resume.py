@@ -4,6 +4,7 @@ Includes a real `kill -9` of a running `python -m tff_sam.experiments.run`.
 """
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import pytest
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.federated import program
+from tff_sam.models import build
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,6 +86,43 @@ def test_other_settings_are_refused_naming_the_flags(tmp_path, reference, refere
   assert json.loads((out / "config.json").read_text())["seed"] == 6
 
 
+def test_rerun_of_a_finished_run_is_a_no_op(tmp_path, reference, reference_settings,
+                                            monkeypatch):
+  out = tmp_path / "done"
+  shutil.copytree(reference[0], out)
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  monkeypatch.setattr(build, "load_sam", lambda *a, **k: pytest.fail("model loaded"))
+  lines = []
+  config = config_lib.RunConfig(output_dir=str(out), **reference_settings)
+  summary = program.run_experiment(config, log=lines.append)
+  assert len(lines) == 1 and "this run is complete (4 rounds" in lines[0], lines
+  assert "nothing to do" in lines[0]
+  assert summary == json.loads((out / "summary.json").read_text())
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # Untouched.
+  # Other settings are still refused, not mistaken for a finished run.
+  with pytest.raises(errors.ConfigError, match="^--seed"):
+    program.run_experiment(dataclasses.replace(config, seed=99), log=lines.append)
+
+
+def test_more_rounds_continue_a_finished_run(tmp_path, reference, reference_settings):
+  out = tmp_path / "longer"
+  shutil.copytree(reference[0], out)
+  lines = []
+  config = config_lib.RunConfig(output_dir=str(out), **{**reference_settings, "rounds": 5})
+  summary = program.run_experiment(config, log=lines.append)
+  assert any(line.startswith("resuming") and "after round 4/5" in line for line in lines)
+  assert _rounds(out) == list(range(6))
+  assert summary["rounds"] == 5
+  runs = summary["invocations"]  # The reference run's, then this one's.
+  assert [r["resumed_after_round"] for r in runs] == [None, 4]
+  assert [r["rounds_done"] for r in runs] == [4, 5] and all(r["finished"] for r in runs)
+  assert runs[0] == reference[1]["invocations"][0]
+  assert summary["wall_time_s"] == pytest.approx(sum(r["wall_time_s"] for r in runs), abs=0.02)
+  assert json.loads((out / program.INVOCATIONS_FILE).read_text()) == runs
+  with pytest.raises(errors.ConfigError, match="^--rounds: .* already 5 rounds long"):
+    program.run_experiment(dataclasses.replace(config, rounds=3), log=lines.append)
+
+
 def _workers(pid: int) -> list[psutil.Process]:
   """The live TFF workers under `pid` (short-lived zombie children are skipped)."""
   out = []
@@ -113,17 +152,18 @@ def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference
       assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
       assert time.time() < deadline
       time.sleep(0.2)
-    children = psutil.Process(proc.pid).children(recursive=True)
+    workers = _workers(proc.pid)
+    assert workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
   finally:
     for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
       child.kill()
-  for child in children:  # A SIGKILLed parent cannot end its TFF worker.
-    try:
-      child.kill()
-    except psutil.NoSuchProcess:
-      pass
+  # The parent could run no clean-up; the worker's guardian ends it within seconds.
+  _, alive = psutil.wait_procs(workers, timeout=5)
+  for worker in alive:
+    worker.kill()
+  assert not alive, "TFF worker_binary outlived its kill -9'd run by 5 s"
   assert proc.returncode == -signal.SIGKILL
   assert not (out / "summary.json").exists()
 

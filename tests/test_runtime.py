@@ -1,15 +1,20 @@
-"""`execution.worker_watched`: a killed TFF worker becomes an error, not an endless retry.
+"""TFF workers and the binaries' process hygiene: a killed worker is an error, not an
+endless retry; no worker outlives its run; error lines on their own line; no TF noise.
 
 The worker here is a real child process named like TFF's (`sleep` under the name
 `worker_binary`); `test_resume.py` kills the real worker of a running binary.
 """
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
+import psutil
 import pytest
+from tqdm import tqdm
 
 from tff_sam import errors
 from tff_sam.federated import execution
@@ -78,3 +83,96 @@ def test_run_job_prints_one_error_line_for_a_dead_worker(fake_worker, capsys):
   assert runtime.run_job(job) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: TFF's worker_binary"), err
+
+
+# ------------------------------------------------------------------- orphan workers
+
+
+def _worker_record(path, parent_pid, parent_time, worker, worker_time=None):
+  if worker_time is None:
+    worker_time = psutil.Process(worker.pid).create_time()
+  path.write_text(json.dumps({
+      "parent": {"pid": parent_pid, "create_time": parent_time},
+      "workers": [{"pid": worker.pid, "create_time": worker_time}]}))
+
+
+def test_workers_of_a_dead_run_are_ended(fake_worker, tmp_path):
+  worker = fake_worker()
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  record = tmp_path / "workers.json"
+  _worker_record(record, gone.pid, 1.0, worker)  # Its run is dead.
+  assert execution.end_orphaned_workers(record) == [worker.pid]
+  assert worker.wait(timeout=5) == -signal.SIGKILL
+  # A live run's workers (this process is alive) are left alone.
+  worker = fake_worker()
+  me = psutil.Process()
+  _worker_record(record, me.pid, me.create_time(), worker)
+  assert execution.end_orphaned_workers(record) == []
+  assert worker.poll() is None
+  # A recycled pid (another start time) is not the recorded worker.
+  _worker_record(record, gone.pid, 1.0, worker, worker_time=12.5)
+  assert execution.end_orphaned_workers(record) == []
+  assert worker.poll() is None
+  # No record, or an unreadable one: nothing to do.
+  assert execution.end_orphaned_workers(tmp_path / "none.json") == []
+  (tmp_path / "bad.json").write_text("{")
+  assert execution.end_orphaned_workers(tmp_path / "bad.json") == []
+
+
+_KILLED_PARENT = """
+import os, subprocess, sys, time
+from tff_sam.federated import execution
+execution.guard_workers()
+worker = subprocess.Popen([sys.argv[1], "120"])
+deadline = time.time() + 60
+while worker.pid not in execution._GUARD[0].guarded:
+  assert time.time() < deadline
+  time.sleep(0.05)
+print(worker.pid, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_worker_ends_when_its_python_process_is_killed(tmp_path):
+  """A real kill -9 of the process that started the worker: it ends within seconds."""
+  binary = tmp_path / execution.WORKER_BINARY
+  os.symlink("/bin/sleep", binary)
+  proc = subprocess.run([sys.executable, "-c", _KILLED_PARENT, str(binary)],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  worker = psutil.Process(int(proc.stdout.split()[0]))
+  try:
+    worker.wait(timeout=5)
+  except psutil.TimeoutExpired:
+    worker.kill()
+    pytest.fail("the worker outlived its killed parent by 5 s")
+  except psutil.NoSuchProcess:
+    pass
+
+
+def test_error_after_a_progress_bar_starts_its_own_line(capsys):
+
+  def job():
+    bar = tqdm(total=10, desc="encoding", file=sys.stderr, leave=False)
+    bar.update(3)
+    raise errors.DataError("a.png", "cannot read file")
+
+  assert runtime.run_job(job) == 1
+  err = capsys.readouterr().err
+  assert "\nerror: a.png: cannot read file\n" in err, repr(err)
+
+
+def test_tensorflow_import_noise_is_dropped():
+  code = ("import os, sys; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'\n"
+          "from tff_sam import runtime; runtime.import_tensorflow_quietly()\n"
+          "print('after', file=sys.stderr)\n")
+  quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=False)
+  assert quiet.returncode == 0, quiet.stderr[-2000:]
+  assert quiet.stderr.strip() == "after", quiet.stderr
+  loud = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True,
+                        text=True, timeout=300, check=False,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  # The filter is exact: TF still prints these lines without it (else drop the filter).
+  assert runtime.TF_IMPORT_NOISE.search(loud.stderr), loud.stderr

@@ -28,6 +28,9 @@ NAMED_DATASETS = (SAMPLE_DATASET, SYNTHETIC_DATASET)
 # Built-in model names (`--model`); anything else is a hub id or a directory.
 TINY_MODEL = "tiny"
 MOBILE_SAM_MODEL = "mobile_sam"
+MODEL_HELP = ("mobile_sam (MobileSAM's real pretrained weights; the default), a Hugging Face "
+              "hub id (e.g. facebook/sam-vit-base), a directory written by save_pretrained "
+              "(e.g. a run's model/), or tiny (a small SAM with random weights, for tests).")
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("dice_ce", "bce", "focal_dice")
 SERVER_OPTIMIZERS = ("sgd", "adam")
@@ -82,7 +85,7 @@ class RunConfig:
   num_negative_points: int = 0
   prompts_per_image: int = 4
   # Model.
-  model: str = TINY_MODEL
+  model: str = MOBILE_SAM_MODEL
   train_iou_head: bool = True
   cache_dir: Optional[str] = None
   encode_batch_size: int = 4
@@ -138,7 +141,7 @@ class RunConfig:
     errors.require(self.num_points >= 1, "num_points", f"must be >= 1, got {self.num_points}")
     errors.require(self.num_negative_points >= 0, "num_negative_points", f"must be >= 0, got {self.num_negative_points}")
     errors.require(self.prompts_per_image >= 1, "prompts_per_image", f"must be >= 1, got {self.prompts_per_image}")
-    errors.require(bool(self.model), "model", "must be set (tiny, a hub id or a local directory)")
+    errors.require(bool(self.model), "model", "must be set (mobile_sam, a hub id or a local directory)")
     errors.require(self.encode_batch_size >= 1, "encode_batch_size", f"must be >= 1, got {self.encode_batch_size}")
     errors.require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
     errors.require(self.clients_per_round >= 1, "clients_per_round", f"must be >= 1, got {self.clients_per_round}")

@@ -4,19 +4,65 @@ TFF's local C++ execution context starts a `worker_binary` subprocess and reache
 over gRPC on localhost; it has been seen to outlive the Python process.
 `child_processes_reaped()` ends every child process of this one on normal exit, on
 an exception, on SIGINT and on SIGTERM. `run_job` is every binary's shared error and
-interrupt handling: a user mistake is one `error:` line.
+interrupt handling: a user mistake is one `error:` line, on a line of its own.
+`import_tensorflow_quietly` drops the three lines of CUDA-plugin noise TensorFlow
+2.14 prints at import on every machine.
 """
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 from typing import Callable, Iterator, Optional
 
 import psutil
 
 from tff_sam import errors
+
+
+# TF 2.14 registers its CUDA plugins twice and logs each as an error at import (also on
+# CPU-only machines); harmless (tensorflow/tensorflow#62075).
+TF_IMPORT_NOISE = re.compile(r"Unable to register cu(DNN|FFT|BLAS) factory")
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with its known import-time noise lines removed from stderr.
+
+  Everything else TensorFlow writes to stderr meanwhile is passed on unchanged.
+  """
+  if "tensorflow" in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # lazy: the point
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+        if not TF_IMPORT_NOISE.search(line):
+          sys.stderr.write(line)
+      sys.stderr.flush()
+
+
+def _end_progress_bars() -> None:
+  """Closes open tqdm bars and ends their line, so what follows starts a fresh line."""
+  tqdm_class = getattr(sys.modules.get("tqdm"), "tqdm", None)
+  bars = list(getattr(tqdm_class, "_instances", None) or ())
+  cleared = False
+  for bar in bars:
+    cleared |= not getattr(bar, "leave", True)  # Closing clears it but ends no line.
+    with contextlib.suppress(Exception):
+      bar.close()
+  if cleared:
+    sys.stderr.write("\n")
+    sys.stderr.flush()
 
 
 def terminate_children(timeout: float = 5.0) -> int:
@@ -80,9 +126,11 @@ def run_job(job: Callable[[], object], *,
         if cleanup is not None:
           cleanup()
   except errors.UserError as e:
+    _end_progress_bars()
     print(f"error: {e}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
+    _end_progress_bars()
     print("interrupted", file=sys.stderr)
     return 130
   return 0

@@ -7,7 +7,8 @@ The file name is a hash of the encoder fingerprint, the preprocessing settings a
 the raw bytes of the image and mask files, so a changed image, mask, model or setting
 gets a new record and nothing stale is ever reused. Records are written atomically.
 
-Per-client manifests (text files listing record paths) tell TFF's client datasets
+Per-client manifests (text files, one line per image: the source image path, a tab,
+its record path; `write_manifests`) tell TFF's client datasets
 what to read; datasets are built from the manifest *inside* the TFF computation, so
 no embedding is ever serialized into a graph.
 
@@ -35,7 +36,9 @@ from tff_sam.data import preprocess
 from tff_sam.data import reading
 from tff_sam.models import sam as sam_lib
 
-RECORD_VERSION = 2
+# 3: masks are read with the lossy/colour refusals of `reading` (older records may
+# hold masks that are now errors).
+RECORD_VERSION = 3
 PNG_PAD = 65535
 
 
@@ -324,15 +327,28 @@ def _write_record(path: Path, example_bytes: bytes) -> None:
       writer.write(example_bytes)
 
 
+MANIFEST_SEPARATOR = "\t"
+
+
 def write_manifests(manifest_dir: Path, clients: dict[str, Sequence[Record]]) -> dict[str, int]:
   """Writes one manifest per client listing its records that have objects.
+
+  Each line is `<source image path><TAB><record path>`: the user's image first (what
+  a person reads), the cached record last (what the pipeline reads).
 
   Returns:
     Client id -> number of training images listed.
   """
   counts = {}
   for client, recs in clients.items():
-    usable = [str(r.path) for r in recs if r.num_objects > 0]
+    usable = [(f"{r.example.image_path}{MANIFEST_SEPARATOR}" if r.example else "") + str(r.path)
+              for r in recs if r.num_objects > 0]
     fileio.write_text(Path(manifest_dir) / f"{client}.txt", "".join(p + "\n" for p in usable))
     counts[client] = len(usable)
   return counts
+
+
+def manifest_records(manifest: Path) -> list[Path]:
+  """The record paths a manifest lists (its lines' last field)."""
+  return [Path(line.rsplit(MANIFEST_SEPARATOR, 1)[-1])
+          for line in Path(manifest).read_text().splitlines() if line]

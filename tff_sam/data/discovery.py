@@ -18,8 +18,9 @@ What the files may hold is in `reading`.
 Bad examples (docs/DATA_FAULTS.md): by default every problem with a file raises a
 one-line `errors.DataError` naming the file. With `skip_bad_examples=True`, problems
 that concern one example (an unpaired file, a duplicate stem here; an unreadable file,
-a size mismatch or non-integer mask values in `cache.build_records`) skip that
-example with a one-line warning and count it under a reason key (`SKIP_REASONS`).
+a size mismatch, non-integer mask values, a lossy (JPEG) or colour mask in
+`cache.build_records`) skip that example with a one-line warning and count it under a
+reason key (`SKIP_REASONS`).
 Folder-level problems (missing folder, no images at all) are always errors.
 """
 
@@ -45,8 +46,10 @@ SIZE_MISMATCH = "size_mismatch"        # mask and image differ in height/width
 BAD_MASK_VALUES = "bad_mask_values"    # non-integer, NaN, negative or > int32 labels
 UNPAIRED = "unpaired"                  # image without mask, or mask without image
 DUPLICATE_STEM = "duplicate_stem"      # two files with one stem in images/ or masks/
+LOSSY_MASK = "lossy_mask"              # a JPEG or WebP mask (compression alters labels)
+COLOUR_MASK = "colour_mask"            # RGB(A) mask with differing channels or alpha
 SKIP_REASONS = (UNREADABLE, UNSUPPORTED_SHAPE, SIZE_MISMATCH, BAD_MASK_VALUES, UNPAIRED,
-                DUPLICATE_STEM)
+                DUPLICATE_STEM, LOSSY_MASK, COLOUR_MASK)
 
 
 class ExampleError(errors.DataError):

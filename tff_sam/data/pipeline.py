@@ -55,6 +55,9 @@ class PipelineSpec:
     normalization: Online mode: records hold resized images, examples carry
       `pixel_values` (normalized and padded like `SamImageProcessor`) instead of
       `image_embeddings`. None: records hold embeddings.
+    progress_dir: Training datasets report their progress here: as each batch is
+      taken, the file `<progress_dir>/<client id>` is overwritten with the number of
+      batches taken so far (read by `federated.progress`). None: no reports.
   """
 
   manifest_dir: str
@@ -73,6 +76,7 @@ class PipelineSpec:
   evaluation: bool = False
   max_objects_per_image: int = 0
   normalization: Optional[preprocess.PixelNormalization] = None
+  progress_dir: Optional[str] = None
 
 
 def build_pipeline_spec(*, sam_config, manifest_dir,
@@ -168,6 +172,11 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
   return collections.OrderedDict(x=x, y=tf.ensure_shape(target, [p, spec.low_res, spec.low_res]))
 
 
+def _record_path(line: tf.Tensor) -> tf.Tensor:
+  """A manifest line's record path: its last tab-separated field (`cache.write_manifests`)."""
+  return tf.strings.split(line, cache.MANIFEST_SEPARATOR)[-1]
+
+
 def _seed_for(client_id: tf.Tensor, spec: PipelineSpec) -> tf.Tensor:
   """A 63-bit seed from (run seed, client id incl. round): differs for each of them."""
   return tf.strings.to_hash_bucket_fast(
@@ -184,7 +193,7 @@ def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
   name = tf.strings.split(client_id, ROUND_SEPARATOR)[0]
   seed = _seed_for(client_id, spec)
   manifest = tf.strings.join([spec.manifest_dir, "/", name, ".txt"])
-  files = tf.data.TextLineDataset(manifest)
+  files = tf.data.TextLineDataset(manifest).map(_record_path)
   files = files.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
   files = files.repeat(spec.local_epochs)
   records = tf.data.TFRecordDataset(files)
@@ -199,7 +208,22 @@ def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
 
   examples = records.map(parse).enumerate().map(
       to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return examples.batch(spec.batch_size).prefetch(2)
+  batches = examples.batch(spec.batch_size).prefetch(2)
+  if spec.progress_dir is None:
+    return batches
+  report = tf.strings.join([spec.progress_dir, "/", client_id])
+
+  def reported(index, batch):
+    # After prefetch: written when the training loop takes the batch.
+    with tf.control_dependencies([tf.io.write_file(report, tf.strings.as_string(index + 1))]):
+      return tf.nest.map_structure(tf.identity, batch)
+
+  return batches.enumerate().map(reported)
+
+
+def expected_batches(num_images: int, spec: PipelineSpec) -> int:
+  """Batches a training client with `num_images` images takes per round."""
+  return -(-num_images * spec.local_epochs // spec.batch_size)
 
 
 def evaluation_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
@@ -213,7 +237,8 @@ def evaluation_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Data
   name = tf.strings.split(client_id, ROUND_SEPARATOR)[0]
   seed = _seed_for(client_id, spec)
   p = spec.prompts_per_image
-  files = tf.data.TextLineDataset(tf.strings.join([spec.manifest_dir, "/", name, ".txt"]))
+  files = tf.data.TextLineDataset(
+      tf.strings.join([spec.manifest_dir, "/", name, ".txt"])).map(_record_path)
 
   def parse(serialized):
     return cache.parse_record(

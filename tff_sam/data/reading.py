@@ -2,20 +2,38 @@
 
 Images: PNG, JPEG or TIFF; 8- or 16-bit; gray, RGB or RGBA. 16-bit and float images
 are scaled to 8 bits per image with the 1st..99.8th percentile window; alpha is
-dropped. Masks: binary (values {0, v}: the foreground is one object, or one object
-per 8-connected component with `binary_components=True`) or instance labels (each
-non-zero value one object). An RGB mask with equal channels is read as gray; one
-with distinct colours is read as one object per colour (black is background).
-Integer masks with several non-zero values, e.g. {0, 1, 2, 255}, are instance labels
-(three objects here), never thresholded; float masks must hold integer values.
+dropped.
+
+Masks: one channel of integer labels, PNG or TIFF (8-, 16-bit or integer-valued float).
+Binary (values {0, v}: the foreground is one object, or one object per 8-connected
+component with `binary_components=True`) or instance labels (each non-zero value one
+object). Integer masks with several non-zero values, e.g. {0, 1, 2, 255}, are instance
+labels (three objects here), never thresholded; float masks must hold integer values.
 A mask that is all zeros is valid: the image has no objects (it is cached but not
 trained on; see `cache.CacheStats.images_without_objects`).
+
+* JPEG and WebP masks are refused (`lossy_mask`): compression turns {0, 255} into many
+  values, which would be read as labels. Found by extension (.jpg, .jpeg) and by
+  content (a JPEG or WebP saved as .png, a JPEG- or WebP-compressed TIFF); lossless
+  WebP is refused too (it is not told apart).
+* An RGB mask is read as gray only if its three channels are equal everywhere; RGBA
+  likewise, if its alpha is the same everywhere (e.g. fully opaque). Anything else
+  (colour-coded objects, red objects on black, objects drawn as transparency) is
+  refused (`colour_mask`), never guessed.
+* A palette ('P' mode) PNG mask is read as its palette indices (index = label,
+  index 0 = background, whatever the colours). Refused (`colour_mask`) when index 0 is
+  not black but another used index is: which one is the background is then unclear.
+* 16-bit RGB(A) PNGs are read at 16 bits (Pillow alone would keep the high byte).
+* A binary mask read as one object that has `BINARY_HINT_REGIONS` or more separate
+  (8-connected) regions logs one hint per process suggesting `--binary_components`.
 
 Every problem raises a `discovery.ExampleError` naming the file, with a reason from
 `discovery.SKIP_REASONS` (`skip_bad_examples=True` skips such examples).
 """
 
+import logging
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -28,16 +46,114 @@ from tff_sam.data import discovery
 # Non-8-bit images: this percentile window of each image maps to 0..255.
 PERCENTILES = (1.0, 99.8)
 
+# A binary mask read as one object with at least this many regions logs a hint.
+BINARY_HINT_REGIONS = 4
+
+_LOG = logging.getLogger(__name__)
+
+# Hints already logged in this process (each is logged once).
+_HINTS_GIVEN: set[str] = set()
+
+# Lossy formats refused for masks: by extension, Pillow format, TIFF compression.
+_LOSSY_SUFFIXES = {".jpg": "JPEG", ".jpeg": "JPEG"}
+_LOSSY_PIL_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP"}
+_LOSSY_TIFF_COMPRESSIONS = {tifffile.COMPRESSION.JPEG: "JPEG",
+                            tifffile.COMPRESSION.OJPEG: "JPEG",
+                            tifffile.COMPRESSION.WEBP: "WebP"}
+
+_ONE_CHANNEL = ("save one channel of integer labels (0 = background, 1..N = objects), "
+                "e.g. a grayscale or 16-bit PNG")
 
 
+def _distinct_values(a: np.ndarray) -> int:
+  """Distinct pixel values of an (H, W) or (H, W, C) array (colours for C > 1)."""
+  if a.ndim != 3:
+    return int(np.unique(a).size)
+  flat = a.reshape(-1, a.shape[-1])
+  if a.dtype.kind not in "bu" or a.dtype.itemsize > 2 or a.shape[-1] > 4:
+    return int(np.unique(flat, axis=0).shape[0])
+  key = np.zeros(flat.shape[0], np.uint64)  # up to 4 channels of 16 bits: one uint64
+  for c in range(flat.shape[1]):
+    key = key * np.uint64(65536) + flat[:, c].astype(np.uint64)
+  return int(np.unique(key).size)
 
-def _read_array(path: Path) -> np.ndarray:
+
+def _lossy_error(path: Path, fmt: str, load: Callable[[], np.ndarray]
+                 ) -> discovery.ExampleError:
+  """The `lossy_mask` error, with the file's number of values if it decodes."""
+  try:
+    found = f"; this file has {_distinct_values(np.asarray(load()))} distinct values"
+  except Exception:  # pylint: disable=broad-except
+    found = ""
+  verb = "may be" if fmt == "WebP" else "are"  # WebP can be lossless; not told apart
+  return discovery.ExampleError(
+      path, f"{fmt} masks {verb} lossy (compression turns a binary {{0, 255}} mask into many "
+      f"values, which would be read as instance labels{found}); save masks as PNG or TIFF",
+      reason=discovery.LOSSY_MASK)
+
+
+def _palette_labels(path: Path, im: Image.Image) -> np.ndarray:
+  """A palette mask's indices as labels (see the module docstring)."""
+  indices = np.asarray(im)
+  palette = np.zeros((256, 3), np.uint8)
+  entries = np.asarray(im.getpalette("RGB") or [], np.uint8)[:palette.size]
+  palette.reshape(-1)[:entries.size] = entries
+  used = np.unique(indices)
+  black = used[(used != 0) & np.all(palette[used] == 0, axis=1)]
+  if black.size and np.any(palette[0] != 0):
+    raise discovery.ExampleError(
+        path, f"palette mask paints index {int(black[0])} black but index 0 (read as the "
+        f"background) is {tuple(int(v) for v in palette[0])}; {_ONE_CHANNEL}",
+        reason=discovery.COLOUR_MASK)
+  return indices
+
+
+def _is_16bit_colour_png(im: Image.Image) -> bool:
+  """Whether Pillow would drop the low byte of this PNG (16-bit RGB or RGBA)."""
+  return (im.format == "PNG" and im.mode in ("RGB", "RGBA")
+          and any(";16" in str(tile[3]) for tile in im.tile))
+
+
+def _read_16bit_colour_png(path: Path) -> np.ndarray:
+  a = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+  if a is None or a.ndim != 3 or a.shape[-1] not in (3, 4):
+    raise ValueError("OpenCV cannot decode this 16-bit PNG")
+  order = [2, 1, 0, 3][:a.shape[-1]]  # OpenCV's BGR(A) -> RGB(A)
+  return np.ascontiguousarray(a[..., order])
+
+
+def _read_array(path: Path, *, mask: bool = False) -> np.ndarray:
+  """Decodes one image or mask file into an array.
+
+  Args:
+    path: The file.
+    mask: Read a mask: lossy formats are refused and palette files give their indices
+      (images: palette colours).
+
+  Raises:
+    ExampleError: Unreadable (`unreadable`); for masks, lossy (`lossy_mask`) or an
+      ambiguous palette (`colour_mask`).
+  """
+  lossy = _LOSSY_SUFFIXES.get(path.suffix.lower()) if mask else None
   try:
     if path.suffix.lower() in (".tif", ".tiff"):
-      return np.asarray(tifffile.imread(str(path)))
+      with tifffile.TiffFile(str(path)) as tif:
+        if mask and lossy is None and tif.pages:
+          lossy = _LOSSY_TIFF_COMPRESSIONS.get(tif.pages[0].compression)
+        if lossy:
+          raise _lossy_error(path, lossy, tif.asarray)
+        return np.asarray(tif.asarray())
     with Image.open(path) as im:
+      if mask and lossy is None:
+        lossy = _LOSSY_PIL_FORMATS.get(im.format)
+      if lossy:
+        raise _lossy_error(path, lossy, lambda: np.asarray(im))
+      if _is_16bit_colour_png(im):
+        return _read_16bit_colour_png(path)
       im.load()
       if im.mode == "P":
+        if mask:
+          return _palette_labels(path, im)
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
       return np.asarray(im)
   except errors.UserError:
@@ -91,6 +207,39 @@ def read_image(path: Path) -> np.ndarray:
       "stacks need one file per frame)", reason=discovery.UNSUPPORTED_SHAPE)
 
 
+def _gray_from_colour(path: Path, a: np.ndarray) -> np.ndarray:
+  """The one channel of an RGB(A) mask whose channels are equal (and alpha constant).
+
+  Raises:
+    ExampleError: Differing channels or varying alpha (`colour_mask`).
+  """
+  if a.shape[-1] == 4:
+    alpha = a[..., 3]
+    if alpha.size and np.any(alpha != alpha.flat[0]):
+      raise discovery.ExampleError(
+          path, f"RGBA mask with varying alpha (transparency is not read as labels); "
+          f"{_ONE_CHANNEL}", reason=discovery.COLOUR_MASK)
+  rgb = a[..., :3]
+  if np.all(rgb == rgb[..., :1]):
+    return rgb[..., 0]
+  kind = "RGBA" if a.shape[-1] == 4 else "RGB"
+  raise discovery.ExampleError(
+      path, f"{kind} mask with differing channels ({_distinct_values(rgb)} colours: "
+      f"colour-coded objects?); {_ONE_CHANNEL}", reason=discovery.COLOUR_MASK)
+
+
+def _hint_binary_components(path: Path, foreground: np.ndarray) -> None:
+  """Logs once per process if a binary mask read as one object has many regions."""
+  if "binary_components" in _HINTS_GIVEN:
+    return
+  regions = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=8)[0] - 1
+  if regions >= BINARY_HINT_REGIONS:
+    _HINTS_GIVEN.add("binary_components")
+    _LOG.warning("hint: %s is a binary mask with %d separate regions read as ONE object; "
+                 "if they are separate objects, pass --binary_components (shown once)",
+                 path, regions)
+
+
 def read_mask(path: Path, *, binary_components: bool = False) -> np.ndarray:
   """Reads a mask as an int32 instance label image (0 = background).
 
@@ -103,22 +252,15 @@ def read_mask(path: Path, *, binary_components: bool = False) -> np.ndarray:
     (H, W) int32 labels.
 
   Raises:
-    ExampleError: Unreadable (`unreadable`), wrong shape (`unsupported_shape`), or
-      non-integer, negative or too large values (`bad_mask_values`).
+    ExampleError: Unreadable (`unreadable`), wrong shape (`unsupported_shape`),
+      non-integer, negative or too large values (`bad_mask_values`), a JPEG or WebP
+      file (`lossy_mask`), or colours, varying alpha or an ambiguous palette
+      (`colour_mask`).
   """
   path = Path(path)
-  a = _read_array(path)
+  a = _read_array(path, mask=True)
   if a.ndim == 3 and a.shape[-1] in (3, 4):
-    rgb = a[..., :3]
-    if np.all(rgb == rgb[..., :1]):
-      a = rgb[..., 0]
-    else:
-      colours, inverse = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
-      labels = inverse.reshape(rgb.shape[:2]).astype(np.int32) + 1
-      black = np.where(np.all(colours == 0, axis=1))[0]
-      if black.size:
-        labels[labels == black[0] + 1] = 0
-      a = labels
+    a = _gray_from_colour(path, a)
   if a.ndim == 3 and a.shape[-1] == 1:
     a = a[..., 0]
   if a.ndim != 2:
@@ -138,6 +280,7 @@ def read_mask(path: Path, *, binary_components: bool = False) -> np.ndarray:
   if nonzero.size <= 1:
     fg = a != 0
     if not binary_components:
+      _hint_binary_components(path, fg)
       return fg.astype(np.int32)
     _, comps = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)
     return comps.astype(np.int32)

@@ -1,19 +1,22 @@
 """Pictures of a run: the metrics curve and prediction overlays.
 
 * `plot_metrics`: `metrics.png`, training loss and held-out Dice per round, with the
-  zero-shot Dice as a dashed line.
+  zero-shot Dice as a dashed line; rounds are whole numbers on both x axes.
 * `write_overlays`: one PNG per selected test object, four panels side by side:
   image, ground truth, zero-shot prediction, fine-tuned prediction (crops around the
-  object, masks drawn in colour with their outline, prompt box in white).
+  object upscaled to a readable size, masks drawn in colour with their outline, prompt
+  box in white). A dark header carries the image name, a colour legend and a title
+  over each panel with the prediction's Dice against the ground truth.
 """
 
 import csv
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tff_sam import fileio
 from tff_sam.data import preprocess
@@ -22,14 +25,46 @@ from tff_sam.data import reading
 GT_COLOUR = (0, 200, 0)
 ZERO_SHOT_COLOUR = (230, 140, 0)
 FINE_TUNED_COLOUR = (30, 120, 255)
+BOX_COLOUR = (255, 255, 255)
+LEGEND = (("ground truth", GT_COLOUR), ("zero-shot", ZERO_SHOT_COLOUR),
+          ("fine-tuned", FINE_TUNED_COLOUR), ("prompt box", BOX_COLOUR))
+
+BACKGROUND = (32, 32, 32)  # Header bands and the gaps between panels.
+TEXT_COLOUR = (240, 240, 240)
+SEPARATOR = (90, 90, 90)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+FONT_SCALE = 0.55
+MIN_FONT_SCALE = 0.35
+GAP = 4
+PAD = 6  # Text padding inside the header bands.
+TITLE_HEIGHT = 26
+LEGEND_HEIGHT = 26
 
 
-def plot_metrics(metrics_csv: Path, out_png: Path) -> Path:
-  """Draws training loss and test Dice per round from `metrics.csv`."""
+def read_metrics(metrics_csv: Path) -> list[dict[str, str]]:
+  """The rows of `metrics.csv` as dicts of strings."""
   with open(metrics_csv) as f:
-    rows = list(csv.DictReader(f))
-  loss = [(int(r["round"]), float(r["train_loss"])) for r in rows if r.get("train_loss")]
-  dice = [(int(r["round"]), float(r["test_dice"])) for r in rows if r.get("test_dice")]
+    return list(csv.DictReader(f))
+
+
+def _series(rows: Sequence[Mapping], key: str) -> list[tuple[int, float]]:
+  return [(int(r["round"]), float(r[key])) for r in rows
+          if r.get(key) is not None and r.get(key) != ""]
+
+
+def build_metrics_figure(rows: Sequence[Mapping]) -> Figure:
+  """The metrics figure: training loss (left) and held-out Dice (right) per round.
+
+  Args:
+    rows: `metrics.csv` rows (dicts with `round` and optional `train_loss`,
+      `test_dice`; empty strings or missing keys are skipped).
+
+  Returns:
+    A 10 x 3.6 inch figure whose round axes show integer ticks only, over the same
+    round range on both plots.
+  """
+  loss = _series(rows, "train_loss")
+  dice = _series(rows, "test_dice")
   fig = Figure(figsize=(10, 3.6))
   ax1, ax2 = fig.subplots(1, 2)
   if loss:
@@ -42,12 +77,45 @@ def plot_metrics(metrics_csv: Path, out_png: Path) -> Path:
       ax2.axhline(zero[0], ls="--", color="gray", label=f"zero-shot {zero[0]:.3f}")
     ax2.legend(loc="lower right")
   ax2.set(title="held-out Dice (original resolution)", xlabel="round", ylabel="Dice")
+  rounds = [int(r["round"]) for r in rows]
   for ax in (ax1, ax2):
     ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
+    if rounds:
+      lo, hi = min(rounds), max(rounds)
+      pad = max(0.5, 0.05 * (hi - lo))
+      ax.set_xlim(lo - pad, hi + pad)
   fig.tight_layout()
+  return fig
+
+
+def plot_metrics(metrics_csv: Path, out_png: Path) -> Path:
+  """Draws training loss and test Dice per round from `metrics.csv` (atomically).
+
+  Returns:
+    `out_png`, a 1000 x 360 PNG.
+  """
+  fig = build_metrics_figure(read_metrics(metrics_csv))
   with fileio.atomic_path(out_png, suffix=".png") as tmp:
     fig.savefig(tmp, dpi=100, format="png")
   return Path(out_png)
+
+
+def object_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+  """Dice 2|A∩B| / (|A| + |B|) of two boolean masks of the same shape (1.0 if both empty)."""
+  pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+  if pred.shape != gt.shape:
+    raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+  total = int(pred.sum()) + int(gt.sum())
+  if total == 0:
+    return 1.0
+  return 2.0 * int(np.logical_and(pred, gt).sum()) / total
+
+
+def panel_titles(zero_shot_dice: float, fine_tuned_dice: float) -> list[str]:
+  """Titles of the four overlay panels."""
+  return ["image", "ground truth", f"zero-shot  Dice {zero_shot_dice:.2f}",
+          f"fine-tuned  Dice {fine_tuned_dice:.2f}"]
 
 
 def _blend(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
@@ -59,9 +127,94 @@ def _blend(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
   return out
 
 
+def _fit_scale(text: str, width: int) -> float:
+  """The font scale (at most `FONT_SCALE`) at which `text` fits in `width` pixels."""
+  (w, _), _ = cv2.getTextSize(text, FONT, FONT_SCALE, 1)
+  return max(MIN_FONT_SCALE, min(FONT_SCALE, FONT_SCALE * width / max(1, w)))
+
+
+def _put_text(canvas: np.ndarray, text: str, x: int, y_mid: int, scale: float = FONT_SCALE,
+              colour=TEXT_COLOUR) -> int:
+  """Draws `text` vertically centred on `y_mid` from `x`; returns its right end."""
+  (w, h), _ = cv2.getTextSize(text, FONT, scale, 1)
+  cv2.putText(canvas, text, (x, y_mid + h // 2), FONT, scale, colour, 1, cv2.LINE_AA)
+  return x + w
+
+
+def _band(height: int, width: int) -> np.ndarray:
+  return np.full((height, width, 3), BACKGROUND, np.uint8)
+
+
+def _title_band(titles: Sequence[str], widths: Sequence[int],
+                colours: Sequence[Optional[tuple]]) -> np.ndarray:
+  """One title per panel, centred over it, with the panel's colour underlined."""
+  band = _band(TITLE_HEIGHT, sum(widths) + GAP * (len(widths) - 1))
+  x = 0
+  for title, w, colour in zip(titles, widths, colours):
+    scale = _fit_scale(title, w - 2 * PAD)
+    (tw, _), _ = cv2.getTextSize(title, FONT, scale, 1)
+    _put_text(band, title, x + max(PAD, (w - tw) // 2), TITLE_HEIGHT // 2 - 1, scale)
+    if colour is not None:
+      band[-3:, x:x + w] = colour
+    x += w + GAP
+  return band
+
+
+def _legend_band(width: int, legend: Sequence[tuple[str, tuple]],
+                 caption: Optional[str]) -> np.ndarray:
+  """The caption, then a swatch and label per legend entry, wrapping onto more lines."""
+  items = ([(caption, None)] if caption else []) + list(legend)
+  sizes = []
+  for label, colour in items:
+    (tw, _), _ = cv2.getTextSize(label, FONT, FONT_SCALE, 1)
+    sizes.append(tw + (18 if colour is not None else 0))
+  lines, x = [[]], PAD
+  for item, size in zip(items, sizes):
+    if lines[-1] and x + size > width - PAD:
+      lines.append([])
+      x = PAD
+    lines[-1].append((item, x))
+    x += size + (32 if item[1] is None else 18)
+  band = _band(LEGEND_HEIGHT * len(lines), width)
+  for row, line in enumerate(lines):
+    y_mid = row * LEGEND_HEIGHT + LEGEND_HEIGHT // 2
+    for (label, colour), x in line:
+      if colour is not None:
+        corners = (x, y_mid - 6), (x + 12, y_mid + 6)
+        if colour == BOX_COLOUR:  # The prompt box is drawn as an outline.
+          cv2.rectangle(band, *corners, colour, 1)
+        else:
+          cv2.rectangle(band, *corners, colour, -1)
+        x += 18
+      _put_text(band, label, x, y_mid)
+  band[-1] = SEPARATOR  # Divides the legend from the panel titles.
+  return band
+
+
 def overlay_panels(image: np.ndarray, masks: Sequence[np.ndarray], colours,
-                   box=None, margin: int = 24, min_side: int = 160) -> np.ndarray:
-  """Side-by-side crops: the image, then the image with each mask overlaid."""
+                   box=None, margin: int = 24, min_side: int = 256, *,
+                   titles: Optional[Sequence[str]] = None,
+                   legend: Optional[Sequence[tuple[str, tuple]]] = None,
+                   caption: Optional[str] = None) -> np.ndarray:
+  """Side-by-side crops: the image, then the image with each mask overlaid.
+
+  Args:
+    image: uint8 RGB (H, W, 3).
+    masks: Boolean (H, W) masks, one panel each.
+    colours: RGB colour of each mask.
+    box: Optional XYXY prompt box (original pixels), drawn in white on mask panels.
+    margin: Pixels kept around the union of the masks.
+    min_side: The crop is upscaled (nearest neighbour) until its short side has at
+      least this many pixels.
+    titles: Optional title of each panel (`len(masks) + 1`), drawn on a dark band
+      above the panels.
+    legend: Optional (label, colour) swatches drawn on a dark band at the top.
+    caption: Optional text (e.g. the image name) at the start of the legend band.
+
+  Returns:
+    uint8 RGB: [legend band], [title band], then the panels separated by
+    `GAP`-pixel dark gaps.
+  """
   h, w = image.shape[:2]
   union = np.any(np.stack(masks), axis=0)
   ys, xs = np.nonzero(union) if union.any() else (np.array([0, h - 1]), np.array([0, w - 1]))
@@ -72,23 +225,42 @@ def overlay_panels(image: np.ndarray, masks: Sequence[np.ndarray], colours,
     panel = _blend(image, mask, colour)[y0:y1, x0:x1].copy()
     if box is not None:
       bx0, by0, bx1, by1 = (int(round(v)) for v in box)
-      cv2.rectangle(panel, (bx0 - x0, by0 - y0), (bx1 - x0, by1 - y0), (255, 255, 255), 1)
+      cv2.rectangle(panel, (bx0 - x0, by0 - y0), (bx1 - x0, by1 - y0), BOX_COLOUR, 1)
     panels.append(panel)
   scale = max(1.0, min_side / max(1, min(y1 - y0, x1 - x0)))
   panels = [cv2.resize(p, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
             for p in panels]
-  gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
+  gap = _band(panels[0].shape[0], GAP)
   row = [panels[0]]
   for p in panels[1:]:
     row += [gap, p]
-  return np.concatenate(row, axis=1)
+  out = np.concatenate(row, axis=1)
+  bands = []
+  if legend or caption:
+    bands.append(_legend_band(out.shape[1], legend or (), caption))
+  if titles is not None:
+    if len(titles) != len(panels):
+      raise ValueError(f"{len(titles)} titles for {len(panels)} panels")
+    bands.append(_title_band(titles, [p.shape[1] for p in panels],
+                             [None] + [tuple(int(c) for c in colour) for colour in colours]))
+  return np.concatenate(bands + [out], axis=0) if bands else out
 
 
 def write_overlays(out_dir: Path, *, evaluator, zero_shot_model, fine_tuned_model,
-                   num_objects: int = 6) -> list[Path]:
+                   num_objects: int = 6, min_side: int = 256) -> list[Path]:
   """Writes overlays for a fixed set of test objects (the same ones every run).
 
   Objects are taken round-robin over test images, largest first within an image.
+  Each panel title carries the prediction's Dice against the ground-truth object
+  mask, both at the original resolution (`object_dice`).
+
+  Args:
+    out_dir: Folder of the PNGs (`<image stem>_obj<id>.png`).
+    evaluator: A `heldout.Evaluator` (its `images` and `predict`).
+    zero_shot_model: The pretrained decoder.
+    fine_tuned_model: The fine-tuned decoder.
+    num_objects: Objects drawn.
+    min_side: Short side of each panel, at least (see `overlay_panels`).
 
   Returns:
     The PNG paths written.
@@ -109,11 +281,15 @@ def write_overlays(out_dir: Path, *, evaluator, zero_shot_model, fine_tuned_mode
                   evaluator.predict(zero_shot_model, image_info),
                   evaluator.predict(fine_tuned_model, image_info))
     image, zero, tuned = cache[i]
-    gt = image_info.labels == image_info.ids[k]
+    object_id = int(image_info.ids[k])
+    gt = image_info.labels == object_id
     box = preprocess.boxes_from_labels(image_info.labels, image_info.ids[k:k + 1])[0]
+    titles = panel_titles(object_dice(zero[k], gt), object_dice(tuned[k], gt))
     panel = overlay_panels(image, [gt, zero[k], tuned[k]],
-                           [GT_COLOUR, ZERO_SHOT_COLOUR, FINE_TUNED_COLOUR], box=box)
-    path = Path(out_dir) / f"{image_info.example.stem}_obj{int(image_info.ids[k])}.png"
+                           [GT_COLOUR, ZERO_SHOT_COLOUR, FINE_TUNED_COLOUR], box=box,
+                           min_side=min_side, titles=titles, legend=LEGEND,
+                           caption=f"{image_info.example.stem}  object {object_id}")
+    path = Path(out_dir) / f"{image_info.example.stem}_obj{object_id}.png"
     ok, encoded = cv2.imencode(".png", panel[..., ::-1])
     assert ok
     fileio.write_bytes(path, encoded.tobytes())

@@ -86,6 +86,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  runtime.import_tensorflow_quietly()
   # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
   from tff_sam.bench import runner  # pylint: disable=g-import-not-at-top
   from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top

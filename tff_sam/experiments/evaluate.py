@@ -3,7 +3,7 @@ r"""Held-out Dice/IoU of any SAM model on a data folder.
   python -m tff_sam.experiments.evaluate --model M --data_dir D \
       [--prompt box|points|both] [--output_json F]
 
-M is `tiny`, a hub id, or a directory (e.g. a run's model/). Evaluates the folder's
+M is `mobile_sam` (the default), a hub id, or a directory (e.g. a run's model/). Evaluates the folder's
 `test/` split when it has one, else every image (`--split` to choose). Prints and
 writes JSON with `dice`, `iou`, `num_objects`, `num_images` per prompt mode.
 """
@@ -19,9 +19,9 @@ from absl import flags
 from absl import logging
 
 from tff_sam import config as config_lib
+from tff_sam import runtime
 
-flags.DEFINE_string("model", config_lib.TINY_MODEL,
-                    "tiny, mobile_sam, a hub id, or a save_pretrained directory.")
+flags.DEFINE_string("model", config_lib.MOBILE_SAM_MODEL, config_lib.MODEL_HELP)
 flags.DEFINE_string("data_dir", None, "Data folder (same layout as for run). Default: the "
                     "--data dataset.")
 flags.DEFINE_enum("data", config_lib.SAMPLE_DATASET, config_lib.NAMED_DATASETS,
@@ -45,9 +45,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
+  runtime.import_tensorflow_quietly()
   # lazy: TensorFlow loads only after the flags parsed (a fast --help).
   from tff_sam import fileio  # pylint: disable=g-import-not-at-top
-  from tff_sam import runtime  # pylint: disable=g-import-not-at-top
   from tff_sam.evaluation import heldout  # pylint: disable=g-import-not-at-top
 
   def job():

@@ -38,6 +38,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
+  runtime.import_tensorflow_quietly()
   # lazy: TensorFlow loads only after the flags parsed (a fast --help).
   from tff_sam.export import formats  # pylint: disable=g-import-not-at-top
 

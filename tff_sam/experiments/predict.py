@@ -20,10 +20,10 @@ from absl import flags
 from absl import logging
 
 from tff_sam import config as config_lib
+from tff_sam import runtime
 from tff_sam import errors
 
-flags.DEFINE_string("model", config_lib.MOBILE_SAM_MODEL, "mobile_sam, tiny, a hub id, or a save_pretrained "
-                    "directory (e.g. a run's model/).")
+flags.DEFINE_string("model", config_lib.MOBILE_SAM_MODEL, config_lib.MODEL_HELP)
 flags.DEFINE_string("image", None, "An image file, or a folder of images (batch mode).")
 flags.DEFINE_multi_string("box", [], "x0,y0,x1,y1 in image pixels; one object per --box.")
 flags.DEFINE_multi_string("point", [], "x,y[,label] in image pixels; label 1 (default) = "
@@ -50,8 +50,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
+  runtime.import_tensorflow_quietly()
   # lazy: TensorFlow loads only after the flags parsed (a fast --help).
-  from tff_sam import runtime  # pylint: disable=g-import-not-at-top
   from tff_sam.evaluation import inference  # pylint: disable=g-import-not-at-top
 
   def job():

@@ -1,7 +1,7 @@
 r"""Federated fine-tuning of SAM's mask decoder with TFF (the main job).
 
   python -m tff_sam.experiments.run --rounds 10 --output_dir runs/mine \
-      [--data_dir DIR] [--model tiny|facebook/sam-vit-base|DIR] [--flagfile F]
+      [--data_dir DIR] [--model mobile_sam|facebook/sam-vit-base|DIR] [--flagfile F]
 
 Without --data_dir it runs on the embedded default dataset. Flags are copied once
 into a validated `RunConfig`; user mistakes end with one `error:` line and exit 1.
@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 
 from tff_sam import config as config_lib
+from tff_sam import runtime
 
 # Defaults live in one place: the dataclass.
 _F = {f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)}
@@ -52,8 +53,7 @@ flags.DEFINE_integer("num_negative_points", _F["num_negative_points"], "Negative
 flags.DEFINE_integer("prompts_per_image", _F["prompts_per_image"],
                      "Objects sampled per image per local epoch.")
 # Model.
-flags.DEFINE_string("model", _F["model"], "tiny (random-init small SAM), a Hugging Face hub id "
-                    "(e.g. facebook/sam-vit-base), or a directory written by save_pretrained.")
+flags.DEFINE_string("model", _F["model"], config_lib.MODEL_HELP)
 flags.DEFINE_boolean("train_iou_head", _F["train_iou_head"],
                      "Train the IoU head (MSE to the predicted mask's IoU); else freeze it.")
 flags.DEFINE_string("cache_dir", None, "Cache for embeddings, data and converted weights "
@@ -105,6 +105,46 @@ flags.DEFINE_boolean("fresh", False, "Discard a previous run in --output_dir ins
 
 FLAGS = flags.FLAGS
 
+# `--help` lists the flags by topic, in this order (`--helpfull`: absl's full list).
+HELP_GROUPS = (
+    ("data", ("data_dir", "data", "partition", "num_clients", "dirichlet_alpha",
+              "test_fraction", "binary_components", "skip_bad_examples")),
+    ("model", ("model", "train_iou_head", "embedding_cache", "cache_dir", "encode_batch_size")),
+    ("prompts", ("prompt", "box_jitter", "box_jitter_fraction", "num_points",
+                 "num_negative_points", "prompts_per_image")),
+    ("training (on each client)", ("local_epochs", "batch_size", "client_lr", "loss", "seed")),
+    ("federated (rounds and aggregation)", (
+        "rounds", "clients_per_round", "clients_per_subround", "server_optimizer", "server_lr",
+        "zeroing", "zeroing_quantile", "zeroing_multiplier", "clipping", "clipping_quantile",
+        "clipping_initial_norm")),
+    ("evaluation", ("eval_every", "eval_max_objects")),
+    ("output", ("output_dir", "fresh")),
+)
+HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
+
+
+def grouped_help() -> str:
+  """The usage text and this binary's flags by topic (`HELP_GROUPS`)."""
+  lines = [__doc__.strip()]
+  for title, names in HELP_GROUPS:
+    lines.append(f"\n{title}:")
+    for name in names:  # One at a time: absl would sort them by name.
+      FLAGS._render_flag_list([FLAGS[name]], lines, prefix="  ")  # pylint: disable=protected-access
+  lines.append("\n--flagfile=FILE reads flags from a file (see experiments/); --helpfull "
+               "also lists absl's own flags.")
+  return "\n".join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with `--help` answered by `grouped_help`."""
+  if any(a in HELP_ARGS for a in argv[1:]):
+    try:
+      print(grouped_help())
+    except BrokenPipeError:  # `--help | head`
+      pass
+    raise SystemExit(0)
+  return app.parse_flags_with_usage(argv)
+
 
 def config_from_flags() -> config_lib.RunConfig:
   """Copies the flags into a validated `RunConfig` (the only place flags are read)."""
@@ -117,8 +157,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:  # -v 0 shows the per-round release log.
     logging.set_verbosity(logging.WARNING)
+  runtime.import_tensorflow_quietly()
   # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
-  from tff_sam import runtime  # pylint: disable=g-import-not-at-top
   from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top
   from tff_sam.federated import program  # pylint: disable=g-import-not-at-top
 
@@ -131,4 +171,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

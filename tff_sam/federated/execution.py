@@ -5,21 +5,34 @@
 without CUDA). `WorkerWatch` (used through `worker_watched`) turns a worker killed
 mid-computation (e.g. out of memory), which TFF would restart and retry forever,
 into an error.
+
+No orphan workers: TFF starts its worker with a plain `subprocess.Popen`, so a
+Python process that dies without running its clean-up (`kill -9`, the kernel's
+out-of-memory killer, a scheduler's hard stop) would leave it running. Every worker
+gets a guardian (`guard_workers`): a small process that SIGKILLs it as soon as its
+parent is gone, however that parent died. A run also records its workers in its
+output folder (`WorkerWatch(pid_file=...)`) and `end_orphaned_workers` ends the ones
+a dead earlier run left behind (e.g. when its guardian was killed with it).
 """
 
 import atexit
 import contextlib
 import gc
+import json
+import logging
 import os
+from pathlib import Path
 import signal
 import subprocess
+import sys
 import threading
-from typing import Iterator, MutableMapping
+from typing import Iterator, MutableMapping, Optional
 
 import psutil
 import tensorflow_federated as tff
 
 from tff_sam import errors
+from tff_sam import fileio
 from tff_sam import runtime
 
 WORKER_BINARY = "worker_binary"  # TFF's C++ worker (a child of the Python process)
@@ -79,9 +92,117 @@ def configure_tff_execution(*, max_concurrent_computation_calls: int = -1,
   if not _ATEXIT_REGISTERED:
     atexit.register(end_workers)
     _ATEXIT_REGISTERED.append(True)
+  guard_workers()
 
 
 _ATEXIT_REGISTERED: list[bool] = []
+
+# The guardian: exits when its worker has ended; SIGKILLs the worker (which does not
+# reliably stop on SIGTERM) when the guardian's parent, the Python process that
+# started both, is gone (it is then re-parented, so its parent pid changes).
+_GUARDIAN = """
+import os, sys, time
+parent, worker = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(0.25)
+    try:
+        os.kill(worker, 0)
+    except ProcessLookupError:
+        sys.exit(0)
+try:
+    os.kill(worker, 9)
+except ProcessLookupError:
+    pass
+"""
+
+
+def _live_workers(process: psutil.Process) -> dict[int, float]:
+  """`worker_binary` children of `process` that are running: pid -> create time."""
+  out = {}
+  for child in process.children(recursive=False):
+    with contextlib.suppress(psutil.Error):
+      if child.name() == WORKER_BINARY and child.status() != psutil.STATUS_ZOMBIE:
+        out[child.pid] = child.create_time()
+  return out
+
+
+class _WorkerGuard:
+  """Gives every TFF worker this process starts its own guardian process."""
+
+  def __init__(self, interval: float = 0.5):
+    self.interval = interval
+    self.guarded: dict[int, subprocess.Popen] = {}
+    self._thread = threading.Thread(target=self._run, name="tff-worker-guard", daemon=True)
+    self._thread.start()
+
+  def _run(self) -> None:
+    me = psutil.Process()
+    while True:
+      with contextlib.suppress(psutil.Error, OSError):
+        for pid in _live_workers(me):
+          if pid not in self.guarded:
+            self.guarded[pid] = subprocess.Popen(  # pylint: disable=consider-using-with
+                [sys.executable, "-S", "-c", _GUARDIAN, str(os.getpid()), str(pid)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+        for pid, guardian in list(self.guarded.items()):
+          if guardian.poll() is not None:  # Its worker ended: reap the guardian.
+            del self.guarded[pid]
+      threading.Event().wait(self.interval)
+
+
+_GUARD: list[_WorkerGuard] = []
+
+
+def guard_workers() -> None:
+  """Starts (once per process) the thread that gives each TFF worker a guardian.
+
+  Within half a second of a worker's start a guardian process watches it; when
+  this process dies, however it dies, the guardian SIGKILLs the worker.
+  """
+  if not _GUARD:
+    _GUARD.append(_WorkerGuard())
+
+
+def end_orphaned_workers(pid_file: Path) -> list[int]:
+  """Ends the TFF workers a dead earlier run recorded in `pid_file`.
+
+  A worker is ended only if it is still the recorded process (same pid, name and
+  start time) and the run that started it is gone; a live run's workers are left
+  alone.
+
+  Returns:
+    The pids ended.
+  """
+  try:
+    record = json.loads(Path(pid_file).read_text())
+    parent = (int(record["parent"]["pid"]), float(record["parent"]["create_time"]))
+    workers = [(int(w["pid"]), float(w["create_time"])) for w in record["workers"]]
+  except (OSError, ValueError, KeyError, TypeError):
+    return []
+  with contextlib.suppress(psutil.Error):
+    if abs(psutil.Process(parent[0]).create_time() - parent[1]) < 1e-3:
+      return []  # That run is alive.
+  ended = []
+  for pid, create_time in workers:
+    with contextlib.suppress(psutil.Error):
+      process = psutil.Process(pid)
+      if (process.name() == WORKER_BINARY and abs(process.create_time() - create_time) < 1e-3
+          and process.status() != psutil.STATUS_ZOMBIE):
+        process.kill()
+        ended.append(pid)
+  if ended:
+    logging.getLogger("tff_sam").warning(
+        "ended TFF %s pid(s) %s left running by a dead earlier run (%s)", WORKER_BINARY,
+        ", ".join(map(str, ended)), pid_file)
+  return ended
+
+
+def _write_pid_file(pid_file: Path, workers: dict[int, float]) -> None:
+  me = psutil.Process()
+  fileio.write_json(pid_file, {
+      "parent": {"pid": me.pid, "create_time": me.create_time()},
+      "workers": [{"pid": p, "create_time": t} for p, t in sorted(workers.items())]})
 
 
 def _service_managers() -> list:
@@ -132,9 +253,11 @@ class WorkerWatch:
 
   USER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-  def __init__(self, interval: float = 0.5):
+  def __init__(self, interval: float = 0.5, pid_file: Optional[Path] = None):
     self.interval = interval
+    self.pid_file = pid_file
     self.dead: list[int] = []
+    self._recorded: dict[int, float] = {}
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="tff-worker-watch", daemon=True)
 
@@ -147,14 +270,12 @@ class WorkerWatch:
     self._thread.join(timeout=5)
 
   def _workers(self) -> set[int]:
-    out = set()
-    for p in psutil.Process().children(recursive=False):
-      try:
-        if p.name() == WORKER_BINARY and p.status() != psutil.STATUS_ZOMBIE:
-          out.add(p.pid)
-      except psutil.Error:
-        pass
-    return out
+    workers = _live_workers(psutil.Process())
+    if self.pid_file is not None and workers and workers != self._recorded:
+      with contextlib.suppress(OSError):
+        _write_pid_file(self.pid_file, workers)
+        self._recorded = workers
+    return set(workers)
 
   @classmethod
   def _stopped_by_user(cls, pid: int) -> bool:
@@ -188,21 +309,22 @@ class WorkerWatch:
 
 
 @contextlib.contextmanager
-def worker_watched(progress: MutableMapping[str, str], *, interval: float = 0.5
-                   ) -> Iterator[None]:
+def worker_watched(progress: MutableMapping[str, str], *, interval: float = 0.5,
+                   pid_file: Optional[Path] = None) -> Iterator[None]:
   """Runs the body under a `WorkerWatch`; a dead worker ends it with an error.
 
   Args:
     progress: `progress["section"]` names what the body is doing; the body updates
       it, and the error names the section the worker died in.
     interval: Seconds between looks at the children.
+    pid_file: Where the running workers are recorded (for `end_orphaned_workers`).
 
   Raises:
     errors.UserError: The worker died (instead of the `KeyboardInterrupt` the watch
       sent to stop TFF's retries). A real Ctrl-C still raises `KeyboardInterrupt`.
   """
   progress.setdefault("section", "setup")
-  with WorkerWatch(interval=interval) as watch:
+  with WorkerWatch(interval=interval, pid_file=pid_file) as watch:
     try:
       yield
     except KeyboardInterrupt:

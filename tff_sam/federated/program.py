@@ -7,16 +7,19 @@ worker. No flags here: `run_experiment` takes one validated `RunConfig` (the bin
 * `config.json`: the config;
 * `state/round_<N>/`: the server state after round N (TFF `FileProgramStateManager`,
   the last few kept); re-running the same command resumes from the newest one;
-* `clients/<client>.txt`: each client's cached records (what it trains on);
-  `eval_clients/<client>.txt`: the held-out evaluation clients' records;
+* `clients/<client>.txt`: each client's images (what it trains on), one line per
+  image: the source image path, a tab, its cached record;
+  `eval_clients/<client>.txt`: the same for the held-out evaluation clients;
 * `metrics.csv` and `tensorboard/`: one row (TensorBoard step) per round, released
   through TFF release managers (`releases`); round 0 is the zero-shot
   baseline. Columns (`METRIC_DOCS`): training loss/Dice, central held-out Dice/IoU
   (also per evaluation client), federated evaluation loss/Dice, robust-aggregation
   counts, seconds;
 * `summary.json`: `config`, `baseline` and `final` (`dice`, `iou`, per evaluation
-  client, federated evaluation), `rounds`, `aggregation` totals, `wall_time_s`, data
-  and cache counts;
+  client, federated evaluation), `rounds`, `aggregation` totals, data and cache
+  counts, `invocations` (each command that worked on the run: start, rounds done,
+  seconds) and `wall_time_s` (their total);
+* `invocations.json`: the same list, kept up to date while the run is going;
 * `model/`: the fine-tuned model (`TFSamModel.save_pretrained`);
 * `metrics.png`: loss and held-out Dice per round;
 * `overlays/`: image | ground truth | zero-shot | fine-tuned, for fixed test objects
@@ -27,6 +30,7 @@ import asyncio
 import collections
 import csv
 import dataclasses
+import datetime
 import json
 import shutil
 import time
@@ -48,6 +52,7 @@ from tff_sam.export import pretrained
 from tff_sam.federated import aggregation
 from tff_sam.federated import execution
 from tff_sam.federated import program_logic
+from tff_sam.federated import progress as progress_lib
 from tff_sam.federated import releases
 from tff_sam.federated import tasks
 from tff_sam import fileio
@@ -106,9 +111,13 @@ def prepare_data(config: config_lib.RunConfig, cache_root: Path,
 STATE_DIR = "state"
 STATE_PREFIX = "round_"
 KEEP_STATES = 3
-# Settings that may differ between a run and its resumption.
-# How a round executes, not what it computes (equal up to float summation order).
-RESUMABLE_DIFFERENCES = ("output_dir", "clients_per_subround")
+INVOCATIONS_FILE = "invocations.json"
+WORKERS_FILE = ".tff_workers.json"  # This run's TFF workers (`execution.end_orphaned_workers`).
+PROGRESS_DIR = ".progress"  # The clients' reports inside a round (`progress`).
+# Settings that may differ between a run and its resumption: how a round executes,
+# not what it computes (equal up to float summation order), and `rounds`, which may
+# grow (the run continues).
+RESUMABLE_DIFFERENCES = ("output_dir", "clients_per_subround", "rounds")
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -152,6 +161,12 @@ def check_resumable(out: Path, config: config_lib.RunConfig) -> None:
     raise errors.ConfigError(
         differing[0], f"{out} holds a run with other settings: {flags}; rerun with the saved "
         "settings to resume, pass --fresh to start over, or choose another --output_dir")
+  versions = _saved_versions(out)
+  if versions and config.rounds < max(versions):
+    raise errors.ConfigError(
+        "rounds", f"{out} holds a run already {max(versions)} rounds long; --rounds "
+        f"{config.rounds} cannot shorten it (pass --rounds >= {max(versions)} to continue, "
+        "--fresh to start over, or choose another --output_dir)")
 
 
 def _start_fresh(out: Path) -> None:
@@ -159,8 +174,34 @@ def _start_fresh(out: Path) -> None:
   for name in (STATE_DIR, "model", "overlays", "clients", "eval_clients",
                releases.TENSORBOARD_DIR):
     shutil.rmtree(out / name, ignore_errors=True)
-  for name in ("metrics.csv", "metrics.png", "summary.json", "config.json"):
+  for name in ("metrics.csv", "metrics.png", "summary.json", "config.json", INVOCATIONS_FILE):
     (out / name).unlink(missing_ok=True)
+
+
+def completed_summary(out: Path, config: config_lib.RunConfig) -> Optional[dict]:
+  """The summary of a finished run in `out` with `config`'s settings, else None.
+
+  Finished means: its state holds round `config.rounds`, and `summary.json` (written
+  last, after the exported model) says it was written for that many rounds.
+  """
+  try:
+    summary = json.loads((out / "summary.json").read_text())
+  except (OSError, ValueError):
+    return None
+  if summary.get("rounds") != config.rounds or not (out / "model" / "config.json").is_file():
+    return None
+  versions = _saved_versions(out)
+  if not versions or max(versions) != config.rounds:
+    return None
+  return summary
+
+
+def _read_invocations(out: Path) -> list[dict]:
+  try:
+    entries = json.loads((out / INVOCATIONS_FILE).read_text())
+  except (OSError, ValueError):
+    return []
+  return entries if isinstance(entries, list) else []
 
 
 def _parse(value: Optional[str]) -> Optional[float]:
@@ -270,8 +311,20 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
     errors.UserError: Bad data, model or settings (one-line message), or TFF's worker
       died (e.g. out of memory; TFF itself would retry the round forever).
   """
+  config.validate()
+  out = Path(config.output_dir).expanduser()
+  out.mkdir(parents=True, exist_ok=True)
+  execution.end_orphaned_workers(out / WORKERS_FILE)
+  if not fresh and _saved_versions(out):
+    check_resumable(out, config)
+    done = completed_summary(out, config)
+    if done is not None:
+      log(f"{out}: this run is complete ({config.rounds} rounds; held-out test dice "
+          f"zero-shot {done['baseline']['dice']:.4f} -> fine-tuned {done['final']['dice']:.4f}); "
+          "nothing to do (--fresh redoes it, a larger --rounds continues it)")
+      return done
   progress = {"section": "setup"}
-  with execution.worker_watched(progress):
+  with execution.worker_watched(progress, pid_file=out / WORKERS_FILE):
     return _run_experiment(config, fresh=fresh, log=log, progress=progress)
 
 
@@ -297,19 +350,58 @@ def _round_line(round_num: int, row: dict, *, total: int, num_objects: int) -> s
           + (f"  robust aggregation: {robust}" if robust else ""))
 
 
+def _check_clients_per_round(config: config_lib.RunConfig, available: int, what: str) -> None:
+  errors.require(
+      config.clients_per_round <= available, "clients_per_round",
+      f"is {config.clients_per_round} but there are only {available} {what} (pass "
+      f"--clients_per_round={available} or fewer; with a flat --data_dir, --num_clients "
+      "sets how many clients it is split into)")
+
+
+class _ReportingProcess:
+  """The training process, reporting each round's progress while it runs."""
+
+  def __init__(self, process, *, progress_dir: Path, images: dict[str, int],
+               spec, log: Callable[[str], None]):
+    self.process = process
+    self.progress_dir = progress_dir
+    self.images = images
+    self.spec = spec
+    self.log = log
+
+  def next(self, state, client_ids: list[str]):
+    per_round = {c: self.images[c.rsplit(pipeline.ROUND_SEPARATOR, 1)[0]] for c in client_ids}
+    round_num = int(client_ids[0].rsplit(pipeline.ROUND_SEPARATOR, 1)[1]) if client_ids else 0
+    with progress_lib.RoundProgress(
+        progress_dir=self.progress_dir, round_num=round_num, batch_size=self.spec.batch_size,
+        expected={c: pipeline.expected_batches(n, self.spec) for c, n in per_round.items()},
+        images={c: n * self.spec.local_epochs for c, n in per_round.items()}, log=self.log):
+      return self.process.next(state, client_ids)
+
+
 def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
                     log: Callable[[str], None], progress: dict[str, str]) -> dict:
   """`run_experiment`'s body; keeps `progress["section"]` up to date."""
   start = time.time()
-  config.validate()
   out = Path(config.output_dir).expanduser()
-  out.mkdir(parents=True, exist_ok=True)
   versions = [] if fresh else _saved_versions(out)
   if versions:
     check_resumable(out, config)
   else:
     _start_fresh(out)
   fileio.write_text(out / "config.json", config.to_json() + "\n")
+  invocations = _read_invocations(out) if versions else []
+  invocation = {"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "resumed_after_round": max(versions) if versions else None,
+                "rounds_done": max(versions) if versions else 0, "wall_time_s": 0.0,
+                "finished": False}
+  invocations.append(invocation)
+
+  def record_invocation(**fields) -> None:
+    invocation.update(fields, wall_time_s=round(time.time() - start, 2))
+    fileio.write_json(out / INVOCATIONS_FILE, invocations)
+
+  record_invocation()
   cache_root = (Path(config.cache_dir).expanduser() if config.cache_dir
                 else fileio.default_cache_dir())
 
@@ -319,6 +411,7 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
   log(f"data: {len(splits.clients)} clients ({'sites' if splits.natural else config.partition}), "
       f"{splits.num_train_examples} training images, {len(splits.test)} test images in "
       f"{len(splits.test_clients)} held-out evaluation client(s)")
+  _check_clients_per_round(config, len(splits.clients), "clients in the data")
   bundle = build.load_sam(config.model, cache_dir=cache_root)
   log(f"model: {config.model} (encoder fingerprint {bundle.fingerprint})")
   records = _encode_all(config, splits, bundle, cache_root, skipped, log)
@@ -326,6 +419,7 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
   client_ids = [c for c, n in counts.items() if n > 0]
   if not client_ids:
     raise errors.DataError(out / "clients", "no client has an image with objects to train on")
+  _check_clients_per_round(config, len(client_ids), "clients with objects to train on")
 
   # Held-out records by evaluation client (skipped examples have no record).
   client_of = {id(e): c for c, exs in splits.test_clients.items() for e in exs}
@@ -344,7 +438,8 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
   task = tasks.build_task(
       config=config, bundle=bundle, client_ids=client_ids, manifest_dir=out / "clients",
       evaluation_clients=fed_clients, evaluation_manifest_dir=out / "eval_clients",
-      evaluation_chunk=min(tasks.EVAL_CHUNK, max(objects, default=1)))
+      evaluation_chunk=min(tasks.EVAL_CHUNK, max(objects, default=1)),
+      progress_dir=out / PROGRESS_DIR)
   if versions:
     _check_saved_metrics(out, max(versions))
 
@@ -365,16 +460,21 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
     return {"train_loss": float(train["loss"]), "train_dice": float(train["dice"]),
             **aggregation.aggregation_metrics(result.metrics["aggregator"])}
 
+  def on_round(round_num: int, row: dict) -> None:
+    log(_round_line(round_num, row, total=config.rounds, num_objects=evaluator.num_objects))
+    record_invocation(rounds_done=round_num)
+
   state, _ = program_logic.train_model(
-      train_process=task.training_process, initial_state=task.initial_state,
+      train_process=_ReportingProcess(task.training_process, progress_dir=out / PROGRESS_DIR,
+                                      images=counts, spec=task.pipeline_spec, log=log),
+      initial_state=task.initial_state,
       total_rounds=config.rounds, client_selection=select, round_metrics=train_metrics,
       evaluation=evaluate, evaluation_periodicity=config.eval_every,
       program_state_manager=_state_manager(out),
       metrics_release_manager=releases.build_release_manager(
           metrics_csv=out / "metrics.csv", tensorboard_dir=out / releases.TENSORBOARD_DIR),
       columns=list(_empty_row(eval_clients)),
-      on_round=lambda r, row: log(_round_line(r, row, total=config.rounds,
-                                              num_objects=evaluator.num_objects)),
+      on_round=on_round,
       on_resume=lambda v: log(f"resuming {out} after round {v}/{config.rounds}"))
 
   # Outputs.
@@ -390,6 +490,7 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
                                   zero_shot_model=zero_shot, fine_tuned_model=fine_tuned)
   releases.write_tensorboard_images(out / releases.TENSORBOARD_DIR, overlays,
                                     step=config.rounds)
+  record_invocation(finished=True)
   summary = {
       "config": config.to_dict(),
       **results,
@@ -400,7 +501,8 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
       "clients": counts,
       "cache": vars(records.stats),
       "overlays": [str(p.relative_to(out)) for p in overlays],
-      "wall_time_s": round(time.time() - start, 2),
+      "invocations": invocations,
+      "wall_time_s": round(sum(i["wall_time_s"] for i in invocations), 2),
   }
   fileio.write_json(out / "summary.json", summary)
   log(f"held-out test dice: zero-shot {baseline['dice']:.4f} -> fine-tuned {final['dice']:.4f}  "

@@ -112,7 +112,8 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
                sam_config: Any = None, evaluation_clients: Sequence[str] = (),
                evaluation_manifest_dir: Optional[Path] = None,
                evaluation_chunk: int = EVAL_CHUNK,
-               loop_implementation: str = LOOP_IMPLEMENTATION) -> Task:
+               loop_implementation: str = LOOP_IMPLEMENTATION,
+               progress_dir: Optional[Path] = None) -> Task:
   """Builds the run's processes, initial state and pipelines.
 
   Args:
@@ -130,6 +131,8 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
     evaluation_chunk: Prompts per federated evaluation example.
     loop_implementation: The client loop of the training process
       (`dataset_iterator`, the program's, or `dataset_reduce`, TFF's default).
+    progress_dir: Where the training clients report their progress in a round
+      (`pipeline.PipelineSpec.progress_dir`); None = no reports.
 
   Returns:
     The task.
@@ -152,7 +155,8 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
         loss=config.loss, train_iou_head=config.train_iou_head, online_encoder=encoder)
     return model_fn, client_data
 
-  spec = _spec(config, manifest_dir=manifest_dir, **shapes)
+  spec = _spec(config, manifest_dir=manifest_dir, **shapes,
+               progress_dir=None if progress_dir is None else str(Path(progress_dir).resolve()))
   model_fn, client_data = model_fn_for(spec, client_ids)
   aggregator = aggregation.build_model_aggregator(
       zeroing=config.zeroing, zeroing_quantile=config.zeroing_quantile,

@@ -7,8 +7,11 @@ Hugging Face hub id such as `facebook/sam-vit-base`, or a local directory writte
 `build_online_model` build the trainable models carrying a bundle's weights.
 """
 
+import difflib
 import hashlib
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -67,21 +70,44 @@ def _build_tiny() -> tf.keras.Model:
   return sam
 
 
+# Hub ids of SAM checkpoints transformers can load; the nearest-name suggestions.
+KNOWN_HUB_IDS = ("facebook/sam-vit-base", "facebook/sam-vit-large", "facebook/sam-vit-huge")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _unknown_model_error(name: str) -> errors.ModelError:
+  """'not found' for `name`, suggesting the nearest known name if there is one."""
+  known = (config_lib.MOBILE_SAM_MODEL, config_lib.TINY_MODEL) + KNOWN_HUB_IDS
+  close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+  hint = f"did you mean --model {close[0]}? " if close else ""
+  return errors.ModelError(
+      f"--model {name}: not found (no such directory, and not a built-in name or a hub id "
+      f"org/name); {hint}built-in: {config_lib.MOBILE_SAM_MODEL} (real MobileSAM weights), "
+      f"{config_lib.TINY_MODEL} (random, for tests); or a directory written by save_pretrained")
+
+
 def _from_pretrained(name: str) -> tf.keras.Model:
+  """`TFSamModel.from_pretrained` of a local directory or a hub id, errors in one line."""
   local = Path(name).expanduser()
-  looks_local = local.exists() or name.startswith((".", "/", "~"))
-  if looks_local and not (local / "config.json").is_file():
-    raise errors.ModelError(
-        f"--model {name}: no config.json in that directory (expected a folder written by "
-        "save_pretrained, e.g. a run's model/)")
+  if local.exists():
+    if not local.is_dir():
+      raise errors.ModelError(f"--model {name}: is a file, not a model directory (expected "
+                              "a folder written by save_pretrained, e.g. a run's model/)")
+    if not (local / "config.json").is_file():
+      raise errors.ModelError(
+          f"--model {name}: no config.json in that directory (expected a folder written by "
+          "save_pretrained, e.g. a run's model/)")
+  elif name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+    # Not a directory and not shaped like a hub id: never ask the hub (it would retry).
+    raise _unknown_model_error(name)
   try:
-    return TFSamModel.from_pretrained(str(local) if looks_local else name)
+    return TFSamModel.from_pretrained(str(local) if local.exists() else name)
   except (OSError, ValueError, EnvironmentError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise errors.ModelError(
         f"--model {name}: cannot load it ({first[:200]}). Hub ids need network access to "
         "the Hugging Face Hub; offline, pass a local directory written by save_pretrained "
-        f"or --model {config_lib.TINY_MODEL}") from None
+        f"or --model {config_lib.MOBILE_SAM_MODEL}") from None
 
 
 def _load_directory_encoder(directory: Path) -> Optional[tf.keras.Model]:
@@ -116,6 +142,9 @@ def load_sam(name: str, *, cache_dir: Optional[Path] = None) -> sam_lib.SamBundl
   """
   encoder = None
   if name == config_lib.TINY_MODEL:
+    logging.getLogger("tff_sam.models").warning(
+        "--model %s is a small SAM with RANDOM weights (for tests): its masks mean nothing; "
+        "use --model %s for real pretrained weights", name, config_lib.MOBILE_SAM_MODEL)
     sam = _build_tiny()
   elif name == config_lib.MOBILE_SAM_MODEL:
     sam, encoder = mobile_sam.load_mobile_sam(cache_dir=cache_dir)

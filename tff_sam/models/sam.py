@@ -10,6 +10,7 @@
 """
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -112,7 +113,15 @@ class SamBundle:
                 "decoder; compute image embeddings with tff_sam.models.tinyvit."})
 
   def encoder_fn(self) -> Callable[[tf.Tensor], tf.Tensor]:
-    """A compiled function pixel_values -> image embeddings."""
+    """The bundle's one compiled function pixel_values -> image embeddings.
+
+    Built on first use and reused for the whole run (every site, the test set,
+    evaluation), so the encoder is traced once.
+    """
+    return self._encoder_function
+
+  @functools.cached_property
+  def _encoder_function(self) -> Callable[[tf.Tensor], tf.Tensor]:
     side = image_size(self.config)
     signature = [tf.TensorSpec([None, 3, side, side], tf.float32)]
     if self.image_encoder is not None:

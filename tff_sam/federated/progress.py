@@ -1,0 +1,110 @@
+"""Progress inside a round: how far the sampled clients' local training has come.
+
+A round is one call into TFF's worker, which trains every sampled client; without
+help the Python process learns nothing until the round ends (minutes on a CPU). The
+training pipeline reports from inside the worker (`data.pipeline`,
+`PipelineSpec.progress_dir`): each time a client takes a batch it overwrites the file
+`<progress_dir>/<client>@<round>` with the number of batches taken. `RoundProgress`
+polls those files while a round runs and reports clients finished and images
+trained with the elapsed time: on a terminal as one line on stderr that updates in
+place (cleared before anything else is printed), elsewhere (a log file, a notebook)
+as one line per client that finishes.
+"""
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Optional, TextIO
+
+
+def read_batches(path: Path) -> int:
+  """Batches a client reported in `path` (0 if not yet written or mid-write)."""
+  try:
+    return int(path.read_text().strip() or 0)
+  except (OSError, ValueError):
+    return 0
+
+
+def describe(done: Mapping[str, int], *, expected: Mapping[str, int], batch_size: int,
+             images: Mapping[str, int], elapsed: float, round_num: int) -> str:
+  """The progress line: clients finished, images trained, seconds elapsed."""
+  finished = sum(done.get(c, 0) >= n for c, n in expected.items())
+  trained = sum(min(done.get(c, 0) * batch_size, images[c]) for c in expected)
+  return (f"  round {round_num}: {finished}/{len(expected)} clients done, "
+          f"{trained}/{sum(images.values())} images trained, {elapsed:.0f} s")
+
+
+class RoundProgress:
+  """Reports the progress of one round while it runs (a context manager).
+
+  Args:
+    progress_dir: The pipeline's `progress_dir`.
+    round_num: The round.
+    expected: Client id (as passed to the process, `<client>@<round>`) -> batches it
+      takes this round (`pipeline.expected_batches`).
+    images: Client id -> images it trains on this round (epochs included).
+    batch_size: Images per batch.
+    log: Where per-client lines go when `stream` is not a terminal.
+    stream: The terminal stream for the updating line.
+    interval: Seconds between looks at the files.
+  """
+
+  def __init__(self, *, progress_dir: Path, round_num: int, expected: Mapping[str, int],
+               images: Mapping[str, int], batch_size: int,
+               log: Callable[[str], None] = print, stream: Optional[TextIO] = None,
+               interval: float = 1.0):
+    self.progress_dir = Path(progress_dir)
+    self.round_num = round_num
+    self.expected = dict(expected)
+    self.images = dict(images)
+    self.batch_size = batch_size
+    self.log = log
+    self.stream = stream if stream is not None else sys.stderr
+    self.interval = interval
+    self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+    self.reported: set[str] = set()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="round-progress", daemon=True)
+    self._start = 0.0
+    self._shown = False
+
+  def __enter__(self) -> "RoundProgress":
+    self.progress_dir.mkdir(parents=True, exist_ok=True)
+    for client in self.expected:  # A resumed round starts from zero.
+      (self.progress_dir / client).unlink(missing_ok=True)
+    self._start = time.monotonic()
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join(timeout=5)
+    if exc[0] is None:
+      self.poll()  # Clients that finished since the last look are reported too.
+    if self._shown:  # Clear the updating line so the next line starts clean.
+      self.stream.write("\r\033[K")
+      self.stream.flush()
+    for client in self.expected:
+      (self.progress_dir / client).unlink(missing_ok=True)
+
+  def poll(self) -> dict[str, int]:
+    """Looks at the files once; reports newly finished clients; returns batches done."""
+    done = {c: read_batches(self.progress_dir / c) for c in self.expected}
+    elapsed = time.monotonic() - self._start
+    line = describe(done, expected=self.expected, batch_size=self.batch_size,
+                    images=self.images, elapsed=elapsed, round_num=self.round_num)
+    if self.tty:
+      self.stream.write("\r\033[K" + line)
+      self.stream.flush()
+      self._shown = True
+      return done
+    for client, n in self.expected.items():
+      if done[client] >= n and client not in self.reported:
+        self.reported.add(client)
+        self.log(f"{line}  ({client.rsplit('@', 1)[0]} finished)")
+    return done
+
+  def _run(self) -> None:
+    while not self._stop.wait(self.interval):
+      self.poll()
