@@ -20,6 +20,10 @@ TORCH_STAMP := $(TORCH_VENV)/.tff_sam-torch-env-$(TORCH_HASH)
 ENV_HASH := $(shell { cat requirements.lock setup.cfg pyproject.toml; echo "gpu=$(GPU) tf2onnx=$(TF2ONNX_VERSION)"; } 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.tff_sam-env-$(ENV_HASH)
 PYTEST_ARGS ?=
+# Tests run in this many processes (pytest-xdist), each file's tests in one of them
+# (module fixtures are built once); 2 = the CI machine's cores. PYTEST_WORKERS=0: one.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 # GPU=1 also installs TF's CUDA runtime wheels (several GB; see BUILD_NOTES.md).
 GPU ?=
 
@@ -53,10 +57,10 @@ demo: install
 	$(VPY) -m tff_sam.experiments.run --flagfile=experiments/demo.flags
 
 test: install install-torch
-	TFF_SAM_TORCH_PYTHON=$(CURDIR)/$(TORCH_VENV)/bin/python $(VPY) -m pytest -q $(PYTEST_ARGS)
+	TFF_SAM_TORCH_PYTHON=$(CURDIR)/$(TORCH_VENV)/bin/python $(VPY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: install install-torch
-	TFF_SAM_TORCH_PYTHON=$(CURDIR)/$(TORCH_VENV)/bin/python $(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	TFF_SAM_TORCH_PYTHON=$(CURDIR)/$(TORCH_VENV)/bin/python $(VPY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
 clean-env:
 	rm -rf $(VENV) $(TORCH_VENV)

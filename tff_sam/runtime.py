@@ -18,6 +18,8 @@ import sys
 import tempfile
 from typing import Callable, Iterator, Optional
 
+from absl import app
+from absl import logging as absl_logging
 import psutil
 
 from tff_sam import errors
@@ -49,6 +51,23 @@ def import_tensorflow_quietly() -> None:
         if not TF_IMPORT_NOISE.search(line):
           sys.stderr.write(line)
       sys.stderr.flush()
+
+
+def begin_binary(argv: list[str], *, warnings_only: bool = True) -> None:
+  """The common start of a binary's `main`, after absl parsed its flags.
+
+  Refuses stray positional arguments, shows only warnings and errors of absl's log
+  (unless `warnings_only` is False, e.g. the user passed `-v`), and imports
+  TensorFlow without its import noise (`import_tensorflow_quietly`).
+
+  Raises:
+    app.UsageError: `argv` holds more than the program name.
+  """
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if warnings_only:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  import_tensorflow_quietly()
 
 
 def _end_progress_bars() -> None:

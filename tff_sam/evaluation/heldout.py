@@ -124,18 +124,19 @@ class Evaluator:
     self.clients = list(clients) if clients is not None else None
     if self.clients is not None and len(self.clients) != len(self.images):
       raise ValueError(f"{len(self.clients)} clients for {len(self.images)} test images")
-    self._forward = None
-    self._forward_model = None
+    # One compiled forward per model (the run's decoder, the zero-shot one of the
+    # overlays), shapes relaxed: no retracing per chunk size or model switch.
+    self._forwards: dict[tf.keras.Model, object] = {}
 
   @property
   def num_objects(self) -> int:
     return sum(len(im.ids) for im in self.images)
 
   def _compiled(self, model: tf.keras.Model):
-    if self._forward_model is not model:
-      self._forward = tf.function(lambda x: model(x, training=False)["masks"])
-      self._forward_model = model
-    return self._forward
+    if model not in self._forwards:
+      self._forwards[model] = tf.function(lambda x: model(x, training=False)["masks"],
+                                          reduce_retracing=True)
+    return self._forwards[model]
 
   def predict(self, model: tf.keras.Model, image: _TestImage) -> np.ndarray:
     """Boolean masks (K, H, W) at the original resolution, one per object."""

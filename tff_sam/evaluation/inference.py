@@ -71,7 +71,8 @@ class Predictor:
     self.bundle = bundle
     self.prompt = prompt
     self._model = build.build_prompt_mask_decoder(bundle, prompt=prompt)
-    self._forward = tf.function(lambda x: self._model(x, training=False)["masks"])
+    self._forward = tf.function(lambda x: self._model(x, training=False)["masks"],
+                                reduce_retracing=True)  # Any number of prompts.
     self._encode = bundle.encoder_fn()
     self._input_size = sam_lib.image_size(bundle.config)
 

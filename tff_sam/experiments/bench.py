@@ -16,7 +16,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation ba
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-from absl import logging
 
 from tff_sam import config as config_lib
 from tff_sam import runtime
@@ -82,11 +81,7 @@ def _log(line: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  runtime.import_tensorflow_quietly()
+  runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
   # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
   from tff_sam.bench import runner  # pylint: disable=g-import-not-at-top
   from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation ba
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-from absl import logging
 
 from tff_sam import config as config_lib
 from tff_sam import runtime
@@ -42,10 +41,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
-  runtime.import_tensorflow_quietly()
+  runtime.begin_binary(argv)
   # lazy: TensorFlow loads only after the flags parsed (a fast --help).
   from tff_sam import fileio  # pylint: disable=g-import-not-at-top
   from tff_sam.evaluation import heldout  # pylint: disable=g-import-not-at-top

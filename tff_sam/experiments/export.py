@@ -18,7 +18,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation ba
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-from absl import logging
 
 from tff_sam import config as config_lib
 from tff_sam import errors
@@ -35,10 +34,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
-  runtime.import_tensorflow_quietly()
+  runtime.begin_binary(argv)
   # lazy: TensorFlow loads only after the flags parsed (a fast --help).
   from tff_sam.export import formats  # pylint: disable=g-import-not-at-top
 

@@ -17,7 +17,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation ba
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-from absl import logging
 
 from tff_sam import config as config_lib
 from tff_sam import runtime
@@ -47,10 +46,7 @@ def _numbers(text: str, flag: str, counts: tuple[int, ...]) -> list[float]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
-  runtime.import_tensorflow_quietly()
+  runtime.begin_binary(argv)
   # lazy: TensorFlow loads only after the flags parsed (a fast --help).
   from tff_sam.evaluation import inference  # pylint: disable=g-import-not-at-top
 

@@ -23,8 +23,7 @@ _CACHE_DIR = flags.DEFINE_string(
 
 
 def main(argv: list) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  runtime.begin_binary(argv)
 
   def job():
     root = sample_data.prepare_sample_data(_OUTPUT_DIR.value, cache_dir=_CACHE_DIR.value)

@@ -15,7 +15,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation ba
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-from absl import logging
 
 from tff_sam import config as config_lib
 from tff_sam import runtime
@@ -153,11 +152,8 @@ def config_from_flags() -> config_lib.RunConfig:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS["verbosity"].present:  # -v 0 shows the per-round release log.
-    logging.set_verbosity(logging.WARNING)
-  runtime.import_tensorflow_quietly()
+  # -v 0 shows the per-round release log.
+  runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
   # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
   from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top
   from tff_sam.federated import program  # pylint: disable=g-import-not-at-top
