@@ -5,6 +5,7 @@ session ends."""
 import dataclasses
 import importlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,14 @@ def _offline(monkeypatch, tmp_path):
   monkeypatch.setenv("TFF_SAM_CACHE", str(tmp_path / "cache"))
 
 
+def pytest_unconfigure(config):
+  """Disarms TFF's worker finalizers in every pytest process, also pytest-xdist's
+  controller, which imports TFF but runs no test (its `ServiceManager.__del__` would
+  print a traceback at exit)."""
+  del config
+  execution.end_workers()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _tff_execution_for_the_session():
   """TFF's execution context as the binaries install it; its workers end at the end.
@@ -57,6 +66,10 @@ def _tff_execution_for_the_session():
   leave the context unusable for later tests (ProcessLookupError), so that happens
   only after the last test.
   """
+  # pytest-xdist's worker processes start with SIGINT ignored, and children inherit an
+  # ignored signal: the binaries the tests start would ignore Ctrl-C, and neither
+  # KeyboardInterrupt nor TFF's SIGINT to its worker would work. Restore Python's handler.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   execution.configure_tff_execution()
   yield
   execution.end_workers()

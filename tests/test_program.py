@@ -221,15 +221,16 @@ def test_rounds_report_their_clients_as_they_finish(reference_run, reference_set
   """Inside each round: one line per client that finished (the log is not a terminal)."""
   lines = reference_run.lines
   for r in range(1, reference_settings["rounds"] + 1):
-    mine = [line for line in lines if line.startswith(f"  round {r}: ")]
+    mine = [line for line in lines if line.startswith(f"  round {r}: ") and "finished" in line]
     assert len(mine) == 2, lines  # clients_per_round
     assert "1/2 clients done" in mine[0] or "2/2 clients done" in mine[0]
     assert mine[1].startswith(f"  round {r}: 2/2 clients done")
     total = int(re.search(r"/(\d+) images trained", mine[1]).group(1))
     assert f"{total}/{total} images trained" in mine[1]
-    # Before the round's own line.
-    assert lines.index(mine[1]) < next(i for i, line in enumerate(lines)
-                                       if line.startswith(f"round {r}/"))
+    # Before the round's own line, as is the announcement of its evaluation.
+    end = next(i for i, line in enumerate(lines) if line.startswith(f"round {r}/"))
+    assert lines.index(mine[1]) < end
+    assert lines[end - 1].startswith(f"  round {r}: held-out evaluation (")
 
 
 def test_defaults_are_real_models():

@@ -21,6 +21,13 @@ from tff_sam.federated import execution
 from tff_sam import runtime
 
 
+@pytest.fixture(autouse=True)
+def _no_reaping(monkeypatch):
+  """`run_job` ends every child of this process when it returns: in the test process
+  that would also end the session's TFF worker, which later tests need."""
+  monkeypatch.setattr(runtime, "terminate_children", lambda **_: 0)
+
+
 @pytest.fixture
 def fake_worker(tmp_path):
   path = tmp_path / execution.WORKER_BINARY

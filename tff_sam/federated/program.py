@@ -446,6 +446,8 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
   def evaluate(state, round_num: int) -> dict:
     progress["section"] = (f"round {round_num}" if round_num
                            else "round 0 (zero-shot evaluation)")
+    log(f"  round {round_num}: held-out evaluation ({evaluator.num_objects} objects; "
+        f"federated evaluation on {len(fed_clients)} client(s))")
     result = evaluator(task.load_state(state))
     return {**_central_metrics(result, eval_clients), **task.federated_evaluation(state)}
 
