@@ -25,6 +25,7 @@ def _positive(value) -> bool:
   return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_bench_smoke_run_writes_table_and_json(tmp_path):
   out = tmp_path / "bench"
   proc = _run_bench([f"--output_dir={out}", "--arch=tiny", "--clients=2",

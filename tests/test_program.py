@@ -266,6 +266,7 @@ def test_cli_user_mistakes_exit_nonzero_with_one_line(tmp_path, reference_data, 
   assert expected in result.error_lines()[0]
 
 
+@pytest.mark.slow
 def test_cli_flagfile_run_and_evaluate(tmp_path, reference_data, reference_cache, run_binary):
   flagfile = tmp_path / "exp.flags"
   out = tmp_path / "run"

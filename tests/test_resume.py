@@ -141,6 +141,7 @@ def _cli(out, settings):
           *[f"--{k}={v}" for k, v in s.items()]]
 
 
+@pytest.mark.slow
 def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference,
                                                              reference_settings):
   out = tmp_path / "killed"
@@ -178,6 +179,7 @@ def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference
       assert summary[key][metric] == pytest.approx(ref[key][metric], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_ends_run_and_its_worker(tmp_path, reference_settings, sig):
   """Ctrl-C or SIGTERM while TFF works (its worker is running) ends run and worker."""
@@ -198,6 +200,7 @@ def test_signal_ends_run_and_its_worker(tmp_path, reference_settings, sig):
   assert not alive, "TFF worker_binary outlived the run"
 
 
+@pytest.mark.slow
 def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, reference_settings):
   """TFF restarts a killed worker and retries the round forever; the run must end."""
   out = tmp_path / "oom"
@@ -225,6 +228,7 @@ def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, reference_sett
   assert last.startswith("error: TFF's worker_binary (pid ") and "died during round" in last, last
 
 
+@pytest.mark.slow
 def test_subrounds_give_the_same_rounds(tmp_path, reference, reference_settings):
   """`--clients_per_subround`: TFF's mergeable execution, one client per subround.
 

@@ -218,7 +218,11 @@ def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
     with tf.control_dependencies([tf.io.write_file(report, tf.strings.as_string(index + 1))]):
       return tf.nest.map_structure(tf.identity, batch)
 
-  return batches.enumerate().map(reported)
+  # No prefetch injected after the report (tf.data's default optimization would run it
+  # ahead of the training loop): the count is of batches the loop has taken.
+  options = tf.data.Options()
+  options.experimental_optimization.inject_prefetch = False
+  return batches.enumerate().map(reported).with_options(options)
 
 
 def expected_batches(num_images: int, spec: PipelineSpec) -> int:
