@@ -82,6 +82,7 @@ def test_online_model_equals_decoder_on_encoder_output(bundle):
                                                + len(online.decoder.non_trainable_weights))
 
 
+@pytest.mark.slow
 def test_online_mode_matches_cached_mode(tmp_path, reference_run, reference_settings):
   """One online round against rounds 0-1 of the (cached) reference run, same settings."""
   config = config_lib.RunConfig(

@@ -45,6 +45,7 @@ def test_reference_saves_bounded_state_versions(reference, reference_settings):
   assert _rounds(out) == list(range(rounds + 1))
 
 
+@pytest.mark.slow
 def test_resume_after_crash_between_metrics_and_state(tmp_path, reference, reference_settings):
   """A crash after round 3's metrics were written but before its state was saved."""
   ref_out, ref_summary = reference
@@ -67,6 +68,7 @@ def test_resume_after_crash_between_metrics_and_state(tmp_path, reference, refer
       assert summary[key][metric] == pytest.approx(ref_summary[key][metric], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_other_settings_are_refused_naming_the_flags(tmp_path, reference, reference_settings):
   out = tmp_path / "copy"
   shutil.copytree(reference[0], out)
@@ -104,6 +106,7 @@ def test_rerun_of_a_finished_run_is_a_no_op(tmp_path, reference, reference_setti
     program.run_experiment(dataclasses.replace(config, seed=99), log=lines.append)
 
 
+@pytest.mark.slow
 def test_more_rounds_continue_a_finished_run(tmp_path, reference, reference_settings):
   out = tmp_path / "longer"
   shutil.copytree(reference[0], out)
