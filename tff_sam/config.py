@@ -34,6 +34,12 @@ MODEL_HELP = ("mobile_sam (MobileSAM's real pretrained weights; the default), a 
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("dice_ce", "bce", "focal_dice")
 SERVER_OPTIMIZERS = ("sgd", "adam")
+CLIENT_OPTIMIZERS = ("adam", "sgd")
+# Where TFF runs the rounds (`--execution`): its C++ worker (CPU only) or TensorFlow in
+# the Python process from TFF's compiled forms (`federated.tf_execution`; GPUs).
+CPP_EXECUTION = "cpp"
+TF_EXECUTION = "tf"
+EXECUTIONS = (CPP_EXECUTION, TF_EXECUTION)
 # Benchmark architectures: SAM ViT-B with random weights (timing only), the tiny
 # random-init SAM, MobileSAM's real weights.
 VIT_B_ARCH = "vit_b"
@@ -99,6 +105,7 @@ class RunConfig:
   clients_per_subround: int = 0
   local_epochs: int = 1
   batch_size: int = 2
+  client_optimizer: str = "adam"
   client_lr: float = 1e-5
   server_optimizer: str = "sgd"
   server_lr: float = 1.0
@@ -110,6 +117,8 @@ class RunConfig:
   clipping: bool = True
   clipping_quantile: float = 0.8
   clipping_initial_norm: float = 1.0
+  # Execution: where TFF runs the computations (`EXECUTIONS`).
+  execution: str = CPP_EXECUTION
   # Evaluation.
   eval_every: int = 1
   eval_max_objects: int = 0
@@ -149,7 +158,11 @@ class RunConfig:
                    f"must be >= 0 (0 = all at once), got {self.clients_per_subround}")
     errors.require(self.local_epochs >= 1, "local_epochs", f"must be >= 1, got {self.local_epochs}")
     errors.require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+    errors.require(self.client_optimizer in CLIENT_OPTIMIZERS, "client_optimizer",
+                   f"must be one of {CLIENT_OPTIMIZERS}, got {self.client_optimizer!r}")
     errors.require(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
+    errors.require(self.execution in EXECUTIONS, "execution",
+                   f"must be one of {EXECUTIONS}, got {self.execution!r}")
     errors.require(self.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer",
                    f"must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
     errors.require(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")

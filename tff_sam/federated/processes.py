@@ -62,21 +62,23 @@ def build_optimizer(name: str, learning_rate: float):
 
 
 def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
-                           server_lr: float, model_aggregator=None,
+                           server_lr: float, client_optimizer: str = "adam",
+                           model_aggregator=None,
                            loop_implementation: str = "dataset_iterator"):
   """Weighted FedAvg (`tff.learning.algorithms.build_weighted_fed_avg`).
 
-  Clients run Adam at `client_lr` for their local epochs; the server applies the
-  example-weighted mean update with `server_optimizer` at `server_lr`. The client loop
-  iterates the dataset (`LoopImplementation.DATASET_ITERATOR`): TFF's default
+  Clients run `client_optimizer` (Adam by default) at `client_lr` for their local
+  epochs; the server applies the example-weighted mean update with
+  `server_optimizer` at `server_lr`. The client loop iterates the dataset (`LoopImplementation.DATASET_ITERATOR`): TFF's default
   `dataset.reduce` loop measured several times slower per round and, in online mode at
   ViT-B size, about twice the worker memory (BENCHMARKS.md).
 
   Args:
     model_fn: See `build_model_fn`.
-    client_lr: Client Adam learning rate.
+    client_lr: Client learning rate.
     server_optimizer: `sgd` or `adam`.
     server_lr: Server learning rate.
+    client_optimizer: `adam` or `sgd` (plain, no momentum).
     model_aggregator: Aggregation factory (default
       `aggregation.build_model_aggregator()`).
     loop_implementation: The client loop, a `tff.learning.LoopImplementation` name
@@ -85,7 +87,7 @@ def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
   """
   return tff.learning.algorithms.build_weighted_fed_avg(
       model_fn,
-      client_optimizer_fn=build_optimizer("adam", client_lr),
+      client_optimizer_fn=build_optimizer(client_optimizer, client_lr),
       server_optimizer_fn=build_optimizer(server_optimizer, server_lr),
       model_aggregator=model_aggregator or aggregation.build_model_aggregator(),
       loop_implementation=tff.learning.LoopImplementation[loop_implementation.upper()])

@@ -165,7 +165,8 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
       clipping_initial_norm=config.clipping_initial_norm)
   training_process = processes.compose_with_client_data(
       processes.build_training_process(
-          model_fn=model_fn, client_lr=config.client_lr,
+          model_fn=model_fn, client_optimizer=config.client_optimizer,
+          client_lr=config.client_lr,
           server_optimizer=config.server_optimizer, server_lr=config.server_lr,
           model_aggregator=aggregator, loop_implementation=loop_implementation),
       client_data)
