@@ -9,6 +9,7 @@ into a validated `RunConfig`; user mistakes end with one `error:` line and exit 
 
 import dataclasses
 import os
+from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF and TFF's C++ worker: errors only.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation banner.
@@ -72,7 +73,9 @@ flags.DEFINE_integer("clients_per_subround", _F["clients_per_subround"],
                      "group, not the round; 0 = all at once.")
 flags.DEFINE_integer("local_epochs", _F["local_epochs"], "Local epochs per round.")
 flags.DEFINE_integer("batch_size", _F["batch_size"], "Images per local batch.")
-flags.DEFINE_float("client_lr", _F["client_lr"], "Client Adam learning rate.")
+flags.DEFINE_enum("client_optimizer", _F["client_optimizer"], config_lib.CLIENT_OPTIMIZERS,
+                  "Optimizer of the clients' local steps (sgd = plain, no momentum).")
+flags.DEFINE_float("client_lr", _F["client_lr"], "Client learning rate.")
 flags.DEFINE_enum("server_optimizer", _F["server_optimizer"], config_lib.SERVER_OPTIMIZERS,
                   "Server optimizer applied to the averaged update.")
 flags.DEFINE_float("server_lr", _F["server_lr"], "Server learning rate.")
@@ -91,6 +94,12 @@ flags.DEFINE_float("clipping_quantile", _F["clipping_quantile"],
                    "Quantile of clients' update L2 norms the clipping norm tracks.")
 flags.DEFINE_float("clipping_initial_norm", _F["clipping_initial_norm"],
                    "Starting L2 clipping norm.")
+# Execution.
+flags.DEFINE_enum("execution", "auto", ("auto",) + config_lib.EXECUTIONS,
+                  "Where TFF runs the rounds: cpp = TFF's C++ worker (CPU only); tf = TFF's "
+                  "compiled rounds run by TensorFlow in this process, on the GPU(s) it sees; "
+                  "auto = tf when TensorFlow sees a GPU, else cpp. A run may be resumed with "
+                  "the other execution.")
 # Evaluation.
 flags.DEFINE_integer("eval_every", _F["eval_every"], "Evaluate on the held-out data (central "
                      "test split and federated evaluation on held-out clients) every N rounds.")
@@ -111,11 +120,12 @@ HELP_GROUPS = (
     ("model", ("model", "train_iou_head", "embedding_cache", "cache_dir", "encode_batch_size")),
     ("prompts", ("prompt", "box_jitter", "box_jitter_fraction", "num_points",
                  "num_negative_points", "prompts_per_image")),
-    ("training (on each client)", ("local_epochs", "batch_size", "client_lr", "loss", "seed")),
+    ("training (on each client)", ("local_epochs", "batch_size", "client_optimizer", "client_lr", "loss",
+                                   "seed")),
     ("federated (rounds and aggregation)", (
         "rounds", "clients_per_round", "clients_per_subround", "server_optimizer", "server_lr",
         "zeroing", "zeroing_quantile", "zeroing_multiplier", "clipping", "clipping_quantile",
-        "clipping_initial_norm")),
+        "clipping_initial_norm", "execution")),
     ("evaluation", ("eval_every", "eval_max_objects")),
     ("output", ("output_dir", "fresh")),
 )
@@ -145,9 +155,15 @@ def parse_flags(argv: list[str]) -> list[str]:
   return app.parse_flags_with_usage(argv)
 
 
-def config_from_flags() -> config_lib.RunConfig:
-  """Copies the flags into a validated `RunConfig` (the only place flags are read)."""
+def config_from_flags(default_execution: Callable[[], str]) -> config_lib.RunConfig:
+  """Copies the flags into a validated `RunConfig` (the only place flags are read).
+
+  Args:
+    default_execution: What `--execution=auto` becomes (`execution.default_execution`).
+  """
   values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config_lib.RunConfig)}
+  if values["execution"] == "auto":
+    values["execution"] = default_execution()
   return config_lib.RunConfig(**values).validate()
 
 
@@ -159,8 +175,9 @@ def main(argv):
   from tff_sam.federated import program  # pylint: disable=g-import-not-at-top
 
   def job():
-    config = config_from_flags()
-    execution.configure_tff_execution(num_subrounds=config.num_subrounds)
+    config = config_from_flags(execution.default_execution)
+    execution.configure_tff_execution(execution=config.execution,
+                                      num_subrounds=config.num_subrounds)
     program.run_experiment(config, fresh=FLAGS.fresh)
 
   return runtime.run_job(job, cleanup=execution.end_workers)

@@ -1,8 +1,13 @@
 """Where TFF runs the program's computations, and the watch on its C++ worker.
 
-`configure_tff_execution` installs TFF's local C++ execution context: a
-`worker_binary` subprocess reached over gRPC on localhost, CPU only (it is built
-without CUDA). `WorkerWatch` (used through `worker_watched`) turns a worker killed
+`configure_tff_execution` installs one of two executions (`--execution`):
+
+* `cpp`: TFF's local C++ execution context, a `worker_binary` subprocess reached
+  over gRPC on localhost, CPU only (it is built without CUDA);
+* `tf`: `tf_execution.TensorFlowExecutionContext`, which runs the same computations
+  from TFF's compiled forms with TensorFlow in this process, on its GPUs if any.
+
+`default_execution` picks `tf` when TensorFlow sees a GPU, else `cpp`. `WorkerWatch` (used through `worker_watched`) turns a worker killed
 mid-computation (e.g. out of memory), which TFF would restart and retry forever,
 into an error.
 
@@ -31,9 +36,11 @@ from typing import Iterator, MutableMapping, Optional
 import psutil
 import tensorflow_federated as tff
 
+from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import fileio
 from tff_sam import runtime
+from tff_sam.federated import tf_execution
 
 WORKER_BINARY = "worker_binary"  # TFF's C++ worker (a child of the Python process)
 
@@ -66,24 +73,50 @@ def _cpp_context(sync: bool, max_concurrent_computation_calls: int):
                  transform_result=tff.tensorflow.transform_result)
 
 
-def configure_tff_execution(*, max_concurrent_computation_calls: int = -1,
-                            num_subrounds: int = 1) -> None:
-  """Installs TFF's local C++ execution context (CPU-only worker).
+def default_execution() -> str:
+  """`tf` when TensorFlow in this process sees a GPU, else `cpp`."""
+  return config_lib.TF_EXECUTION if tf_execution.visible_gpus() else config_lib.CPP_EXECUTION
 
-  The contexts are TFF's (`create_sync_local_cpp_execution_context` and its async
+
+def describe_execution(name: str) -> str:
+  """One line saying where the rounds of execution `name` run."""
+  if name == config_lib.TF_EXECUTION:
+    gpus = tf_execution.visible_gpus()
+    where = (f"on {len(gpus)} GPU(s): {', '.join(gpus)}" if gpus
+             else "on the CPU (TensorFlow sees no GPU)")
+    return f"execution: tf (TFF's compiled rounds run by TensorFlow in this process {where})"
+  return "execution: cpp (TFF's C++ worker_binary, CPU only)"
+
+
+def configure_tff_execution(*, execution: str = config_lib.CPP_EXECUTION,
+                            max_concurrent_computation_calls: int = -1,
+                            num_subrounds: int = 1) -> None:
+  """Installs the TFF execution context `execution` (`cpp` or `tf`).
+
+  `cpp`: TFF's contexts (`create_sync_local_cpp_execution_context` and its async
   and mergeable variants) with one change: `compile_for_cpp_worker` skips TFF's
-  static Grappler pass.
+  static Grappler pass. `tf`: `tf_execution.TensorFlowExecutionContext`, its
+  clients' work spread over every visible GPU when there are several.
 
   Args:
+    execution: `cpp` or `tf` (`config.EXECUTIONS`).
     max_concurrent_computation_calls: TFF's limit on concurrent calls in the C++
-      runtime (-1 = none).
-    num_subrounds: Above 1, TFF's mergeable-computation context: every computation
-      is compiled to `MergeableCompForm`, its clients are split into this many groups
-      run one after another on the same worker, and each group's partial aggregate
-      is merged into the running one as it finishes. The round's memory then grows
-      with the clients of one group instead of all of them; results equal the
-      one-shot round's up to float summation order.
+      runtime (-1 = none); `cpp` only.
+    num_subrounds: `cpp` only: above 1, TFF's mergeable-computation context: every
+      computation is compiled to `MergeableCompForm`, its clients are split into
+      this many groups run one after another on the same worker, and each group's
+      partial aggregate is merged into the running one as it finishes. The round's
+      memory then grows with the clients of one group instead of all of them;
+      results equal the one-shot round's up to float summation order. Under `tf`
+      clients are accumulated one at a time anyway, so it has no effect.
   """
+  if execution == config_lib.TF_EXECUTION:
+    gpus = tf_execution.visible_gpus()
+    tff.framework.set_default_context(
+        tf_execution.TensorFlowExecutionContext(devices=gpus if len(gpus) > 1 else ()))
+    return
+  if execution != config_lib.CPP_EXECUTION:
+    raise ValueError(f"unknown execution {execution!r}")
   if num_subrounds > 1:
     tff.backends.native.set_mergeable_comp_execution_context(
         [_cpp_context(False, max_concurrent_computation_calls)], num_subrounds=num_subrounds)

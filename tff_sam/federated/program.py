@@ -55,6 +55,7 @@ from tff_sam.federated import program_logic
 from tff_sam.federated import progress as progress_lib
 from tff_sam.federated import releases
 from tff_sam.federated import tasks
+from tff_sam.federated import tf_execution
 from tff_sam import fileio
 from tff_sam.models import build
 from tff_sam.models import sam as sam_lib
@@ -117,7 +118,7 @@ PROGRESS_DIR = ".progress"  # The clients' reports inside a round (`progress`).
 # Settings that may differ between a run and its resumption: how a round executes,
 # not what it computes (equal up to float summation order), and `rounds`, which may
 # grow (the run continues).
-RESUMABLE_DIFFERENCES = ("output_dir", "clients_per_subround", "rounds")
+RESUMABLE_DIFFERENCES = ("output_dir", "clients_per_subround", "execution", "rounds")
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -143,8 +144,16 @@ def _saved_versions(out: Path) -> list[int]:
   return list(versions or [])
 
 
-def check_resumable(out: Path, config: config_lib.RunConfig) -> None:
+def check_resumable(out: Path, config: config_lib.RunConfig, versions: list[int]) -> None:
   """Refuses to resume a run in `out` that was started with other settings.
+
+  A setting the saved `config.json` lacks (it predates the setting) counts as its
+  default.
+
+  Args:
+    out: The run's folder.
+    config: The settings of this invocation.
+    versions: The saved rounds in `out` (`_saved_versions`).
 
   Raises:
     errors.ConfigError: naming every differing flag.
@@ -152,7 +161,8 @@ def check_resumable(out: Path, config: config_lib.RunConfig) -> None:
   saved_path = out / "config.json"
   if not saved_path.exists():
     return
-  saved = json.loads(saved_path.read_text())
+  defaults = {f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)}
+  saved = {**defaults, **json.loads(saved_path.read_text())}
   current = config.to_dict()
   differing = sorted(k for k in set(saved) | set(current)
                      if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k))
@@ -161,7 +171,6 @@ def check_resumable(out: Path, config: config_lib.RunConfig) -> None:
     raise errors.ConfigError(
         differing[0], f"{out} holds a run with other settings: {flags}; rerun with the saved "
         "settings to resume, pass --fresh to start over, or choose another --output_dir")
-  versions = _saved_versions(out)
   if versions and config.rounds < max(versions):
     raise errors.ConfigError(
         "rounds", f"{out} holds a run already {max(versions)} rounds long; --rounds "
@@ -178,8 +187,11 @@ def _start_fresh(out: Path) -> None:
     (out / name).unlink(missing_ok=True)
 
 
-def completed_summary(out: Path, config: config_lib.RunConfig) -> Optional[dict]:
+def completed_summary(out: Path, config: config_lib.RunConfig,
+                      versions: list[int]) -> Optional[dict]:
   """The summary of a finished run in `out` with `config`'s settings, else None.
+
+  `versions` are the saved rounds in `out` (`_saved_versions`).
 
   Finished means: its state holds round `config.rounds`, and `summary.json` (written
   last, after the exported model) says it was written for that many rounds.
@@ -190,7 +202,6 @@ def completed_summary(out: Path, config: config_lib.RunConfig) -> Optional[dict]
     return None
   if summary.get("rounds") != config.rounds or not (out / "model" / "config.json").is_file():
     return None
-  versions = _saved_versions(out)
   if not versions or max(versions) != config.rounds:
     return None
   return summary
@@ -315,9 +326,10 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
   out = Path(config.output_dir).expanduser()
   out.mkdir(parents=True, exist_ok=True)
   execution.end_orphaned_workers(out / WORKERS_FILE)
-  if not fresh and _saved_versions(out):
-    check_resumable(out, config)
-    done = completed_summary(out, config)
+  versions = [] if fresh else _saved_versions(out)
+  if versions:
+    check_resumable(out, config, versions)
+    done = completed_summary(out, config, versions)
     if done is not None:
       log(f"{out}: this run is complete ({config.rounds} rounds; held-out test dice "
           f"zero-shot {done['baseline']['dice']:.4f} -> fine-tuned {done['final']['dice']:.4f}); "
@@ -325,7 +337,14 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
       return done
   progress = {"section": "setup"}
   with execution.worker_watched(progress, pid_file=out / WORKERS_FILE):
-    return _run_experiment(config, fresh=fresh, log=log, progress=progress)
+    try:
+      return _run_experiment(config, versions=versions, log=log, progress=progress)
+    except tf_execution.OutOfDeviceMemory as e:
+      raise errors.UserError(
+          f"out of device memory during {progress['section']} (--execution=tf: {e}); "
+          "lower --batch_size or --prompts_per_image (or use --embedding_cache in online "
+          "mode), then run the same command again: it resumes from the last saved "
+          "round") from None
 
 
 def _check_saved_metrics(out: Path, version: int) -> None:
@@ -379,17 +398,21 @@ class _ReportingProcess:
       return self.process.next(state, client_ids)
 
 
-def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
+def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
                     log: Callable[[str], None], progress: dict[str, str]) -> dict:
-  """`run_experiment`'s body; keeps `progress["section"]` up to date."""
+  """`run_experiment`'s body; keeps `progress["section"]` up to date.
+
+  `versions` are the saved rounds to resume from (empty: start fresh).
+  """
   start = time.time()
   out = Path(config.output_dir).expanduser()
-  versions = [] if fresh else _saved_versions(out)
-  if versions:
-    check_resumable(out, config)
-  else:
+  if not versions:
     _start_fresh(out)
   fileio.write_text(out / "config.json", config.to_json() + "\n")
+  log(execution.describe_execution(config.execution))
+  if config.execution == config_lib.TF_EXECUTION and config.clients_per_subround:
+    log(f"  --clients_per_subround={config.clients_per_subround} has no effect under "
+        "--execution=tf: its clients are accumulated one at a time anyway")
   invocations = _read_invocations(out) if versions else []
   invocation = {"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "resumed_after_round": max(versions) if versions else None,
@@ -442,6 +465,10 @@ def _run_experiment(config: config_lib.RunConfig, *, fresh: bool,
       progress_dir=out / PROGRESS_DIR)
   if versions:
     _check_saved_metrics(out, max(versions))
+  # Under tf, compile the rounds now: what it cannot run fails before round 0.
+  tf_execution.compile_computations(
+      task.training_process.next,
+      *([task.evaluation_process.next] if task.evaluation_process is not None else []))
 
   def evaluate(state, round_num: int) -> dict:
     progress["section"] = (f"round {round_num}" if round_num

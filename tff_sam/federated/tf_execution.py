@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.python.common_libs import structure
+from tensorflow_federated.python.core.backends.mapreduce import compiler as mapreduce_compiler
 from tensorflow_federated.python.core.impl.computation import computation_impl
 from tensorflow_federated.python.core.impl.types import type_conversions
 from tensorflow_federated.python.core.impl.utils import tensorflow_utils
@@ -194,10 +195,10 @@ class _Round:
     try:
       mrf = tff.backends.mapreduce.get_map_reduce_form_for_computation(
           comp, grappler_config=grappler_off())
-    except (TypeError, ValueError, tff.backends.mapreduce.MapReduceFormCompilationError) as e:
+    except (TypeError, ValueError, mapreduce_compiler.MapReduceFormCompilationError) as e:
       raise errors.ConfigError(
           "execution", f"tf cannot run the computation {_type_name(comp)} (TFF cannot "
-          f"compile it to a MapReduceForm: {str(e).splitlines()[0]}); use --execution=cpp"
+          f"compile it to a MapReduceForm: {' '.join(str(e).split())}); use --execution=cpp"
       ) from None
     secure = _secure_sum_parts(mrf)
     if secure:
@@ -295,3 +296,18 @@ class TensorFlowExecutionContext(tff.framework.SyncContext):
         for part in parts:
           part.close()
       self._compiled.clear()
+
+
+def compile_computations(*comps) -> None:
+  """Compiles `comps` now if the current TFF context is a `TensorFlowExecutionContext`.
+
+  What it cannot run then fails here, before the program's first round; under any
+  other context this does nothing.
+
+  Raises:
+    errors.ConfigError: naming `--execution`.
+  """
+  context = tff.framework.get_context_stack().current
+  if isinstance(context, TensorFlowExecutionContext):
+    for comp in comps:
+      context.compile(comp)
