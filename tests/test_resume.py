@@ -17,10 +17,12 @@ import shutil
 
 import psutil
 import pytest
+import tensorflow_federated as tff
 
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.federated import program
+from tff_sam.federated import tf_execution
 from tff_sam.models import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +108,24 @@ def test_rerun_of_a_finished_run_is_a_no_op(tmp_path, reference, reference_setti
     program.run_experiment(dataclasses.replace(config, seed=99), log=lines.append)
 
 
+def test_other_execution_and_settings_older_runs_lack_resume(tmp_path, reference,
+                                                            reference_settings):
+  """`--execution` may change on resume; a setting missing from an older config.json is
+  its default (so runs saved before it existed still resume)."""
+  out = tmp_path / "copy"
+  shutil.copytree(reference[0], out)
+  saved = json.loads((out / "config.json").read_text())
+  assert saved["execution"] == "cpp"
+  saved["execution"] = "tf"
+  del saved["client_optimizer"]
+  (out / "config.json").write_text(json.dumps(saved))
+  config = config_lib.RunConfig(output_dir=str(out), **reference_settings)
+  program.check_resumable(out, config, [reference_settings["rounds"]])
+  with pytest.raises(errors.ConfigError, match="^--client_optimizer"):
+    program.check_resumable(out, dataclasses.replace(config, client_optimizer="sgd"),
+                            [reference_settings["rounds"]])
+
+
 @pytest.mark.slow
 def test_more_rounds_continue_a_finished_run(tmp_path, reference, reference_settings):
   out = tmp_path / "longer"
@@ -180,6 +200,44 @@ def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference
   for key in ("baseline", "final"):
     for metric in ("dice", "iou"):
       assert summary[key][metric] == pytest.approx(ref[key][metric], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_kill_9_under_tf_then_same_command_equals_uninterrupted(tmp_path, reference_settings):
+  """`--execution=tf`: kill -9 after round 1 is saved; the same command completes, equal
+  to an uninterrupted tf run (in this process) in every metric of every round."""
+  settings = {**reference_settings, "rounds": 3, "execution": "tf"}
+  whole = tmp_path / "whole"
+  with tff.framework.get_context_stack().install(tf_execution.TensorFlowExecutionContext()):
+    lines = []
+    program.run_experiment(config_lib.RunConfig(output_dir=str(whole), **settings),
+                           log=lines.append)
+  assert lines[0].startswith("execution: tf ("), lines[0]
+
+  out = tmp_path / "killed"
+  cmd = _cli(out, settings)
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  while not (out / "state" / "round_1").exists():
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  assert not _workers(proc.pid)  # tf starts no TFF worker.
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=30)
+  assert not (out / "summary.json").exists()
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming" in again.stdout and "execution: tf" in again.stdout
+  with open(whole / "metrics.csv") as f:
+    want = list(csv.DictReader(f))
+  with open(out / "metrics.csv") as f:
+    got = list(csv.DictReader(f))
+  assert [r["round"] for r in got] == ["0", "1", "2", "3"]
+  for g, w in zip(got, want):
+    for key, value in w.items():
+      if key != "seconds" and value:
+        assert float(g[key]) == pytest.approx(float(value), rel=1e-6, abs=1e-7), (g["round"], key)
 
 
 @pytest.mark.slow
