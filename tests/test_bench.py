@@ -41,7 +41,8 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path):
   table = proc.stdout[proc.stdout.index("tff_sam benchmark:"):]
   for row in ("1 cache speed-up", "embedding precompute", "2 TFF overhead",
               "3 memory 4 vs 2 clients", "4 bytes/client/round", "full-model fine-tuning",
-              "5 throughput, tiny", "5 throughput, mobile_sam"):
+              "5 throughput, tiny", "5 throughput, mobile_sam", "6 execution cpp",
+              "  execution tf", "tf / cpp cached round time", "tf memory 64 vs 4 clients"):
     assert row in table, table
 
   result = json.loads((out / "bench.json").read_text())
@@ -80,7 +81,19 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path):
   # Raw timings, throughput, machine, goals computed from the values.
   rounds = result["timings"]["rounds"]
   assert set(rounds) == {"cached TFF", "plain tf.function", "cached TFF, dataset_reduce",
-                         "online TFF"}
+                         "online TFF", "cached TFF, tf execution"}  # No GPU: no online tf.
+  # Section 6: cpp (the installed execution) and tf side by side.
+  executions = result["executions"]
+  assert list(executions) == ["cpp", "tf"]
+  assert executions["cpp"]["cached_round_s"] == rounds["cached TFF"]["mean_s"]
+  assert executions["tf"]["cached_round_s"] == rounds["cached TFF, tf execution"]["mean_s"]
+  assert result["tf_vs_cpp_round_time"] == pytest.approx(
+      executions["tf"]["cached_round_s"] / executions["cpp"]["cached_round_s"])
+  tf_runs = result["memory"]["executions"]["tf"]["runs"]
+  assert {n: r["participants"] for n, r in tf_runs.items()} == {"small": 2, "large": 4}
+  assert result["memory_ratio_64_vs_4_tf"] == pytest.approx(
+      tf_runs["large"]["peak_rss_bytes"] / tf_runs["small"]["peak_rss_bytes"])
+  assert result["machine"]["gpus"] == []
   compared = result["overhead"]["compared"]
   assert compared["loop_implementation"] == "dataset_reduce"
   assert _positive(compared["tff_overhead"])
@@ -96,12 +109,14 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path):
   assert result["machine"]["cores"] == os.cpu_count() and _positive(result["machine"]["ram_bytes"])
   assert result["config"]["arch"] == "tiny"
   for key, goal in result["goals"].items():
-    value = result[key]
+    value = result[key.removesuffix("_gpu")]
     assert goal["value"] == value
     expected = value >= goal["threshold"] if goal["goal"].startswith(">=") else (
         value <= goal["threshold"])
     assert goal["met"] == expected, key
   assert result["goals"]["cache_speedup"]["applicable"] is False  # tiny, not ViT-B
+  assert result["goals"]["tf_vs_cpp_round_time"]["applicable"] is True  # CPU, both ran
+  assert result["goals"]["tf_vs_cpp_round_time_gpu"]["applicable"] is False
   assert not (out / "work").exists()
 
 
@@ -110,6 +125,9 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path):
     (["--memory_clients=2", "--memory_base_clients=4"], "--memory_clients: must be >"),
     (["--clients=0"], "--clients: must be >= 1"),
     (["--max_concurrent_computation_calls=0"], "--max_concurrent_computation_calls:"),
+    (["--execution=cpp,gpu"], "--execution: must list distinct executions of ('cpp', 'tf'), "
+     "got cpp,gpu"),
+    (["--execution=tf,tf"], "--execution: must list distinct"),
 ])
 def test_bench_bad_flag_is_one_error_line(tmp_path, run_binary, args, expected):
   result = run_binary("bench", f"--output_dir={tmp_path / 'o'}", "--arch=tiny", *args)

@@ -219,6 +219,9 @@ class BenchConfig:
     cache_dir: Cache root holding converted MobileSAM weights (default
       `$TFF_SAM_CACHE` or `~/.cache/tff_sam`); embeddings go to the work folder.
     client_lr: Client Adam learning rate.
+    executions: The executions compared (`EXECUTIONS`): every section runs under the
+      first; the cached round (and, when TensorFlow sees a GPU, the online round) and
+      the 64 vs 4 clients memory runs also under each of the others, side by side.
     loop_implementation: The client training loop of every TFF process of the run
       (`LOOP_IMPLEMENTATIONS`); the cached round is also timed with
       `compared_loop(loop_implementation)` for comparison.
@@ -248,6 +251,7 @@ class BenchConfig:
   mobile_sam: bool = True
   cache_dir: Optional[str] = None
   client_lr: float = 1e-5
+  executions: tuple[str, ...] = (CPP_EXECUTION, TF_EXECUTION)
   loop_implementation: str = "program"
   seed: int = 0
   keep_work: bool = False
@@ -275,6 +279,10 @@ class BenchConfig:
                    or self.max_concurrent_computation_calls >= 1, "max_concurrent_computation_calls",
                    f"must be -1 (no limit) or >= 1, got {self.max_concurrent_computation_calls}")
     errors.require(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
+    errors.require(bool(self.executions) and len(set(self.executions)) == len(self.executions)
+                   and all(e in EXECUTIONS for e in self.executions), "execution",
+                   f"must list distinct executions of {EXECUTIONS}, got "
+                   f"{','.join(self.executions) or 'nothing'}")
     errors.require(self.loop_implementation in LOOP_IMPLEMENTATIONS, "loop_implementation",
                    f"must be one of {LOOP_IMPLEMENTATIONS}, got {self.loop_implementation!r}")
     errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

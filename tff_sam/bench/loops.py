@@ -5,6 +5,7 @@ client work as a plain `tf.function` loop in this process; `time_loops` times th
 side by side, round by round.
 """
 
+import contextlib
 import time
 from typing import Any, Callable, Sequence, Union
 
@@ -21,18 +22,26 @@ from tff_sam.models import sam as sam_lib
 
 
 class TffLoop:
-  """Rounds of a TFF process over fixed clients; `step` returns the round's seconds."""
+  """Rounds of a TFF process over fixed clients; `step` returns the round's seconds.
+
+  With `context` (e.g. a `tf_execution.TensorFlowExecutionContext`), each round runs
+  under that TFF context instead of the installed one.
+  """
 
   def __init__(self, process: tff.learning.templates.LearningProcess, state: Any,
-               clients: Sequence[str]):
+               clients: Sequence[str], context: Any = None):
     self.process, self.state, self.clients = process, state, list(clients)
+    self.context = context
     self.examples: list[int] = []
 
   def step(self, round_num: int) -> float:
     ids = [pipeline.round_client_id(c, round_num) for c in self.clients]
-    t0 = time.perf_counter()
-    result = self.process.next(self.state, ids)
-    seconds = time.perf_counter() - t0
+    installed = (contextlib.nullcontext() if self.context is None
+                 else tff.framework.get_context_stack().install(self.context))
+    with installed:
+      t0 = time.perf_counter()
+      result = self.process.next(self.state, ids)
+      seconds = time.perf_counter() - t0
     self.state = result.state
     self.examples.append(int(result.metrics["client_work"]["train"]["num_examples"]))
     return seconds

@@ -40,13 +40,15 @@ def _proc_value(path: str, prefix: str) -> Optional[str]:
 
 
 def machine_info() -> dict[str, Any]:
-  """CPU model, cores, RAM and the library versions the numbers were taken with."""
+  """CPU model, cores, RAM, GPUs and the library versions the numbers were taken with."""
   cpu = _proc_value("/proc/cpuinfo", "model name")
   cpu = cpu.split(":", 1)[1].strip() if cpu is not None and ":" in cpu else "unknown"
   mem = _proc_value("/proc/meminfo", "MemTotal:")
   ram = int(mem.split()[0]) * 1024 if mem is not None else None
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
-  return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": ram,
+  gpus = [tf.config.experimental.get_device_details(d).get("device_name", d.name)
+          for d in tf.config.list_physical_devices("GPU")]
+  return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": ram, "gpus": gpus,
           "load_average_at_start": list(load) if load else None,
           "python": sys.version.split()[0], "tensorflow": tf.__version__,
           "tensorflow_federated": tff.__version__, "transformers": transformers.__version__}

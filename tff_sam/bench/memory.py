@@ -161,6 +161,7 @@ def memory_child_main(spec_path: str) -> None:
   t0 = time.time()
   with runtime.child_processes_reaped():
     execution.configure_tff_execution(
+        execution=spec.get("execution", config_lib.CPP_EXECUTION),
         max_concurrent_computation_calls=spec["max_concurrent_computation_calls"],
         num_subrounds=spec.get("num_subrounds", 1))
     task = tasks.build_task(
@@ -205,7 +206,9 @@ def measure_memory(*, bundle: sam_lib.SamBundle, records: Sequence[cache.Record]
 
   Every client lists `examples_per_client` of the benchmark's cached records (the
   record files are shared on disk, so the clients' data is the same size and
-  nothing is copied). Four fresh subprocesses: small (all participate), large (all
+  nothing is copied). Four fresh subprocesses under the first of `config.executions`
+  (then `small` and `large` again under each of the others, in `executions`):
+  small (all participate), large (all
   participate), the large population with `memory_base_clients` sampled, and the
   large one in subrounds of `memory_base_clients`.
 
@@ -234,4 +237,17 @@ def measure_memory(*, bundle: sam_lib.SamBundle, records: Sequence[cache.Record]
   if "failed" in runs["small"]:
     raise errors.UserError(f"memory run with {config.memory_base_clients} clients: "
                            f"{runs['small']['failed']}")
-  return _ratios(runs, config, subrounds)
+  out = _ratios(runs, config, subrounds)
+  out["execution"] = config.executions[0]
+  out["executions"] = {}
+  for name in config.executions[1:]:  # The same small and large runs under the others.
+    pair = {}
+    for size, population in (("small", small), ("large", clients)):
+      pair[size] = measure_memory_run(
+          {**base, "name": f"{size}_{name}", "clients": population, "participants": population,
+           "num_subrounds": 1, "execution": name},
+          interval=config.memory_interval, work_dir=work_dir / "memory", log=log)
+    out["executions"][name] = {
+        "runs": pair, "ratio": pair["large"]["peak_rss_bytes"] / pair["small"]["peak_rss_bytes"],
+        "ratio_is_lower_bound": "failed" in pair["large"]}
+  return out

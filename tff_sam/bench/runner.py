@@ -25,6 +25,10 @@ into a fresh work folder (so every embedding is really computed):
    parameter counts).
 5. **Throughput**: decoder training examples/s from cached embeddings and embedding
    precompute images/s, for `arch` and for MobileSAM when its weights are present.
+6. **Executions** (`--execution=cpp,tf`): every section above runs under the first
+   execution; the cached round is also timed under each of the others (the online
+   round too when TensorFlow sees a GPU), interleaved with the rest on the same
+   clients and state, and the 64 vs 4 clients memory runs are repeated under them.
 
 Wall times exclude the first (tracing) round of every loop and average
 `config.rounds` timed rounds, interleaved round by round across the loops. Every TFF
@@ -65,6 +69,7 @@ from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.federated import execution
 from tff_sam.federated import tasks
+from tff_sam.federated import tf_execution
 from tff_sam.models import build
 from tff_sam.models import sam as sam_lib
 
@@ -137,6 +142,22 @@ def run_benchmark(config: config_lib.BenchConfig, *, log: Callable[[str], None] 
   return result
 
 
+def _executions_result(run: _Run, rounds: dict[str, dict[str, Any]],
+                       memory: dict[str, Any]) -> dict[str, Any]:
+  """Section 6: each execution's cached round, decoder images/s and memory ratio."""
+  out = {}
+  for i, name in enumerate(run.config.executions):
+    suffix = "" if i == 0 else f", {name} execution"
+    cached = rounds[f"cached TFF{suffix}"]
+    online = rounds.get(f"online TFF{suffix}")
+    ratio = memory["ratio"] if i == 0 else memory["executions"][name]["ratio"]
+    out[name] = {"cached_round_s": cached["mean_s"],
+                 "decoder_examples_per_s": cached["examples_per_round"] / cached["mean_s"],
+                 "online_round_s": None if online is None else online["mean_s"],
+                 "memory_ratio_64_vs_4": ratio}
+  return out
+
+
 def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   """The sections of `run_benchmark`, in order; returns the result."""
   config = run.config
@@ -148,6 +169,11 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   gc.collect()
   memory = _memory_section(run, bundle, records)
   throughput = _throughput_section(run, bundle, examples, pre, rounds)
+  executions = _executions_result(run, rounds, memory)
+  tf_vs_cpp = None
+  if {config_lib.CPP_EXECUTION, config_lib.TF_EXECUTION} <= set(executions):
+    tf_vs_cpp = (executions[config_lib.TF_EXECUTION]["cached_round_s"]
+                 / executions[config_lib.CPP_EXECUTION]["cached_round_s"])
   cached, online, plain = rounds["cached TFF"], rounds["online TFF"], rounds["plain tf.function"]
   other = workload.compared_loop(config.loop_implementation)
   compared = rounds[f"cached TFF, {other}"]
@@ -157,6 +183,10 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
       "tff_overhead": cached["mean_s"] / plain["mean_s"],
       "memory_ratio_64_vs_4": memory["ratio"],
       "memory_ratio_64_vs_4_subrounds": memory["ratio_subrounds"],
+      "tf_vs_cpp_round_time": tf_vs_cpp,
+      "memory_ratio_64_vs_4_tf": executions.get(config_lib.TF_EXECUTION, {}).get(
+          "memory_ratio_64_vs_4"),
+      "executions": executions,
       "bytes_per_client_round": comm,
       "cache": {"online_round_s": online["mean_s"], "cached_round_s": cached["mean_s"],
                 "precompute_s": pre["precompute_s"],
@@ -247,6 +277,10 @@ def _process_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cac
                             loop_implementation=workload.client_loop(config.loop_implementation))
   loops = {"cached TFF": loops_lib.TffLoop(cached.training_process, cached.initial_state,
                                            clients)}
+  others = {e: execution.build_context(e) for e in config.executions[1:]}
+  for name, context in others.items():
+    loops[f"cached TFF, {name} execution"] = loops_lib.TffLoop(
+        cached.training_process, cached.initial_state, clients, context=context)
   run.timings["build_cached_process_s"] = time.perf_counter() - t0
   loops["plain tf.function"] = loops_lib.PlainLoop(
       bundle=bundle, spec=cached.pipeline_spec, clients=clients, config=cached_config)
@@ -262,6 +296,10 @@ def _process_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cac
       loop_implementation=workload.client_loop(config.loop_implementation))
   online_process = online.training_process
   loops["online TFF"] = loops_lib.TffLoop(online_process, online.initial_state, clients)
+  if tf_execution.visible_gpus():  # On the CPU an online round costs minutes.
+    for name, context in others.items():
+      loops[f"online TFF, {name} execution"] = loops_lib.TffLoop(
+          online_process, online.initial_state, clients, context=context)
   del online  # Its Keras model holds a copy of the image encoder.
   gc.collect()
   run.timings["build_online_process_s"] = time.perf_counter() - t0

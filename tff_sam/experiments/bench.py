@@ -63,6 +63,10 @@ flags.DEFINE_enum("loop_implementation", _F["loop_implementation"],
                   "tff.learning.LoopImplementation. The cached round is also timed with "
                   "dataset_reduce (TFF's default loop) for comparison, or with "
                   "dataset_iterator when this is dataset_reduce.")
+flags.DEFINE_list("execution", list(_F["executions"]),
+                  "Executions to compare (cpp, tf): every section runs under the first; the "
+                  "cached round (and the online round when TensorFlow sees a GPU) and the "
+                  "memory runs of 64 vs 4 clients also under the others, side by side.")
 flags.DEFINE_integer("seed", _F["seed"], "Seed of the synthetic images and the prompts.")
 flags.DEFINE_boolean("keep_work", _F["keep_work"],
                      "Keep OUTPUT_DIR/work (images, records, manifests) after the run.")
@@ -72,7 +76,10 @@ FLAGS = flags.FLAGS
 
 def config_from_flags() -> config_lib.BenchConfig:
   """Copies the flags into a validated `BenchConfig` (the only place flags are read)."""
-  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config_lib.BenchConfig)}
+  names = {"executions": "execution"}  # Flag names that differ from the field's.
+  values = {f.name: FLAGS[names.get(f.name, f.name)].value
+            for f in dataclasses.fields(config_lib.BenchConfig)}
+  values["executions"] = tuple(values["executions"])
   return config_lib.BenchConfig(**values).validate()
 
 
@@ -89,6 +96,7 @@ def main(argv):
   def job():
     config = config_from_flags()
     execution.configure_tff_execution(
+        execution=config.executions[0],
         max_concurrent_computation_calls=config.max_concurrent_computation_calls)
     runner.run_benchmark(config, log=_log)
 

@@ -88,6 +88,21 @@ def describe_execution(name: str) -> str:
   return "execution: cpp (TFF's C++ worker_binary, CPU only)"
 
 
+def build_context(execution: str, *, max_concurrent_computation_calls: int = -1):
+  """A fresh synchronous TFF context of `execution` (not installed).
+
+  For `cpp` its worker starts on first use (and gets a guardian, `guard_workers`);
+  for `tf` the clients' work is spread over every visible GPU when there are several.
+  """
+  if execution == config_lib.TF_EXECUTION:
+    gpus = tf_execution.visible_gpus()
+    return tf_execution.TensorFlowExecutionContext(devices=gpus if len(gpus) > 1 else ())
+  if execution != config_lib.CPP_EXECUTION:
+    raise ValueError(f"unknown execution {execution!r}")
+  guard_workers()
+  return _cpp_context(True, max_concurrent_computation_calls)
+
+
 def configure_tff_execution(*, execution: str = config_lib.CPP_EXECUTION,
                             max_concurrent_computation_calls: int = -1,
                             num_subrounds: int = 1) -> None:
@@ -111,9 +126,7 @@ def configure_tff_execution(*, execution: str = config_lib.CPP_EXECUTION,
       clients are accumulated one at a time anyway, so it has no effect.
   """
   if execution == config_lib.TF_EXECUTION:
-    gpus = tf_execution.visible_gpus()
-    tff.framework.set_default_context(
-        tf_execution.TensorFlowExecutionContext(devices=gpus if len(gpus) > 1 else ()))
+    tff.framework.set_default_context(build_context(execution))
     return
   if execution != config_lib.CPP_EXECUTION:
     raise ValueError(f"unknown execution {execution!r}")
