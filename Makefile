@@ -17,14 +17,15 @@ TORCH_HASH := $(shell { cat requirements-torch.lock; } 2>/dev/null | sha256sum |
 TORCH_STAMP := $(TORCH_VENV)/.tff_sam-torch-env-$(TORCH_HASH)
 # The stamp's name is a hash of everything that decides the environment: a second run
 # with unchanged pins finds it and installs nothing; a changed pin makes a new stamp.
-ENV_HASH := $(shell { cat requirements.lock setup.cfg pyproject.toml; echo "gpu=$(GPU) tf2onnx=$(TF2ONNX_VERSION)"; } 2>/dev/null | sha256sum | cut -c1-16)
+ENV_HASH := $(shell { cat requirements.lock setup.cfg pyproject.toml; echo "gpu=$(GPU) tf2onnx=$(TF2ONNX_VERSION)"; test -z "$(GPU)" || cat requirements-gpu.lock; } 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.tff_sam-env-$(ENV_HASH)
 PYTEST_ARGS ?=
 # Tests run in this many processes (pytest-xdist), each file's tests in one of them
 # (module fixtures are built once); 2 = the CI machine's cores. PYTEST_WORKERS=0: one.
 PYTEST_WORKERS ?= 2
 PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
-# GPU=1 also installs TF's CUDA runtime wheels (several GB; see BUILD_NOTES.md).
+# GPU=1 also installs TF 2.14.1's CUDA 11.8 runtime wheels, pinned with hashes in
+# requirements-gpu.lock (about 3 GB; see BUILD_NOTES.md, "GPU").
 GPU ?=
 
 .PHONY: install install-torch demo test test-fast bench clean-env
@@ -39,7 +40,7 @@ $(STAMP):
 	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps tensorflow-federated==$(TFF_VERSION)
 	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps tf2onnx==$(TF2ONNX_VERSION)
 	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	@if [ -n "$(GPU)" ]; then $(VPY) -m pip install --quiet --disable-pip-version-check "tensorflow[and-cuda]==2.14.1" -c requirements.lock; fi
+	@if [ -n "$(GPU)" ]; then $(VPY) -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements-gpu.lock; fi
 	@rm -f $(VENV)/.tff_sam-env-*
 	@touch $(STAMP)
 	@echo "environment ready: $(VENV) ($(ENV_HASH))"
