@@ -106,6 +106,12 @@ def test_notebook_runs_smoke_config(tmp_path, monkeypatch):
   assert not [o for o in outputs if o.output_type == "error"]
   summary = json.loads((out / "summary.json").read_text())
   assert summary["rounds"] == 1
+  # No GPU here: the notebook chose TFF's C++ worker and says so.
+  texts = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+  assert summary["config"]["execution"] == "cpp"
+  assert "GPU: none" in texts and "--execution=cpp" in texts
+  assert "execution: cpp (TFF's C++ worker_binary, CPU only)" in texts
+  assert any("execution `cpp`" in o.get("data", {}).get("text/markdown", "") for o in outputs)
   assert math.isfinite(summary["final"]["dice"])
   png = (out / "metrics.png").read_bytes()
   assert png.startswith(b"\x89PNG\r\n\x1a\n")
