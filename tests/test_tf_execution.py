@@ -107,6 +107,35 @@ def test_two_rounds_equal_the_cpp_worker(tiny_task_inputs):
       task.training_process.next)
 
 
+@pytest.mark.slow
+def test_online_round_equals_the_cpp_worker(tiny_task_inputs, reference_data):
+  """Online mode (the frozen encoder inside the TFF model) under tf: one round as cpp."""
+  bundle, clients, tmp = tiny_task_inputs
+  records = {}
+  for site in clients:
+    records[site], _ = cache.build_records(
+        discovery.list_examples(reference_data / site), bundle=bundle,
+        cache_root=tmp / "cache", binary_components=False, batch_size=2, show_progress=False,
+        online=True)
+  cache.write_manifests(tmp / "online_clients", records)
+  config = config_lib.RunConfig(output_dir=str(tmp / "online"), model="tiny",
+                                embedding_cache=False, prompts_per_image=2, batch_size=2,
+                                client_optimizer="sgd", client_lr=0.5, seed=0)
+  task = tasks.build_task(config=config, bundle=bundle, client_ids=clients,
+                          manifest_dir=tmp / "online_clients")
+  ids = [pipeline.round_client_id(c, 1) for c in clients]
+  cpp = task.training_process.next(task.initial_state, ids)
+  with _installed(tf_execution.TensorFlowExecutionContext()):
+    mine = task.training_process.next(task.initial_state, ids)
+  assert _max_abs_difference(mine.state.global_model_weights,
+                             cpp.state.global_model_weights) <= 1e-6
+  assert _max_abs_difference(cpp.state.global_model_weights,
+                             task.initial_state.global_model_weights) > 1e-3
+  train, cpp_train = mine.metrics["client_work"]["train"], cpp.metrics["client_work"]["train"]
+  assert train["num_examples"] == cpp_train["num_examples"] == 4
+  assert train["loss"] == pytest.approx(cpp_train["loss"], rel=1e-6)
+
+
 def test_flatten_and_pack_follow_the_type():
   t = tff.StructType([("a", np.float32), ("b", tff.StructType([("c", np.int32),
                                                                  ("d", np.float32)]))])
@@ -144,12 +173,16 @@ def test_clients_spread_over_devices_and_merged():
   with _installed(two):
     runnable = two.compile(next_fn)
     assert len(runnable.works) == 2
-    calls = []
-    for i, work in enumerate(runnable.works):
+    calls, originals = [], list(runnable.works)
+    for i, work in enumerate(originals):
       original = work.__call__
       runnable.works[i] = lambda arg, i=i, original=original: (calls.append(i), original(arg))[1]
     assert next_fn(3, values) == (4, 15.0)
+    runnable.works[:] = originals
   assert sorted(calls) == [0, 0, 0, 1, 1]  # Round-robin: clients 0, 2, 4 and 1, 3.
+  for context in (one, two):
+    context.close()  # Every session of every compiled computation.
+  assert two.compile(next_fn) is not runnable  # Compiled afresh after close.
 
 
 def test_secure_sum_is_refused_naming_the_flag():

@@ -209,31 +209,39 @@ class _Round:
     self.devices = list(devices) or [None]
     server = self.devices[0]
     self.prepare = EmbeddedComputation(mrf.prepare, device=server)
+    # Per device its own work, zero and accumulate (a session's variables are not
+    # shared between the threads of several devices).
     self.works = [EmbeddedComputation(mrf.work, device=d) for d in self.devices]
-    self.zero = EmbeddedComputation(mrf.zero, device=server)
-    self.accumulate = EmbeddedComputation(mrf.accumulate, device=server)
+    self.zeros = [EmbeddedComputation(mrf.zero, device=d) for d in self.devices]
+    self.accumulates = [EmbeddedComputation(mrf.accumulate, device=d) for d in self.devices]
     self.merge = EmbeddedComputation(mrf.merge, device=server)
     self.report = EmbeddedComputation(mrf.report, device=server)
     self.update = EmbeddedComputation(mrf.update, device=server)
     self._empty_secure = [structure.Struct([])] * 3
 
-  def _accumulate(self, work: EmbeddedComputation, clients: Sequence[Any], broadcast: Any):
-    acc = self.zero()
+  def _accumulate(self, device: int, clients: Sequence[Any], broadcast: Any):
+    """Device `device`'s clients, one at a time: zero, then work -> accumulate each."""
+    acc = self.zeros[device]()
     for client in clients:
-      acc = self.accumulate([acc, work([client, broadcast])[0]])
+      acc = self.accumulates[device]([acc, self.works[device]([client, broadcast])[0]])
     return acc
+
+  def parts(self) -> list[EmbeddedComputation]:
+    """Every component (to close their sessions)."""
+    return [*self.works, *self.zeros, *self.accumulates, self.prepare, self.merge,
+            self.report, self.update]
 
   def __call__(self, arg: Any) -> Any:
     (_, state), (_, client_values) = structure.to_elements(structure.from_container(arg))
     client_values = list(client_values)
     broadcast = self.prepare(state)
-    if len(self.works) == 1:
-      acc = self._accumulate(self.works[0], client_values, broadcast)
+    n = len(self.works)
+    if n == 1:
+      acc = self._accumulate(0, client_values, broadcast)
     else:
-      shards = [client_values[i::len(self.works)] for i in range(len(self.works))]
-      with concurrent.futures.ThreadPoolExecutor(len(self.works)) as pool:
-        partials = list(pool.map(lambda w, s: self._accumulate(w, s, broadcast),
-                                 self.works, shards))
+      shards = [client_values[i::n] for i in range(n)]
+      with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        partials = list(pool.map(lambda i: self._accumulate(i, shards[i], broadcast), range(n)))
       acc = partials[0]
       for partial in partials[1:]:
         acc = self.merge([acc, partial])
@@ -290,10 +298,7 @@ class TensorFlowExecutionContext(tff.framework.SyncContext):
     """Closes every session (the context cannot be used afterwards)."""
     with self._lock:
       for _, runnable in self._compiled.values():
-        parts = runnable.works + [runnable.prepare, runnable.zero, runnable.accumulate,
-                                  runnable.merge, runnable.report, runnable.update] \
-            if isinstance(runnable, _Round) else [runnable]
-        for part in parts:
+        for part in runnable.parts() if isinstance(runnable, _Round) else [runnable]:
           part.close()
       self._compiled.clear()
 
