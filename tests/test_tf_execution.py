@@ -19,6 +19,7 @@ from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.data import pipeline
 from tff_sam.federated import execution
+from tff_sam.federated import program
 from tff_sam.federated import tasks
 from tff_sam.federated import tf_execution
 from tff_sam.models import build
@@ -226,6 +227,22 @@ def test_out_of_memory_becomes_its_own_error(monkeypatch):
   monkeypatch.setattr(embedded.session, "run", exhausted)
   with pytest.raises(tf_execution.OutOfDeviceMemory, match=r"^OOM when allocating tensor$"):
     embedded(1.5)
+
+
+def test_program_turns_out_of_memory_into_one_line_naming_the_round(tmp_path, monkeypatch):
+  def out_of_memory(config, *, versions, log, progress):
+    del config, versions, log
+    progress["section"] = "round 2"
+    raise tf_execution.OutOfDeviceMemory("OOM when allocating tensor with shape[4,256,64,64]")
+
+  monkeypatch.setattr(program, "_run_experiment", out_of_memory)
+  config = config_lib.RunConfig(output_dir=str(tmp_path / "out"), model="tiny", execution="tf")
+  with pytest.raises(errors.UserError) as info:
+    program.run_experiment(config, log=lambda _: None)
+  message = str(info.value)
+  assert message.startswith("out of device memory during round 2 (--execution=tf: OOM when "
+                            "allocating tensor with shape[4,256,64,64]); lower --batch_size")
+  assert "run the same command again: it resumes" in message and "\n" not in message
 
 
 def test_default_execution_follows_the_gpus(monkeypatch):
