@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import transformers
 
+from tff_sam import config as config_lib
 from tff_sam import errors
+from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import mobile_sam
 from tff_sam.models import sam_layout
@@ -158,3 +161,17 @@ def test_converted_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatc
   np.testing.assert_array_equal(
       dict((k, v) for k, v, _ in encoder3.torch_params())["neck.3.bias"].numpy(),
       ref_encoder["neck.3.bias"])
+
+
+@pytest.mark.slow
+def test_online_model_carries_the_real_tinyvit_weights():
+  """Online mode with MobileSAM: the model's frozen TinyViT equals the bundle's.
+
+  Keras lists a trainable layer's weights trainable first, a frozen one's in creation
+  order; copying by position between the two once failed on the first BatchNorm.
+  """
+  bundle = build.load_sam(config_lib.MOBILE_SAM_MODEL)
+  online = build.build_online_model(bundle, prompt="box")
+  px = tf.random.stateless_normal((1, 3, 1024, 1024), seed=[1, 2])
+  np.testing.assert_allclose(online.image_encoder(px).numpy(), bundle.encoder_fn()(px).numpy(),
+                             atol=1e-4)

@@ -175,12 +175,19 @@ def build_online_model(bundle: sam_lib.SamBundle, *,
   model = online_lib.OnlineSamModel(bundle.config, encoder=sam_lib.encoder_kind(bundle),
                                     prompt=prompt, train_iou_head=train_iou_head)
   source = bundle.image_encoder if bundle.image_encoder is not None else bundle.sam.vision_encoder
-  if len(source.weights) != len(model.image_encoder.weights):
-    raise ValueError(f"image encoder has {len(source.weights)} weights, the online model "
-                     f"{len(model.image_encoder.weights)}")
-  for dst, src in zip(model.image_encoder.weights, source.weights):
-    if tuple(dst.shape) != tuple(src.shape):
-      raise ValueError(f"{src.name}: shape {src.shape} does not match {dst.shape}")
-    dst.assign(src)
+  # Keras orders `weights` trainable first, so both sides must have the same
+  # trainability for the lists to line up (the online model's encoder is frozen).
+  trainable = source.trainable
+  source.trainable = model.image_encoder.trainable
+  try:
+    if len(source.weights) != len(model.image_encoder.weights):
+      raise ValueError(f"image encoder has {len(source.weights)} weights, the online model "
+                       f"{len(model.image_encoder.weights)}")
+    for dst, src in zip(model.image_encoder.weights, source.weights):
+      if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"{src.name}: shape {src.shape} does not match {dst.shape}")
+      dst.assign(src)
+  finally:
+    source.trainable = trainable
   decoder_lib.copy_prompt_decoder_weights(bundle.sam, model.decoder)
   return model
