@@ -43,7 +43,7 @@ def goal_verdicts(result: dict[str, Any], config: config_lib.BenchConfig
                                            and result.get("memory_ratio_64_vs_4_tf") is not None)
   out = {}
   for key, op, threshold in GOALS:
-    value = result.get(key if not key.endswith("_gpu") else key[:-4])
+    value = result.get(key.removesuffix("_gpu"))  # The GPU goal reads the same value.
     if value is None:
       out[key] = {"value": None, "goal": f"{op} {threshold:g}", "threshold": threshold,
                   "met": False, "applicable": False}

@@ -142,14 +142,18 @@ def run_benchmark(config: config_lib.BenchConfig, *, log: Callable[[str], None] 
   return result
 
 
+def _loop_name(base: str, execution_name: str, config: config_lib.BenchConfig) -> str:
+  """The timed loop `base` under `execution_name` (`base` itself for the first one)."""
+  return base if execution_name == config.executions[0] else f"{base}, {execution_name} execution"
+
+
 def _executions_result(run: _Run, rounds: dict[str, dict[str, Any]],
                        memory: dict[str, Any]) -> dict[str, Any]:
   """Section 6: each execution's cached round, decoder images/s and memory ratio."""
   out = {}
   for i, name in enumerate(run.config.executions):
-    suffix = "" if i == 0 else f", {name} execution"
-    cached = rounds[f"cached TFF{suffix}"]
-    online = rounds.get(f"online TFF{suffix}")
+    cached = rounds[_loop_name("cached TFF", name, run.config)]
+    online = rounds.get(_loop_name("online TFF", name, run.config))
     ratio = memory["ratio"] if i == 0 else memory["executions"][name]["ratio"]
     out[name] = {"cached_round_s": cached["mean_s"],
                  "decoder_examples_per_s": cached["examples_per_round"] / cached["mean_s"],
@@ -279,7 +283,7 @@ def _process_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cac
                                            clients)}
   others = {e: execution.build_context(e) for e in config.executions[1:]}
   for name, context in others.items():
-    loops[f"cached TFF, {name} execution"] = loops_lib.TffLoop(
+    loops[_loop_name("cached TFF", name, config)] = loops_lib.TffLoop(
         cached.training_process, cached.initial_state, clients, context=context)
   run.timings["build_cached_process_s"] = time.perf_counter() - t0
   loops["plain tf.function"] = loops_lib.PlainLoop(
@@ -298,7 +302,7 @@ def _process_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cac
   loops["online TFF"] = loops_lib.TffLoop(online_process, online.initial_state, clients)
   if tf_execution.visible_gpus():  # On the CPU an online round costs minutes.
     for name, context in others.items():
-      loops[f"online TFF, {name} execution"] = loops_lib.TffLoop(
+      loops[_loop_name("online TFF", name, config)] = loops_lib.TffLoop(
           online_process, online.initial_state, clients, context=context)
   del online  # Its Keras model holds a copy of the image encoder.
   gc.collect()
@@ -397,14 +401,13 @@ def _mobile_sam_throughput(run: _Run, examples: Sequence[discovery.Example]
   name = "mobile_sam cached TFF"
   loops = {name: loops_lib.TffLoop(task.training_process, task.initial_state, clients)}
   for other in config.executions[1:]:  # Section 6 at the real decoder's size.
-    loops[f"{name}, {other} execution"] = loops_lib.TffLoop(
+    loops[_loop_name(name, other, config)] = loops_lib.TffLoop(
         task.training_process, task.initial_state, clients,
         context=execution.build_context(other))
   times = loops_lib.time_loops(loops, config.rounds, run.log)
-  timed = times.pop(name)
+  timed = times[name]
   examples_per_round = timed["examples_per_round"]
-  executions = {config.executions[0]: timed["mean_s"],
-                **{k.rsplit(", ", 1)[1].split()[0]: v["mean_s"] for k, v in times.items()}}
+  executions = {e: times[_loop_name(name, e, config)]["mean_s"] for e in config.executions}
   return {"model": bundle.name, "precompute": pre, "cached_round": timed,
           "cached_round_s_by_execution": executions,
           "decoder_examples_per_s": examples_per_round / timed["mean_s"],

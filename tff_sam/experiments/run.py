@@ -120,8 +120,8 @@ HELP_GROUPS = (
     ("model", ("model", "train_iou_head", "embedding_cache", "cache_dir", "encode_batch_size")),
     ("prompts", ("prompt", "box_jitter", "box_jitter_fraction", "num_points",
                  "num_negative_points", "prompts_per_image")),
-    ("training (on each client)", ("local_epochs", "batch_size", "client_optimizer", "client_lr", "loss",
-                                   "seed")),
+    ("training (on each client)", ("local_epochs", "batch_size", "client_optimizer",
+                                   "client_lr", "loss", "seed")),
     ("federated (rounds and aggregation)", (
         "rounds", "clients_per_round", "clients_per_subround", "server_optimizer", "server_lr",
         "zeroing", "zeroing_quantile", "zeroing_multiplier", "clipping", "clipping_quantile",

@@ -7,9 +7,9 @@
 * `tf`: `tf_execution.TensorFlowExecutionContext`, which runs the same computations
   from TFF's compiled forms with TensorFlow in this process, on its GPUs if any.
 
-`default_execution` picks `tf` when TensorFlow sees a GPU, else `cpp`. `WorkerWatch` (used through `worker_watched`) turns a worker killed
-mid-computation (e.g. out of memory), which TFF would restart and retry forever,
-into an error.
+`default_execution` picks `tf` when TensorFlow sees a GPU, else `cpp`.
+`WorkerWatch` (used through `worker_watched`) turns a worker killed mid-computation
+(e.g. out of memory), which TFF would restart and retry forever, into an error.
 
 No orphan workers: TFF starts its worker with a plain `subprocess.Popen`, so a
 Python process that dies without running its clean-up (`kill -9`, the kernel's
@@ -125,16 +125,14 @@ def configure_tff_execution(*, execution: str = config_lib.CPP_EXECUTION,
       results equal the one-shot round's up to float summation order. Under `tf`
       clients are accumulated one at a time anyway, so it has no effect.
   """
-  if execution == config_lib.TF_EXECUTION:
-    tff.framework.set_default_context(build_context(execution))
-    return
-  if execution != config_lib.CPP_EXECUTION:
-    raise ValueError(f"unknown execution {execution!r}")
-  if num_subrounds > 1:
+  if execution == config_lib.CPP_EXECUTION and num_subrounds > 1:
     tff.backends.native.set_mergeable_comp_execution_context(
         [_cpp_context(False, max_concurrent_computation_calls)], num_subrounds=num_subrounds)
   else:
-    tff.framework.set_default_context(_cpp_context(True, max_concurrent_computation_calls))
+    tff.framework.set_default_context(build_context(
+        execution, max_concurrent_computation_calls=max_concurrent_computation_calls))
+  if execution == config_lib.TF_EXECUTION:
+    return
   if not _ATEXIT_REGISTERED:
     atexit.register(end_workers)
     _ATEXIT_REGISTERED.append(True)

@@ -69,9 +69,10 @@ def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
 
   Clients run `client_optimizer` (Adam by default) at `client_lr` for their local
   epochs; the server applies the example-weighted mean update with
-  `server_optimizer` at `server_lr`. The client loop iterates the dataset (`LoopImplementation.DATASET_ITERATOR`): TFF's default
-  `dataset.reduce` loop measured several times slower per round and, in online mode at
-  ViT-B size, about twice the worker memory (BENCHMARKS.md).
+  `server_optimizer` at `server_lr`. The client loop iterates the dataset
+  (`LoopImplementation.DATASET_ITERATOR`): TFF's default `dataset.reduce` loop
+  measured several times slower per round and, in online mode at ViT-B size, about
+  twice the worker memory (BENCHMARKS.md).
 
   Args:
     model_fn: See `build_model_fn`.

@@ -274,13 +274,14 @@ class TensorFlowExecutionContext(tff.framework.SyncContext):
         return hit[1]
       proto = computation_impl.ConcreteComputation.get_proto(comp)
       signature = comp.type_signature
+      first_device = self.devices[0] if self.devices else None
       if proto.WhichOneof("computation") == "tensorflow":
-        runnable = EmbeddedComputation(comp, device=self.devices[0] if self.devices else None)
+        runnable = EmbeddedComputation(comp, device=first_device)
       elif signature.parameter is None:
         runnable = EmbeddedComputation(
             tff.backends.mapreduce.get_state_initialization_computation(
                 comp, grappler_config=grappler_off()),
-            device=self.devices[0] if self.devices else None)
+            device=first_device)
         runnable.type_signature = signature
       else:
         runnable = _Round(comp, devices=self.devices)
@@ -295,7 +296,7 @@ class TensorFlowExecutionContext(tff.framework.SyncContext):
     return runnable(arg) if arg is not None else runnable()
 
   def close(self) -> None:
-    """Closes every session (the context cannot be used afterwards)."""
+    """Closes every session; a computation called afterwards is compiled afresh."""
     with self._lock:
       for _, runnable in self._compiled.values():
         for part in runnable.parts() if isinstance(runnable, _Round) else [runnable]:
