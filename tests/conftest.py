@@ -6,11 +6,14 @@ import dataclasses
 import importlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
+import psutil
 import pytest
 import transformers.utils.hub
 from absl import flags
@@ -229,3 +232,115 @@ def _reference_code(tmp_path_factory) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(registry.fetch_package_file(spec).read_bytes())
   return root
+
+
+# ---------------------------------------------------------------- TFF workers in a namespace
+
+# Brings the namespace's loopback up (SIOCGIFFLAGS / SIOCSIFFLAGS | IFF_UP), then waits.
+_HOLDER = r"""
+import fcntl, signal, socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, struct.pack("16sH", b"lo", 0)))[1]
+fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 1))
+print("up", flush=True)
+signal.pause()
+"""
+
+
+class Namespace:
+  """A private network namespace (only its own loopback) held by a sleeping process."""
+
+  def __init__(self):
+    self.holder = subprocess.Popen(  # pylint: disable=consider-using-with
+        ["unshare", "--net", sys.executable, "-c", _HOLDER], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    line = self.holder.stdout.readline()
+    if line.strip() != "up":
+      self.holder.kill()
+      raise OSError(f"cannot make a network namespace: {self.holder.stderr.read().strip()}")
+    self.started: list[subprocess.Popen] = []
+
+  def popen(self, args: list[str], *, mount_over: Path | None = None, **kwargs
+            ) -> subprocess.Popen:
+    """Starts `args` inside the namespace (and, with `mount_over`, an empty folder there)."""
+    prefix = ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", "--"]
+    if mount_over is not None:
+      # Own mount namespace: an empty tmpfs hides `mount_over` from this process only.
+      args = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+              f"mount -t tmpfs none '{mount_over}' && exec \"$@\"", "sh", *args]
+    process = subprocess.Popen(prefix + args, cwd=REPO, **kwargs)  # pylint: disable=consider-using-with
+    self.started.append(process)
+    return process
+
+  def run(self, args: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Runs `args` in the namespace to the end (`kwargs` go to `subprocess.Popen`)."""
+    process = self.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         **kwargs)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+  def close(self) -> None:
+    for process in self.started + [self.holder]:
+      for p in _tree(process.pid):
+        p.kill()
+      if process.poll() is None:
+        process.kill()
+      process.wait(timeout=30)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+  try:
+    root = psutil.Process(pid)
+    return root.children(recursive=True) + [root]
+  except psutil.Error:
+    return []
+
+
+def free_port() -> int:
+  """A TCP port free on this host's loopback now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _worker_binaries(process: subprocess.Popen) -> list[psutil.Process]:
+  return [p for p in _tree(process.pid) if p.name() == "worker_binary"]
+
+
+class Worker:
+  """One `python -m tff_sam.experiments.worker --port P` in the namespace."""
+
+  def __init__(self, namespace: Namespace, log: Path, *, mount_over: Path | None = None):
+    self.port = free_port()
+    self.address = f"localhost:{self.port}"
+    self.log = log
+    with open(log, "w") as f:  # The worker's output (worker_binary's too) goes to `log`.
+      self.process = namespace.popen(
+          [sys.executable, "-m", "tff_sam.experiments.worker", f"--port={self.port}"],
+          mount_over=mount_over, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while "listening on" not in log.read_text():
+      assert self.process.poll() is None and time.time() < deadline, log.read_text()
+      time.sleep(0.1)
+    self.lines = log.read_text().splitlines()
+    self.binary = _worker_binaries(self.process)[0]
+
+  def end(self) -> None:
+    """Ctrl-C's SIGTERM: the wrapper ends its worker_binary (no orphan)."""
+    self.process.send_signal(signal.SIGTERM)
+    self.process.wait(timeout=30)
+    _, alive = psutil.wait_procs([self.binary], timeout=10)
+    assert not alive, "worker_binary outlived its worker command"
+
+
+@pytest.fixture(name="namespace")
+def _namespace():
+  """A fresh private network namespace; everything started in it is killed after."""
+  try:
+    namespace = Namespace()
+  except OSError as e:  # pragma: no cover (a machine without user/network namespaces)
+    pytest.skip(f"needs a private network namespace: {e}")
+  try:
+    yield namespace
+  finally:
+    namespace.close()

@@ -10,15 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Worker
+
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 2
 
 
-def _run_bench(args, tmp_path, timeout):
+def _run_bench(args, tmp_path, timeout, namespace=None):
   env = dict(os.environ, TFF_SAM_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-  return subprocess.run([sys.executable, "-m", "tff_sam.experiments.bench", *args],
-                        capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout,
-                        check=False)
+  cmd = [sys.executable, "-m", "tff_sam.experiments.bench", *args]
+  if namespace is not None:  # Inside the namespace of its --workers.
+    return namespace.run(cmd, timeout=timeout, env=env)
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env,
+                        timeout=timeout, check=False)
 
 
 def _positive(value) -> bool:
@@ -26,12 +30,15 @@ def _positive(value) -> bool:
 
 
 @pytest.mark.slow
-def test_bench_smoke_run_writes_table_and_json(tmp_path):
+def test_bench_smoke_run_writes_table_and_json(tmp_path, namespace):
+  """Every section, section 7 on two TFF workers in a private network namespace."""
   out = tmp_path / "bench"
+  first, second = Worker(namespace, tmp_path / "w1.log"), Worker(namespace, tmp_path / "w2.log")
   proc = _run_bench([f"--output_dir={out}", "--arch=tiny", "--clients=2",
                      "--examples_per_client=2", f"--rounds={ROUNDS}", "--image_size=96",
-                     "--memory_clients=4", "--memory_base_clients=2", "--nomobile_sam"],
-                    tmp_path, timeout=900)
+                     "--memory_clients=4", "--memory_base_clients=2", "--nomobile_sam",
+                     f"--workers={first.address},{second.address}"],
+                    tmp_path, timeout=900, namespace=namespace)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
 
@@ -81,7 +88,27 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path):
   # Raw timings, throughput, machine, goals computed from the values.
   rounds = result["timings"]["rounds"]
   assert set(rounds) == {"cached TFF", "plain tf.function", "cached TFF, dataset_reduce",
-                         "online TFF", "cached TFF, tf execution"}  # No GPU: no online tf.
+                         "online TFF", "cached TFF, tf execution",  # No GPU: no online tf.
+                         "cached TFF, 1 worker", "cached TFF, 2 workers"}
+  # Section 7: one client per worker, both workers computed in every timed round.
+  workers = result["workers"]
+  assert workers["workers"] == [first.address, second.address]
+  assert set(workers["runs"]) == {"1", "2"}
+  for n, run in workers["runs"].items():
+    assert run["round_s"] == rounds[f"cached TFF, {n} worker{'s' if n == '2' else ''}"]["mean_s"]
+    assert len(run["rounds"]) == ROUNDS  # The timed rounds, without the warm-up.
+    for address, cpu in run["cpu_s"].items():
+      assert _positive(cpu) and _positive(run["busy_s"][address]), (n, address)
+    sizes = run["bytes_per_round"]
+    assert sizes["num_subrounds"] == int(n) and sizes["merges"] == int(n) - 1
+    # Per sub-round: the server state in (the decoder and more), an update-sized partial out.
+    assert sizes["up_to_merge_in"] >= comm["cached"]["broadcast_model"]
+    assert sizes["partial_aggregate"] >= comm["cached"]["upload_update"]
+  assert workers["runs"]["1"]["overlap_s"] == 0.0  # One worker: nothing at the same time.
+  assert workers["runs"]["2"]["overlap_s"] > 0.0
+  assert workers["speedup"] == pytest.approx(workers["runs"]["1"]["round_s"]
+                                             / workers["runs"]["2"]["round_s"])
+  assert "7 workers: 1" in table and "1 worker / all workers" in table
   # Section 6: cpp (the installed execution) and tf side by side.
   executions = result["executions"]
   assert list(executions) == ["cpp", "tf"]

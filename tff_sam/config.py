@@ -55,6 +55,22 @@ EXPORT_FORMATS = (SAM_CHECKPOINT_FORMAT, ONNX_FORMAT, SAVED_MODEL_FORMAT)
 LOOP_IMPLEMENTATIONS = ("program", "dataset_iterator", "dataset_reduce")
 
 
+def validate_workers(workers: tuple[str, ...], timeout: float) -> None:
+  """Validates `--workers` (distinct `host:port`) and `--worker_timeout`.
+
+  Raises:
+    errors.ConfigError: naming the flag.
+  """
+  for address in workers:
+    host, _, port = address.rpartition(":")
+    errors.require(bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+                   and not any(c.isspace() for c in address), "workers",
+                   f"{address!r} is not host:port (e.g. 10.0.0.7:8000)")
+  repeated = sorted({a for a in workers if workers.count(a) > 1})
+  errors.require(not repeated, "workers", f"lists {', '.join(repeated)} more than once")
+  errors.require(timeout >= 2, "worker_timeout", f"must be >= 2 seconds, got {timeout:g}")
+
+
 def uses_boxes(prompt: str) -> bool:
   """Whether prompt mode `prompt` gives the model boxes."""
   return prompt in (BOX_PROMPT, BOTH_PROMPTS)
@@ -119,6 +135,11 @@ class RunConfig:
   clipping_initial_norm: float = 1.0
   # Execution: where TFF runs the computations (`EXECUTIONS`).
   execution: str = CPP_EXECUTION
+  # `host:port` of TFF workers on other machines (`python -m tff_sam.experiments.worker`);
+  # empty = the local worker. A round's clients are spread over them (cpp only).
+  workers: tuple[str, ...] = ()
+  # Seconds a worker may stay unreachable before the run ends with an error.
+  worker_timeout: float = 120.0
   # Evaluation.
   eval_every: int = 1
   eval_max_objects: int = 0
@@ -163,6 +184,10 @@ class RunConfig:
     errors.require(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
     errors.require(self.execution in EXECUTIONS, "execution",
                    f"must be one of {EXECUTIONS}, got {self.execution!r}")
+    validate_workers(self.workers, self.worker_timeout)
+    errors.require(not self.workers or self.execution == CPP_EXECUTION, "workers",
+                   "runs the rounds on TFF's C++ workers; it cannot be combined with "
+                   f"--execution={self.execution} (drop one)")
     errors.require(self.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer",
                    f"must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
     errors.require(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
@@ -192,6 +217,8 @@ class RunConfig:
     unknown = sorted(set(values) - known)
     if unknown:
       raise errors.ConfigError(unknown[0], "is not a known setting")
+    if "workers" in values:  # A JSON list.
+      values = {**values, "workers": tuple(values["workers"])}
     return cls(**values)
 
 
@@ -225,6 +252,8 @@ class BenchConfig:
     loop_implementation: The client training loop of every TFF process of the run
       (`LOOP_IMPLEMENTATIONS`); the cached round is also timed with
       `compared_loop(loop_implementation)` for comparison.
+    workers: `host:port` of running TFF workers: section 7 times the cached round on
+      the first alone vs on all of them (empty: no section 7).
     seed: Seed of the synthetic images and the prompts.
     keep_work: Keep the work folder (images, records, manifests) after the run.
   """
@@ -253,6 +282,7 @@ class BenchConfig:
   client_lr: float = 1e-5
   executions: tuple[str, ...] = (CPP_EXECUTION, TF_EXECUTION)
   loop_implementation: str = "program"
+  workers: tuple[str, ...] = ()
   seed: int = 0
   keep_work: bool = False
 
@@ -283,6 +313,7 @@ class BenchConfig:
                    and all(e in EXECUTIONS for e in self.executions), "execution",
                    f"must list distinct executions of {EXECUTIONS}, got "
                    f"{','.join(self.executions) or 'nothing'}")
+    validate_workers(self.workers, 120.0)
     errors.require(self.loop_implementation in LOOP_IMPLEMENTATIONS, "loop_implementation",
                    f"must be one of {LOOP_IMPLEMENTATIONS}, got {self.loop_implementation!r}")
     errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

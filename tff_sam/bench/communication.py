@@ -2,13 +2,16 @@
 
 Read from the type signatures of the broadcast and aggregation intrinsics inside a
 process's `next` computation (`communication`), then tabulated for the cached,
-online and (derived) full-model processes (`bytes_per_client_round`).
+online and (derived) full-model processes (`bytes_per_client_round`). Section 7's
+bytes between this process and its `--workers` per round come from the type
+signatures of the round's `MergeableCompForm` (`worker_bytes_per_round`).
 """
 
 from typing import Any
 
 import numpy as np
 import tensorflow_federated as tff
+from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
 
 
 def type_bytes(type_spec: tff.types.Type) -> int:
@@ -25,6 +28,45 @@ def type_bytes(type_spec: tff.types.Type) -> int:
   if isinstance(type_spec, tff.types.StructType):
     return sum(type_bytes(t) for t in type_spec)
   raise ValueError(f"cannot size a value of type {type_spec}")
+
+
+def _wire_bytes(type_spec: tff.types.Type) -> int:
+  """Bytes of a value sent to or from a worker, less its clients-placed parts.
+
+  The clients-placed parts of a round's argument are the client ids (strings of a
+  few dozen bytes each, no fixed size); everything else is numeric tensors.
+  """
+  if isinstance(type_spec, tff.types.FederatedType):
+    return 0 if type_spec.placement is tff.CLIENTS else type_bytes(type_spec.member)
+  if isinstance(type_spec, tff.types.StructType):
+    return sum(_wire_bytes(t) for t in type_spec)
+  return type_bytes(type_spec)
+
+
+def worker_bytes_per_round(process: tff.learning.templates.LearningProcess, *,
+                           num_subrounds: int) -> dict[str, Any]:
+  """Bytes between this process and its `--workers` per round, from the type signatures.
+
+  Under `--workers` TFF's mergeable context runs `MergeableCompForm`'s parts on the
+  workers: per sub-round `up_to_merge` (in: the server state and the sub-round's
+  client ids; out: its partial aggregate), `num_subrounds - 1` merges (two partial
+  aggregates in, one out) and one `after_merge` (the round's argument and the merged
+  aggregate in; the new state and the metrics out). The clients' own data never
+  travels: each worker reads it by id.
+
+  Returns:
+    The part sizes and `total` bytes per round (client ids not counted).
+  """
+  form = mergeable_comp_compiler.compile_to_mergeable_comp_form(process.next)
+  state_in = _wire_bytes(form.up_to_merge.type_signature.parameter)
+  partial = _wire_bytes(form.up_to_merge.type_signature.result)
+  after_in = _wire_bytes(form.after_merge.type_signature.parameter)
+  after_out = _wire_bytes(form.after_merge.type_signature.result)
+  merges = num_subrounds - 1
+  total = num_subrounds * (state_in + partial) + merges * 3 * partial + after_in + after_out
+  return {"num_subrounds": num_subrounds, "up_to_merge_in": state_in,
+          "partial_aggregate": partial, "merges": merges, "after_merge_in": after_in,
+          "after_merge_out": after_out, "total": total}
 
 
 def _placed_bytes(type_spec: tff.types.Type, placement: tff.framework.PlacementLiteral) -> int:

@@ -1,15 +1,18 @@
 """The timed training loops of the benchmark: TFF rounds and their plain equivalent.
 
-`TffLoop` runs rounds of a composed TFF training process; `PlainLoop` does the same
+`TffLoop` runs rounds of a composed TFF training process (`WorkersLoop`: on remote
+TFF workers, with each worker's CPU and busy seconds); `PlainLoop` does the same
 client work as a plain `tf.function` loop in this process; `time_loops` times them
 side by side, round by round.
 """
 
 import contextlib
+import socket
 import time
 from typing import Any, Callable, Sequence, Union
 
 import numpy as np
+import psutil
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -45,6 +48,90 @@ class TffLoop:
     self.state = result.state
     self.examples.append(int(result.metrics["client_work"]["train"]["num_examples"]))
     return seconds
+
+
+class WorkersLoop(TffLoop):
+  """A `TffLoop` whose rounds run on remote TFF workers (`--workers`), watched per worker.
+
+  Each `step` also records, per worker, the CPU seconds its `worker_binary` used in
+  the round (when it runs on this machine: the process listening on its port; else
+  None) and its busy seconds (its sub-round, merge and after-merge calls), and the
+  seconds during which two or more workers computed at the same time.
+  """
+
+  def __init__(self, process: tff.learning.templates.LearningProcess, state: Any,
+               clients: Sequence[str], *, context: Any, worker_contexts: Sequence[Any]):
+    super().__init__(process, state, clients, context=context)
+    self.worker_contexts = list(worker_contexts)
+    self.processes = {c.address: local_worker_process(c.address) for c in self.worker_contexts}
+    self.rounds: list[dict[str, Any]] = []
+
+  def step(self, round_num: int) -> float:
+    before = {a: _cpu_seconds(p) for a, p in self.processes.items()}
+    for context in self.worker_contexts:
+      context.busy.clear()
+    seconds = super().step(round_num)
+    cpu = {}
+    for address, process in self.processes.items():
+      after = _cpu_seconds(process)
+      cpu[address] = None if after is None or before[address] is None else after - before[address]
+    busy = {c.address: list(c.busy) for c in self.worker_contexts}
+    self.rounds.append({"round_s": seconds, "cpu_s": cpu,
+                        "busy_s": {a: sum(e - s for s, e in b) for a, b in busy.items()},
+                        "overlap_s": concurrent_seconds(list(busy.values()))})
+    return seconds
+
+
+def local_worker_process(address: str) -> Any:
+  """The process on this machine listening on `address`'s port, or None."""
+  host, _, port = address.rpartition(":")
+  if host.strip("[]") not in ("localhost", "127.0.0.1", "::1", socket.gethostname()):
+    return None
+  with contextlib.suppress(psutil.Error, OSError):
+    for conn in psutil.net_connections(kind="tcp"):
+      if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == int(port):
+        return psutil.Process(conn.pid) if conn.pid else None
+  return None
+
+
+def _cpu_seconds(process: Any) -> Any:
+  if process is None:
+    return None
+  try:
+    times = process.cpu_times()
+  except psutil.Error:
+    return None
+  return times.user + times.system
+
+
+def concurrent_seconds(intervals: Sequence[Sequence[tuple[float, float]]]) -> float:
+  """Seconds during which intervals of two or more of the lists overlap.
+
+  Args:
+    intervals: Per worker, its `(start, end)` busy intervals.
+  """
+  events = []
+  for worker in intervals:
+    for start, end in _union(worker):
+      events += [(start, 1), (end, -1)]
+  events.sort()
+  busy, last, total = 0, None, 0.0
+  for t, change in events:
+    if busy >= 2 and last is not None:
+      total += t - last
+    busy += change
+    last = t
+  return total
+
+
+def _union(intervals: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+  out: list[list[float]] = []
+  for start, end in sorted(intervals):
+    if out and start <= out[-1][1]:
+      out[-1][1] = max(out[-1][1], end)
+    else:
+      out.append([start, end])
+  return [(s, e) for s, e in out]
 
 
 class PlainLoop:

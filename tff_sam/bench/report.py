@@ -165,11 +165,30 @@ def _execution_rows(result: dict[str, Any]) -> list[Row]:
   return rows
 
 
+def _worker_rows(result: dict[str, Any]) -> list[Row]:
+  """Section 7: the cached round on 1 worker vs on all `--workers`."""
+  workers = result.get("workers")
+  if not workers:
+    return []
+  rows = []
+  for i, (n, r) in enumerate(workers["runs"].items()):
+    cpu = ", ".join(f"{a} {'n/a' if v is None else f'{v:.1f}'} s"
+                    for a, v in r["cpu_s"].items())
+    rows.append((f"7 workers: {n}" if i == 0 else f"  workers: {n}",
+                 f"cached round {r['round_s']:.3f} s; {r['overlap_s']:.2f} s with 2+ "
+                 f"computing at once", f"CPU: {cpu}; {_mb(r['bytes_per_round']['total'])}"
+                 "/round to and from the workers"))
+  if "speedup" in workers:
+    rows.append(("  1 worker / all workers", f"{workers['speedup']:.2f}x round time",
+                 "(measured on this machine's cores)"))
+  return rows
+
+
 def format_table(result: dict[str, Any]) -> str:
   """The human-readable summary of a `run_benchmark` result."""
   cfg, params = result["config"], result["model"]["parameters"]
   rows = (_speed_rows(result) + _memory_rows(result) + _communication_rows(result)
-          + _throughput_rows(result) + _execution_rows(result))
+          + _throughput_rows(result) + _execution_rows(result) + _worker_rows(result))
   widths = [max(len(r[i]) for r in rows) for i in range(3)]
   head = (f"tff_sam benchmark: {result['model']['name']}, {params['total'] / 1e6:.1f} M "
           f"parameters; {cfg['clients']} clients x {cfg['examples_per_client']} images, "

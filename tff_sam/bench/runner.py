@@ -29,6 +29,12 @@ into a fresh work folder (so every embedding is really computed):
    execution; the cached round is also timed under each of the others (the online
    round too when TensorFlow sees a GPU), interleaved with the rest on the same
    clients and state, and the 64 vs 4 clients memory runs are repeated under them.
+7. **Workers** (only with `--workers=host:port,...`): the cached round on the first
+   worker alone vs on all of them (TFF's mergeable context over remote workers, the
+   clients split into one sub-round per worker), interleaved with the rest; per
+   worker its CPU seconds (when it runs on this machine) and busy seconds, the
+   seconds two or more computed at once, and the bytes per round between this
+   process and the workers (`communication.worker_bytes_per_round`).
 
 Wall times exclude the first (tracing) round of every loop and average
 `config.rounds` timed rounds, interleaved round by round across the loops. Every TFF
@@ -56,6 +62,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
+
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import fileio
@@ -70,6 +78,7 @@ from tff_sam.data import discovery
 from tff_sam.federated import execution
 from tff_sam.federated import tasks
 from tff_sam.federated import tf_execution
+from tff_sam.federated import workers as workers_lib
 from tff_sam.models import build
 from tff_sam.models import sam as sam_lib
 
@@ -97,6 +106,7 @@ class _Run:
   log: Callable[[str], None]
   cache_dir: Optional[Path] = None
   timings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  worker_bytes: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
   def section(self, name: str) -> None:
     self.progress["section"] = name
@@ -131,6 +141,8 @@ def run_benchmark(config: config_lib.BenchConfig, *, log: Callable[[str], None] 
   try:
     with execution.worker_watched(run.progress):
       result = _run_sections(run, info)
+  except (workers_lib.WorkerLost, workers_lib.WorkerFailed) as e:
+    raise errors.UserError(f"{e} during {run.progress['section']}") from None
   finally:
     if not config.keep_work:
       shutil.rmtree(work, ignore_errors=True)
@@ -162,6 +174,35 @@ def _executions_result(run: _Run, rounds: dict[str, dict[str, Any]],
   return out
 
 
+def _workers_loop_name(n: int) -> str:
+  return f"cached TFF, {n} worker{'s' if n > 1 else ''}"
+
+
+def _workers_result(run: _Run, loops: dict[str, Loop], rounds: dict[str, dict[str, Any]]
+                    ) -> Optional[dict[str, Any]]:
+  """Section 7: the cached round on 1 worker vs on all `--workers`, or None without."""
+  if not run.config.workers:
+    return None
+  out = {"workers": list(run.config.workers), "runs": {}}
+  for n, bytes_per_round in sorted(run.worker_bytes.items()):
+    name = _workers_loop_name(n)
+    timed = loops[name].rounds[1:]  # Without the warm-up (tracing) round.
+    addresses = list(run.config.workers[:n])
+    cpu = {a: [r["cpu_s"][a] for r in timed] for a in addresses}
+    out["runs"][str(n)] = {
+        "round_s": rounds[name]["mean_s"],
+        "rounds": timed,
+        "cpu_s": {a: None if None in v else float(np.mean(v)) for a, v in cpu.items()},
+        "busy_s": {a: float(np.mean([r["busy_s"][a] for r in timed])) for a in addresses},
+        "overlap_s": float(np.mean([r["overlap_s"] for r in timed])),
+        "bytes_per_round": bytes_per_round}
+  runs = out["runs"]
+  if len(runs) == 2:
+    one, many = runs["1"], runs[str(len(run.config.workers))]
+    out["speedup"] = one["round_s"] / many["round_s"]
+  return out
+
+
 def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   """The sections of `run_benchmark`, in order; returns the result."""
   config = run.config
@@ -169,6 +210,7 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   examples, records, image_records, pre = _precompute_section(run, bundle)
   loops, comm = _process_section(run, bundle, records, image_records, params)
   rounds = _rounds_section(run, loops)
+  workers = _workers_result(run, loops, rounds)
   del loops
   gc.collect()
   memory = _memory_section(run, bundle, records)
@@ -191,6 +233,7 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
       "memory_ratio_64_vs_4_tf": executions.get(config_lib.TF_EXECUTION, {}).get(
           "memory_ratio_64_vs_4"),
       "executions": executions,
+      "workers": workers,
       "bytes_per_client_round": comm,
       "cache": {"online_round_s": online["mean_s"], "cached_round_s": cached["mean_s"],
                 "precompute_s": pre["precompute_s"],
@@ -285,6 +328,14 @@ def _process_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cac
   for name, context in others.items():
     loops[_loop_name("cached TFF", name, config)] = loops_lib.TffLoop(
         cached.training_process, cached.initial_state, clients, context=context)
+  for n in sorted({1, len(config.workers)}) if config.workers else ():
+    contexts = workers_lib.build_remote_contexts(
+        config.workers[:n], compiler_fn=execution.compile_for_cpp_worker)
+    loops[_workers_loop_name(n)] = loops_lib.WorkersLoop(
+        cached.training_process, cached.initial_state, clients,
+        context=execution.mergeable_over(contexts), worker_contexts=contexts)
+    run.worker_bytes[n] = communication.worker_bytes_per_round(cached.training_process,
+                                                               num_subrounds=n)
   run.timings["build_cached_process_s"] = time.perf_counter() - t0
   loops["plain tf.function"] = loops_lib.PlainLoop(
       bundle=bundle, spec=cached.pipeline_spec, clients=clients, config=cached_config)

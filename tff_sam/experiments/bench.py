@@ -67,6 +67,9 @@ flags.DEFINE_list("execution", list(_F["executions"]),
                   "Executions to compare (cpp, tf): every section runs under the first; the "
                   "cached round (and the online round when TensorFlow sees a GPU) and the "
                   "memory runs of 64 vs 4 clients also under the others, side by side.")
+flags.DEFINE_list("workers", [], "host:port,... of running TFF workers (python -m "
+                  "tff_sam.experiments.worker --port P): section 7 times the cached round on "
+                  "the first worker alone vs on all of them, with each worker's CPU seconds.")
 flags.DEFINE_integer("seed", _F["seed"], "Seed of the synthetic images and the prompts.")
 flags.DEFINE_boolean("keep_work", _F["keep_work"],
                      "Keep OUTPUT_DIR/work (images, records, manifests) after the run.")
@@ -80,6 +83,7 @@ def config_from_flags() -> config_lib.BenchConfig:
   values = {f.name: FLAGS[names.get(f.name, f.name)].value
             for f in dataclasses.fields(config_lib.BenchConfig)}
   values["executions"] = tuple(values["executions"])
+  values["workers"] = tuple(values["workers"])
   return config_lib.BenchConfig(**values).validate()
 
 

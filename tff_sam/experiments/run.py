@@ -1,7 +1,8 @@
 r"""Federated fine-tuning of SAM's mask decoder with TFF (the main job).
 
   python -m tff_sam.experiments.run --rounds 10 --output_dir runs/mine \
-      [--data_dir DIR] [--model mobile_sam|facebook/sam-vit-base|DIR] [--flagfile F]
+      [--data_dir DIR] [--model mobile_sam|facebook/sam-vit-base|DIR] [--flagfile F] \
+      [--workers host:port,...]
 
 Without --data_dir it runs on the embedded default dataset. Flags are copied once
 into a validated `RunConfig`; user mistakes end with one `error:` line and exit 1.
@@ -100,6 +101,13 @@ flags.DEFINE_enum("execution", "auto", ("auto",) + config_lib.EXECUTIONS,
                   "compiled rounds run by TensorFlow in this process, on the GPU(s) it sees; "
                   "auto = tf when TensorFlow sees a GPU, else cpp. A run may be resumed with "
                   "the other execution.")
+flags.DEFINE_list("workers", [], "host:port,... of TFF workers on other machines (start each "
+                  "with python -m tff_sam.experiments.worker --port P): each round's clients "
+                  "are split over them and run in parallel (TFF's mergeable execution; "
+                  "README 'Several machines'). Empty = TFF's local worker.")
+flags.DEFINE_float("worker_timeout", _F["worker_timeout"],
+                   "Seconds a --workers worker may stay unreachable before the run ends with "
+                   "an error naming it (the same command resumes).")
 # Evaluation.
 flags.DEFINE_integer("eval_every", _F["eval_every"], "Evaluate on the held-out data (central "
                      "test split and federated evaluation on held-out clients) every N rounds.")
@@ -125,7 +133,7 @@ HELP_GROUPS = (
     ("federated (rounds and aggregation)", (
         "rounds", "clients_per_round", "clients_per_subround", "server_optimizer", "server_lr",
         "zeroing", "zeroing_quantile", "zeroing_multiplier", "clipping", "clipping_quantile",
-        "clipping_initial_norm", "execution")),
+        "clipping_initial_norm", "execution", "workers", "worker_timeout")),
     ("evaluation", ("eval_every", "eval_max_objects")),
     ("output", ("output_dir", "fresh")),
 )
@@ -159,11 +167,14 @@ def config_from_flags(default_execution: Callable[[], str]) -> config_lib.RunCon
   """Copies the flags into a validated `RunConfig` (the only place flags are read).
 
   Args:
-    default_execution: What `--execution=auto` becomes (`execution.default_execution`).
+    default_execution: What `--execution=auto` becomes without `--workers`
+      (`execution.default_execution`); with them it is `cpp`.
   """
   values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config_lib.RunConfig)}
-  if values["execution"] == "auto":
-    values["execution"] = default_execution()
+  values["workers"] = tuple(values["workers"])
+  if values["execution"] == "auto":  # Remote workers are TFF's C++ workers.
+    values["execution"] = (config_lib.CPP_EXECUTION if values["workers"]
+                           else default_execution())
   return config_lib.RunConfig(**values).validate()
 
 
@@ -177,7 +188,9 @@ def main(argv):
   def job():
     config = config_from_flags(execution.default_execution)
     execution.configure_tff_execution(execution=config.execution,
-                                      num_subrounds=config.num_subrounds)
+                                      num_subrounds=config.num_subrounds,
+                                      workers=config.workers,
+                                      worker_timeout=config.worker_timeout)
     program.run_experiment(config, fresh=FLAGS.fresh)
 
   return runtime.run_job(job, cleanup=execution.end_workers)

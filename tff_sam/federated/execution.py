@@ -31,7 +31,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Iterator, MutableMapping, Optional
+from typing import Iterator, MutableMapping, Optional, Sequence
 
 import psutil
 import tensorflow_federated as tff
@@ -41,6 +41,7 @@ from tff_sam import errors
 from tff_sam import fileio
 from tff_sam import runtime
 from tff_sam.federated import tf_execution
+from tff_sam.federated import workers as workers_lib
 
 WORKER_BINARY = "worker_binary"  # TFF's C++ worker (a child of the Python process)
 
@@ -103,9 +104,56 @@ def build_context(execution: str, *, max_concurrent_computation_calls: int = -1)
   return _cpp_context(True, max_concurrent_computation_calls)
 
 
+def build_remote_context(workers: Sequence[str], *,
+                         timeout: float = workers_lib.DEFAULT_TIMEOUT_S,
+                         num_subrounds: int = 1):
+  """TFF's mergeable-computation context over running remote workers (not installed).
+
+  Each worker gets one TFF `AsyncExecutionContext` over a `RemoteExecutor`
+  (`workers.build_remote_contexts`); each computation is compiled to
+  `MergeableCompForm` and its clients are split into `max(num_subrounds,
+  len(workers))` sub-rounds, run on the workers in parallel and merged. Every worker
+  is first checked with a tiny computation.
+
+  Args:
+    workers: `host:port` of each worker (`python -m tff_sam.experiments.worker`).
+    timeout: Seconds a worker may stay unreachable before a computation raises
+      `workers.WorkerLost` (TFF alone would retry forever).
+    num_subrounds: At least this many sub-rounds (`--clients_per_subround`).
+
+  Raises:
+    errors.ConfigError: A worker does not answer the check, or answers it with an
+      error (`--workers`, naming the worker).
+  """
+  return mergeable_over(workers_lib.build_remote_contexts(
+      workers, timeout=timeout, compiler_fn=compile_for_cpp_worker),
+                        timeout=timeout, num_subrounds=num_subrounds)
+
+
+def mergeable_over(contexts: Sequence[workers_lib.WorkerContext], *,
+                   timeout: float = workers_lib.DEFAULT_TIMEOUT_S, num_subrounds: int = 1):
+  """`build_remote_context` from already built worker contexts (the benchmark's).
+
+  Raises:
+    errors.ConfigError: A worker does not answer the check (`build_remote_context`).
+  """
+  try:
+    workers_lib.check_workers(contexts, timeout=timeout)
+  except workers_lib.WorkerLost as e:
+    raise errors.ConfigError("workers", f"worker {e.address} does not answer: start it there "
+                             "(python -m tff_sam.experiments.worker --port PORT) and check "
+                             "that this machine can reach that host and port") from None
+  except workers_lib.WorkerFailed as e:
+    raise errors.ConfigError("workers", f"{e} (is it a TFF worker of the same version?)"
+                             ) from None
+  return tff.backends.native.create_mergeable_comp_execution_context(
+      contexts, num_subrounds=max(num_subrounds, len(contexts)))
+
+
 def configure_tff_execution(*, execution: str = config_lib.CPP_EXECUTION,
                             max_concurrent_computation_calls: int = -1,
-                            num_subrounds: int = 1) -> None:
+                            num_subrounds: int = 1, workers: Sequence[str] = (),
+                            worker_timeout: float = workers_lib.DEFAULT_TIMEOUT_S) -> None:
   """Installs the TFF execution context `execution` (`cpp` or `tf`).
 
   `cpp`: TFF's contexts (`create_sync_local_cpp_execution_context` and its async
@@ -124,7 +172,19 @@ def configure_tff_execution(*, execution: str = config_lib.CPP_EXECUTION,
       memory then grows with the clients of one group instead of all of them;
       results equal the one-shot round's up to float summation order. Under `tf`
       clients are accumulated one at a time anyway, so it has no effect.
+    workers: `host:port` of running TFF workers, `cpp` only:
+      `build_remote_context` (the round's clients spread over them).
+    worker_timeout: Seconds a worker may stay unreachable (`build_remote_context`).
+
+  Raises:
+    errors.ConfigError: A worker does not answer (`build_remote_context`).
   """
+  if workers:
+    if execution != config_lib.CPP_EXECUTION:
+      raise ValueError("workers run TFF's C++ worker: execution must be cpp")
+    tff.framework.set_default_context(build_remote_context(
+        workers, timeout=worker_timeout, num_subrounds=num_subrounds))
+    return
   if execution == config_lib.CPP_EXECUTION and num_subrounds > 1:
     tff.backends.native.set_mergeable_comp_execution_context(
         [_cpp_context(False, max_concurrent_computation_calls)], num_subrounds=num_subrounds)

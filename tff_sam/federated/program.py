@@ -56,6 +56,7 @@ from tff_sam.federated import progress as progress_lib
 from tff_sam.federated import releases
 from tff_sam.federated import tasks
 from tff_sam.federated import tf_execution
+from tff_sam.federated import workers as workers_lib
 from tff_sam import fileio
 from tff_sam.models import build
 from tff_sam.models import sam as sam_lib
@@ -118,7 +119,8 @@ PROGRESS_DIR = ".progress"  # The clients' reports inside a round (`progress`).
 # Settings that may differ between a run and its resumption: how a round executes,
 # not what it computes (equal up to float summation order), and `rounds`, which may
 # grow (the run continues).
-RESUMABLE_DIFFERENCES = ("output_dir", "clients_per_subround", "execution", "rounds")
+RESUMABLE_DIFFERENCES = ("output_dir", "clients_per_subround", "execution", "rounds", "workers",
+                         "worker_timeout")
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -339,6 +341,14 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
   with execution.worker_watched(progress, pid_file=out / WORKERS_FILE):
     try:
       return _run_experiment(config, versions=versions, log=log, progress=progress)
+    except workers_lib.WorkerLost as e:
+      raise errors.UserError(
+          f"{e} during {progress['section']}; restart it there (python -m "
+          "tff_sam.experiments.worker --port PORT) or remove it from --workers, then run the "
+          "same command again: it resumes from the last saved round") from None
+    except workers_lib.WorkerFailed as e:
+      raise errors.UserError(f"{e} (during {progress['section']}); the README's 'Several "
+                             "machines' says what a worker machine needs") from None
     except tf_execution.OutOfDeviceMemory as e:
       raise errors.UserError(
           f"out of device memory during {progress['section']} (--execution=tf: {e}); "
@@ -409,7 +419,8 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
   if not versions:
     _start_fresh(out)
   fileio.write_text(out / "config.json", config.to_json() + "\n")
-  log(execution.describe_execution(config.execution))
+  log(workers_lib.describe_workers(config.workers, max(config.num_subrounds, len(config.workers)))
+      if config.workers else execution.describe_execution(config.execution))
   if config.execution == config_lib.TF_EXECUTION and config.clients_per_subround:
     log(f"  --clients_per_subround={config.clients_per_subround} has no effect under "
         "--execution=tf: its clients are accumulated one at a time anyway")
