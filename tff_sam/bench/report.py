@@ -147,7 +147,8 @@ def _execution_rows(result: dict[str, Any]) -> list[Row]:
     rows.append((f"6 execution {name}" if i == 0 else f"  execution {name}",
                  f"cached round {e['cached_round_s']:.3f} s ({e['decoder_examples_per_s']:.2f} "
                  f"images/s){online}",
-                 f"memory 64 vs 4: {e['memory_ratio_64_vs_4']:.2f}x"))
+                 f"memory {result['config']['memory_clients']} vs "
+                 f"{result['config']['memory_base_clients']}: {e['memory_ratio_64_vs_4']:.2f}x"))
   if result.get("tf_vs_cpp_round_time") is not None:
     gpu = goals["tf_vs_cpp_round_time_gpu"]["applicable"]
     key = "tf_vs_cpp_round_time_gpu" if gpu else "tf_vs_cpp_round_time"
@@ -160,7 +161,8 @@ def _execution_rows(result: dict[str, Any]) -> list[Row]:
                    f"{by_execution['cpp']:.3f} s: {by_execution['tf'] / by_execution['cpp']:.2f}x",
                    "(real decoder weights)"))
     if result.get("memory_ratio_64_vs_4_tf") is not None:
-      rows.append(("  tf memory 64 vs 4 clients", f"{result['memory_ratio_64_vs_4_tf']:.2f}x",
+      rows.append((f"  tf memory {result['config']['memory_clients']} vs "
+                   f"{result['config']['memory_base_clients']} clients", f"{result['memory_ratio_64_vs_4_tf']:.2f}x",
                    _goal(goals, "memory_ratio_64_vs_4_tf")))
   return rows
 
@@ -175,12 +177,12 @@ def _worker_rows(result: dict[str, Any]) -> list[Row]:
     cpu = ", ".join(f"{a} {'n/a' if v is None else f'{v:.1f}'} s"
                     for a, v in r["cpu_s"].items())
     rows.append((f"7 workers: {n}" if i == 0 else f"  workers: {n}",
-                 f"cached round {r['round_s']:.3f} s; {r['overlap_s']:.2f} s with 2+ "
-                 f"computing at once", f"CPU: {cpu}; {_mb(r['bytes_per_round']['total'])}"
+                 f"cached round {r['round_s']:.3f} s (median); {r['overlap_s']:.2f} s "
+                 "with 2+ computing at once", f"CPU: {cpu}; {_mb(r['bytes_per_round']['total'])}"
                  "/round to and from the workers"))
   if "speedup" in workers:
-    rows.append(("  1 worker / all workers", f"{workers['speedup']:.2f}x round time",
-                 "(measured on this machine's cores)"))
+    rows.append(("  1 worker / all workers", f"{workers['speedup']:.2f}x round time (medians)",
+                 "(the workers share this machine's cores)"))
   return rows
 
 

@@ -66,8 +66,8 @@ def start_worker(*, port: int, max_concurrent_computation_calls: int = -1,
                  wait_s: float = 30.0) -> subprocess.Popen:
   """Starts TFF's `worker_binary` serving on `port` and waits until it listens.
 
-  The worker dies with the process that started it (`PR_SET_PDEATHSIG`), however
-  that process ends. It listens on every interface (`[::]:port`), without TLS or
+  The worker dies with the thread that started it (`PR_SET_PDEATHSIG`; call this
+  from the main thread to tie it to the process), however that ends. It listens on every interface (`[::]:port`), without TLS or
   authentication; it has no flag to bind one address.
 
   Args:
@@ -83,6 +83,8 @@ def start_worker(*, port: int, max_concurrent_computation_calls: int = -1,
     OSError: The port is taken, or the worker did not start listening in time.
   """
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    # As gRPC's server binds: a port whose old connections linger (TIME_WAIT) is free.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
       s.bind(("", port))
     except OSError as e:
