@@ -17,12 +17,10 @@ import shutil
 
 import psutil
 import pytest
-import tensorflow_federated as tff
 
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.federated import program
-from tff_sam.federated import tf_execution
 from tff_sam.models import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,17 +201,16 @@ def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference
 
 
 @pytest.mark.slow
-def test_kill_9_under_tf_then_same_command_equals_uninterrupted(tmp_path, reference_settings):
+def test_kill_9_under_tf_then_same_command_equals_uninterrupted(tmp_path, reference,
+                                                                reference_settings):
   """`--execution=tf`: kill -9 after round 1 is saved; the same command completes, equal
-  to an uninterrupted tf run (in this process) in every metric of every round."""
-  settings = {**reference_settings, "rounds": 2, "execution": "tf"}
-  whole = tmp_path / "whole"
-  with tff.framework.get_context_stack().install(tf_execution.TensorFlowExecutionContext()):
-    lines = []
-    program.run_experiment(config_lib.RunConfig(output_dir=str(whole), **settings),
-                           log=lines.append)
-  assert lines[0].startswith("execution: tf ("), lines[0]
+  in every metric of rounds 0-2 to the session's uninterrupted reference run.
 
+  The reference ran under TFF's C++ worker: tf and cpp rounds agree to 1e-6 in every
+  metric (`tests/test_tf_execution.py`; these very rows differed by at most 9e-8,
+  measured), so a resume that changed anything (prompts, sampling, state) shows.
+  """
+  settings = {**reference_settings, "rounds": 2, "execution": "tf"}
   out = tmp_path / "killed"
   cmd = _cli(out, settings)
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -229,8 +226,9 @@ def test_kill_9_under_tf_then_same_command_equals_uninterrupted(tmp_path, refere
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming" in again.stdout and "execution: tf" in again.stdout
-  with open(whole / "metrics.csv") as f:
-    want = list(csv.DictReader(f))
+  assert again.stdout.startswith("execution: tf ("), again.stdout[:200]
+  with open(reference[0] / "metrics.csv") as f:
+    want = [r for r in csv.DictReader(f) if int(r["round"]) <= 2]
   with open(out / "metrics.csv") as f:
     got = list(csv.DictReader(f))
   assert [r["round"] for r in got] == ["0", "1", "2"]

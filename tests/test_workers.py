@@ -12,6 +12,7 @@ with an empty folder over the cache).
 import csv
 import json
 from pathlib import Path
+import re
 import socket
 import subprocess
 import sys
@@ -57,11 +58,17 @@ def _assert_rows_equal(got: list[dict], want: list[dict], tol: float) -> None:
 
 
 def _model_weights(model_dir: Path) -> dict[str, np.ndarray]:
-  """Every weight of an exported model's `tf_model.h5`, by its path in the file."""
+  """Every weight of an exported model's `tf_model.h5`, by its path in the file.
+
+  The Keras model's own name is numbered by how many were built in that process
+  (`tf_sam_model_3`); transformers' loader ignores it, and so does this.
+  """
   out = {}
   with h5py.File(model_dir / "tf_model.h5", "r") as f:
-    f.visititems(lambda name, item: out.__setitem__(name, item[()])
+    f.visititems(lambda name, item: out.__setitem__(
+        re.sub(r"/tf_sam_model(_\d+)?/", "/tf_sam_model/", name), item[()])
                  if isinstance(item, h5py.Dataset) else None)
+  assert len(out) > 100
   return out
 
 

@@ -206,7 +206,9 @@ class RunConfig:
     return self
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The settings as JSON values (`workers` a list), as `config.json` holds them."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -7,6 +7,10 @@
 * `tf`: `tf_execution.TensorFlowExecutionContext`, which runs the same computations
   from TFF's compiled forms with TensorFlow in this process, on its GPUs if any.
 
+With `workers` (`--workers`), `cpp` runs on TFF workers on other machines instead:
+TFF's mergeable-computation context over one remote context per worker
+(`build_remote_context`, `federated.workers`), each round's clients split over them.
+
 `default_execution` picks `tf` when TensorFlow sees a GPU, else `cpp`.
 `WorkerWatch` (used through `worker_watched`) turns a worker killed mid-computation
 (e.g. out of memory), which TFF would restart and retry forever, into an error.
