@@ -12,6 +12,7 @@ datasets, built-in models, losses, optimizers, benchmark architectures, export f
 
 import dataclasses
 import json
+import re
 from typing import Any, Optional
 
 from tff_sam import errors
@@ -55,20 +56,31 @@ EXPORT_FORMATS = (SAM_CHECKPOINT_FORMAT, ONNX_FORMAT, SAVED_MODEL_FORMAT)
 LOOP_IMPLEMENTATIONS = ("program", "dataset_iterator", "dataset_reduce")
 
 
-def validate_workers(workers: tuple[str, ...], timeout: float) -> None:
-  """Validates `--workers` (distinct `host:port`) and `--worker_timeout`.
+def split_address(address: str) -> tuple[str, int]:
+  """A worker's `host:port` (or `[v6]:port`) as (host, port).
+
+  Raises:
+    ValueError: Not `host:port` with a port in 1..65535.
+  """
+  match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", address.strip())
+  if not match or not 1 <= int(match.group(2)) <= 65535:
+    raise ValueError(f"{address!r} is not host:port (e.g. 10.0.0.7:8000)")
+  return match.group(1).strip("[]"), int(match.group(2))
+
+
+def validate_workers(workers: tuple[str, ...]) -> None:
+  """Validates `--workers`: distinct `host:port` addresses (`split_address`).
 
   Raises:
     errors.ConfigError: naming the flag.
   """
   for address in workers:
-    host, _, port = address.rpartition(":")
-    errors.require(bool(host) and port.isdigit() and 1 <= int(port) <= 65535
-                   and not any(c.isspace() for c in address), "workers",
-                   f"{address!r} is not host:port (e.g. 10.0.0.7:8000)")
+    try:
+      split_address(address)
+    except ValueError as e:
+      raise errors.ConfigError("workers", str(e)) from None
   repeated = sorted({a for a in workers if workers.count(a) > 1})
   errors.require(not repeated, "workers", f"lists {', '.join(repeated)} more than once")
-  errors.require(timeout >= 2, "worker_timeout", f"must be >= 2 seconds, got {timeout:g}")
 
 
 def uses_boxes(prompt: str) -> bool:
@@ -147,10 +159,10 @@ class RunConfig:
 
   @property
   def num_subrounds(self) -> int:
-    """Sequential client groups per round (1 = all clients at once)."""
-    if not self.clients_per_subround:
-      return 1
-    return -(-self.clients_per_round // self.clients_per_subround)
+    """Client groups per round (1 = all clients at once), at least one per worker."""
+    groups = (-(-self.clients_per_round // self.clients_per_subround)
+              if self.clients_per_subround else 1)
+    return max(groups, len(self.workers))
 
   def validate(self) -> "RunConfig":
     """Checks every field; returns self so it can be chained.
@@ -184,7 +196,9 @@ class RunConfig:
     errors.require(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
     errors.require(self.execution in EXECUTIONS, "execution",
                    f"must be one of {EXECUTIONS}, got {self.execution!r}")
-    validate_workers(self.workers, self.worker_timeout)
+    validate_workers(self.workers)
+    errors.require(self.worker_timeout >= 2, "worker_timeout",
+                   f"must be >= 2 seconds, got {self.worker_timeout:g}")
     errors.require(not self.workers or self.execution == CPP_EXECUTION, "workers",
                    "runs the rounds on TFF's C++ workers; it cannot be combined with "
                    f"--execution={self.execution} (drop one)")
@@ -315,7 +329,7 @@ class BenchConfig:
                    and all(e in EXECUTIONS for e in self.executions), "execution",
                    f"must list distinct executions of {EXECUTIONS}, got "
                    f"{','.join(self.executions) or 'nothing'}")
-    validate_workers(self.workers, 120.0)
+    validate_workers(self.workers)
     errors.require(self.loop_implementation in LOOP_IMPLEMENTATIONS, "loop_implementation",
                    f"must be one of {LOOP_IMPLEMENTATIONS}, got {self.loop_implementation!r}")
     errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

@@ -84,12 +84,12 @@ class WorkersLoop(TffLoop):
 
 def local_worker_process(address: str) -> Any:
   """The process on this machine listening on `address`'s port, or None."""
-  host, _, port = address.rpartition(":")
-  if host.strip("[]") not in ("localhost", "127.0.0.1", "::1", socket.gethostname()):
+  host, port = config_lib.split_address(address)
+  if host not in ("localhost", "127.0.0.1", "::1", socket.gethostname()):
     return None
   with contextlib.suppress(psutil.Error, OSError):
     for conn in psutil.net_connections(kind="tcp"):
-      if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == int(port):
+      if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
         return psutil.Process(conn.pid) if conn.pid else None
   return None
 

@@ -419,7 +419,7 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
   if not versions:
     _start_fresh(out)
   fileio.write_text(out / "config.json", config.to_json() + "\n")
-  log(workers_lib.describe_workers(config.workers, max(config.num_subrounds, len(config.workers)))
+  log(workers_lib.describe_workers(config.workers, config.num_subrounds)
       if config.workers else execution.describe_execution(config.execution))
   if config.execution == config_lib.TF_EXECUTION and config.clients_per_subround:
     log(f"  --clients_per_subround={config.clients_per_subround} has no effect under "

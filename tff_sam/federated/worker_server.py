@@ -13,11 +13,12 @@ import contextlib
 import ctypes
 import importlib.util
 from pathlib import Path
-import re
 import signal
 import socket
 import subprocess
 import time
+
+from tff_sam import config as config_lib
 
 def worker_binary_path() -> Path:
   """TFF's C++ `worker_binary` in the installed wheel (found without importing TFF)."""
@@ -30,29 +31,14 @@ def worker_binary_path() -> Path:
   return path
 
 
-def split_address(address: str) -> tuple[str, int]:
-  """`host:port` (or `[v6]:port`) as (host, port).
-
-  Raises:
-    ValueError: Not `host:port` with a port in 1..65535.
-  """
-  match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", address.strip())
-  if not match or not 1 <= int(match.group(2)) <= 65535:
-    raise ValueError(f"{address!r} is not host:port (e.g. 10.0.0.7:8000)")
-  return match.group(1).strip("[]"), int(match.group(2))
-
-
 def reachable(address: str, *, timeout: float = 1.0) -> bool:
   """Whether a TCP connection to `address` (host:port) opens within `timeout` s."""
-  host, port = split_address(address)
+  host, port = config_lib.split_address(address)
   try:
     with socket.create_connection((host, port), timeout=timeout):
       return True
   except OSError:
     return False
-
-
-
 
 
 def _die_with_parent() -> None:  # pragma: no cover (runs in the child)

@@ -44,6 +44,7 @@ from tensorflow_federated.python.common_libs import async_utils
 from tensorflow_federated.python.core.impl.context_stack import context_base
 from tensorflow_federated.python.core.impl.executors import executors_errors
 
+from tff_sam import config as config_lib
 from tff_sam.federated import worker_server
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -219,14 +220,14 @@ class WorkerContext(context_base.AsyncContext):
     self._runner = async_utils.AsyncThreadRunner()
 
   async def invoke(self, comp, arg):
-    future = self._runner.run_coro_and_return_result  # blocks: run it off this loop
+    run = self._runner.run_coro_and_return_result  # Blocks: called off this event loop.
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
     def target():
       start = time.monotonic()
       try:
-        result = future(self.context.invoke(comp, arg))
+        result = run(self.context.invoke(comp, arg))
       except BaseException as e:  # pylint: disable=broad-except
         loop.call_soon_threadsafe(lambda e=e: done.done() or done.set_exception(e))
       else:
@@ -253,7 +254,7 @@ def build_remote_contexts(addresses: Sequence[str], *, timeout: float = DEFAULT_
   """
   contexts = []
   for address in addresses:
-    worker_server.split_address(address)
+    config_lib.split_address(address)
     stub = _WatchedStub(address, timeout=timeout)
     context = tff.framework.AsyncExecutionContext(
         executor_fn=_executor_factory(stub), compiler_fn=compiler_fn,
