@@ -303,8 +303,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _worker_binaries(process: subprocess.Popen) -> list[psutil.Process]:
-  return [p for p in _tree(process.pid) if p.name() == "worker_binary"]
+def live_worker_binaries(pid: int) -> list[psutil.Process]:
+  """The live TFF workers under `pid` (short-lived zombie children are skipped)."""
+  out = []
+  for child in psutil.Process(pid).children(recursive=True):
+    try:
+      if child.name() == "worker_binary" and child.status() != psutil.STATUS_ZOMBIE:
+        out.append(child)
+    except psutil.Error:
+      pass
+  return out
 
 
 class Worker:
@@ -323,7 +331,7 @@ class Worker:
       assert self.process.poll() is None and time.time() < deadline, log.read_text()
       time.sleep(0.1)
     self.lines = log.read_text().splitlines()
-    self.binary = _worker_binaries(self.process)[0]
+    self.binary = live_worker_binaries(self.process.pid)[0]
 
   def end(self) -> None:
     """Ctrl-C's SIGTERM: the wrapper ends its worker_binary (no orphan)."""

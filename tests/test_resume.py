@@ -23,6 +23,8 @@ from tff_sam import errors
 from tff_sam.federated import program
 from tff_sam.models import build
 
+from conftest import live_worker_binaries
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -144,18 +146,6 @@ def test_more_rounds_continue_a_finished_run(tmp_path, reference, reference_sett
     program.run_experiment(dataclasses.replace(config, rounds=3), log=lines.append)
 
 
-def _workers(pid: int) -> list[psutil.Process]:
-  """The live TFF workers under `pid` (short-lived zombie children are skipped)."""
-  out = []
-  for child in psutil.Process(pid).children(recursive=True):
-    try:
-      if child.name() == "worker_binary" and child.status() != psutil.STATUS_ZOMBIE:
-        out.append(child)
-    except psutil.Error:
-      pass
-  return out
-
-
 def _cli(out, settings):
   s = settings
   return [sys.executable, "-m", "tff_sam.experiments.run", f"--output_dir={out}",
@@ -174,7 +164,7 @@ def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference
       assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
       assert time.time() < deadline
       time.sleep(0.2)
-    workers = _workers(proc.pid)
+    workers = live_worker_binaries(proc.pid)
     assert workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -219,7 +209,7 @@ def test_kill_9_under_tf_then_same_command_equals_uninterrupted(tmp_path, refere
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     assert time.time() < deadline
     time.sleep(0.2)
-  assert not _workers(proc.pid)  # tf starts no TFF worker.
+  assert not live_worker_binaries(proc.pid)  # tf starts no TFF worker.
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait(timeout=30)
   assert not (out / "summary.json").exists()
@@ -249,7 +239,7 @@ def test_signal_ends_run_and_its_worker(tmp_path, reference_settings, sig):
   workers = []
   while not workers:
     assert proc.poll() is None and time.time() < deadline
-    workers = _workers(proc.pid)
+    workers = live_worker_binaries(proc.pid)
     time.sleep(0.2)
   proc.send_signal(sig)
   proc.wait(timeout=120)
@@ -269,7 +259,7 @@ def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, reference_sett
   while not (out / "state" / "round_1").exists():
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.2)
-  workers = _workers(proc.pid)
+  workers = live_worker_binaries(proc.pid)
   assert workers
   for worker in workers:
     worker.send_signal(signal.SIGKILL)  # As the kernel's out-of-memory killer does.
