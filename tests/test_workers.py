@@ -172,9 +172,9 @@ def test_a_worker_gone_silent_mid_call_ends_the_call_within_the_timeout(monkeypa
                       lambda address, **kw: not vanished.is_set() and real_reachable(address, **kw))
   try:
     address = f"127.0.0.1:{port}"
+    start = time.monotonic()  # Before the stub: its probe's first answer is after this.
     stub = workers._WatchedStub(address, timeout=3)  # pylint: disable=protected-access
     threading.Timer(1.0, vanished.set).start()
-    start = time.monotonic()
     with pytest.raises(workers.WorkerLost, match=f"worker {address} stopped answering"):
       stub.get_executor(executor_pb2.GetExecutorRequest())
     took = time.monotonic() - start
