@@ -21,7 +21,22 @@ from tff_sam import errors
 BOX_PROMPT = "box"
 POINTS_PROMPT = "points"
 BOTH_PROMPTS = "both"
-PROMPT_MODES = (BOX_PROMPT, POINTS_PROMPT, BOTH_PROMPTS)
+# micro-sam's iterative prompting in training: each step starts from a box or a point
+# (one or the other at random per prompt), then `sub_iterations - 1` corrections, each
+# a point sampled where the previous mask is wrong, the previous mask fed back.
+ITERATIVE_PROMPT = "iterative"
+SINGLE_PASS_PROMPTS = (BOX_PROMPT, POINTS_PROMPT, BOTH_PROMPTS)
+PROMPT_MODES = SINGLE_PASS_PROMPTS + (ITERATIVE_PROMPT,)
+# Held-out evaluation prompts (`--eval_prompt`), each reported separately: the tight
+# box; one positive point (the object's most interior pixel); the box, then
+# `eval_corrections` corrective points, each placed where the previous mask was most
+# wrong, with the previous mask fed back as SAM's mask prompt (micro-sam's protocol).
+BOX_EVAL = "box"
+POINT_EVAL = "point"
+CORRECTIONS_EVAL = "box_corrections"
+EVAL_PROMPTS = (BOX_EVAL, POINT_EVAL, CORRECTIONS_EVAL)
+# Settings held as tuples (JSON lists in `config.json`).
+TUPLE_SETTINGS = ("workers", "train_clients", "eval_prompt")
 # Embedded datasets (`--data`, used without `--data_dir`).
 SAMPLE_DATASET = "sample"
 SYNTHETIC_DATASET = "synthetic"
@@ -83,14 +98,19 @@ def validate_workers(workers: tuple[str, ...]) -> None:
   errors.require(not repeated, "workers", f"lists {', '.join(repeated)} more than once")
 
 
+def default_eval_prompt(prompt: str) -> str:
+  """The evaluation prompt matching training prompt mode `prompt` (point for points)."""
+  return POINT_EVAL if prompt == POINTS_PROMPT else BOX_EVAL
+
+
 def uses_boxes(prompt: str) -> bool:
   """Whether prompt mode `prompt` gives the model boxes."""
-  return prompt in (BOX_PROMPT, BOTH_PROMPTS)
+  return prompt in (BOX_PROMPT, BOTH_PROMPTS, ITERATIVE_PROMPT)
 
 
 def uses_points(prompt: str) -> bool:
   """Whether prompt mode `prompt` gives the model points."""
-  return prompt in (POINTS_PROMPT, BOTH_PROMPTS)
+  return prompt in (POINTS_PROMPT, BOTH_PROMPTS, ITERATIVE_PROMPT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +131,11 @@ class RunConfig:
   test_fraction: float = 0.2
   binary_components: bool = False
   skip_bad_examples: bool = False
+  # Which training clients take part (empty = all), and whether their images are
+  # pooled into one client (`discovery.POOLED_CLIENT`): the local-only and centralized arms
+  # of `tff_sam.experiments.compare`.
+  train_clients: tuple[str, ...] = ()
+  pool_clients: bool = False
   # Prompts.
   prompt: str = BOX_PROMPT
   box_jitter: float = 20.0
@@ -118,6 +143,8 @@ class RunConfig:
   num_points: int = 1
   num_negative_points: int = 0
   prompts_per_image: int = 4
+  # Decoder passes per step with `--prompt=iterative` (the first prompt, then corrections).
+  sub_iterations: int = 3
   # Model.
   model: str = MOBILE_SAM_MODEL
   train_iou_head: bool = True
@@ -155,7 +182,18 @@ class RunConfig:
   # Evaluation.
   eval_every: int = 1
   eval_max_objects: int = 0
+  # `EVAL_PROMPTS` evaluated on the final model (empty = `default_eval_prompt(prompt)`);
+  # the first is also the per-round held-out evaluation.
+  eval_prompt: tuple[str, ...] = ()
+  eval_corrections: int = 3
+  # Export (and report) the round with the best held-out Dice instead of the last.
+  keep_best: bool = False
   seed: int = 0
+
+  @property
+  def eval_prompt_list(self) -> tuple[str, ...]:
+    """The evaluation prompts, `eval_prompt` or the training prompt's default."""
+    return self.eval_prompt or (default_eval_prompt(self.prompt),)
 
   @property
   def num_subrounds(self) -> int:
@@ -182,6 +220,9 @@ class RunConfig:
                    f"must be >= 0, got {self.box_jitter_fraction}")
     errors.require(self.num_points >= 1, "num_points", f"must be >= 1, got {self.num_points}")
     errors.require(self.num_negative_points >= 0, "num_negative_points", f"must be >= 0, got {self.num_negative_points}")
+    errors.require(self.sub_iterations >= 2, "sub_iterations",
+                   f"must be >= 2 (the first prompt and at least one correction), got "
+                   f"{self.sub_iterations}")
     errors.require(self.prompts_per_image >= 1, "prompts_per_image", f"must be >= 1, got {self.prompts_per_image}")
     errors.require(bool(self.model), "model", "must be set (mobile_sam, a hub id or a local directory)")
     errors.require(self.encode_batch_size >= 1, "encode_batch_size", f"must be >= 1, got {self.encode_batch_size}")
@@ -216,11 +257,22 @@ class RunConfig:
     errors.require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
     errors.require(self.eval_max_objects >= 0, "eval_max_objects",
                    f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")
+    for value in self.eval_prompt:
+      errors.require(value in EVAL_PROMPTS, "eval_prompt",
+                     f"must list prompts of {EVAL_PROMPTS}, got {value!r}")
+    errors.require(len(set(self.eval_prompt)) == len(self.eval_prompt), "eval_prompt",
+                   f"lists a prompt more than once: {','.join(self.eval_prompt)}")
+    errors.require(self.eval_corrections >= 1, "eval_corrections",
+                   f"must be >= 1 corrective points, got {self.eval_corrections}")
+    repeated = sorted({c for c in self.train_clients if self.train_clients.count(c) > 1})
+    errors.require(not repeated, "train_clients", f"lists {', '.join(repeated)} more than once")
+    errors.require(not self.pool_clients or self.clients_per_round == 1, "clients_per_round",
+                   f"must be 1 with --pool_clients (one pooled client), got {self.clients_per_round}")
     errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     return self
 
   def to_dict(self) -> dict[str, Any]:
-    """The settings as JSON values (`workers` a list), as `config.json` holds them."""
+    """The settings as JSON values (tuples as lists), as `config.json` holds them."""
     return {k: list(v) if isinstance(v, tuple) else v
             for k, v in dataclasses.asdict(self).items()}
 
@@ -233,8 +285,8 @@ class RunConfig:
     unknown = sorted(set(values) - known)
     if unknown:
       raise errors.ConfigError(unknown[0], "is not a known setting")
-    if "workers" in values:  # A JSON list.
-      values = {**values, "workers": tuple(values["workers"])}
+    values = {k: tuple(v) if k in TUPLE_SETTINGS and isinstance(v, list) else v
+              for k, v in values.items()}  # JSON lists.
     return cls(**values)
 
 

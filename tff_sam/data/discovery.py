@@ -36,6 +36,8 @@ from tff_sam import errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TEST_DIR = "test"
+# The one client `select_clients(pool=True)` puts every training image into.
+POOLED_CLIENT = "pooled"
 
 _LOG = logging.getLogger(__name__)
 
@@ -314,3 +316,25 @@ def list_test_clients(folder: Path, *, skip_bad_examples: bool = False,
     raise errors.DataError(folder, "no images/ and masks/ folders found (expected "
                            "images/ + masks/, or one sub-folder per site each with both)")
   return {site.name: tuple(list_examples(site, **listing)) for site in sites}
+
+
+def select_clients(splits: DatasetSplits, *, train_clients: tuple[str, ...] = (),
+                   pool: bool = False) -> DatasetSplits:
+  """The training clients a run uses: those named (all when empty), pooled if asked.
+
+  Held-out examples are never touched, so every selection is evaluated on the same
+  test set.
+
+  Raises:
+    errors.ConfigError: A named client is not in the data.
+  """
+  clients = splits.clients
+  unknown = [c for c in train_clients if c not in clients]
+  errors.require(not unknown, "train_clients",
+                 f"names {', '.join(unknown)}, not a training client of the data (its "
+                 f"clients: {', '.join(clients)})")
+  if train_clients:
+    clients = {c: clients[c] for c in train_clients}
+  if pool:
+    clients = {POOLED_CLIENT: tuple(e for exs in clients.values() for e in exs)}
+  return dataclasses.replace(splits, clients=clients)

@@ -45,6 +45,11 @@ class PipelineSpec:
     box_jitter_fraction: Jitter std as a fraction of the box side (0 = uniform).
     num_points: Positive points per prompt.
     num_negative_points: Negative points per prompt.
+    sub_iterations: With `prompt=iterative`: decoder passes per step; examples then
+      carry one sampled positive point and `sub_iterations - 1` empty point slots
+      (label -10) for the corrections, `use_box` (P,) (1: start from the box, 0: from
+      the point; always 1 for evaluation), `target` (P, L, L) (the targets, from which
+      the model samples its corrections) and `seed` (2,) (their randomness).
     local_epochs: Passes over the client's data per round.
     batch_size: Images per batch.
     seed: Run seed.
@@ -70,6 +75,7 @@ class PipelineSpec:
   box_jitter_fraction: float = 0.1
   num_points: int = 1
   num_negative_points: int = 0
+  sub_iterations: int = 3
   local_epochs: int = 1
   batch_size: int = 2
   seed: int = 0
@@ -155,7 +161,17 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
   target = tf.where(ignore, -1.0, coverage)
   objects = tf.cast(coverage >= 0.5, tf.float32)
   n_pts = spec.num_points + spec.num_negative_points
-  if config_lib.uses_points(spec.prompt):
+  iterative = spec.prompt == config_lib.ITERATIVE_PROMPT
+  if iterative:
+    more = tf.random.experimental.stateless_split(seeds[2], 3)
+    first, first_labels = prompts_lib.sample_points(
+        objects, inside, num_positive=1, num_negative=0, input_size=spec.input_size,
+        seed=more[0])
+    n_pts = spec.sub_iterations
+    points = tf.concat([first, tf.zeros([p, n_pts - 1, 2], tf.float32)], axis=1)
+    point_labels = tf.concat(
+        [first_labels, tf.fill([p, n_pts - 1], prompts_lib.NO_TOKEN)], axis=1)
+  elif config_lib.uses_points(spec.prompt):
     points, point_labels = prompts_lib.sample_points(
         objects, inside, num_positive=spec.num_points,
         num_negative=spec.num_negative_points, input_size=spec.input_size, seed=seeds[2])
@@ -169,6 +185,12 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
       boxes=tf.ensure_shape(chosen_boxes, [p, 4]),
       points=tf.ensure_shape(points, [p, n_pts, 2]),
       point_labels=tf.ensure_shape(point_labels, [p, n_pts]))
+  if iterative:
+    use_box = (tf.ones([p], tf.int32) if spec.evaluation else tf.cast(
+        tf.random.stateless_uniform([p], more[1]) < 0.5, tf.int32))
+    x["use_box"] = use_box
+    x["target"] = tf.ensure_shape(target, [p, spec.low_res, spec.low_res])
+    x["seed"] = tf.random.stateless_uniform([2], more[2], 0, 2**31 - 1, dtype=tf.int32)
   return collections.OrderedDict(x=x, y=tf.ensure_shape(target, [p, spec.low_res, spec.low_res]))
 
 

@@ -1,11 +1,17 @@
 """Held-out evaluation at the original image resolution.
 
-For every object of every test image, the model is prompted with the object's tight
-box (no jitter), its most interior point, or both; the low-resolution mask logits go
-through SAM's own post-processing (`SamImageProcessor.post_process_masks`: upsample
-to the padded input, crop the padding, resize to the original size, threshold at 0)
-and are compared with the object's full-resolution ground truth. Dice and IoU are
-averaged over objects (every object counts once, whatever its image).
+For every object of every test image, the model is prompted by one evaluation prompt
+(`config.EVAL_PROMPTS`): the object's tight box (no jitter); its most interior point;
+or the box followed by k corrective clicks, each at the centre of the largest region
+where the previous mask was wrong (positive on missed object, negative on wrong
+background), with the previous low-resolution logits fed back as SAM's mask prompt,
+as micro-sam evaluates. The low-resolution mask logits go through SAM's own
+post-processing (`SamImageProcessor.post_process_masks`: upsample to the padded
+input, crop the padding, resize to the original size, threshold at 0) and are
+compared with the object's full-resolution ground truth. Dice and IoU are averaged
+over objects (every object counts once, whatever its image); mSA, SA50 and SA75
+(`instance_metrics`) over images, from the image's prompted masks stitched into one
+label image.
 
 Image embeddings come from the embedding cache; ground truth is read again from the
 original mask files, so objects too small for the low-resolution frame still count.
@@ -27,6 +33,7 @@ from tff_sam.data import discovery
 from tff_sam.data import preprocess
 from tff_sam.data import reading
 from tff_sam.evaluation import inference
+from tff_sam.evaluation import instance_metrics
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import losses
@@ -35,21 +42,32 @@ from tff_sam.models import sam as sam_lib
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-  """Mean per-object scores on a test set.
+  """Scores on a test set.
 
   Attributes:
     dice: Mean Dice over all objects.
     iou: Mean IoU over all objects.
     num_objects: Objects evaluated.
     num_images: Images evaluated.
-    by_client: Evaluation client -> `{"dice", "iou", "num_objects"}` over its
-      images, when the evaluator was given `clients`.
+    msa: Mean over images of micro-sam's mean segmentation accuracy (IoU thresholds
+      0.5:0.05:0.95) of the prompted masks stitched into one label image per image
+      (`instance_metrics`).
+    sa50: The same at IoU 0.5.
+    sa75: The same at IoU 0.75.
+    eval_prompt: The evaluation prompt (`config.EVAL_PROMPTS`).
+    by_client: Evaluation client -> `{"dice", "iou", "msa", "sa50", "sa75",
+      "num_objects", "num_images"}` over its images, when the evaluator was given
+      `clients`.
   """
 
   dice: float
   iou: float
   num_objects: int
   num_images: int
+  msa: float = float("nan")
+  sa50: float = float("nan")
+  sa75: float = float("nan")
+  eval_prompt: str = config_lib.BOX_EVAL
   by_client: dict = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict:
@@ -86,7 +104,8 @@ class Evaluator:
   def __init__(self, *, examples: Sequence[discovery.Example],
                records: Sequence[cache.Record], bundle: sam_lib.SamBundle,
                binary_components: bool = False, max_objects_per_image: int = 0,
-               chunk: int = 16, clients: Optional[Sequence[str]] = None):
+               chunk: int = 16, clients: Optional[Sequence[str]] = None,
+               corrections: int = 3):
     """Loads the test set.
 
     Args:
@@ -99,6 +118,7 @@ class Evaluator:
       max_objects_per_image: Evaluate at most this many objects per image, chosen
         deterministically (0 = all).
       chunk: Objects per decoder call.
+      corrections: Corrective points of the `box_corrections` evaluation prompt.
     """
     self._config = bundle.config
     self._processor = bundle.processor
@@ -124,9 +144,12 @@ class Evaluator:
     self.clients = list(clients) if clients is not None else None
     if self.clients is not None and len(self.clients) != len(self.images):
       raise ValueError(f"{len(self.clients)} clients for {len(self.images)} test images")
+    self.corrections = corrections
     # One compiled forward per model (the run's decoder, the zero-shot one of the
-    # overlays), shapes relaxed: no retracing per chunk size or model switch.
+    # overlays), shapes relaxed: no retracing per chunk size or model switch; one
+    # decoder per evaluation prompt mode, filled with the evaluated weights.
     self._forwards: dict[tf.keras.Model, object] = {}
+    self._decoders: dict[str, decoder_lib.PromptMaskDecoder] = {}
 
   @property
   def num_objects(self) -> int:
@@ -138,35 +161,104 @@ class Evaluator:
                                           reduce_retracing=True)
     return self._forwards[model]
 
-  def predict(self, model: tf.keras.Model, image: _TestImage) -> np.ndarray:
-    """Boolean masks (K, H, W) at the original resolution, one per object."""
-    k = len(image.ids)
+  def _decoder(self, model: tf.keras.Model, mode: str) -> tf.keras.Model:
+    """`model` itself if its prompt mode is `mode`, else this evaluator's decoder for
+    `mode` carrying `model`'s weights."""
+    if getattr(model, "prompt_mode", None) == mode and not hasattr(model, "decoder"):
+      return model
+    if mode not in self._decoders:
+      self._decoders[mode] = decoder_lib.PromptMaskDecoder(self._config, prompt=mode)
+    decoder_lib.copy_prompt_decoder_weights(model, self._decoders[mode])
+    return self._decoders[mode]
+
+  def _run(self, model: tf.keras.Model, image: _TestImage, *, points: np.ndarray,
+           labels: np.ndarray, mask_inputs: Optional[np.ndarray] = None):
     return inference.masks_at_original_size(
         self._compiled(model), self._processor, embedding=image.embedding,
-        boxes=image.boxes, points=image.points.reshape(k, 1, 2),
-        point_labels=np.ones((k, 1), np.int32), original_size=image.original_size,
-        reshaped_size=image.reshaped_size, chunk=self._chunk)
+        boxes=image.boxes, points=points, point_labels=labels,
+        original_size=image.original_size, reshaped_size=image.reshaped_size,
+        chunk=self._chunk, mask_inputs=mask_inputs, return_logits=True)
 
-  def __call__(self, model: tf.keras.Model) -> EvalResult:
-    """Mean per-object Dice and IoU of `model` on the test set."""
-    everything, scores = [], {}
+  def predict(self, model: tf.keras.Model, image: _TestImage,
+              eval_prompt: Optional[str] = None) -> np.ndarray:
+    """Boolean masks (K, H, W) at the original resolution, one per object.
+
+    Args:
+      model: A `PromptMaskDecoder` (or any model with its weights, e.g. `TFSamModel`
+        when `eval_prompt` is given).
+      image: A test image of `images`.
+      eval_prompt: `config.EVAL_PROMPTS`; None: the prompts of `model`'s own prompt
+        mode (box, interior point, or both).
+    """
+    k = len(image.ids)
+    points, labels = image.points.reshape(k, 1, 2), np.ones((k, 1), np.int32)
+    if eval_prompt is None:
+      return self._run(model, image, points=points, labels=labels)[0]
+    if eval_prompt == config_lib.POINT_EVAL:
+      return self._run(self._decoder(model, config_lib.POINTS_PROMPT), image, points=points,
+                       labels=labels)[0]
+    masks, logits = self._run(self._decoder(model, config_lib.BOX_PROMPT), image,
+                              points=points, labels=labels)
+    if eval_prompt == config_lib.BOX_EVAL:
+      return masks
+    if eval_prompt != config_lib.CORRECTIONS_EVAL:
+      raise ValueError(f"unknown evaluation prompt {eval_prompt!r}")
+    both = self._decoder(model, config_lib.BOTH_PROMPTS)
+    truth = np.stack([image.labels == obj for obj in image.ids]) if k else masks
+    clicks, click_labels = np.zeros((k, 0, 2), np.float32), np.zeros((k, 0), np.int32)
+    for _ in range(self.corrections):
+      xy, lab = inference.correction_clicks(masks, truth)
+      xy = preprocess.to_input_frame(xy[:, None], image.original_size,
+                                     sam_lib.image_size(self._config))
+      clicks = np.concatenate([clicks, xy.astype(np.float32)], axis=1)
+      click_labels = np.concatenate([click_labels, lab[:, None]], axis=1)
+      masks, logits = self._run(both, image, points=clicks, labels=click_labels,
+                                mask_inputs=logits)
+    return masks
+
+  def __call__(self, model: tf.keras.Model, *, eval_prompt: Optional[str] = None
+               ) -> EvalResult:
+    """Dice, IoU (per object) and mSA/SA50/SA75 (per image) of `model` on the test set.
+
+    `eval_prompt` as in `predict`; None counts as `box` or `point` by the model's mode.
+    Objects left out by `max_objects_per_image` are left out of the ground-truth label
+    image too, so the instance metrics judge the prompted objects only.
+    """
+    everything, scores, per_image = [], {}, {}
     for index, image in enumerate(self.images):
-      pred = self.predict(model, image)
+      pred = self.predict(model, image, eval_prompt)
       client = self.clients[index] if self.clients is not None else None
       for k, obj in enumerate(image.ids):
         pair = losses.dice_iou(pred[k], image.labels == obj)
         everything.append(pair)
         scores.setdefault(client, []).append(pair)
+      truth = np.where(np.isin(image.labels, image.ids), image.labels, 0)
+      sa = instance_metrics.segmentation_accuracy(
+          truth, instance_metrics.stitch_masks(list(pred), shape=image.original_size))
+      per_image.setdefault(client, []).append(sa)
 
-    def mean(pairs, j):
-      return float(np.mean([p[j] for p in pairs])) if pairs else float("nan")
+    def mean(values):
+      return float(np.mean(values)) if len(values) else float("nan")
 
+    def summary(pairs, sas):
+      return {"dice": mean([p[0] for p in pairs]), "iou": mean([p[1] for p in pairs]),
+              **{m: mean([s.get(m, 0.0) for s in sas]) for m in ("msa", "sa50", "sa75")}}
+
+    all_sas = [s for sas in per_image.values() for s in sas]
     by_client = {} if self.clients is None else {
-        c: {"dice": mean(pairs, 0), "iou": mean(pairs, 1), "num_objects": len(pairs)}
+        c: {**summary(pairs, per_image[c]), "num_objects": len(pairs),
+            "num_images": len(per_image[c])}
         for c, pairs in sorted(scores.items())}
-    return EvalResult(dice=mean(everything, 0), iou=mean(everything, 1),
-                      num_objects=len(everything), num_images=len(self.images),
-                      by_client=by_client)
+    for c in sorted(set(per_image) - set(scores)):  # Images without objects.
+      if c is not None:
+        by_client[c] = {**summary([], per_image[c]), "num_objects": 0,
+                        "num_images": len(per_image[c])}
+    if eval_prompt is None:
+      eval_prompt = config_lib.default_eval_prompt(getattr(model, "prompt_mode",
+                                                           config_lib.BOX_PROMPT))
+    return EvalResult(num_objects=len(everything), num_images=len(self.images),
+                      eval_prompt=eval_prompt, by_client=by_client,
+                      **summary(everything, all_sas))
 
 
 def evaluate_prompt_modes(*, bundle: sam_lib.SamBundle, evaluator: Evaluator,

@@ -27,7 +27,9 @@ from tff_sam.models import sam as sam_lib
 def masks_at_original_size(forward: Callable[[dict], tf.Tensor], processor, *,
                            embedding: np.ndarray, boxes: np.ndarray, points: np.ndarray,
                            point_labels: np.ndarray, original_size: tuple[int, int],
-                           reshaped_size: tuple[int, int], chunk: int = 16) -> np.ndarray:
+                           reshaped_size: tuple[int, int], chunk: int = 16,
+                           mask_inputs: Optional[np.ndarray] = None,
+                           return_logits: bool = False):
   """Decodes K prompts on one image embedding into K boolean masks (K, H, W).
 
   Args:
@@ -40,12 +42,15 @@ def masks_at_original_size(forward: Callable[[dict], tf.Tensor], processor, *,
     original_size: (H, W) of the original image.
     reshaped_size: (h, w) of the resized image inside the input frame.
     chunk: Prompts per decoder call (fixed, so the call is traced once).
+    mask_inputs: Optional (K, L, L) low-resolution logits of a previous prediction,
+      given to the model as SAM's mask prompt (`PromptMaskDecoder`'s `mask_inputs`).
+    return_logits: Also return the (K, L, L) low-resolution logits.
 
   Returns:
-    Boolean masks, one per prompt.
+    Boolean masks, one per prompt (and the logits with `return_logits`).
   """
   k = len(boxes)
-  out = []
+  out, low = [], []
   for start in range(0, k, chunk):
     n = min(chunk, k - start)
     b = np.zeros((chunk, 4), np.float32)
@@ -54,13 +59,51 @@ def masks_at_original_size(forward: Callable[[dict], tf.Tensor], processor, *,
     b[:n], p[:n], lab[:n] = boxes[start:start + n], points[start:start + n], point_labels[start:start + n]
     x = {"image_embeddings": embedding[None].astype(np.float32), "boxes": b[None],
          "points": p[None], "point_labels": lab[None]}
+    if mask_inputs is not None:
+      m = np.zeros((chunk,) + mask_inputs.shape[1:], np.float32)
+      m[:n] = mask_inputs[start:start + n]
+      x["mask_inputs"] = m[None]
     logits = forward(x)[0, :n]
     masks = processor.post_process_masks(
         [logits[:, None]], [original_size], [reshaped_size], return_tensors="tf")[0]
     out.append(masks[:, 0].numpy())
+    low.append(np.asarray(logits))
   if not out:
-    return np.zeros((0,) + tuple(original_size), bool)
-  return np.concatenate(out, axis=0)
+    masks = np.zeros((0,) + tuple(original_size), bool)
+    return (masks, np.zeros((0, 1, 1), np.float32)) if return_logits else masks
+  masks = np.concatenate(out, axis=0)
+  return (masks, np.concatenate(low, axis=0)) if return_logits else masks
+
+
+def correction_clicks(predicted: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """One corrective click per object where its prediction is most wrong (micro-sam's rule).
+
+  The click goes to the pixel farthest from the boundary of the largest connected
+  error region (predicted XOR true): positive (1) if that region is missed object,
+  negative (0) if it is wrongly predicted background. An object predicted exactly
+  gets no click (label -10, transformers' padding: no token).
+
+  Args:
+    predicted: (K, H, W) bool predicted masks.
+    truth: (K, H, W) bool true masks of the same objects.
+
+  Returns:
+    points (K, 2) float32 XY in original pixels, labels (K,) int32.
+  """
+  k = len(predicted)
+  points, labels = np.zeros((k, 2), np.float32), np.full((k,), -10, np.int32)
+  for i in range(k):
+    error = np.logical_xor(predicted[i], truth[i]).astype(np.uint8)
+    if not error.any():
+      continue
+    count, components, stats, _ = cv2.connectedComponentsWithStats(error, connectivity=8)
+    largest = 1 + int(np.argmax(stats[1:count, cv2.CC_STAT_AREA]))
+    region = np.pad((components == largest).astype(np.uint8), 1)
+    dist = cv2.distanceTransform(region, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    points[i] = (x, y)
+    labels[i] = 1 if truth[i][y, x] else 0
+  return points, labels
 
 
 class Predictor:

@@ -101,6 +101,55 @@ def plot_metrics(metrics_csv: Path, out_png: Path) -> Path:
   return Path(out_png)
 
 
+def build_comparison_figure(table: Mapping, metric: str = "dice") -> Figure:
+  """Bars of `metric` per arm and evaluation client (error bars: std over seeds).
+
+  Args:
+    table: `federated.compare.summarize`'s result (evaluation prompt -> rows).
+    metric: `dice`, `iou`, `msa` or `sa50`.
+
+  Returns:
+    One panel per evaluation prompt, arms on the x axis, one bar per evaluation
+    client ("all" first), the zero-shot mean of "all" as a dashed line.
+  """
+  prompts = list(table)
+  fig = Figure(figsize=(max(6.0, 1.3 * max(len(p["rows"]) for p in table.values()) + 2),
+                        3.8 * len(prompts)))
+  axes = fig.subplots(len(prompts), 1, squeeze=False)[:, 0]
+  for ax, prompt in zip(axes, prompts):
+    rows = table[prompt]["rows"]
+    names = list(rows)
+    clients = list(rows[names[0]][metric])
+    width = 0.8 / max(1, len(clients))
+    for j, client in enumerate(clients):
+      means = [rows[n][metric][client]["mean"] or 0.0 for n in names]
+      stds = [rows[n][metric][client]["std"] or 0.0 for n in names]
+      ax.bar(np.arange(len(names)) + (j - (len(clients) - 1) / 2) * width, means, width,
+             yerr=stds, capsize=3, label=client)
+    zero = rows.get("zero_shot", {}).get(metric, {}).get("all", {}).get("mean")
+    if zero is not None:
+      ax.axhline(zero, ls="--", color="gray", lw=1)
+    values = [rows[n][metric][c]["mean"] for n in names for c in clients
+              if rows[n][metric][c]["mean"] is not None]
+    if values:
+      lo = min(values)
+      ax.set_ylim(max(0.0, lo - 0.15 * (1.0 - lo) - 0.02), 1.0)
+    ax.set_xticks(np.arange(len(names)), [n.replace("/", "\n") for n in names], fontsize=8)
+    ax.set(title=f"held-out {metric} ({prompt} prompts)", ylabel=metric)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="lower right", ncol=len(clients))
+  fig.tight_layout()
+  return fig
+
+
+def plot_comparison(table: Mapping, out_png: Path, metric: str = "dice") -> Path:
+  """Draws `build_comparison_figure` into `out_png` (atomically); returns the path."""
+  fig = build_comparison_figure(table, metric)
+  with fileio.atomic_path(out_png, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=100, format="png")
+  return Path(out_png)
+
+
 def object_dice(pred: np.ndarray, gt: np.ndarray) -> float:
   """Dice 2|A∩B| / (|A| + |B|) of two boolean masks of the same shape (1.0 if both empty)."""
   pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
@@ -247,6 +296,7 @@ def overlay_panels(image: np.ndarray, masks: Sequence[np.ndarray], colours,
 
 
 def write_overlays(out_dir: Path, *, evaluator, zero_shot_model, fine_tuned_model,
+                   eval_prompt: Optional[str] = None,
                    num_objects: int = 6, min_side: int = 256) -> list[Path]:
   """Writes overlays for a fixed set of test objects (the same ones every run).
 
@@ -259,6 +309,8 @@ def write_overlays(out_dir: Path, *, evaluator, zero_shot_model, fine_tuned_mode
     evaluator: A `heldout.Evaluator` (its `images` and `predict`).
     zero_shot_model: The pretrained decoder.
     fine_tuned_model: The fine-tuned decoder.
+    eval_prompt: The evaluation prompt of both (`Evaluator.predict`); None: each
+      model's own prompt mode.
     num_objects: Objects drawn.
     min_side: Short side of each panel, at least (see `overlay_panels`).
 
@@ -278,8 +330,8 @@ def write_overlays(out_dir: Path, *, evaluator, zero_shot_model, fine_tuned_mode
     image_info = evaluator.images[i]
     if i not in cache:
       cache[i] = (reading.read_image(image_info.example.image_path),
-                  evaluator.predict(zero_shot_model, image_info),
-                  evaluator.predict(fine_tuned_model, image_info))
+                  evaluator.predict(zero_shot_model, image_info, eval_prompt),
+                  evaluator.predict(fine_tuned_model, image_info, eval_prompt))
     image, zero, tuned = cache[i]
     object_id = int(image_info.ids[k])
     gt = image_info.labels == object_id

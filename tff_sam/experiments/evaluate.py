@@ -28,7 +28,7 @@ flags.DEFINE_enum("data", config_lib.SAMPLE_DATASET, config_lib.NAMED_DATASETS,
 flags.DEFINE_enum("split", "auto", ["auto", "test", "all"],
                   "auto: test/ if present, else all images.")
 flags.DEFINE_multi_enum("prompt", [config_lib.BOX_PROMPT, config_lib.POINTS_PROMPT],
-                        config_lib.PROMPT_MODES,
+                        config_lib.SINGLE_PASS_PROMPTS,
                         "Prompt mode(s) to evaluate (repeat the flag for several).")
 flags.DEFINE_boolean("binary_components", False,
                      "Binary masks: one object per connected component.")

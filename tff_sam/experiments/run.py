@@ -42,8 +42,15 @@ flags.DEFINE_boolean("binary_components", _F["binary_components"],
 flags.DEFINE_boolean("skip_bad_examples", _F["skip_bad_examples"],
                      "Skip unreadable/unpaired/mismatched files with a warning (counted in "
                      "summary.json) instead of stopping with an error.")
+flags.DEFINE_list("train_clients", [], "Train on these clients only (names as in clients/; "
+                  "default all). The held-out data is the same whatever is chosen.")
+flags.DEFINE_boolean("pool_clients", _F["pool_clients"],
+                     "Put every training image into one client (centralized training through "
+                     "the same process; needs --clients_per_round=1).")
 # Prompts.
-flags.DEFINE_enum("prompt", _F["prompt"], config_lib.PROMPT_MODES, "Prompt type for training.")
+flags.DEFINE_enum("prompt", _F["prompt"], config_lib.PROMPT_MODES,
+                  "Prompt type for training: box, points, both, or iterative (micro-sam's "
+                  "iterative prompting, --sub_iterations).")
 flags.DEFINE_float("box_jitter", _F["box_jitter"],
                    "Max random shift of each box coordinate, in pixels of SAM's 1024 frame.")
 flags.DEFINE_float("box_jitter_fraction", _F["box_jitter_fraction"],
@@ -51,6 +58,10 @@ flags.DEFINE_float("box_jitter_fraction", _F["box_jitter_fraction"],
                    "recipe: 0.1); 0 = uniform noise up to --box_jitter.")
 flags.DEFINE_integer("num_points", _F["num_points"], "Positive points per prompt.")
 flags.DEFINE_integer("num_negative_points", _F["num_negative_points"], "Negative points per prompt.")
+flags.DEFINE_integer("sub_iterations", _F["sub_iterations"],
+                     "--prompt=iterative: decoder passes per training step (micro-sam's "
+                     "iterative prompting: a box or a point, then a corrective point sampled "
+                     "where the mask is wrong per further pass, the previous mask fed back).")
 flags.DEFINE_integer("prompts_per_image", _F["prompts_per_image"],
                      "Objects sampled per image per local epoch.")
 # Model.
@@ -113,6 +124,18 @@ flags.DEFINE_integer("eval_every", _F["eval_every"], "Evaluate on the held-out d
                      "test split and federated evaluation on held-out clients) every N rounds.")
 flags.DEFINE_integer("eval_max_objects", _F["eval_max_objects"],
                      "Evaluate at most this many objects per test image (0 = all).")
+flags.DEFINE_list("eval_prompt", [], "Held-out evaluation prompts, each reported "
+                  "separately for the exported model (summary.json 'evaluation'): box (the tight "
+                  "box), point (one positive point, the object's most interior pixel), "
+                  "box_corrections (the box, then --eval_corrections corrective points where "
+                  "the mask is most wrong, the previous mask fed back). The first is also "
+                  "the per-round evaluation. Default: point for --prompt=points, else box.")
+flags.DEFINE_integer("eval_corrections", _F["eval_corrections"],
+                     "Corrective points of --eval_prompt=box_corrections.")
+flags.DEFINE_boolean("keep_best", _F["keep_best"],
+                     "Export the evaluated round with the best held-out Dice (round 0, the "
+                     "zero-shot model, included) instead of the last round; a guard against "
+                     "decoder collapse. Its score is optimistic (chosen on the held-out set).")
 flags.DEFINE_integer("seed", _F["seed"], "Seed for splits, client sampling and prompts.")
 flags.DEFINE_string("output_dir", "runs/latest", "Where outputs are written. A run already "
                     "there with the same settings is resumed from its last saved round.")
@@ -124,26 +147,33 @@ FLAGS = flags.FLAGS
 # `--help` lists the flags by topic, in this order (`--helpfull`: absl's full list).
 HELP_GROUPS = (
     ("data", ("data_dir", "data", "partition", "num_clients", "dirichlet_alpha",
-              "test_fraction", "binary_components", "skip_bad_examples")),
+              "test_fraction", "binary_components", "skip_bad_examples", "train_clients",
+              "pool_clients")),
     ("model", ("model", "train_iou_head", "embedding_cache", "cache_dir", "encode_batch_size")),
     ("prompts", ("prompt", "box_jitter", "box_jitter_fraction", "num_points",
-                 "num_negative_points", "prompts_per_image")),
+                 "num_negative_points", "prompts_per_image", "sub_iterations")),
     ("training (on each client)", ("local_epochs", "batch_size", "client_optimizer",
                                    "client_lr", "loss", "seed")),
     ("federated (rounds and aggregation)", (
         "rounds", "clients_per_round", "clients_per_subround", "server_optimizer", "server_lr",
         "zeroing", "zeroing_quantile", "zeroing_multiplier", "clipping", "clipping_quantile",
         "clipping_initial_norm", "execution", "workers", "worker_timeout")),
-    ("evaluation", ("eval_every", "eval_max_objects")),
+    ("evaluation", ("eval_every", "eval_max_objects", "eval_prompt", "eval_corrections",
+                    "keep_best")),
     ("output", ("output_dir", "fresh")),
 )
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
 
 
-def grouped_help() -> str:
-  """The usage text and this binary's flags by topic (`HELP_GROUPS`)."""
-  lines = [__doc__.strip()]
-  for title, names in HELP_GROUPS:
+def grouped_help(doc: str = __doc__, extra_groups=()) -> str:
+  """The usage text and this binary's flags by topic (`HELP_GROUPS`, then `extra_groups`).
+
+  Args:
+    doc: The usage text (a binary that takes these flags too passes its own).
+    extra_groups: More (title, flag names) groups, that binary's own flags.
+  """
+  lines = [doc.strip()]
+  for title, names in (*HELP_GROUPS, *extra_groups):
     lines.append(f"\n{title}:")
     for name in names:  # One at a time: absl would sort them by name.
       FLAGS._render_flag_list([FLAGS[name]], lines, prefix="  ")  # pylint: disable=protected-access
@@ -152,11 +182,11 @@ def grouped_help() -> str:
   return "\n".join(lines)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with `--help` answered by `grouped_help`."""
+def parse_flags(argv: list[str], *, doc: str = __doc__, extra_groups=()) -> list[str]:
+  """absl's flag parsing, with `--help` answered by `grouped_help(doc, extra_groups)`."""
   if any(a in HELP_ARGS for a in argv[1:]):
     try:
-      print(grouped_help())
+      print(grouped_help(doc, extra_groups))
     except BrokenPipeError:  # `--help | head`
       pass
     raise SystemExit(0)
@@ -171,7 +201,8 @@ def config_from_flags(default_execution: Callable[[], str]) -> config_lib.RunCon
       (`execution.default_execution`); with them it is `cpp`.
   """
   values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config_lib.RunConfig)}
-  values["workers"] = tuple(values["workers"])
+  for name in config_lib.TUPLE_SETTINGS:
+    values[name] = tuple(values[name])
   if values["execution"] == "auto":  # Remote workers are TFF's C++ workers.
     values["execution"] = (config_lib.CPP_EXECUTION if values["workers"]
                            else default_execution())

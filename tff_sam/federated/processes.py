@@ -22,8 +22,8 @@ from tff_sam.models import online as online_lib
 
 
 def build_model_fn(*, sam_config, input_spec, prompt: str, loss: str,
-                   train_iou_head: bool, online_encoder: Optional[str] = None
-                   ) -> Callable[[], object]:
+                   train_iou_head: bool, online_encoder: Optional[str] = None,
+                   sub_iterations: int = 3) -> Callable[[], object]:
   """Returns a no-argument function building a fresh `tff.learning` model.
 
   Args:
@@ -35,14 +35,17 @@ def build_model_fn(*, sam_config, input_spec, prompt: str, loss: str,
     online_encoder: None: the model reads cached embeddings (`PromptMaskDecoder`).
       `vit` or `tinyvit`: online mode, the model holds that frozen image encoder
       and reads pixel values (`tff_sam.models.online.OnlineSamModel`).
+    sub_iterations: Decoder passes per step with prompt `iterative`.
   """
   def model_fn():
     if online_encoder:
       keras_model = online_lib.OnlineSamModel(
-          sam_config, encoder=online_encoder, prompt=prompt, train_iou_head=train_iou_head)
+          sam_config, encoder=online_encoder, prompt=prompt, train_iou_head=train_iou_head,
+          sub_iterations=sub_iterations)
     else:
       keras_model = decoder_lib.PromptMaskDecoder(
-          sam_config, prompt=prompt, train_iou_head=train_iou_head)
+          sam_config, prompt=prompt, train_iou_head=train_iou_head,
+          sub_iterations=sub_iterations)
     return tff.learning.models.from_keras_model(
         keras_model,
         loss=losses.MaskLoss(loss, iou_weight=1.0 if train_iou_head else 0.0),

@@ -50,7 +50,9 @@ from tff_sam.evaluation import heldout
 from tff_sam.evaluation import plots
 from tff_sam.export import pretrained
 from tff_sam.federated import aggregation
+from tff_sam.federated import best_model
 from tff_sam.federated import execution
+from tff_sam.federated import processes
 from tff_sam.federated import program_logic
 from tff_sam.federated import progress as progress_lib
 from tff_sam.federated import releases
@@ -59,6 +61,7 @@ from tff_sam.federated import tf_execution
 from tff_sam.federated import workers as workers_lib
 from tff_sam import fileio
 from tff_sam.models import build
+from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import sam as sam_lib
 
 # Columns of metrics.csv ("<name>/<client>" columns are per evaluation client).
@@ -67,6 +70,9 @@ METRIC_DOCS = {
     "train_dice": "clients' mean training Dice (low resolution, jittered prompts)",
     "test_dice": "central held-out Dice at the original resolution (all test objects)",
     "test_iou": "central held-out IoU",
+    "test_msa": "central held-out mSA (micro-sam's segmentation accuracy, IoU 0.5:0.95), "
+                "mean over images",
+    "test_sa50": "central held-out segmentation accuracy at IoU 0.5",
     "test_dice/<client>": "the same over one evaluation client's images",
     "fed_eval_loss": "federated evaluation (build_fed_eval) on the held-out clients: loss",
     "fed_eval_dice": "federated evaluation: Dice at low resolution, exact prompts",
@@ -87,10 +93,6 @@ def sample_clients(client_ids: list[str], *, round_num: int, clients_per_round: 
   return sorted(rng.choice(client_ids, size=k, replace=False).tolist())
 
 
-def _fmt(value: Optional[float], digits: int = 4) -> str:
-  return "-" if value is None else f"{value:.{digits}f}"
-
-
 def prepare_data(config: config_lib.RunConfig, cache_root: Path,
                  skipped: Optional[collections.Counter] = None) -> discovery.DatasetSplits:
   """Finds the data (`data_dir`, else the named dataset) and splits it.
@@ -107,7 +109,8 @@ def prepare_data(config: config_lib.RunConfig, cache_root: Path,
     raise errors.ConfigError(
         "test_fraction", f"no held-out test images in {root} (add a test/ folder or set "
         "--test_fraction > 0 with at least 2 images)")
-  return splits
+  return discovery.select_clients(splits, train_clients=config.train_clients,
+                                  pool=config.pool_clients)
 
 
 STATE_DIR = "state"
@@ -183,7 +186,7 @@ def check_resumable(out: Path, config: config_lib.RunConfig, versions: list[int]
 def _start_fresh(out: Path) -> None:
   """Removes a previous run's state and results (never the shared cache)."""
   for name in (STATE_DIR, "model", "overlays", "clients", "eval_clients",
-               releases.TENSORBOARD_DIR):
+               releases.TENSORBOARD_DIR, best_model.BEST_DIR):
     shutil.rmtree(out / name, ignore_errors=True)
   for name in ("metrics.csv", "metrics.png", "summary.json", "config.json", INVOCATIONS_FILE):
     (out / name).unlink(missing_ok=True)
@@ -196,7 +199,8 @@ def completed_summary(out: Path, config: config_lib.RunConfig,
   `versions` are the saved rounds in `out` (`_saved_versions`).
 
   Finished means: its state holds round `config.rounds`, and `summary.json` (written
-  last, after the exported model) says it was written for that many rounds.
+  last, after the exported model) says it was written for that many rounds (a
+  0-round run saves no state: its summary's settings must equal `config`'s).
   """
   try:
     summary = json.loads((out / "summary.json").read_text())
@@ -204,6 +208,8 @@ def completed_summary(out: Path, config: config_lib.RunConfig,
     return None
   if summary.get("rounds") != config.rounds or not (out / "model" / "config.json").is_file():
     return None
+  if config.rounds == 0:  # Nothing is saved for round 0: the summary must match.
+    return summary if summary.get("config") == config.to_dict() else None
   if not versions or max(versions) != config.rounds:
     return None
   return summary
@@ -268,7 +274,8 @@ def _encode_all(config: config_lib.RunConfig, splits: discovery.DatasetSplits,
 
 def _central_metrics(result: heldout.EvalResult, eval_clients: list[str]
                      ) -> dict[str, Optional[float]]:
-  out = {"test_dice": result.dice, "test_iou": result.iou}
+  out = {"test_dice": result.dice, "test_iou": result.iou, "test_msa": result.msa,
+         "test_sa50": result.sa50}
   if len(eval_clients) > 1:
     for c in eval_clients:
       out[f"test_dice/{c}"] = result.by_client.get(c, {}).get("dice")
@@ -289,6 +296,7 @@ def _summarize_rows(rows: list[dict]) -> dict:
 
   def scores(row):
     out = {"dice": _parse(row["test_dice"]), "iou": _parse(row["test_iou"]),
+           "msa": _parse(row.get("test_msa")), "sa50": _parse(row.get("test_sa50")),
            "federated_eval": {"loss": _parse(row.get("fed_eval_loss")),
                               "dice": _parse(row.get("fed_eval_dice"))}}
     per_client = {k.split("/", 1)[1]: _parse(v) for k, v in row.items()
@@ -329,8 +337,9 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
   out.mkdir(parents=True, exist_ok=True)
   execution.end_orphaned_workers(out / WORKERS_FILE)
   versions = [] if fresh else _saved_versions(out)
-  if versions:
-    check_resumable(out, config, versions)
+  if versions or (config.rounds == 0 and not fresh):
+    if versions:
+      check_resumable(out, config, versions)
     done = completed_summary(out, config, versions)
     if done is not None:
       log(f"{out}: this run is complete ({config.rounds} rounds; held-out test dice "
@@ -363,20 +372,6 @@ def _check_saved_metrics(out: Path, version: int) -> None:
   if not rows or rows[0]["round"] != "0":
     raise errors.DataError(out / STATE_DIR, "saved state is unreadable or metrics.csv lacks "
                            "its rounds; pass --fresh to start over")
-
-
-def _round_line(round_num: int, row: dict, *, total: int, num_objects: int) -> str:
-  """The progress line of one round."""
-  if round_num == 0:
-    return (f"round 0/{total}  zero-shot test dice {row['test_dice']:.4f}  "
-            f"iou {row['test_iou']:.4f}  ({num_objects} objects)  "
-            f"federated eval dice {_fmt(row['fed_eval_dice'])}")
-  robust = "  ".join(f"{k.split('_')[0]} {row[k]}" for k in
-                     ("nonfinite_clients", "zeroed_clients", "clipped_clients") if row[k])
-  return (f"round {round_num}/{total}  loss {row['train_loss']:.4f}  "
-          f"test dice {_fmt(row['test_dice'])}  iou {_fmt(row['test_iou'])}  "
-          f"fed eval dice {_fmt(row['fed_eval_dice'])}  ({row['seconds']:.1f} s)"
-          + (f"  robust aggregation: {robust}" if robust else ""))
 
 
 def _check_clients_per_round(config: config_lib.RunConfig, available: int, what: str) -> None:
@@ -467,7 +462,15 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
   evaluator = heldout.Evaluator(
       examples=[r.example for r in records.test], records=records.test, bundle=bundle,
       binary_components=config.binary_components,
-      max_objects_per_image=config.eval_max_objects, clients=test_clients)
+      max_objects_per_image=config.eval_max_objects, clients=test_clients,
+      corrections=config.eval_corrections)
+  eval_prompt = config.eval_prompt_list[0]
+  keeper = best_model.BestModelKeeper(out) if config.keep_best else None
+  if keeper is not None and versions:
+    keeper.restore(saved_round=max(versions), scores={
+        int(r["round"]): _parse(r.get("test_dice")) for r in _read_metrics(out / "metrics.csv")
+        if _parse(r.get("test_dice")) is not None})
+  last_eval: dict[int, heldout.EvalResult] = {}  # The newest round's, reused at the end.
 
   task = tasks.build_task(
       config=config, bundle=bundle, client_ids=client_ids, manifest_dir=out / "clients",
@@ -484,9 +487,15 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
   def evaluate(state, round_num: int) -> dict:
     progress["section"] = (f"round {round_num}" if round_num
                            else "round 0 (zero-shot evaluation)")
-    log(f"  round {round_num}: held-out evaluation ({evaluator.num_objects} objects; "
-        f"federated evaluation on {len(fed_clients)} client(s))")
-    result = evaluator(task.load_state(state))
+    log(f"  round {round_num}: held-out evaluation ({evaluator.num_objects} objects, "
+        f"{eval_prompt} prompts; federated evaluation on {len(fed_clients)} client(s))")
+    result = evaluator(task.load_state(state), eval_prompt=eval_prompt)
+    last_eval.clear()
+    last_eval[round_num] = result
+    if keeper is not None and keeper.consider(
+        round_num, result.dice, processes.weights_from_state(task.training_process, state)):
+      log(f"  round {round_num}: best held-out dice so far ({result.dice:.4f}), kept "
+          "(--keep_best)")
     return {**_central_metrics(result, eval_clients), **task.federated_evaluation(state)}
 
   def select(round_num: int) -> list[str]:
@@ -501,7 +510,7 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
             **aggregation.aggregation_metrics(result.metrics["aggregator"])}
 
   def on_round(round_num: int, row: dict) -> None:
-    log(_round_line(round_num, row, total=config.rounds, num_objects=evaluator.num_objects))
+    log(progress_lib.round_line(round_num, row, total=config.rounds, num_objects=evaluator.num_objects))
     record_invocation(rounds_done=round_num)
 
   state, _ = program_logic.train_model(
@@ -522,12 +531,30 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
   results = _summarize_rows(_read_metrics(out / "metrics.csv"))
   baseline, final = results["baseline"], results["final"]
   fine_tuned = task.load_state(state)
+  model_round = config.rounds
+  if keeper is not None:  # --keep_best: the best evaluated round (round 0 included).
+    results["best"] = {"round": keeper.round, "dice": keeper.score}
+    if keeper.round != config.rounds:
+      decoder_lib.assign_model_weights(task.model, *keeper.weights())
+      model_round = keeper.round
+      log(f"--keep_best: exporting round {keeper.round} (held-out dice {keeper.score:.4f}; "
+          f"the last round, {config.rounds}, scored {final['dice']:.4f})")
+  by_prompt = {}  # The exported model on every evaluation prompt.
+  for mode in config.eval_prompt_list:
+    progress["section"] = f"final evaluation ({mode} prompts)"
+    r = (last_eval.get(model_round) if mode == eval_prompt else None) or evaluator(
+        fine_tuned, eval_prompt=mode)
+    by_prompt[mode] = r.to_dict()
+    log(f"  exported model (round {model_round}), {mode} prompts: dice {r.dice:.4f}  "
+        f"iou {r.iou:.4f}  mSA {r.msa:.4f}  SA50 {r.sa50:.4f}")
+  results["evaluation"] = {"model_round": model_round, "by_prompt": by_prompt}
+  progress["section"] = "export"
   pretrained.export_model(bundle=bundle, decoder=fine_tuned, out_dir=out / "model",
                           cache_dir=cache_root)
   plots.plot_metrics(out / "metrics.csv", out / "metrics.png")
-  zero_shot = build.build_prompt_mask_decoder(bundle, prompt=config.prompt)
   overlays = plots.write_overlays(out / "overlays", evaluator=evaluator,
-                                  zero_shot_model=zero_shot, fine_tuned_model=fine_tuned)
+                                  zero_shot_model=build.build_prompt_mask_decoder(bundle),
+                                  fine_tuned_model=fine_tuned, eval_prompt=eval_prompt)
   releases.write_tensorboard_images(out / releases.TENSORBOARD_DIR, overlays,
                                     step=config.rounds)
   record_invocation(finished=True)
@@ -545,8 +572,12 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
       "wall_time_s": round(sum(i["wall_time_s"] for i in invocations), 2),
   }
   fileio.write_json(out / "summary.json", summary)
-  log(f"held-out test dice: zero-shot {baseline['dice']:.4f} -> fine-tuned {final['dice']:.4f}  "
-      f"(iou {baseline['iou']:.4f} -> {final['iou']:.4f}, {evaluator.num_objects} objects)")
+  exported = by_prompt[eval_prompt]
+  log(f"held-out test dice ({eval_prompt} prompts): zero-shot {baseline['dice']:.4f} -> "
+      f"fine-tuned {exported['dice']:.4f}  (iou {baseline['iou']:.4f} -> {exported['iou']:.4f}, "
+      f"mSA {baseline['msa']:.4f} -> {exported['msa']:.4f}, {evaluator.num_objects} objects"
+      + (f"; round {model_round} kept by --keep_best" if model_round != config.rounds else "")
+      + ")")
   log(f"outputs in {out}: metrics.csv, metrics.png, summary.json, model/, overlays/, "
       f"{releases.TENSORBOARD_DIR}/")
   return summary

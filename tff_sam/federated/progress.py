@@ -108,3 +108,22 @@ class RoundProgress:
   def _run(self) -> None:
     while not self._stop.wait(self.interval):
       self.poll()
+
+
+def _fmt(value: Optional[float], digits: int = 4) -> str:
+  return "-" if value is None else f"{value:.{digits}f}"
+
+
+def round_line(round_num: int, row: dict, *, total: int, num_objects: int) -> str:
+  """The line printed after round `round_num` from its `metrics.csv` row."""
+  if round_num == 0:
+    return (f"round 0/{total}  zero-shot test dice {row['test_dice']:.4f}  "
+            f"iou {row['test_iou']:.4f}  mSA {_fmt(row.get('test_msa'))}  ({num_objects} objects)  "
+            f"federated eval dice {_fmt(row['fed_eval_dice'])}")
+  robust = "  ".join(f"{k.split('_')[0]} {row[k]}" for k in
+                     ("nonfinite_clients", "zeroed_clients", "clipped_clients") if row[k])
+  return (f"round {round_num}/{total}  loss {row['train_loss']:.4f}  "
+          f"test dice {_fmt(row['test_dice'])}  iou {_fmt(row['test_iou'])}  "
+          f"mSA {_fmt(row.get('test_msa'))}  "
+          f"fed eval dice {_fmt(row['fed_eval_dice'])}  ({row['seconds']:.1f} s)"
+          + (f"  robust aggregation: {robust}" if robust else ""))

@@ -101,6 +101,7 @@ def _spec(config: config_lib.RunConfig, *, sam_config: Any, manifest_dir: Path,
       prompt=config.prompt, prompts_per_image=config.prompts_per_image,
       box_jitter=config.box_jitter, box_jitter_fraction=config.box_jitter_fraction,
       num_points=config.num_points, num_negative_points=config.num_negative_points,
+      sub_iterations=config.sub_iterations,
       local_epochs=config.local_epochs, batch_size=config.batch_size, seed=config.seed)
   values.update(overrides)
   return pipeline.build_pipeline_spec(sam_config=sam_config, manifest_dir=manifest_dir,
@@ -152,7 +153,8 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
     client_data = pipeline.build_client_data(ids, spec)
     model_fn = processes.build_model_fn(
         sam_config=arch, input_spec=client_data.element_type_structure, prompt=config.prompt,
-        loss=config.loss, train_iou_head=config.train_iou_head, online_encoder=encoder)
+        loss=config.loss, train_iou_head=config.train_iou_head, online_encoder=encoder,
+        sub_iterations=config.sub_iterations)
     return model_fn, client_data
 
   spec = _spec(config, manifest_dir=manifest_dir, **shapes,

@@ -14,6 +14,7 @@ from keras.src import backend as keras_backend
 from transformers.models.sam.modeling_tf_sam import TFSamMaskDecoder, TFSamPositionalEmbedding, TFSamPromptEncoder  # pylint: disable=g-multiple-import
 
 from tff_sam import config as config_lib
+from tff_sam.data import prompts as prompts_lib
 
 
 class GraphSafePromptEncoder(TFSamPromptEncoder):
@@ -71,20 +72,24 @@ class PromptMaskDecoder(tf.keras.Model):
     image_embeddings: (B, C, s, s) float32.
     boxes: (B, P, 4) float32, XYXY in SAM's input frame (used for `box`/`both`).
     points: (B, P, N, 2) float32, XY in SAM's input frame (used for `points`/`both`).
-    point_labels: (B, P, N) int32: 1 positive, 0 negative, -1 padding.
+    point_labels: (B, P, N) int32: 1 positive, 0 negative, -1 padding (-10: no
+      token at all, transformers' padding value).
+    mask_inputs (optional): (B, P, L, L) float32 mask logits of a previous prediction,
+      SAM's mask prompt (iterative refinement: corrections and `--prompt=iterative`).
 
   Outputs (a dict): `masks` (B, P, L, L) logits in the low-resolution frame and
   `iou` (B, P) predicted IoU, one mask per prompt (`multimask_output=False`).
   """
 
   def __init__(self, config, *, prompt: str = config_lib.BOX_PROMPT,
-               train_iou_head: bool = True, **kwargs):
+               train_iou_head: bool = True, sub_iterations: int = 3, **kwargs):
     prime_keras_device_list()
     super().__init__(**kwargs)
     if prompt not in config_lib.PROMPT_MODES:
       raise ValueError(f"unknown prompt mode {prompt!r}")
     self.sam_config = config
     self.prompt_mode = prompt
+    self.sub_iterations = sub_iterations
     self.shared_image_embedding = TFSamPositionalEmbedding(
         config.vision_config, name="shared_image_embedding")
     self.prompt_encoder = GraphSafePromptEncoder(
@@ -110,6 +115,8 @@ class PromptMaskDecoder(tf.keras.Model):
 
   def call(self, inputs, training=False):
     embeddings = tf.convert_to_tensor(inputs["image_embeddings"], tf.float32)
+    if self.prompt_mode == config_lib.ITERATIVE_PROMPT:
+      return self._call_iterative(embeddings, inputs, training=training)
     batch = tf.shape(embeddings)[0]
     boxes = points = labels = None
     if config_lib.uses_boxes(self.prompt_mode):
@@ -117,6 +124,10 @@ class PromptMaskDecoder(tf.keras.Model):
     if config_lib.uses_points(self.prompt_mode):
       points = tf.cast(inputs["points"], tf.float32)
       labels = tf.cast(inputs["point_labels"], tf.int32)
+    if "mask_inputs" in inputs:  # One mask prompt per prompt: each its own batch entry.
+      masks, iou = self._decode(embeddings, boxes, points, labels, None,
+                                tf.cast(inputs["mask_inputs"], tf.float32))
+      return {"masks": masks, "iou": iou}
     positional = tf.repeat(self.image_positional_embeddings(), batch, axis=0)
     sparse, dense = self.prompt_encoder(
         batch_size=batch, input_points=points, input_labels=labels, input_boxes=boxes,
@@ -126,6 +137,77 @@ class PromptMaskDecoder(tf.keras.Model):
         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
         multimask_output=False)
     return {"masks": masks[:, :, 0], "iou": iou[:, :, 0]}
+
+  def _decode(self, embeddings, boxes, points, labels, use_box, mask_inputs):
+    """One pass with every prompt as its own batch entry (B*P).
+
+    SAM's TF prompt encoder embeds one mask per image, so per-prompt mask prompts
+    (`mask_inputs` (B, P, L, L) logits, optional) need a batch entry per prompt; the
+    decoder repeats the image embedding per prompt anyway. With `use_box` (B, P), a
+    box is kept only where it is 1 (zero tokens elsewhere: transformers' padding).
+    `boxes` or `points`/`labels` may be None (not prompted).
+    """
+    shape = tf.shape(boxes if boxes is not None else labels)
+    batch, num = shape[0], shape[1]
+
+    def flat(t):
+      if t is None:
+        return None
+      return tf.reshape(t, tf.concat([[batch * num, 1], tf.shape(t)[2:]], axis=0))
+
+    repeated = tf.repeat(embeddings, num, axis=0)
+    positional = tf.repeat(self.image_positional_embeddings(), batch * num, axis=0)
+    sparse, dense = self.prompt_encoder(
+        batch_size=batch * num, input_points=flat(points), input_labels=flat(labels),
+        input_boxes=flat(boxes), input_masks=flat(mask_inputs))
+    if use_box is not None:
+      keep = tf.reshape(tf.cast(use_box, sparse.dtype), [-1, 1, 1, 1])
+      sparse = tf.concat([sparse[:, :, :-2], sparse[:, :, -2:] * keep], axis=2)  # Box: 2 tokens.
+    masks, iou, _ = self.mask_decoder(
+        image_embeddings=repeated, image_positional_embeddings=positional,
+        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+        multimask_output=False)
+    low = tf.shape(masks)[-1]
+    return (tf.reshape(masks[:, 0, 0], [batch, num, low, low]),
+            tf.reshape(iou[:, 0, 0], [batch, num]))
+
+  def _call_iterative(self, embeddings, inputs, *, training):
+    """micro-sam's iterative prompting (`--prompt=iterative`), in TF.
+
+    Pass 1 prompts with the box where `use_box` is 1, else with the sampled point.
+    Each next pass adds one point, sampled uniformly from the pixels where the
+    previous mask is wrong (positive on missed object, negative on wrong background;
+    no token when it is right everywhere), and feeds the previous logits back as the
+    mask prompt. Points and fed-back masks carry no gradient. Training returns every
+    pass's masks along the prompt axis (the loss tiles its targets to match: each pass
+    is scored); evaluation returns the last pass only.
+    """
+    boxes = tf.cast(inputs["boxes"], tf.float32)
+    points = tf.cast(inputs["points"], tf.float32)
+    labels = tf.cast(inputs["point_labels"], tf.int32)
+    use_box = tf.cast(inputs["use_box"], tf.int32)
+    target = tf.cast(inputs["target"], tf.float32)
+    seed = tf.cast(inputs["seed"][0, 0], tf.int32)
+    side = int(self.sam_config.prompt_encoder_config.image_size)
+    slots = int(inputs["points"].shape[2])
+    # Pass 1: the box, or the first point (the point's label becomes no token under a box).
+    first = tf.where(use_box[..., None] > 0, prompts_lib.NO_TOKEN, labels[..., :1])
+    labels = tf.concat([first, labels[..., 1:]], axis=-1)
+    masks, iou = self._decode(embeddings, boxes, points, labels, use_box, None)
+    all_masks, all_iou = [masks], [iou]
+    for step in range(1, min(self.sub_iterations, slots)):
+      xy, label = prompts_lib.corrective_points(tf.stop_gradient(masks), target,
+                                                input_size=side, seed=tf.stack([seed, step]))
+      one_hot = tf.one_hot(step, slots, dtype=tf.float32)[None, None, :]
+      points = points * (1 - one_hot[..., None]) + xy[:, :, None] * one_hot[..., None]
+      labels = tf.where(tf.equal(tf.range(slots)[None, None, :], step), label[..., None], labels)
+      masks, iou = self._decode(embeddings, boxes, tf.stop_gradient(points), labels, use_box,
+                                tf.stop_gradient(masks))
+      all_masks.append(masks)
+      all_iou.append(iou)
+    if not training:
+      return {"masks": masks, "iou": iou}
+    return {"masks": tf.concat(all_masks, axis=1), "iou": tf.concat(all_iou, axis=1)}
 
 
 _SUBLAYERS = ("shared_image_embedding", "prompt_encoder", "mask_decoder")

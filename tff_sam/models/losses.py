@@ -28,6 +28,9 @@ EPS = 1e-6
 def _prepare(y_true, y_pred):
   logits = tf.cast(y_pred["masks"], tf.float32)
   target = tf.cast(y_true, tf.float32)
+  # Iterative prompting returns every pass's masks along the prompt axis: each pass
+  # is scored against the same targets.
+  target = tf.tile(target, [1, tf.shape(logits)[1] // tf.shape(target)[1], 1, 1])
   valid = tf.cast(target >= 0, tf.float32)
   target = tf.maximum(target, 0.0)
   prompt_valid = tf.cast(tf.reduce_sum(valid, axis=[-2, -1]) > 0, tf.float32)

@@ -24,7 +24,7 @@ class OnlineSamModel(tf.keras.Model):
 
   def __init__(self, config, *, encoder: str = sam_lib.VIT_ENCODER,
                prompt: str = config_lib.BOX_PROMPT,
-               train_iou_head: bool = True, **kwargs):
+               train_iou_head: bool = True, sub_iterations: int = 3, **kwargs):
     """Builds the architecture (random weights; see `build_online_model`).
 
     Args:
@@ -32,6 +32,7 @@ class OnlineSamModel(tf.keras.Model):
       encoder: `vit` (TFSamModel's vision encoder) or `tinyvit` (MobileSAM).
       prompt: Prompt mode.
       train_iou_head: Train the IoU head or freeze it.
+      sub_iterations: Decoder passes per step with prompt `iterative`.
     """
     super().__init__(**kwargs)
     side = sam_lib.image_size(config)
@@ -46,7 +47,8 @@ class OnlineSamModel(tf.keras.Model):
     self.encoder_kind = encoder
     self.image_encoder.trainable = False
     self.decoder = decoder_lib.PromptMaskDecoder(config, prompt=prompt,
-                                                 train_iou_head=train_iou_head)
+                                                 train_iou_head=train_iou_head,
+                                                 sub_iterations=sub_iterations)
     self.built = True
 
   def embed(self, pixel_values: tf.Tensor) -> tf.Tensor:

@@ -40,8 +40,10 @@ def tiny_sam_config():
       hidden_size=32, output_channels=64, num_hidden_layers=2, num_attention_heads=2,
       mlp_dim=64, image_size=256, patch_size=16, window_size=4, global_attn_indexes=[1],
       num_pos_feats=32)
+  # mask_input_channels 8: the mask embedding's first conv has 8 // 4 = 2 channels; with
+  # 1 its layer norm would map every mask prompt to the same embedding.
   prompt = SamPromptEncoderConfig(
-      hidden_size=64, image_size=256, patch_size=16, mask_input_channels=4)
+      hidden_size=64, image_size=256, patch_size=16, mask_input_channels=8)
   decoder = SamMaskDecoderConfig(
       hidden_size=64, mlp_dim=128, num_hidden_layers=2, num_attention_heads=2,
       iou_head_hidden_dim=64)

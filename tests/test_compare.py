@@ -1,0 +1,190 @@
+"""`compare`: the arms of a comparison, their summary and table, and one tiny end to end."""
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tff_sam import config as config_lib
+from tff_sam import errors
+from tff_sam.data import discovery
+from tff_sam.federated import compare
+from tff_sam.federated import program
+
+
+def _splits(counts: dict[str, int]) -> discovery.DatasetSplits:
+  example = lambda c, i: discovery.Example(stem=f"{c}_{i}", image_path=Path(f"{c}_{i}.png"),  # pylint: disable=g-long-lambda
+                                           mask_path=Path(f"{c}_{i}.tif"))
+  return discovery.DatasetSplits(
+      clients={c: tuple(example(c, i) for i in range(n)) for c, n in counts.items()},
+      test_clients={"held": (example("test", 0),)}, natural=True)
+
+
+def _base(tmp_path, **overrides):
+  values = dict(output_dir=str(tmp_path / "out"), rounds=5, clients_per_round=2,
+                local_epochs=2, batch_size=2, seed=7)
+  values.update(overrides)
+  return config_lib.RunConfig(**values).validate()
+
+
+def test_arms_take_the_federated_runs_local_steps(tmp_path):
+  counts = {"a": 5, "b": 3, "c": 8}
+  base = _base(tmp_path)
+  arms = compare.plan_arms(base, splits=_splits(counts), seeds=2, root=tmp_path / "cmp",
+                           leave_one_site_out=True)
+  names = [a.name for a in arms if a.seed == 7]
+  assert names == ["zero_shot", "local/a", "local/b", "local/c", "centralized", "federated",
+                   "without/a", "without/b", "without/c"]
+  assert [a.seed for a in arms] == [7] * 9 + [8] * 9
+  for seed in (7, 8):
+    by_name = {a.name: a for a in arms if a.seed == seed}
+    fed = by_name["federated"]
+    assert fed.config == config_lib.RunConfig.from_dict(
+        {**base.to_dict(), "seed": seed, "output_dir": fed.config.output_dir})
+    # Every site is sampled in some rounds (2 of 3 per round); alone it trains as long.
+    for site, n in counts.items():
+      local = by_name[f"local/{site}"]
+      assert local.config.train_clients == (site,) and local.config.clients_per_round == 1
+      assert local.steps == {site: fed.steps[site]} and fed.steps[site] > 0
+      assert fed.steps[site] % (2 * -(-n // 2)) == 0  # Whole rounds of 2 epochs.
+    assert sum(fed.steps.values()) < 5 * sum(2 * -(-n // 2) for n in counts.values())
+    central = by_name["centralized"]
+    assert central.config.pool_clients and central.config.clients_per_round == 1
+    per_round = 2 * -(-sum(counts.values()) // 2)
+    assert abs(sum(central.steps.values()) - sum(fed.steps.values())) <= per_round / 2
+    assert by_name["zero_shot"].config.rounds == 0 and by_name["zero_shot"].steps == {
+        "a": 0, "b": 0, "c": 0}
+    without = by_name["without/b"].config
+    assert without.train_clients == ("a", "c") and without.clients_per_round == 2
+    folders = {a.config.output_dir for a in by_name.values()}
+    assert len(folders) == 9 and all(f"seed{seed}" in f for f in folders)
+
+
+def _summary(dice: float, by_client: dict[str, float]) -> dict:
+  result = lambda d: {"dice": d, "iou": d / 2, "msa": d / 4, "sa50": d / 3}  # pylint: disable=g-long-lambda
+  entry = {**result(dice), "by_client": {c: result(v) for c, v in by_client.items()}}
+  return {"evaluation": {"model_round": 1, "by_prompt": {"box": entry}}, "wall_time_s": 1.0}
+
+
+def test_summary_rows_gains_table_and_plot(tmp_path):
+  base = _base(tmp_path, eval_prompt=("box",))
+  arms = compare.plan_arms(base, splits=_splits({"a": 2, "b": 2}), seeds=2,
+                           root=tmp_path / "cmp")
+  dice = {("zero_shot", 7): 0.5, ("zero_shot", 8): 0.5, ("local/a", 7): 0.6,
+          ("local/a", 8): 0.62, ("local/b", 7): 0.4, ("local/b", 8): 0.5,
+          ("centralized", 7): 0.8, ("centralized", 8): 0.78, ("federated", 7): 0.7,
+          ("federated", 8): 0.76}
+  summaries = [_summary(dice[(a.name, a.seed)], {"x": dice[(a.name, a.seed)] - 0.1,
+                                                  "y": dice[(a.name, a.seed)] + 0.1})
+               for a in arms]
+  table = compare.summarize(arms, summaries, eval_prompt=("box",))["box"]
+  rows = table["rows"]
+  assert list(rows) == ["zero_shot", "local_only", "local/a", "local/b", "centralized",
+                        "federated"]
+  assert rows["federated"]["dice"]["all"]["mean"] == pytest.approx(0.73)
+  assert rows["federated"]["dice"]["all"]["std"] == pytest.approx(np.std([0.7, 0.76], ddof=1))
+  assert rows["local_only"]["dice"]["all"]["mean"] == pytest.approx(np.mean([0.5, 0.56]))
+  assert rows["federated"]["msa"]["y"]["mean"] == pytest.approx(0.83 / 4)
+  gain = table["gains"]["federated-local_only"]["dice"]["all"]
+  assert gain["mean"] == pytest.approx(np.mean([0.7 - 0.5, 0.76 - 0.56]))
+  assert gain["std"] == pytest.approx(np.std([0.2, 0.2], ddof=1), abs=1e-12)
+  assert table["gains"]["federated-centralized"]["dice"]["all"]["mean"] == pytest.approx(-0.06)
+  assert table["gains"]["federated-zero_shot"]["dice"]["x"]["mean"] == pytest.approx(0.23)
+
+  result = compare.write_outputs(tmp_path / "cmp", base=base, arms=arms, summaries=summaries,
+                                 seeds=2, leave_one_site_out=False)
+  saved = json.loads((tmp_path / "cmp" / compare.COMPARE_FILE).read_text())
+  assert saved == json.loads(json.dumps(result)) and len(saved["arms"]) == len(arms)
+  md = (tmp_path / "cmp" / compare.TABLE_FILE).read_text()
+  assert "| federated | 73.0 ± 4.2 |" in md and "| Dice x | Dice y |" in md
+  assert "| gain federated-zero_shot | 23.0 ± 4.2 |" in md
+  image = cv2.imread(str(tmp_path / "cmp" / compare.PLOT_FILE))
+  assert image is not None and image.shape[0] > 200 and image.std() > 5
+
+
+def test_selecting_and_pooling_clients_keeps_the_test_set():
+  splits = _splits({"a": 2, "b": 3, "c": 1})
+  only = discovery.select_clients(splits, train_clients=("c", "a"))
+  assert list(only.clients) == ["c", "a"] and only.test_clients == splits.test_clients
+  pooled = discovery.select_clients(splits, train_clients=("a", "b"), pool=True)
+  assert list(pooled.clients) == [discovery.POOLED_CLIENT]
+  assert [e.stem for e in pooled.clients["pooled"]] == ["a_0", "a_1", "b_0", "b_1", "b_2"]
+  with pytest.raises(errors.ConfigError, match=r"--train_clients: names z, not a training "
+                     r"client of the data \(its clients: a, b, c\)"):
+    discovery.select_clients(splits, train_clients=("z",))
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (dict(eval_prompt=("box", "boxes")), "eval_prompt"),
+    (dict(eval_prompt=("box", "box")), "eval_prompt"),
+    (dict(eval_corrections=0), "eval_corrections"),
+    (dict(sub_iterations=1), "sub_iterations"),
+    (dict(train_clients=("a", "a")), "train_clients"),
+    (dict(pool_clients=True, clients_per_round=2), "clients_per_round"),
+])
+def test_bad_comparison_settings_name_the_flag(tmp_path, overrides, flag):
+  with pytest.raises(errors.ConfigError, match=f"^--{flag}: "):
+    _base(tmp_path, **overrides)
+
+
+def test_config_round_trips_the_new_tuples(tmp_path):
+  config = _base(tmp_path, eval_prompt=("point", "box_corrections"), train_clients=("a",))
+  again = config_lib.RunConfig.from_dict(json.loads(config.to_json()))
+  assert again == config and again.eval_prompt_list == ("point", "box_corrections")
+  assert _base(tmp_path, prompt="points").eval_prompt_list == ("point",)
+  assert _base(tmp_path, prompt="iterative").eval_prompt_list == ("box",)
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, reference_cache,
+                                              run_binary):
+  data = tmp_path / "data"
+  shutil.copytree(reference_data, data)
+  shutil.rmtree(data / "site_2")
+  shutil.rmtree(data / "test" / "site_2")
+  out = tmp_path / "out"
+  args = [f"--data_dir={data}", f"--cache_dir={reference_cache}", "--model=tiny",
+          "--rounds=1", "--clients_per_round=2", "--local_epochs=1", "--batch_size=2",
+          "--prompts_per_image=2", "--client_lr=3e-3", "--seed=5", f"--output_dir={out}",
+          "--eval_prompt=box,box_corrections", "--eval_corrections=2", "--seeds=1"]
+  result = run_binary("compare", *args)
+  assert result.code == 0, result.stderr
+  root = out / "compare"
+  saved = json.loads((root / compare.COMPARE_FILE).read_text())
+  names = [a["name"] for a in saved["arms"]]
+  assert names == ["zero_shot", "local/site_0", "local/site_1", "centralized", "federated"]
+  summaries = {a["name"]: json.loads((Path(a["output_dir"]) / "summary.json").read_text())
+               for a in saved["arms"]}
+  # Each arm is its own run: its clients, its rounds, its exported model.
+  assert summaries["zero_shot"]["rounds"] == 0
+  assert summaries["local/site_0"]["clients"] == {"site_0": 2}
+  assert summaries["centralized"]["clients"] == {"pooled": 4}
+  assert summaries["federated"]["clients"] == {"site_0": 2, "site_1": 2}
+  for a in saved["arms"]:
+    assert (Path(a["output_dir"]) / "model" / "config.json").is_file()
+  # The zero-shot arm and the federated run's round 0 were computed apart and agree.
+  fed_rows = program._read_metrics(Path(saved["arms"][-1]["output_dir"]) / "metrics.csv")  # pylint: disable=protected-access
+  zero = saved["arms"][0]["results"]["box"]
+  assert zero["dice"] == pytest.approx(float(fed_rows[0]["test_dice"]), abs=1e-9)
+  assert zero["msa"] == pytest.approx(float(fed_rows[0]["test_msa"]), abs=1e-9)
+  # Every arm is scored on the same held-out objects, on both prompts.
+  for a in saved["arms"]:
+    assert {p: r["num_objects"] for p, r in a["results"].items()} == {
+        "box": zero["num_objects"], "box_corrections": zero["num_objects"]}
+    assert set(a["results"]["box"]["by_client"]) == {"site_0", "site_1"}
+  md = (root / compare.TABLE_FILE).read_text()
+  assert "**box_corrections prompts**" in md and "| local_only |" in md
+  assert md.strip() in result.stdout
+  assert (root / compare.PLOT_FILE).stat().st_size > 10_000
+  # A second run skips every completed arm, the zero-shot one included.
+  again = run_binary("compare", *args)
+  assert again.code == 0 and again.stdout.count("this run is complete") == 5
+  assert json.loads((root / compare.COMPARE_FILE).read_text())["table"] == saved["table"]
+  # Its own flags are checked once.
+  bad = run_binary("compare", *args, "--train_clients=site_0")
+  assert bad.code == 1 and bad.error_lines() == [
+      "error: --train_clients: and --pool_clients choose the arms' clients themselves; "
+      "drop them"]

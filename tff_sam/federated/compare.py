@@ -1,0 +1,289 @@
+"""Does federated fine-tuning pay? Zero-shot vs local-only vs centralized vs federated.
+
+`plan_arms` turns one run's settings into the runs of a comparison, for each seed:
+
+* `zero_shot`: the program with `rounds=0` (the pretrained model, evaluated);
+* `local/<site>`: each training site alone (`train_clients=(site,)`), for as many
+  rounds as the federated run samples that site, so it takes the same number of
+  local optimizer steps as that site does in the federated run;
+* `centralized`: every training image in one client (`pool_clients`), for the
+  rounds that make its steps (closest to) the federated run's total steps;
+* `federated`: the settings as given;
+* optionally `without/<site>` (leave one site out): federated training on the other
+  sites, evaluated on every held-out client, the left-out site's included.
+
+Every arm is a real run of the program (`program.run_experiment`) in its own folder,
+with its own zero-shot round, training and evaluation; nothing is copied between arms,
+and a re-run resumes or skips the arms already done. Every arm is scored on the same
+held-out images, by its exported model on each evaluation prompt
+(`summary.json["evaluation"]`). `summarize` gives mean ± std over seeds per evaluation
+client, the local-only mean over sites, and the gains of federated training over
+zero-shot, local-only and centralized, paired by seed.
+"""
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from tff_sam import config as config_lib
+from tff_sam import fileio
+from tff_sam.data import discovery
+from tff_sam.evaluation import plots
+from tff_sam.federated import program
+
+ZERO_SHOT = "zero_shot"
+LOCAL = "local"
+LOCAL_MEAN = "local_only"
+CENTRALIZED = "centralized"
+FEDERATED = "federated"
+WITHOUT = "without"
+METRICS = ("dice", "iou", "msa", "sa50")
+COMPARE_FILE = "compare.json"
+TABLE_FILE = "compare.md"
+PLOT_FILE = "compare.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One run of a comparison.
+
+  Attributes:
+    name: `zero_shot`, `local/<site>`, `centralized`, `federated` or `without/<site>`.
+    seed: Its seed.
+    config: The run's settings (its `output_dir` is the arm's folder).
+    steps: Planned local optimizer steps per training client of the run.
+  """
+
+  name: str
+  seed: int
+  config: config_lib.RunConfig
+  steps: dict
+
+  @property
+  def kind(self) -> str:
+    return self.name.split("/", 1)[0]
+
+
+def _steps(images: int, config: config_lib.RunConfig) -> int:
+  return config.local_epochs * -(-images // config.batch_size)
+
+
+def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, seeds: int,
+              root: Path, leave_one_site_out: bool = False) -> list[Arm]:
+  """The runs of a comparison of `base`'s settings (module docstring).
+
+  Args:
+    base: The federated run's settings (`train_clients`/`pool_clients` unset).
+    splits: The data as `base` splits it (`program.prepare_data`).
+    seeds: Seeds `base.seed`, `base.seed + 1`, ...
+    root: Folder of the arms (`root/seed<k>/<arm>`).
+    leave_one_site_out: Add the `without/<site>` arms.
+
+  Returns:
+    The arms, seed by seed.
+  """
+  images = {c: len(exs) for c, exs in splits.clients.items() if exs}
+  sites = sorted(images)
+  arms = []
+  for seed in range(base.seed, base.seed + seeds):
+    def arm(name, **changes):
+      config = dataclasses.replace(
+          base, seed=seed, output_dir=str(root / f"seed{seed}" / name.replace("/", "_")),
+          **changes).validate()
+      sampled = {c: 0 for c in (config.train_clients or sites)}
+      if config.pool_clients:
+        steps = {discovery.POOLED_CLIENT: config.rounds * _steps(
+            sum(images[c] for c in sampled), config)}
+      else:
+        for r in range(1, config.rounds + 1):
+          for c in program.sample_clients(sorted(sampled), round_num=r,
+                                          clients_per_round=config.clients_per_round,
+                                          seed=seed):
+            sampled[c] += 1
+        steps = {c: n * _steps(images[c], config) for c, n in sampled.items()}
+      return Arm(name=name, seed=seed, config=config, steps=steps)
+
+    federated = arm(FEDERATED)
+    arms.append(arm(ZERO_SHOT, rounds=0))
+    for site in sites:
+      rounds = federated.steps[site] // _steps(images[site], base)
+      arms.append(arm(f"{LOCAL}/{site}", train_clients=(site,), clients_per_round=1,
+                      rounds=rounds))
+    total = sum(federated.steps.values())
+    per_round = _steps(sum(images.values()), base)
+    arms.append(arm(CENTRALIZED, pool_clients=True, clients_per_round=1,
+                    rounds=max(1, round(total / per_round))))
+    arms.append(federated)
+    if leave_one_site_out and len(sites) > 1:
+      for site in sites:
+        others = tuple(c for c in sites if c != site)
+        arms.append(arm(f"{WITHOUT}/{site}", train_clients=others,
+                        clients_per_round=min(base.clients_per_round, len(others))))
+  return arms
+
+
+def run_arms(arms: Sequence[Arm], *, fresh: bool = False,
+             log: Callable[[str], None] = print) -> list[dict]:
+  """Runs (or resumes, or skips when complete) every arm; returns their summaries."""
+  summaries = []
+  for i, arm in enumerate(arms, start=1):
+    prefix = f"[{i}/{len(arms)} seed {arm.seed} {arm.name}]"
+    log(f"{prefix} {arm.config.rounds} rounds -> {arm.config.output_dir}")
+    summaries.append(program.run_experiment(arm.config, fresh=fresh,
+                                            log=lambda line, p=prefix: log(f"{p} {line}")))
+  return summaries
+
+
+def _stats(values: Sequence[float]) -> dict:
+  values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+  if not values:
+    return {"mean": None, "std": None, "n": 0}
+  return {"mean": float(np.mean(values)),
+          "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def _scores(summary: dict, prompt: str) -> dict:
+  """Metric -> {"all": value, "<client>": value} of one arm on one evaluation prompt."""
+  result = summary["evaluation"]["by_prompt"][prompt]
+  return {m: {"all": result[m], **{c: v[m] for c, v in result["by_client"].items()}}
+          for m in METRICS}
+
+
+def summarize(arms: Sequence[Arm], summaries: Sequence[dict], *,
+              eval_prompt: Sequence[str]) -> dict:
+  """Per evaluation prompt: rows (arm -> metric -> client -> stats over seeds) and gains.
+
+  The `local_only` row is, per seed, the mean over the `local/<site>` arms; gains are
+  federated minus the other row, per seed, then mean ± std over seeds.
+  """
+  seeds = sorted({a.seed for a in arms})
+  out = {}
+  for prompt in eval_prompt:
+    per_seed: dict[str, dict[int, dict]] = {}
+    for arm, summary in zip(arms, summaries, strict=True):
+      per_seed.setdefault(arm.name, {})[arm.seed] = _scores(summary, prompt)
+    locals_ = [n for n in per_seed if n.startswith(LOCAL + "/")]
+    if locals_:
+      per_seed[LOCAL_MEAN] = {
+          s: {m: {c: float(np.mean([per_seed[n][s][m][c] for n in locals_]))
+                  for c in per_seed[locals_[0]][s][m]} for m in METRICS} for s in seeds}
+    order = ([ZERO_SHOT, LOCAL_MEAN] + sorted(locals_) + [CENTRALIZED, FEDERATED]
+             + sorted(n for n in per_seed if n.startswith(WITHOUT + "/")))
+    rows = {}
+    for name in (n for n in order if n in per_seed):
+      runs = per_seed[name]
+      first = next(iter(runs.values()))
+      rows[name] = {m: {c: _stats([runs[s][m][c] for s in runs]) for c in first[m]}
+                    for m in METRICS}
+    gains = {}
+    if FEDERATED in per_seed:
+      fed = per_seed[FEDERATED]
+      for other in (ZERO_SHOT, LOCAL_MEAN, CENTRALIZED):
+        if other in per_seed:
+          gains[f"{FEDERATED}-{other}"] = {
+              m: {c: _stats([fed[s][m][c] - per_seed[other][s][m][c] for s in seeds
+                             if s in per_seed[other]]) for c in fed[seeds[0]][m]}
+              for m in METRICS}
+    out[prompt] = {"rows": rows, "gains": gains}
+  return out
+
+
+def _cell(stats: dict, scale: float = 100.0) -> str:
+  if stats["mean"] is None:
+    return "-"
+  if stats["n"] > 1:
+    return f"{stats['mean'] * scale:.1f} ± {stats['std'] * scale:.1f}"
+  return f"{stats['mean'] * scale:.1f}"
+
+
+def markdown_table(table: dict, *, steps: dict, seeds: int) -> str:
+  """The comparison as markdown: one table per evaluation prompt (values x 100).
+
+  Args:
+    table: `summarize`'s result.
+    steps: Arm name -> total planned local steps (first seed).
+    seeds: Number of seeds (mean ± std over them when > 1).
+  """
+  lines = []
+  for prompt, part in table.items():
+    rows = part["rows"]
+    clients = [c for c in next(iter(rows.values()))["dice"] if c != "all"]
+    head = (["arm", "Dice", "IoU", "mSA", "SA50"] + [f"Dice {c}" for c in clients]
+            + ["local steps"])
+    lines += [f"**{prompt} prompts** (held-out; x100; "
+              + (f"mean ± std over {seeds} seeds)" if seeds > 1 else "1 seed)"), "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+      cells = ([name] + [_cell(r[m]["all"]) for m in METRICS]
+               + [_cell(r["dice"][c]) for c in clients] + [str(steps.get(name, "-"))])
+      lines.append("| " + " | ".join(cells) + " |")
+    for name, g in part["gains"].items():
+      lines.append(f"| gain {name} | " + " | ".join(_cell(g[m]["all"]) for m in METRICS)
+                   + " | " + " | ".join(_cell(g["dice"][c]) for c in clients) + " | |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm],
+                  summaries: Sequence[dict], seeds: int,
+                  leave_one_site_out: bool) -> dict:
+  """Writes `compare.json`, `compare.md` and `compare.png` into `root`; returns the JSON."""
+  prompts = base.eval_prompt_list
+  table = summarize(arms, summaries, eval_prompt=prompts)
+  first = min(a.seed for a in arms)
+  steps = {a.name: sum(a.steps.values()) for a in arms if a.seed == first}
+  result = {
+      "config": base.to_dict(), "seeds": sorted({a.seed for a in arms}),
+      "leave_one_site_out": leave_one_site_out, "eval_prompt": list(prompts),
+      "arms": [{"name": a.name, "seed": a.seed, "output_dir": a.config.output_dir,
+                "rounds": a.config.rounds, "planned_steps": a.steps,
+                "wall_time_s": s.get("wall_time_s"),
+                "model_round": s["evaluation"]["model_round"],
+                "results": {p: s["evaluation"]["by_prompt"][p] for p in prompts}}
+               for a, s in zip(arms, summaries, strict=True)],
+      "table": table,
+  }
+  fileio.write_json(root / COMPARE_FILE, result)
+  fileio.write_text(root / TABLE_FILE, markdown_table(table, steps=steps, seeds=seeds) + "\n")
+  plots.plot_comparison(table, root / PLOT_FILE)
+  return result
+
+
+def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
+                   leave_one_site_out: bool = False, root: Optional[Path] = None,
+                   fresh: bool = False, log: Callable[[str], None] = print) -> dict:
+  """Plans, runs and summarizes a comparison; what `experiments.compare` does.
+
+  Args:
+    base: The federated run's settings; its `output_dir` is the comparison's folder
+      unless `root` is given.
+    seeds: Seeds per arm.
+    leave_one_site_out: Also run the leave-one-site-out arms.
+    root: Folder of the arms and the outputs.
+    fresh: Redo every arm.
+    log: Where progress lines go.
+
+  Returns:
+    The contents of `compare.json`.
+
+  Raises:
+    errors.UserError: Bad data or settings (one line), as the program raises them.
+  """
+  base.validate()
+  root = Path(root or base.output_dir).expanduser()
+  cache_root = Path(base.cache_dir).expanduser() if base.cache_dir else fileio.default_cache_dir()
+  splits = program.prepare_data(base, cache_root)
+  arms = plan_arms(base, splits=splits, seeds=seeds, root=root,
+                   leave_one_site_out=leave_one_site_out)
+  log(f"compare: {len(arms)} runs ({seeds} seed(s): {', '.join(a.name for a in arms if a.seed == base.seed)}) "
+      f"in {root}")
+  summaries = run_arms(arms, fresh=fresh, log=log)
+  result = write_outputs(root, base=base, arms=arms, summaries=summaries, seeds=seeds,
+                         leave_one_site_out=leave_one_site_out)
+  log(markdown_table(result["table"], steps={a.name: sum(a.steps.values()) for a in arms
+                                             if a.seed == base.seed}, seeds=seeds))
+  log(f"outputs in {root}: {COMPARE_FILE}, {TABLE_FILE}, {PLOT_FILE}")
+  return result
