@@ -160,15 +160,24 @@ def _run_binary(capfd, monkeypatch):
 
   def run(name: str, *args: str) -> BinaryResult:
     module_name = f"tff_sam.experiments.{name}"
+    importlib.import_module("tff_sam.experiments")
     capfd.readouterr()
+    # Binaries import other binaries' flags (compare: run's), so all are imported afresh.
+    def forget_binaries():
+      package = sys.modules["tff_sam.experiments"]
+      for loaded in [m for m in sys.modules if m.startswith("tff_sam.experiments.")]:
+        sys.modules.pop(loaded)
+        # `from tff_sam.experiments import run` would find the old module here.
+        package.__dict__.pop(loaded.rsplit(".", 1)[1], None)
+
     with flagsaver.flagsaver():
-      sys.modules.pop(module_name, None)
+      forget_binaries()
       try:
         module = importlib.import_module(module_name)
         argv = flags.FLAGS([name, *args])
         code = module.main(argv)
       finally:
-        sys.modules.pop(module_name, None)
+        forget_binaries()
     captured = capfd.readouterr()
     return BinaryResult(code=code, stdout=captured.out, stderr=captured.err)
 

@@ -149,7 +149,9 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
   args = [f"--data_dir={data}", f"--cache_dir={reference_cache}", "--model=tiny",
           "--rounds=1", "--clients_per_round=2", "--local_epochs=1", "--batch_size=2",
           "--prompts_per_image=2", "--client_lr=3e-3", "--seed=5", f"--output_dir={out}",
-          "--eval_prompt=box,box_corrections", "--eval_corrections=2", "--seeds=1"]
+          "--eval_prompt=box,box_corrections", "--eval_corrections=2", "--seeds=1",
+          # Each arm also trains with iterative prompting in TFF and keeps its best round.
+          "--prompt=iterative", "--sub_iterations=2", "--keep_best", "--eval_every=1"]
   result = run_binary("compare", *args)
   assert result.code == 0, result.stderr
   root = out / "compare"
@@ -165,6 +167,15 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
   assert summaries["federated"]["clients"] == {"site_0": 2, "site_1": 2}
   for a in saved["arms"]:
     assert (Path(a["output_dir"]) / "model" / "config.json").is_file()
+  # --keep_best: each arm exported its best evaluated round, and says which.
+  for a in saved["arms"]:
+    rows = program._read_metrics(Path(a["output_dir"]) / "metrics.csv")  # pylint: disable=protected-access
+    dice = [float(r["test_dice"]) for r in rows]
+    best = int(np.argmax(dice))
+    assert a["model_round"] == best == summaries[a["name"]]["best"]["round"]
+    assert a["results"]["box"]["dice"] == pytest.approx(dice[best], abs=1e-9)
+    if len(rows) > 1:  # Iterative training ran in TFF: losses and federated evaluation.
+      assert np.isfinite(float(rows[1]["train_loss"])) and 0 <= float(rows[1]["fed_eval_dice"]) <= 1
   # The zero-shot arm and the federated run's round 0 were computed apart and agree.
   fed_rows = program._read_metrics(Path(saved["arms"][-1]["output_dir"]) / "metrics.csv")  # pylint: disable=protected-access
   zero = saved["arms"][0]["results"]["box"]

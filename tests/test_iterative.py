@@ -9,7 +9,6 @@ from tff_sam.data import pipeline
 from tff_sam.data import prompts
 from tff_sam.evaluation import inference
 from tff_sam.models import build
-from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import losses
 from tff_sam.models import sam as sam_lib
 
@@ -137,3 +136,4 @@ def test_corrective_clicks_at_original_resolution():
   assert pred[1, int(y), int(x)] and not truth[1, int(y), int(x)]
   _, none = inference.correction_clicks(truth, truth)
   assert none.tolist() == [-10, -10]
+

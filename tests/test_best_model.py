@@ -1,0 +1,58 @@
+"""`--keep_best`: the best evaluated round's weights, kept across resumption."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tff_sam import errors
+from tff_sam.federated import best_model
+
+
+def _weights(value: float):
+  return [np.full((2, 3), value, np.float32), np.full((4,), value, np.float32)], [
+      np.full((1,), -value, np.float32)]
+
+
+def _files(run: Path) -> list[str]:
+  return sorted(p.name for p in (run / best_model.BEST_DIR).iterdir())
+
+
+def test_keeps_improvements_and_one_fallback(tmp_path):
+  keeper = best_model.BestModelKeeper(tmp_path)
+  assert keeper.consider(0, 0.5, _weights(0.0))
+  assert not keeper.consider(1, 0.4, _weights(1.0))  # Worse: nothing written.
+  assert not keeper.consider(2, float("nan"), _weights(2.0))
+  assert not keeper.consider(3, None, _weights(3.0))
+  assert _files(tmp_path) == ["round_0.npz"]
+  assert keeper.consider(4, 0.6, _weights(4.0))
+  assert keeper.consider(5, 0.7, _weights(5.0))
+  assert _files(tmp_path) == ["round_4.npz", "round_5.npz"]  # The previous best stays.
+  assert (keeper.round, keeper.score) == (5, 0.7)
+  trainable, non_trainable = keeper.weights()
+  np.testing.assert_array_equal(trainable[0], np.full((2, 3), 5.0))
+  assert len(trainable) == 2 and non_trainable[0].tolist() == [-5.0]
+
+
+def test_restore_drops_rounds_that_are_redone(tmp_path):
+  keeper = best_model.BestModelKeeper(tmp_path)
+  keeper.consider(2, 0.6, _weights(2.0))
+  keeper.consider(5, 0.7, _weights(5.0))
+  # The run stopped after saving round 4: round 5 is redone, its file is stale.
+  again = best_model.BestModelKeeper(tmp_path)
+  again.restore(saved_round=4, scores={0: 0.5, 2: 0.6, 4: 0.55})
+  assert (again.round, again.score) == (2, 0.6) and _files(tmp_path) == ["round_2.npz"]
+  np.testing.assert_array_equal(again.weights()[0][1], np.full((4,), 2.0))
+  again.clear()
+  assert _files(tmp_path) == [] and again.round is None
+  with pytest.raises(errors.DataError, match="no best round was kept"):
+    again.weights()
+
+
+def test_unreadable_best_file_is_one_error(tmp_path):
+  keeper = best_model.BestModelKeeper(tmp_path)
+  keeper.consider(1, 0.6, _weights(1.0))
+  (tmp_path / "best" / "round_1.npz").write_bytes(b"not a zip")
+  with pytest.raises(errors.DataError, match=r"round_1\.npz: unreadable best-round weights"):
+    keeper.weights()
+
