@@ -93,6 +93,19 @@ def test_overlay_panels_layout():
   assert second[15, 40, 1] > 0 and second[40, 5].sum() == 0  # Mask coloured, rest not.
 
 
+def test_overlay_panels_draw_the_point_prompt_on_mask_panels_only():
+  image = np.zeros((40, 40, 3), np.uint8)
+  mask = np.zeros((40, 40), bool)
+  mask[5:30, 5:30] = True
+  panel = plots.overlay_panels(image, [~mask, ~mask], [(0, 200, 0)] * 2, point=(12, 20),
+                               margin=0, min_side=80)  # Upscaled 2x.
+  magenta = np.all(panel == plots.POINT_COLOUR, axis=-1)
+  first, second = magenta[:, :80], magenta[:, 80 + plots.GAP:160 + plots.GAP]
+  assert not first.any() and second[41, 25]  # (12, 20) -> pixel centre (25, 41).
+  ys, xs = np.nonzero(second)
+  assert abs(ys.mean() - 41) < 1 and abs(xs.mean() - 25) < 1 and len(ys) < 80
+
+
 def test_overlay_panels_header():
   image = np.full((50, 80, 3), 100, np.uint8)
   mask = np.zeros((50, 80), bool)
@@ -135,9 +148,11 @@ class _FakeEvaluator:
         example=types.SimpleNamespace(image_path=image_path, stem="img_a"),
         labels=labels, ids=np.array([1, 2]))]
     self._predictions = predictions
+    self.prompts = []
 
-  def predict(self, model, image):
+  def predict(self, model, image, eval_prompt=None):
     assert image is self.images[0]
+    self.prompts.append(eval_prompt)
     return self._predictions[model]
 
 
@@ -170,6 +185,14 @@ def test_write_overlays_titles_carry_object_dice(tmp_path, monkeypatch):
       ["image", "ground truth", "zero-shot  Dice 0.50", "fine-tuned  Dice 1.00"]]
   assert [c["caption"] for c in calls] == ["img_a  object 2", "img_a  object 1"]
   assert all(c["legend"] == plots.LEGEND for c in calls)
+  assert all(c["point"] is None and c["box"] is not None for c in calls)
+  # With point prompts the point is drawn instead of the box, and asked for.
+  calls.clear()
+  plots.write_overlays(tmp_path / "points", evaluator=evaluator, zero_shot_model="zero",
+                       fine_tuned_model="tuned", eval_prompt="point")
+  assert all(c["box"] is None and c["legend"] == plots.POINT_LEGEND for c in calls)
+  assert [tuple(c["point"]) for c in calls] == [(39, 29), (14, 14)]  # Most interior pixels.
+  assert evaluator.prompts[-2:] == ["point", "point"]
   header = plots.LEGEND_HEIGHT + plots.TITLE_HEIGHT
   for path in paths:
     with Image.open(path) as im:

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from tff_sam import fileio
+from tff_sam import config as config_lib
 from tff_sam.data import preprocess
 from tff_sam.data import reading
 
@@ -26,8 +27,10 @@ GT_COLOUR = (0, 200, 0)
 ZERO_SHOT_COLOUR = (230, 140, 0)
 FINE_TUNED_COLOUR = (30, 120, 255)
 BOX_COLOUR = (255, 255, 255)
+POINT_COLOUR = (255, 40, 220)
 LEGEND = (("ground truth", GT_COLOUR), ("zero-shot", ZERO_SHOT_COLOUR),
           ("fine-tuned", FINE_TUNED_COLOUR), ("prompt box", BOX_COLOUR))
+POINT_LEGEND = LEGEND[:3] + (("prompt point", POINT_COLOUR),)
 
 BACKGROUND = (32, 32, 32)  # Header bands and the gaps between panels.
 TEXT_COLOUR = (240, 240, 240)
@@ -241,7 +244,7 @@ def _legend_band(width: int, legend: Sequence[tuple[str, tuple]],
 
 
 def overlay_panels(image: np.ndarray, masks: Sequence[np.ndarray], colours,
-                   box=None, margin: int = 24, min_side: int = 256, *,
+                   box=None, margin: int = 24, min_side: int = 256, *, point=None,
                    titles: Optional[Sequence[str]] = None,
                    legend: Optional[Sequence[tuple[str, tuple]]] = None,
                    caption: Optional[str] = None) -> np.ndarray:
@@ -252,6 +255,7 @@ def overlay_panels(image: np.ndarray, masks: Sequence[np.ndarray], colours,
     masks: Boolean (H, W) masks, one panel each.
     colours: RGB colour of each mask.
     box: Optional XYXY prompt box (original pixels), drawn in white on mask panels.
+    point: Optional XY prompt point (original pixels), drawn as a dot on mask panels.
     margin: Pixels kept around the union of the masks.
     min_side: The crop is upscaled (nearest neighbour) until its short side has at
       least this many pixels.
@@ -279,6 +283,11 @@ def overlay_panels(image: np.ndarray, masks: Sequence[np.ndarray], colours,
   scale = max(1.0, min_side / max(1, min(y1 - y0, x1 - x0)))
   panels = [cv2.resize(p, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
             for p in panels]
+  if point is not None:  # After upscaling, so the dot keeps its size.
+    px, py = (int(round((v - o + 0.5) * scale)) for v, o in zip(point, (x0, y0)))
+    for panel in panels[1:]:
+      cv2.circle(panel, (px, py), 5, (0, 0, 0), -1, cv2.LINE_AA)
+      cv2.circle(panel, (px, py), 4, POINT_COLOUR, -1, cv2.LINE_AA)
   gap = _band(panels[0].shape[0], GAP)
   row = [panels[0]]
   for p in panels[1:]:
@@ -335,11 +344,18 @@ def write_overlays(out_dir: Path, *, evaluator, zero_shot_model, fine_tuned_mode
     image, zero, tuned = cache[i]
     object_id = int(image_info.ids[k])
     gt = image_info.labels == object_id
-    box = preprocess.boxes_from_labels(image_info.labels, image_info.ids[k:k + 1])[0]
+    # The prompt drawn is the one used: the interior point for `point`, else the box
+    # (`box_corrections`' clicks are not drawn).
+    point = box = None
+    if eval_prompt == config_lib.POINT_EVAL:
+      point = preprocess.interior_points(image_info.labels, image_info.ids[k:k + 1])[0]
+    else:
+      box = preprocess.boxes_from_labels(image_info.labels, image_info.ids[k:k + 1])[0]
     titles = panel_titles(object_dice(zero[k], gt), object_dice(tuned[k], gt))
     panel = overlay_panels(image, [gt, zero[k], tuned[k]],
                            [GT_COLOUR, ZERO_SHOT_COLOUR, FINE_TUNED_COLOUR], box=box,
-                           min_side=min_side, titles=titles, legend=LEGEND,
+                           point=point, min_side=min_side, titles=titles,
+                           legend=POINT_LEGEND if point is not None else LEGEND,
                            caption=f"{image_info.example.stem}  object {object_id}")
     path = Path(out_dir) / f"{image_info.example.stem}_obj{object_id}.png"
     ok, encoded = cv2.imencode(".png", panel[..., ::-1])
