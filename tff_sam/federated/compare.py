@@ -283,7 +283,6 @@ def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
   summaries = run_arms(arms, fresh=fresh, log=log)
   result = write_outputs(root, base=base, arms=arms, summaries=summaries, seeds=seeds,
                          leave_one_site_out=leave_one_site_out)
-  log(markdown_table(result["table"], steps={a.name: sum(a.steps.values()) for a in arms
-                                             if a.seed == base.seed}, seeds=seeds))
+  log((root / TABLE_FILE).read_text().rstrip("\n"))  # The table `write_outputs` wrote.
   log(f"outputs in {root}: {COMPARE_FILE}, {TABLE_FILE}, {PLOT_FILE}")
   return result
