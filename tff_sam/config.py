@@ -36,7 +36,7 @@ POINT_EVAL = "point"
 CORRECTIONS_EVAL = "box_corrections"
 EVAL_PROMPTS = (BOX_EVAL, POINT_EVAL, CORRECTIONS_EVAL)
 # Settings held as tuples (JSON lists in `config.json`).
-TUPLE_SETTINGS = ("workers", "train_clients", "eval_prompt")
+TUPLE_SETTINGS = ("workers", "train_clients", "eval_prompt", "lora_targets")
 # Embedded datasets (`--data`, used without `--data_dir`).
 SAMPLE_DATASET = "sample"
 SYNTHETIC_DATASET = "synthetic"
@@ -47,6 +47,16 @@ MOBILE_SAM_MODEL = "mobile_sam"
 MODEL_HELP = ("mobile_sam (MobileSAM's real pretrained weights; the default), a Hugging Face "
               "hub id (e.g. facebook/sam-vit-base), a directory written by save_pretrained "
               "(e.g. a run's model/), or tiny (a small SAM with random weights, for tests).")
+# Adapters in the image encoder (`--adapter`): none (only the mask decoder trains) or
+# LoRA, low-rank updates B.A of the encoder's linear layers (`tff_sam.models.lora`),
+# trained and communicated with the decoder while the base weights stay on the sites.
+NO_ADAPTER = "none"
+LORA_ADAPTER = "lora"
+ADAPTERS = (NO_ADAPTER, LORA_ADAPTER)
+# Where LoRA goes (`--lora_targets`), in every transformer block of the encoder: the
+# attention's input projection (qkv), its output projection (proj), the MLP's two
+# linear layers (mlp).
+LORA_TARGETS = ("qkv", "proj", "mlp")
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("dice_ce", "bce", "focal_dice")
 SERVER_OPTIMIZERS = ("sgd", "adam")
@@ -151,7 +161,15 @@ class RunConfig:
   cache_dir: Optional[str] = None
   encode_batch_size: int = 4
   # False = online mode: clients hold images, the TFF model runs the frozen encoder.
+  # With an adapter, True caches the encoder's activations up to the first adapted
+  # block instead of its embeddings (those change as the adapters train).
   embedding_cache: bool = True
+  # Adapters in the image encoder (`ADAPTERS`): LoRA of rank `lora_rank`, scale
+  # `lora_alpha / lora_rank`, on the `lora_targets` of every transformer block.
+  adapter: str = NO_ADAPTER
+  lora_rank: int = 4
+  lora_alpha: float = 4.0
+  lora_targets: tuple[str, ...] = ("qkv",)
   # Federated optimization.
   rounds: int = 10
   clients_per_round: int = 2
@@ -225,6 +243,7 @@ class RunConfig:
                    f"{self.sub_iterations}")
     errors.require(self.prompts_per_image >= 1, "prompts_per_image", f"must be >= 1, got {self.prompts_per_image}")
     errors.require(bool(self.model), "model", "must be set (mobile_sam, a hub id or a local directory)")
+    self._validate_adapter()
     errors.require(self.encode_batch_size >= 1, "encode_batch_size", f"must be >= 1, got {self.encode_batch_size}")
     errors.require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
     errors.require(self.clients_per_round >= 1, "clients_per_round", f"must be >= 1, got {self.clients_per_round}")
@@ -270,6 +289,26 @@ class RunConfig:
                    f"must be 1 with --pool_clients (one pooled client), got {self.clients_per_round}")
     errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     return self
+
+  def _validate_adapter(self) -> None:
+    errors.require(self.adapter in ADAPTERS, "adapter",
+                   f"must be one of {ADAPTERS}, got {self.adapter!r}")
+    if self.adapter == NO_ADAPTER:
+      defaults = {f.name: f.default for f in dataclasses.fields(self)}
+      for flag in ("lora_rank", "lora_alpha", "lora_targets"):
+        errors.require(getattr(self, flag) == defaults[flag], flag,
+                       f"is set but there is no adapter; add --adapter={LORA_ADAPTER} (or drop "
+                       f"--{flag})")
+      return
+    errors.require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
+    errors.require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+    errors.require(bool(self.lora_targets), "lora_targets",
+                   f"must list at least one of {LORA_TARGETS}")
+    for value in self.lora_targets:
+      errors.require(value in LORA_TARGETS, "lora_targets",
+                     f"must list targets of {LORA_TARGETS}, got {value!r}")
+    errors.require(len(set(self.lora_targets)) == len(self.lora_targets), "lora_targets",
+                   f"lists a target more than once: {','.join(self.lora_targets)}")
 
   def to_dict(self) -> dict[str, Any]:
     """The settings as JSON values (tuples as lists), as `config.json` holds them."""

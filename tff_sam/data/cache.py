@@ -16,6 +16,10 @@ Online mode (`--noembedding_cache`, `build_records(online=True)`): the record ho
 image as the processor resized it (8-bit PNG, before normalization and padding)
 instead of an embedding; `parse_record(normalization=...)` redoes the processor's
 rescale, normalization and padding in TF, and the TFF model runs the frozen encoder.
+
+Adapted mode (`--adapter=lora` with the cache, `build_records(feature_start=k)`): the
+record holds the frozen encoder's activations at `k` (`encoders.features`, float16,
+channels last), where the first adapted block starts; the TFF model runs the rest.
 """
 
 import collections
@@ -34,6 +38,7 @@ from tff_sam import fileio
 from tff_sam.data import discovery
 from tff_sam.data import preprocess
 from tff_sam.data import reading
+from tff_sam.models import encoders
 from tff_sam.models import sam as sam_lib
 
 # 3: masks are read with the lossy/colour refusals of `reading` (older records may
@@ -93,10 +98,13 @@ class Record:
 
 
 def record_key(*, fingerprint: str, example: discovery.Example, binary_components: bool,
-               input_size: int, online: bool = False) -> str:
+               input_size: int, online: bool = False,
+               feature_start: Optional[int] = None) -> str:
   """The cache key of one example (hash of model, settings and file contents)."""
   h = hashlib.sha256()
   kind = ["image"] if online else []  # embedding records keep their old keys
+  if feature_start is not None:
+    kind = ["features", str(feature_start)]
   for part in (f"v{RECORD_VERSION}", fingerprint, str(binary_components), str(input_size),
                *kind,
                fileio.sha256_file(example.image_path), fileio.sha256_file(example.mask_path)):
@@ -135,20 +143,23 @@ def renumber(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def serialize_record(*, embedding: Optional[np.ndarray] = None,
-                     image: Optional[np.ndarray] = None, input_labels: np.ndarray,
+                     image: Optional[np.ndarray] = None,
+                     features: Optional[np.ndarray] = None, input_labels: np.ndarray,
                      object_ids: np.ndarray, boxes: np.ndarray,
                      original_size: Sequence[int], reshaped_size: Sequence[int],
                      stem: str) -> bytes:
   """Serializes one example as a `tf.train.Example` (labels as 16-bit PNG).
 
-  Exactly one of `embedding` (float16 tensor) and `image` ((h, w, 3) uint8 resized
-  image, as an 8-bit PNG; online mode) is stored.
+  Exactly one of `embedding` (float16 tensor), `image` ((h, w, 3) uint8 resized
+  image, as an 8-bit PNG; online mode) and `features` (float16 tensor; adapted mode)
+  is stored.
   """
-  if (embedding is None) == (image is None):
-    raise ValueError("pass exactly one of embedding and image")
-  if embedding is not None:
-    payload = {"embedding": _bytes_feature(
-        tf.io.serialize_tensor(tf.constant(embedding, tf.float16)).numpy())}
+  if sum(x is not None for x in (embedding, image, features)) != 1:
+    raise ValueError("pass exactly one of embedding, image and features")
+  if embedding is not None or features is not None:
+    key, value = ("embedding", embedding) if embedding is not None else ("features", features)
+    payload = {key: _bytes_feature(
+        tf.io.serialize_tensor(tf.constant(value, tf.float16)).numpy())}
   else:
     payload = {"image": _bytes_feature(tf.io.encode_png(np.asarray(image, np.uint8)).numpy())}
   feature = {
@@ -165,14 +176,16 @@ def serialize_record(*, embedding: Optional[np.ndarray] = None,
 
 def parse_record(serialized: tf.Tensor, *, embedding_shape: Sequence[int],
                  input_size: int,
-                 normalization: Optional[preprocess.PixelNormalization] = None
-                 ) -> dict[str, tf.Tensor]:
+                 normalization: Optional[preprocess.PixelNormalization] = None,
+                 feature_shape: Optional[Sequence[int]] = None) -> dict[str, tf.Tensor]:
   """Parses a record written by `serialize_record` (graph-safe).
 
   With `normalization` (online mode) the record holds an image and the result has
-  `pixel_values` (3, S, S) instead of `embedding`.
+  `pixel_values` (3, S, S) instead of `embedding`; with `feature_shape` (adapted mode)
+  it holds the encoder's activations and the result has `features` of that shape.
   """
-  payload = "image" if normalization is not None else "embedding"
+  payload = ("image" if normalization is not None else
+             "features" if feature_shape is not None else "embedding")
   spec = {
       payload: tf.io.FixedLenFeature([], tf.string),
       "labels": tf.io.FixedLenFeature([], tf.string),
@@ -186,6 +199,10 @@ def parse_record(serialized: tf.Tensor, *, embedding_shape: Sequence[int],
   if normalization is not None:
     image = tf.io.decode_png(f["image"], channels=3, dtype=tf.uint8)
     first = {"pixel_values": preprocess.pixel_values_tf(image, normalization, input_size)}
+  elif feature_shape is not None:
+    features = tf.ensure_shape(tf.io.parse_tensor(f["features"], tf.float16),
+                               list(feature_shape))
+    first = {"features": tf.cast(features, tf.float32)}
   else:
     embedding = tf.ensure_shape(
         tf.io.parse_tensor(f["embedding"], tf.float16), list(embedding_shape))
@@ -209,19 +226,20 @@ def _count_objects(path: Path) -> int:
   return len(tf.train.Example.FromString(raw).features.feature["object_ids"].int64_list.value)
 
 
-def read_record(path: Path, *, embedding_shape: Sequence[int], input_size: int
-                ) -> dict[str, np.ndarray]:
-  """Reads one record file eagerly into numpy arrays."""
+def read_record(path: Path, *, embedding_shape: Sequence[int], input_size: int,
+                **payload) -> dict[str, np.ndarray]:
+  """Reads one record file eagerly into numpy arrays (`payload`: `parse_record`'s
+  `normalization` or `feature_shape`)."""
   serialized = next(iter(tf.data.TFRecordDataset(str(path))))
   return {k: v.numpy() for k, v in parse_record(
-      serialized, embedding_shape=embedding_shape, input_size=input_size).items()}
+      serialized, embedding_shape=embedding_shape, input_size=input_size, **payload).items()}
 
 
 def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamBundle,
                   cache_root: Path, binary_components: bool, batch_size: int,
                   desc: str = "encoding", show_progress: bool = True,
-                  skip_bad_examples: bool = False, online: bool = False
-                  ) -> tuple[list[Record], CacheStats]:
+                  skip_bad_examples: bool = False, online: bool = False,
+                  feature_start: Optional[int] = None) -> tuple[list[Record], CacheStats]:
   """Makes sure every example has a cached record; encodes the missing ones.
 
   Args:
@@ -238,6 +256,8 @@ def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamB
       instead of raising.
     online: Store the processor-resized image instead of its embedding (no encoder
       runs; see the module docstring).
+    feature_start: Store the frozen encoder's activations at this stage/block
+      (`encoders.features`) instead of the embedding (adapted mode).
 
   Returns:
     The records, in the order of `examples`, and the counts. Without
@@ -248,14 +268,19 @@ def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamB
     errors.DataError: An unreadable file, an image/mask size mismatch or bad mask
       values (without `skip_bad_examples`).
   """
+  if online and feature_start is not None:
+    raise ValueError("online records hold images, not features")
   config = bundle.config
   input_size = sam_lib.image_size(config)
   out_dir = Path(cache_root) / ("images" if online else "embeddings") / bundle.fingerprint
+  if feature_start is not None:
+    out_dir = Path(cache_root) / "features" / f"{bundle.fingerprint}-from{feature_start}"
   stats = CacheStats(images=len(examples))
   records: list[Optional[Record]] = [None] * len(examples)
   todo = []
   for i, ex in enumerate(examples):
     key = record_key(fingerprint=bundle.fingerprint, example=ex, online=online,
+                     feature_start=feature_start,
                      binary_components=binary_components, input_size=input_size)
     path = out_dir / f"{key}.tfrecord"
     if path.exists():
@@ -265,7 +290,11 @@ def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamB
       todo.append((i, ex, path))
 
   skipped: collections.Counter = collections.Counter()
-  encode = bundle.encoder_fn() if todo and not online else None
+  encode = None
+  if todo and feature_start is not None:
+    encode = encoders.feature_fn(bundle, start=feature_start)
+  elif todo and not online:
+    encode = bundle.encoder_fn()
   progress = None
   if todo and show_progress:
     progress = tqdm(total=len(todo), desc=desc, unit="img", file=sys.stderr, leave=False)
@@ -302,7 +331,9 @@ def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamB
           preprocess.boxes_from_labels(labels, ids).reshape(-1, 2, 2),
           prep.original_size, input_size).reshape(-1, 4)
       _write_record(path, serialize_record(
-          embedding=emb, image=prep.pixel_values if online else None,
+          embedding=emb if feature_start is None else None,
+          features=emb if feature_start is not None else None,
+          image=prep.pixel_values if online else None,
           input_labels=renumber(prep.input_labels, ids),
           object_ids=np.arange(1, len(ids) + 1), boxes=boxes,
           original_size=prep.original_size, reshaped_size=prep.reshaped_size, stem=ex.stem))

@@ -60,6 +60,9 @@ class PipelineSpec:
     normalization: Online mode: records hold resized images, examples carry
       `pixel_values` (normalized and padded like `SamImageProcessor`) instead of
       `image_embeddings`. None: records hold embeddings.
+    feature_shape: Adapted mode: records hold the frozen encoder's activations of this
+      (h, w, c) shape and examples carry them as `features` instead of
+      `image_embeddings`.
     progress_dir: Training datasets report their progress here: as each batch is
       taken, the file `<progress_dir>/<client id>` is overwritten with the number of
       batches taken so far (read by `federated.progress`). None: no reports.
@@ -82,6 +85,7 @@ class PipelineSpec:
   evaluation: bool = False
   max_objects_per_image: int = 0
   normalization: Optional[preprocess.PixelNormalization] = None
+  feature_shape: Optional[tuple[int, int, int]] = None
   progress_dir: Optional[str] = None
 
 
@@ -178,8 +182,9 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
   else:
     points = tf.zeros([p, n_pts, 2], tf.float32)
     point_labels = tf.fill([p, n_pts], prompts_lib.NOT_A_POINT)
-  image = (("pixel_values", record["pixel_values"]) if "pixel_values" in record
-           else ("image_embeddings", record["embedding"]))
+  image = (("pixel_values", record["pixel_values"]) if "pixel_values" in record else
+           ("features", record["features"]) if "features" in record else
+           ("image_embeddings", record["embedding"]))
   x = collections.OrderedDict(
       [image],
       boxes=tf.ensure_shape(chosen_boxes, [p, 4]),
@@ -223,7 +228,7 @@ def client_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Dataset:
   def parse(serialized):
     return cache.parse_record(
         serialized, embedding_shape=spec.embedding_shape, input_size=spec.input_size,
-        normalization=spec.normalization)
+        normalization=spec.normalization, feature_shape=spec.feature_shape)
 
   def to_example(index, record):
     return make_example(record, tf.stack([seed, index]), spec)
@@ -269,7 +274,7 @@ def evaluation_dataset(client_id: tf.Tensor, spec: PipelineSpec) -> tf.data.Data
   def parse(serialized):
     return cache.parse_record(
         serialized, embedding_shape=spec.embedding_shape, input_size=spec.input_size,
-        normalization=spec.normalization)
+        normalization=spec.normalization, feature_shape=spec.feature_shape)
 
   def chunks(index, record):
     k = tf.shape(record["object_ids"])[0]

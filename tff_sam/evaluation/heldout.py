@@ -13,8 +13,10 @@ over objects (every object counts once, whatever its image); mSA, SA50 and SA75
 (`instance_metrics`) over images, from the image's prompted masks stitched into one
 label image.
 
-Image embeddings come from the embedding cache; ground truth is read again from the
-original mask files, so objects too small for the low-resolution frame still count.
+Image embeddings come from the embedding cache, or, for a model whose image encoder
+was adapted (`--adapter=lora`), from that encoder (`adapted_embeddings`,
+`Evaluator.set_image_embeddings`); ground truth is read again from the original mask
+files, so objects too small for the low-resolution frame still count.
 """
 
 import dataclasses
@@ -150,6 +152,20 @@ class Evaluator:
     # decoder per evaluation prompt mode, filled with the evaluated weights.
     self._forwards: dict[tf.keras.Model, object] = {}
     self._decoders: dict[str, decoder_lib.PromptMaskDecoder] = {}
+    # Model -> its own image embeddings (id of the test image -> embedding).
+    self._embeddings: dict[tf.keras.Model, dict[int, np.ndarray]] = {}
+
+  def set_image_embeddings(self, model: tf.keras.Model,
+                           embeddings: Optional[Sequence[np.ndarray]]) -> None:
+    """Evaluates `model` on these embeddings (one per test image, in `images` order),
+    e.g. its adapted encoder's, instead of the cached ones; None: the cached ones."""
+    if embeddings is None:
+      self._embeddings.pop(model, None)
+      return
+    if len(embeddings) != len(self.images):
+      raise ValueError(f"{len(embeddings)} embeddings for {len(self.images)} test images")
+    self._embeddings[model] = {id(im): np.asarray(e, np.float32)
+                               for im, e in zip(self.images, embeddings)}
 
   @property
   def num_objects(self) -> int:
@@ -171,10 +187,10 @@ class Evaluator:
     decoder_lib.copy_prompt_decoder_weights(model, self._decoders[mode])
     return self._decoders[mode]
 
-  def _run(self, model: tf.keras.Model, image: _TestImage, *, points: np.ndarray,
-           labels: np.ndarray, mask_inputs: Optional[np.ndarray] = None):
+  def _run(self, model: tf.keras.Model, image: _TestImage, embedding: np.ndarray, *,
+           points: np.ndarray, labels: np.ndarray, mask_inputs: Optional[np.ndarray] = None):
     return inference.masks_at_original_size(
-        self._compiled(model), self._processor, embedding=image.embedding,
+        self._compiled(model), self._processor, embedding=embedding,
         boxes=image.boxes, points=points, point_labels=labels,
         original_size=image.original_size, reshaped_size=image.reshaped_size,
         chunk=self._chunk, mask_inputs=mask_inputs, return_logits=True)
@@ -192,12 +208,13 @@ class Evaluator:
     """
     k = len(image.ids)
     points, labels = image.points.reshape(k, 1, 2), np.ones((k, 1), np.int32)
+    embedding = self._embeddings.get(model, {}).get(id(image), image.embedding)
     if eval_prompt is None:
-      return self._run(model, image, points=points, labels=labels)[0]
+      return self._run(model, image, embedding, points=points, labels=labels)[0]
     if eval_prompt == config_lib.POINT_EVAL:
-      return self._run(self._decoder(model, config_lib.POINTS_PROMPT), image, points=points,
-                       labels=labels)[0]
-    masks, logits = self._run(self._decoder(model, config_lib.BOX_PROMPT), image,
+      return self._run(self._decoder(model, config_lib.POINTS_PROMPT), image, embedding,
+                       points=points, labels=labels)[0]
+    masks, logits = self._run(self._decoder(model, config_lib.BOX_PROMPT), image, embedding,
                               points=points, labels=labels)
     if eval_prompt == config_lib.BOX_EVAL:
       return masks
@@ -212,7 +229,7 @@ class Evaluator:
                                      sam_lib.image_size(self._config))
       clicks = np.concatenate([clicks, xy.astype(np.float32)], axis=1)
       click_labels = np.concatenate([click_labels, lab[:, None]], axis=1)
-      masks, logits = self._run(both, image, points=clicks, labels=click_labels,
+      masks, logits = self._run(both, image, embedding, points=clicks, labels=click_labels,
                                 mask_inputs=logits)
     return masks
 
@@ -259,6 +276,31 @@ class Evaluator:
     return EvalResult(num_objects=len(everything), num_images=len(self.images),
                       eval_prompt=eval_prompt, by_client=by_client,
                       **summary(everything, all_sas))
+
+
+def adapted_embeddings(model: tf.keras.Model, records: Sequence[cache.Record], *,
+                       pipeline_spec) -> list[np.ndarray]:
+  """Image embeddings of `records` by an adapted model's encoder (`AdaptedSamModel.embed`).
+
+  Args:
+    model: The `AdaptedSamModel` holding the weights to evaluate.
+    records: The test images' records in the model's input format (features or
+      images), in the evaluator's image order.
+    pipeline_spec: A `pipeline.PipelineSpec` of that format (shapes, normalization).
+
+  Returns:
+    One (C, s, s) embedding per record.
+  """
+  embed = model.embed_fn()
+  key = "pixel_values" if pipeline_spec.normalization is not None else "features"
+  out = []
+  for rec in records:
+    r = cache.read_record(rec.path, embedding_shape=pipeline_spec.embedding_shape,
+                          input_size=pipeline_spec.input_size,
+                          normalization=pipeline_spec.normalization,
+                          feature_shape=pipeline_spec.feature_shape)
+    out.append(embed(tf.constant(r[key][None])).numpy()[0])
+  return out
 
 
 def evaluate_prompt_modes(*, bundle: sam_lib.SamBundle, evaluator: Evaluator,

@@ -1,4 +1,4 @@
-r"""Federated fine-tuning of SAM's mask decoder with TFF (the main job).
+r"""Federated fine-tuning of SAM's mask decoder (and LoRA adapters) with TFF (the main job).
 
   python -m tff_sam.experiments.run --rounds 10 --output_dir runs/mine \
       [--data_dir DIR] [--model mobile_sam|facebook/sam-vit-base|DIR] [--flagfile F] \
@@ -76,6 +76,19 @@ flags.DEFINE_boolean("embedding_cache", _F["embedding_cache"],
                      "--noembedding_cache = online mode: clients hold preprocessed images and "
                      "the TFF model runs the frozen image encoder at every step, as the "
                      "published recipes do (much slower; a baseline).")
+flags.DEFINE_enum("adapter", _F["adapter"], config_lib.ADAPTERS,
+                  "Adapters in the image encoder: none (only the mask decoder trains) or lora "
+                  "(low-rank updates of the encoder's linear layers, trained and sent with the "
+                  "decoder; the encoder's base weights stay on the sites). With "
+                  "--embedding_cache the cache holds the encoder's activations where its first "
+                  "adapted stage starts; --noembedding_cache runs the whole encoder.")
+flags.DEFINE_integer("lora_rank", _F["lora_rank"], "--adapter=lora: rank r of each update B.A.")
+flags.DEFINE_float("lora_alpha", _F["lora_alpha"],
+                   "--adapter=lora: each update is scaled by lora_alpha / lora_rank.")
+flags.DEFINE_list("lora_targets", list(_F["lora_targets"]),
+                  "--adapter=lora: linear layers of every transformer block that get an "
+                  "adapter: qkv (attention input projection), proj (attention output "
+                  "projection), mlp (the MLP's two layers).")
 # Federated optimization.
 flags.DEFINE_integer("rounds", _F["rounds"], "Federated rounds.")
 flags.DEFINE_integer("clients_per_round", _F["clients_per_round"], "Clients sampled per round.")
@@ -149,7 +162,8 @@ HELP_GROUPS = (
     ("data", ("data_dir", "data", "partition", "num_clients", "dirichlet_alpha",
               "test_fraction", "binary_components", "skip_bad_examples", "train_clients",
               "pool_clients")),
-    ("model", ("model", "train_iou_head", "embedding_cache", "cache_dir", "encode_batch_size")),
+    ("model", ("model", "train_iou_head", "embedding_cache", "cache_dir", "encode_batch_size",
+               "adapter", "lora_rank", "lora_alpha", "lora_targets")),
     ("prompts", ("prompt", "box_jitter", "box_jitter_fraction", "num_points",
                  "num_negative_points", "prompts_per_image", "sub_iterations")),
     ("training (on each client)", ("local_epochs", "batch_size", "client_optimizer",

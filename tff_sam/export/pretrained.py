@@ -12,7 +12,9 @@ never leaves a half-written model):
   `tf_model.h5`, and its PyTorch-safetensors reader fails ("'builtins.safe_open'
   object is not iterable"), so that file would break `TFSamModel.from_pretrained`;
 * `preprocessor_config.json`: the `SamImageProcessor`;
-* `README.md`: what is where and how to load it.
+* `README.md`: what is where and how to load it;
+* with `--adapter=lora`, `adapter/`: the LoRA adapters alone (`lora.save_adapter`);
+  the image encoder in the folder already carries them merged.
 
 MobileSAM-style models (TinyViT image encoder, which transformers' SAM classes do not
 have) also get `tinyvit.npz` + `tff_sam_image_encoder.json` (the Keras port,
@@ -27,7 +29,7 @@ doesn't match model (16*16)"), while `image_embeddings=` from the TinyViT work.
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -43,14 +45,17 @@ STAND_IN_IMAGE_SIZE = 16
 TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_IMAGE_ENCODER = "image_encoder.safetensors"
 MODEL_CARD = "README.md"
+ADAPTER_DIR = "adapter"
+_ADAPTED = (f"; LoRA adapters in its image encoder were trained too, and are merged into "
+            f"its weights here (`{ADAPTER_DIR}/` holds them alone)")
 
 
-def _model_card(bundle: sam_lib.SamBundle) -> str:
+def _model_card(bundle: sam_lib.SamBundle, adapted: bool) -> str:
   if bundle.image_encoder is None:
     return f"""# SAM fine-tuned with tff_sam
 
-Base model: `{bundle.name}`. The prompt encoder and mask decoder were fine-tuned with
-federated averaging; the image encoder is unchanged.
+Base model: `{bundle.name}`. The mask decoder was fine-tuned with federated
+averaging{_ADAPTED if adapted else "; the image encoder is unchanged"}.
 
 * TensorFlow: `TFSamModel.from_pretrained(DIR)` and `SamProcessor` (this folder).
 * PyTorch: `SamModel.from_pretrained(DIR)` (reads `{TORCH_WEIGHTS}`).
@@ -60,8 +65,8 @@ federated averaging; the image encoder is unchanged.
 """
   return f"""# MobileSAM fine-tuned with tff_sam
 
-Base model: `{bundle.name}`. The prompt encoder and mask decoder were fine-tuned with
-federated averaging; the TinyViT image encoder is unchanged.
+Base model: `{bundle.name}`. The mask decoder was fine-tuned with federated
+averaging{_ADAPTED if adapted else "; the TinyViT image encoder is unchanged"}.
 
 transformers' SAM classes have no TinyViT. The `TFSamModel`/`SamModel` in this folder
 hold the fine-tuned prompt encoder and mask decoder and a stand-in image encoder that
@@ -79,17 +84,21 @@ refuses pixel values (its config's image size is {STAND_IN_IMAGE_SIZE}); give th
 
 
 def export_model(*, bundle: sam_lib.SamBundle, decoder: tf.keras.Model, out_dir: Path,
-                 cache_dir: Optional[Path] = None) -> Path:
+                 cache_dir: Optional[Path] = None,
+                 extra_files: Optional[Callable[[Path], None]] = None) -> Path:
   """Writes the bundle's SAM with `decoder`'s prompt/mask-decoder weights to `out_dir`.
 
   The bundle's own weights and config are restored afterwards.
 
   Args:
-    bundle: The base model (its image encoder is exported unchanged).
+    bundle: The base model; its image encoder is exported as it is (LoRA: pass
+      `build.merged_bundle`).
     decoder: A `PromptMaskDecoder` (or `TFSamModel`) holding the weights to export.
     out_dir: Destination directory (replaced atomically if it exists).
     cache_dir: Cache root holding MobileSAM's pinned checkpoint (MobileSAM-style
       models copy its unused image-encoder tensors from there).
+    extra_files: Writes more into the folder before it is swapped into place (the
+      adapters: `extra_files(folder)` must create `ADAPTER_DIR`).
 
   Returns:
     `out_dir`.
@@ -112,7 +121,9 @@ def export_model(*, bundle: sam_lib.SamBundle, decoder: tf.keras.Model, out_dir:
       torch_checkpoint.save_torch_state_dict(tmp / TORCH_WEIGHTS, torch_layout.hf_state_dict(sam))
       bundle.processor.save_pretrained(str(tmp))
       bundle.save_extras(tmp)
-      fileio.write_text(tmp / MODEL_CARD, _model_card(bundle))
+      if extra_files is not None:
+        extra_files(tmp)
+      fileio.write_text(tmp / MODEL_CARD, _model_card(bundle, (tmp / ADAPTER_DIR).is_dir()))
   finally:
     vision.image_size = image_size
     decoder_lib.copy_prompt_decoder_weights(backup, sam)

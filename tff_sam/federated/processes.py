@@ -1,5 +1,5 @@
-"""The TFF processes: weighted FedAvg over the prompt encoder + mask decoder, and
-federated evaluation.
+"""The TFF processes: weighted FedAvg over the prompt encoder + mask decoder (and, with
+`--adapter=lora`, the image encoder's adapters), and federated evaluation.
 
 `model_fn` builds the architecture from the SAM config only (TFF calls it several
 times while building the process); pretrained weights go into the initial state with
@@ -16,6 +16,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_sam.federated import aggregation
+from tff_sam.models import adapted as adapted_lib
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import losses
 from tff_sam.models import online as online_lib
@@ -23,6 +24,7 @@ from tff_sam.models import online as online_lib
 
 def build_model_fn(*, sam_config, input_spec, prompt: str, loss: str,
                    train_iou_head: bool, online_encoder: Optional[str] = None,
+                   adapter: Optional[adapted_lib.AdapterSetup] = None,
                    sub_iterations: int = 3) -> Callable[[], object]:
   """Returns a no-argument function building a fresh `tff.learning` model.
 
@@ -35,10 +37,21 @@ def build_model_fn(*, sam_config, input_spec, prompt: str, loss: str,
     online_encoder: None: the model reads cached embeddings (`PromptMaskDecoder`).
       `vit` or `tinyvit`: online mode, the model holds that frozen image encoder
       and reads pixel values (`tff_sam.models.online.OnlineSamModel`).
+    adapter: Instead of `online_encoder`: the image encoder with LoRA, its base
+      weights read from the site copy (`tff_sam.models.adapted.AdaptedSamModel`);
+      it reads pixel values or cached features (`adapter.start`).
     sub_iterations: Decoder passes per step with prompt `iterative`.
   """
+  if adapter is not None and online_encoder:
+    raise ValueError("pass online_encoder or adapter, not both")
+
   def model_fn():
-    if online_encoder:
+    if adapter is not None:
+      keras_model = adapted_lib.AdaptedSamModel(
+          sam_config, encoder=adapter.site.image_encoder, lora=adapter.lora,
+          site=adapter.site, start=adapter.start, prompt=prompt,
+          train_iou_head=train_iou_head, sub_iterations=sub_iterations)
+    elif online_encoder:
       keras_model = online_lib.OnlineSamModel(
           sam_config, encoder=online_encoder, prompt=prompt, train_iou_head=train_iou_head,
           sub_iterations=sub_iterations)

@@ -20,7 +20,8 @@ worker. No flags here: `run_experiment` takes one validated `RunConfig` (the bin
   counts, `invocations` (each command that worked on the run: start, rounds done,
   seconds) and `wall_time_s` (their total);
 * `invocations.json`: the same list, kept up to date while the run is going;
-* `model/`: the fine-tuned model (`TFSamModel.save_pretrained`);
+* `model/`: the fine-tuned model (`TFSamModel.save_pretrained`); with `--adapter=lora`
+  its image encoder carries the merged adapters and `model/adapter/` holds them alone;
 * `metrics.png`: loss and held-out Dice per round;
 * `overlays/`: image | ground truth | zero-shot | fine-tuned, for fixed test objects
   (also as TensorBoard images).
@@ -60,8 +61,11 @@ from tff_sam.federated import tasks
 from tff_sam.federated import tf_execution
 from tff_sam.federated import workers as workers_lib
 from tff_sam import fileio
+from tff_sam.models import adapted
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import encoders
+from tff_sam.models import lora
 from tff_sam.models import sam as sam_lib
 
 # Columns of metrics.csv ("<name>/<client>" columns are per evaluation client).
@@ -234,8 +238,9 @@ class _Records:
   Attributes:
     clients: Training client -> its records.
     test: Held-out embedding records (central evaluation).
-    federated_test: Held-out records for federated evaluation (image records in
-      online mode, else `test`).
+    federated_test: Held-out records in the TFF model's input format (federated
+      evaluation, and an adapted encoder's central evaluation): image records in
+      online mode, feature records with an adapter and the cache, else `test`.
     stats: The cache's counts.
   """
 
@@ -247,24 +252,34 @@ class _Records:
 
 def _encode_all(config: config_lib.RunConfig, splits: discovery.DatasetSplits,
                 bundle: sam_lib.SamBundle, cache_root: Path, skipped: collections.Counter,
-                log: Callable[[str], None]) -> _Records:
-  """Caches every client's and every test image."""
+                log: Callable[[str], None], *, feature_start: Optional[int]) -> _Records:
+  """Caches every client's and every test image.
+
+  Clients' records hold what the TFF model reads: embeddings, images (online) or,
+  with an adapter and the cache, the encoder's activations at `feature_start`. Test
+  images also get embedding records (central evaluation of the frozen encoder).
+  """
   stats = cache.CacheStats(skipped=dict(skipped))
   encode = dict(bundle=bundle, cache_root=cache_root, binary_components=config.binary_components,
                 batch_size=config.encode_batch_size, skip_bad_examples=config.skip_bad_examples)
   online = not config.embedding_cache
+  model_input = dict(online=online, feature_start=feature_start)
   client_records = {}
   for client, examples in splits.clients.items():
     client_records[client], s = cache.build_records(
-        examples, desc=f"encoding {client}", online=online, **encode)
+        examples, desc=f"encoding {client}", **model_input, **encode)
     stats.add(s)
   test_records, s = cache.build_records(list(splits.test), desc="encoding test", **encode)
   stats.add(s)
   fed_test_records = test_records
-  if online:
-    fed_test_records, _ = cache.build_records(list(splits.test), desc="test images",
-                                              online=True, **encode)
-  log(f"{'images (online mode)' if online else 'embeddings'}: {stats.encoded} computed, "
+  if online or feature_start is not None:
+    fed_test_records, _ = cache.build_records(list(splits.test), desc="test inputs",
+                                              **model_input, **encode)
+  what = ("images (online mode)" if online else "embeddings" if feature_start is None else
+          "encoder features (" + encoders.describe_start(sam_lib.encoder_kind(bundle),
+                                                         feature_start)
+          + ", where the adapters start)")
+  log(f"{what}: {stats.encoded} computed, "
       f"{stats.reused} reused from the cache; "
       f"{stats.objects} objects, {stats.images_without_objects} images without objects, "
       f"{stats.num_skipped} bad examples skipped")
@@ -443,7 +458,17 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
   _check_clients_per_round(config, len(splits.clients), "clients in the data")
   bundle = build.load_sam(config.model, cache_dir=cache_root)
   log(f"model: {config.model} (encoder fingerprint {bundle.fingerprint})")
-  records = _encode_all(config, splits, bundle, cache_root, skipped, log)
+  site, feature_start = None, None
+  if config.adapter == config_lib.LORA_ADAPTER:
+    site = adapted.write_site_weights(bundle, cache_root=cache_root)
+    feature_start = adapted.feature_start(site.image_encoder,
+                                          embedding_cache=config.embedding_cache)
+    log(f"adapter: LoRA rank {config.lora_rank} (alpha {config.lora_alpha:g}) on "
+        f"{','.join(config.lora_targets)} of every transformer block of the {site.image_encoder} "
+        f"encoder; its base weights stay on the sites ({site.path}, "
+        f"{4 * site.num_values / 1e6:.1f} MB), never sent")
+  records = _encode_all(config, splits, bundle, cache_root, skipped, log,
+                        feature_start=feature_start)
   counts = cache.write_manifests(out / "clients", records.clients)
   client_ids = [c for c, n in counts.items() if n > 0]
   if not client_ids:
@@ -476,7 +501,18 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
       config=config, bundle=bundle, client_ids=client_ids, manifest_dir=out / "clients",
       evaluation_clients=fed_clients, evaluation_manifest_dir=out / "eval_clients",
       evaluation_chunk=min(tasks.EVAL_CHUNK, max(objects, default=1)),
-      progress_dir=out / PROGRESS_DIR)
+      progress_dir=out / PROGRESS_DIR, site_weights=site)
+  if task.adapter is not None:
+    decoder_params = sum(int(np.prod(w.shape)) for w in task.decoder.trainable_weights)
+    log(f"  {len(task.model.adapters)} adapters, {lora.count_parameters(task.model.adapters):,} "
+        f"parameters, trained and sent with the decoder's {decoder_params:,}")
+
+  def with_embeddings(decoder):
+    """`decoder`, evaluated on its adapted encoder's embeddings (`task.model`'s)."""
+    if task.adapter is not None:
+      evaluator.set_image_embeddings(decoder, heldout.adapted_embeddings(
+          task.model, records.federated_test, pipeline_spec=task.pipeline_spec))
+    return decoder
   if versions:
     _check_saved_metrics(out, max(versions))
   # Under tf, compile the rounds now: what it cannot run fails before round 0.
@@ -489,7 +525,7 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
                            else "round 0 (zero-shot evaluation)")
     log(f"  round {round_num}: held-out evaluation ({evaluator.num_objects} objects, "
         f"{eval_prompt} prompts; federated evaluation on {len(fed_clients)} client(s))")
-    result = evaluator(task.load_state(state), eval_prompt=eval_prompt)
+    result = evaluator(with_embeddings(task.load_state(state)), eval_prompt=eval_prompt)
     last_eval.clear()
     last_eval[round_num] = result
     if keeper is not None and keeper.consider(
@@ -539,6 +575,7 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
       model_round = keeper.round
       log(f"--keep_best: exporting round {keeper.round} (held-out dice {keeper.score:.4f}; "
           f"the last round, {config.rounds}, scored {final['dice']:.4f})")
+  fine_tuned = with_embeddings(fine_tuned)
   by_prompt = {}  # The exported model on every evaluation prompt.
   for mode in config.eval_prompt_list:
     progress["section"] = f"final evaluation ({mode} prompts)"
@@ -549,8 +586,16 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
         f"iou {r.iou:.4f}  mSA {r.msa:.4f}  SA50 {r.sa50:.4f}")
   results["evaluation"] = {"model_round": model_round, "by_prompt": by_prompt}
   progress["section"] = "export"
-  pretrained.export_model(bundle=bundle, decoder=fine_tuned, out_dir=out / "model",
-                          cache_dir=cache_root)
+  export_bundle, write_adapter = bundle, None
+  if task.adapter is not None:
+    export_bundle = build.merged_bundle(bundle, lora.merged_deltas(task.model.adapters))
+
+    def write_adapter(directory: Path) -> None:
+      lora.save_adapter(directory / pretrained.ADAPTER_DIR, task.model.adapters,
+                        spec=task.adapter.lora, image_encoder=task.adapter.site.image_encoder,
+                        base_model=config.model)
+  pretrained.export_model(bundle=export_bundle, decoder=fine_tuned, out_dir=out / "model",
+                          cache_dir=cache_root, extra_files=write_adapter)
   plots.plot_metrics(out / "metrics.csv", out / "metrics.png")
   overlays = plots.write_overlays(out / "overlays", evaluator=evaluator,
                                   zero_shot_model=build.build_prompt_mask_decoder(bundle),

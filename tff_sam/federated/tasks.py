@@ -13,8 +13,9 @@ A `Task` holds:
   and TFF builds each client's dataset from its manifest by id;
 * `initial_state`: its initial state carrying the bundle's pretrained weights;
 * `model` and `decoder`: a Keras model with the TFF model's weight structure
-  (`PromptMaskDecoder`, or `OnlineSamModel` in online mode) and its decoder part,
-  which `load_state` fills from a state for central evaluation and export;
+  (`PromptMaskDecoder`, `OnlineSamModel` in online mode, `AdaptedSamModel` with
+  `--adapter=lora`) and its decoder part, which `load_state` fills from a state for
+  central evaluation and export;
 * optionally the federated evaluation (`build_fed_eval`) of held-out clients: every
   object of every held-out image prompted once with its exact box and fixed points,
   in chunks of `evaluation_chunk` prompts, the same prompts in every round.
@@ -31,8 +32,10 @@ from tff_sam.data import pipeline
 from tff_sam.data import preprocess
 from tff_sam.federated import aggregation
 from tff_sam.federated import processes
+from tff_sam.models import adapted as adapted_lib
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import lora as lora_lib
 from tff_sam.models import sam as sam_lib
 
 # Prompts per federated-evaluation example (bounds its memory: with all ~195 prompts of
@@ -61,6 +64,8 @@ class Task:
     evaluation_state: Its initial state.
     evaluation_clients: Ids of the federated evaluation clients.
     evaluation_spec: Their pipeline.
+    adapter: With `--adapter=lora`: the adapters' setup (`model` is then an
+      `AdaptedSamModel`); else None.
   """
 
   training_process: Any
@@ -72,6 +77,7 @@ class Task:
   evaluation_state: Any = None
   evaluation_clients: tuple[str, ...] = ()
   evaluation_spec: Optional[pipeline.PipelineSpec] = None
+  adapter: Optional[adapted_lib.AdapterSetup] = None
 
   def load_state(self, state: Any) -> tf.keras.Model:
     """Puts the global model of a training `state` into `model`; returns `decoder`."""
@@ -114,7 +120,8 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
                evaluation_manifest_dir: Optional[Path] = None,
                evaluation_chunk: int = EVAL_CHUNK,
                loop_implementation: str = LOOP_IMPLEMENTATION,
-               progress_dir: Optional[Path] = None) -> Task:
+               progress_dir: Optional[Path] = None,
+               site_weights: Optional[adapted_lib.SiteWeights] = None) -> Task:
   """Builds the run's processes, initial state and pipelines.
 
   Args:
@@ -134,6 +141,10 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
       (`dataset_iterator`, the program's, or `dataset_reduce`, TFF's default).
     progress_dir: Where the training clients report their progress in a round
       (`pipeline.PipelineSpec.progress_dir`); None = no reports.
+    site_weights: With `--adapter=lora`: the site copy of the encoder's base weights
+      (`adapted.write_site_weights`; `adapted.layout_only` for processes that never
+      run). The clients' records then hold the encoder's activations where its first
+      adapted stage starts (`--embedding_cache`) or images (online).
 
   Returns:
     The task.
@@ -144,17 +155,27 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
   if bundle is None and online:
     raise ValueError("online mode needs the bundle (its encoder weights)")
   arch = bundle.config if bundle is not None else sam_config
+  adapter = None
+  lora = lora_lib.spec_from_config(config)
+  if lora is not None:
+    if site_weights is None:
+      raise ValueError("--adapter=lora needs the site copy of the encoder (site_weights)")
+    adapter = adapted_lib.AdapterSetup(
+        lora=lora, site=site_weights,
+        start=adapted_lib.feature_start(site_weights.image_encoder,
+                                        embedding_cache=config.embedding_cache))
   shapes = dict(
       sam_config=arch,
-      normalization=preprocess.pixel_normalization(bundle.processor) if online else None)
-  encoder = sam_lib.encoder_kind(bundle) if online else None
+      normalization=preprocess.pixel_normalization(bundle.processor) if online else None,
+      feature_shape=adapter.feature_shape(arch) if adapter is not None else None)
+  encoder = sam_lib.encoder_kind(bundle) if online and adapter is None else None
 
   def model_fn_for(spec: pipeline.PipelineSpec, ids: Sequence[str]):
     client_data = pipeline.build_client_data(ids, spec)
     model_fn = processes.build_model_fn(
         sam_config=arch, input_spec=client_data.element_type_structure, prompt=config.prompt,
         loss=config.loss, train_iou_head=config.train_iou_head, online_encoder=encoder,
-        sub_iterations=config.sub_iterations)
+        adapter=adapter, sub_iterations=config.sub_iterations)
     return model_fn, client_data
 
   spec = _spec(config, manifest_dir=manifest_dir, **shapes,
@@ -183,7 +204,8 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
         processes.build_evaluation_process(model_fn=eval_model_fn), eval_data)
   task = Task(training_process=training_process, initial_state=None, pipeline_spec=spec,
               evaluation_process=evaluation_process,
-              evaluation_clients=tuple(evaluation_clients), evaluation_spec=eval_spec)
+              evaluation_clients=tuple(evaluation_clients), evaluation_spec=eval_spec,
+              adapter=adapter)
   if evaluation_process is not None:
     task.evaluation_state = evaluation_process.initialize()
   # The Keras models come last: TFF builds its models in a legacy graph while tracing,
@@ -191,7 +213,12 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
   if bundle is None:
     task.initial_state = training_process.initialize()
     return task
-  if online:
+  if adapter is not None:
+    task.model = build.build_adapted_model(
+        bundle, site=adapter.site, lora=adapter.lora, start=adapter.start,
+        prompt=config.prompt, train_iou_head=config.train_iou_head, seed=config.seed)
+    task.decoder = task.model.decoder
+  elif online:
     task.model = build.build_online_model(bundle, prompt=config.prompt,
                                           train_iou_head=config.train_iou_head)
     task.decoder = task.model.decoder

@@ -3,10 +3,12 @@
 `load_sam(name)` returns a `sam.SamBundle` for `tiny` (random-init small SAM, for
 tests), `mobile_sam` (MobileSAM's real weights from a pinned registry package), a
 Hugging Face hub id such as `facebook/sam-vit-base`, or a local directory written by
-`save_pretrained` (e.g. a run's exported `model/`). `build_prompt_mask_decoder` and
-`build_online_model` build the trainable models carrying a bundle's weights.
+`save_pretrained` (e.g. a run's exported `model/`). `build_prompt_mask_decoder`,
+`build_online_model` and `build_adapted_model` build the trainable models carrying a
+bundle's weights; `merged_bundle` folds an adapted model's LoRA into a new bundle.
 """
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -21,7 +23,10 @@ from transformers import TFSamModel
 
 from tff_sam import config as config_lib
 from tff_sam import errors
+from tff_sam.models import adapted as adapted_lib
 from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import encoders
+from tff_sam.models import lora as lora_lib
 from tff_sam.models import mobile_sam
 from tff_sam.models import online as online_lib
 from tff_sam.models import sam as sam_lib
@@ -191,3 +196,65 @@ def build_online_model(bundle: sam_lib.SamBundle, *,
     source.trainable = trainable
   decoder_lib.copy_prompt_decoder_weights(bundle.sam, model.decoder)
   return model
+
+
+def build_adapted_model(bundle: sam_lib.SamBundle, *, site: adapted_lib.SiteWeights,
+                        lora: lora_lib.LoraSpec, start: Optional[int],
+                        prompt: str = config_lib.BOX_PROMPT, train_iou_head: bool = True,
+                        seed: int = 0) -> adapted_lib.AdaptedSamModel:
+  """An `AdaptedSamModel` at the bundle's pretrained weights (the zero-shot model).
+
+  The encoder's base weights come from `site` (`adapted.write_site_weights(bundle)`),
+  the decoder's from the bundle; each adapter's A is drawn from `seed` and its B is
+  zero, so the model computes exactly what the bundle does.
+  """
+  model = adapted_lib.AdaptedSamModel(bundle.config, encoder=sam_lib.encoder_kind(bundle),
+                                      lora=lora, site=site, start=start, prompt=prompt,
+                                      train_iou_head=train_iou_head)
+  lora_lib.reset_adapters(model.adapters, seed=seed)
+  decoder_lib.copy_prompt_decoder_weights(bundle.sam, model.decoder)
+  return model
+
+
+def merged_bundle(bundle: sam_lib.SamBundle,
+                  deltas: dict[str, np.ndarray]) -> sam_lib.SamBundle:
+  """A new bundle whose image encoder is the bundle's plus LoRA's merged updates.
+
+  Args:
+    bundle: The base model (left unchanged).
+    deltas: Base kernel name -> update (`lora.merged_deltas`, or a loaded adapter's
+      `deltas()`), added to that kernel (Keras layout).
+
+  Returns:
+    The merged bundle: a new TinyViT for MobileSAM-style bundles, else a new
+    `TFSamModel` with every weight copied; its fingerprint is of the merged encoder.
+
+  Raises:
+    errors.ModelError: An update names no weight of the encoder or has another shape.
+  """
+  kind = sam_lib.encoder_kind(bundle)
+  if kind == sam_lib.TINYVIT_ENCODER:
+    sam = bundle.sam
+    encoder = tinyvit.build_tinyvit(bundle.image_encoder.img_size)
+    for dst, src in zip(encoder.weights, bundle.image_encoder.weights, strict=True):
+      dst.assign(src)
+  else:
+    sam = TFSamModel(bundle.config)
+    sam.build_in_name_scope()
+    for dst, src in zip(sam.weights, bundle.sam.weights, strict=True):
+      if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"{src.name}: shape {src.shape} does not match {dst.shape}")
+      dst.assign(src)
+    encoder = sam.vision_encoder
+  names = encoders.weight_names(encoder, kind)
+  by_name = {names[id(v)]: v for v in encoder.weights if id(v) in names}
+  for name, delta in deltas.items():
+    if name not in by_name or tuple(by_name[name].shape) != tuple(delta.shape):
+      raise errors.ModelError(f"LoRA update {name} {tuple(delta.shape)} matches no weight of "
+                              f"{bundle.name}'s image encoder")
+    by_name[name].assign_add(delta)
+  merged = dataclasses.replace(bundle, sam=sam,
+                               image_encoder=encoder if kind == sam_lib.TINYVIT_ENCODER else None)
+  merged.fingerprint = _weights_fingerprint([w.numpy() for w in encoder.weights],
+                                            bundle.processor.to_dict())
+  return merged

@@ -1,12 +1,11 @@
 """The model of online mode: a frozen image encoder in front of `PromptMaskDecoder`."""
 
 import tensorflow as tf
-from transformers.models.sam.modeling_tf_sam import TFSamVisionEncoder
 
 from tff_sam import config as config_lib
 from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import encoders
 from tff_sam.models import sam as sam_lib
-from tff_sam.models import tinyvit
 
 
 class OnlineSamModel(tf.keras.Model):
@@ -35,15 +34,7 @@ class OnlineSamModel(tf.keras.Model):
       sub_iterations: Decoder passes per step with prompt `iterative`.
     """
     super().__init__(**kwargs)
-    side = sam_lib.image_size(config)
-    if encoder == sam_lib.VIT_ENCODER:
-      self.image_encoder = TFSamVisionEncoder(config.vision_config, name="vision_encoder")
-      with tf.name_scope(self.image_encoder.name):
-        self.image_encoder.build(None)
-    elif encoder == sam_lib.TINYVIT_ENCODER:
-      self.image_encoder = tinyvit.build_tinyvit(side)
-    else:
-      raise ValueError(f"unknown encoder {encoder!r}")
+    self.image_encoder = encoders.build_image_encoder(encoder, config)
     self.encoder_kind = encoder
     self.image_encoder.trainable = False
     self.decoder = decoder_lib.PromptMaskDecoder(config, prompt=prompt,

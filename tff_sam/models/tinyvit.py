@@ -121,6 +121,16 @@ class _TorchNamedLayer(tf.keras.layers.Layer):
     """Returns (torch name relative to this layer, variable, conversion kind)."""
     raise NotImplementedError
 
+  def _linear(self, name: str, x: tf.Tensor, kernel, bias) -> tf.Tensor:
+    """`x @ kernel + bias`, plus the low-rank adapter of `name` if one was added.
+
+    `adapters` maps a linear layer's name (`qkv`, `proj`, `fc1`, `fc2`) to a layer
+    computing its additive update from `x` (`tff_sam.models.lora`); empty by default.
+    """
+    y = tf.matmul(x, kernel) + bias
+    adapter = self.adapters.get(name) if hasattr(self, "adapters") else None
+    return y if adapter is None else y + adapter(x)
+
 
 def _prefixed(prefix: str, params: _TorchParams) -> _TorchParams:
   return [(f"{prefix}.{name}", var, kind) for name, var, kind in params]
@@ -212,14 +222,29 @@ class MBConv(_TorchNamedLayer):
     return _gelu(y + x)
 
 
+def _merge_stride(out_dim: int) -> int:
+  """PatchMerging's stride into a stage of `out_dim` channels.
+
+  MobileSAM keeps the resolution when merging into its last stage (320 channels;
+  448/576 for the larger TinyViTs), so the embedding stays at S/16.
+  """
+  return 1 if out_dim in (320, 448, 576) else 2
+
+
+def feature_shape(img_size: int, stage: int) -> Tuple[int, int, int]:
+  """(height, width, channels) of `TinyViT.features(..., stage=stage)` for one image."""
+  side = img_size // 4  # The patch embedding's two stride-2 convolutions.
+  for i in range(stage):
+    side = (side - 1) // _merge_stride(EMBED_DIMS[i + 1]) + 1  # 3x3, padding 1.
+  return (side, side, EMBED_DIMS[stage])
+
+
 class PatchMerging(_TorchNamedLayer):
   """1x1 conv, 3x3 depthwise (stride 2, or 1 into the 320-channel stage), 1x1 conv."""
 
   def __init__(self, dim: int, out_dim: int, **kwargs):
     super().__init__(**kwargs)
-    # MobileSAM keeps the resolution when merging into its last stage (320 channels;
-    # 448/576 for the larger TinyViTs), so the embedding stays at S/16.
-    self.stride = 1 if out_dim in (320, 448, 576) else 2
+    self.stride = _merge_stride(out_dim)
     self.conv1 = Conv2dBN(dim, out_dim, name="conv1")
     self.conv2 = Conv2dBN(out_dim, out_dim, kernel_size=3, stride=self.stride, pad=1,
                           depthwise=True, name="conv2")
@@ -261,6 +286,7 @@ class Attention(_TorchNamedLayer):
     self.proj_kernel = self._var("proj.weight", (self.dh, dim), init="normal")
     self.proj_bias = self._var("proj.bias", (dim,))
     self.attention_biases = self._var("attention_biases", (num_heads, len(offsets)))
+    self.adapters = {}  # LoRA on `qkv`/`proj` (`tff_sam.models.lora`).
     self.built = True
 
   def torch_params(self) -> _TorchParams:
@@ -273,7 +299,7 @@ class Attention(_TorchNamedLayer):
     b = tf.shape(x)[0]
     n = x.shape[1]
     x = _layer_norm(x, self.norm_gamma, self.norm_beta, _LN_EPS)
-    qkv = tf.matmul(x, self.qkv_kernel) + self.qkv_bias
+    qkv = self._linear("qkv", x, self.qkv_kernel, self.qkv_bias)
     # torch: view(B, N, heads, -1).split([key_dim, key_dim, d], dim=3): per-head q|k|v.
     qkv = tf.reshape(qkv, [b, n, self.num_heads, 2 * self.key_dim + self.d])
     q, k, v = tf.split(qkv, [self.key_dim, self.key_dim, self.d], axis=3)
@@ -285,7 +311,7 @@ class Attention(_TorchNamedLayer):
     attn = tf.nn.softmax(attn, axis=-1)
     out = tf.transpose(tf.matmul(attn, v), [0, 2, 1, 3])
     out = tf.reshape(out, [b, n, self.dh])
-    return tf.matmul(out, self.proj_kernel) + self.proj_bias
+    return self._linear("proj", out, self.proj_kernel, self.proj_bias)
 
 
 class Mlp(_TorchNamedLayer):
@@ -299,6 +325,7 @@ class Mlp(_TorchNamedLayer):
     self.fc1_bias = self._var("fc1.bias", (hidden,))
     self.fc2_kernel = self._var("fc2.weight", (hidden, dim), init="normal")
     self.fc2_bias = self._var("fc2.bias", (dim,))
+    self.adapters = {}  # LoRA on `fc1`/`fc2` (`tff_sam.models.lora`).
     self.built = True
 
   def torch_params(self) -> _TorchParams:
@@ -308,8 +335,8 @@ class Mlp(_TorchNamedLayer):
 
   def call(self, x: tf.Tensor) -> tf.Tensor:
     x = _layer_norm(x, self.norm_gamma, self.norm_beta, _LN_EPS)
-    x = _gelu(tf.matmul(x, self.fc1_kernel) + self.fc1_bias)
-    return tf.matmul(x, self.fc2_kernel) + self.fc2_bias
+    x = _gelu(self._linear("fc1", x, self.fc1_kernel, self.fc1_bias))
+    return self._linear("fc2", x, self.fc2_kernel, self.fc2_bias)
 
 
 class TinyViTBlock(_TorchNamedLayer):
@@ -445,14 +472,24 @@ class TinyViT(tf.keras.Model):
       params += _prefixed(f"layers.{i}", stage.torch_params())
     return params + _prefixed("neck", self.neck.torch_params())
 
-  def call(self, pixel_values: tf.Tensor,
-           training: bool = False) -> tf.Tensor:  # pylint: disable=unused-argument
+  def features(self, pixel_values: tf.Tensor, *, stage: int) -> tf.Tensor:
+    """The channels-last input of stage `stage` (0: the patch embedding's output)."""
     x = tf.transpose(tf.convert_to_tensor(pixel_values, tf.float32), [0, 2, 3, 1])
     x = self.patch_embed(x)
-    for stage in self.stages:
-      x = stage(x)
+    for s in self.stages[:stage]:
+      x = s(x)
+    return x
+
+  def from_features(self, x: tf.Tensor, *, stage: int) -> tf.Tensor:
+    """The embeddings (B, 256, S/16, S/16) from `features(..., stage=stage)`."""
+    for s in self.stages[stage:]:
+      x = s(x)
     x = self.neck(x)
     return tf.transpose(x, [0, 3, 1, 2])
+
+  def call(self, pixel_values: tf.Tensor,
+           training: bool = False) -> tf.Tensor:  # pylint: disable=unused-argument
+    return self.from_features(self.features(pixel_values, stage=0), stage=0)
 
   def get_image_embeddings(self, pixel_values: Union[np.ndarray, tf.Tensor]) -> tf.Tensor:
     """Embeds (B, 3, S, S) pixel values into (B, 256, S/16, S/16) with a compiled graph."""
