@@ -86,6 +86,7 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path, namespace):
     assert 0 < mode["upload_other"] < 1024 and 0 <= mode["broadcast_other"] < 1024
   assert cached["upload"] < online["broadcast"] <= full["broadcast"]
   assert cached["total"] < online["total"] < full["total"]
+  _check_lora_bytes(result)
 
   # Raw timings, throughput, machine, goals computed from the values.
   rounds = result["timings"]["rounds"]
@@ -137,6 +138,8 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path, namespace):
               "encoder_images_per_s"):
     assert _positive(tiny[key]), key
   assert "skipped" in result["throughput"]["mobile_sam"]
+  _check_adapter_cache(result, table, arch="tiny")
+  assert "skipped" in result["adapter_cache"]["mobile_sam"]
   assert result["machine"]["cores"] == os.cpu_count() and _positive(result["machine"]["ram_bytes"])
   assert result["config"]["arch"] == "tiny"
   for key, goal in result["goals"].items():
@@ -151,6 +154,48 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path, namespace):
   assert not (out / "work").exists()
 
 
+def _check_lora_bytes(result) -> None:
+  """LoRA + decoder: the decoder-only bytes plus the adapters' both ways."""
+  comm = result["bytes_per_client_round"]
+  cached, lora_mode = comm["cached"], comm["lora"]
+  adapters = lora_mode["upload_update"] - cached["upload_update"]
+  assert adapters > 0 and lora_mode["broadcast_model"] - cached["broadcast_model"] == adapters
+  assert adapters % 4 == 0 and adapters < cached["upload_update"]
+  assert lora_mode["total"] == lora_mode["broadcast"] + lora_mode["upload"]
+  assert result["lora_bytes_ratio"] == pytest.approx(lora_mode["total"] / cached["total"])
+  assert result["goals"]["lora_bytes_ratio"]["applicable"] is True  # Rank 4.
+
+
+def _check_adapter_cache(result, table: str, *, arch: str) -> None:
+  a = result["adapter_cache"][arch]
+  assert _positive(a["pixels_step_s"]) and _positive(a["features_step_s"])
+  assert a["saving"] == pytest.approx(1 - a["features_step_s"] / a["pixels_step_s"])
+  assert len(a["steps"]["pixels"]) == len(a["steps"]["features"]) == ROUNDS
+  assert a["feature_bytes_per_image"] == 2 * int(np.prod(a["feature_shape"]))
+  assert f"8 LoRA feature cache, {arch}" in table
+
+
+@pytest.mark.slow
+def test_bench_adapters_only(tmp_path):
+  """`--adapters_only`: sections 4 and 8 alone."""
+  out = tmp_path / "bench"
+  proc = _run_bench([f"--output_dir={out}", "--arch=tiny", "--clients=1", f"--rounds={ROUNDS}",
+                     "--nomobile_sam", "--adapters_only", "--lora_rank=2"], tmp_path,
+                    timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = proc.stdout[proc.stdout.index("tff_sam benchmark:"):]
+  assert "LoRA r2 + decoder" in table and "1 cache speed-up" not in table
+  result = json.loads((out / "bench.json").read_text())
+  assert "timings" in result and "rounds" not in result["timings"]
+  assert result["goals"]["lora_bytes_ratio"]["applicable"] is False  # Rank 2, not the goal's 4.
+  assert not any(g["applicable"] for g in result["goals"].values())
+  comm = result["bytes_per_client_round"]
+  adapters = comm["lora"]["upload_update"] - comm["cached"]["upload_update"]
+  # Rank 2 on qkv of the tiny ViT's 2 blocks: (32 x 2 + 2 x 96) floats each.
+  assert adapters == 4 * 2 * (32 * 2 + 2 * 96)
+  _check_adapter_cache(result, table, arch="tiny")
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--rounds=1"], "--rounds: must be >= 2"),
     (["--memory_clients=2", "--memory_base_clients=4"], "--memory_clients: must be >"),
@@ -159,6 +204,7 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path, namespace):
     (["--execution=cpp,gpu"], "--execution: must list distinct executions of ('cpp', 'tf'), "
      "got cpp,gpu"),
     (["--execution=tf,tf"], "--execution: must list distinct"),
+    (["--lora_rank=0"], "--lora_rank: must be >= 1"),
 ])
 def test_bench_bad_flag_is_one_error_line(tmp_path, run_binary, args, expected):
   result = run_binary("bench", f"--output_dir={tmp_path / 'o'}", "--arch=tiny", *args)

@@ -1,5 +1,6 @@
 """`compare`: the arms of a comparison, their summary and table, and one tiny end to end."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -37,13 +38,17 @@ def test_arms_take_the_federated_runs_local_steps(tmp_path):
                            leave_one_site_out=True)
   names = [a.name for a in arms if a.seed == 7]
   assert names == ["zero_shot", "local/a", "local/b", "local/c", "centralized", "federated",
-                   "without/a", "without/b", "without/c"]
-  assert [a.seed for a in arms] == [7] * 9 + [8] * 9
+                   "fed_lora", "without/a", "without/b", "without/c"]
+  assert [a.seed for a in arms] == [7] * 10 + [8] * 10
   for seed in (7, 8):
     by_name = {a.name: a for a in arms if a.seed == seed}
     fed = by_name["federated"]
     assert fed.config == config_lib.RunConfig.from_dict(
         {**base.to_dict(), "seed": seed, "output_dir": fed.config.output_dir})
+    lora = by_name["fed_lora"]  # The federated run with adapters, nothing else changed.
+    assert lora.config == dataclasses.replace(fed.config, adapter="lora",
+                                              output_dir=lora.config.output_dir)
+    assert lora.steps == fed.steps
     # Every site is sampled in some rounds (2 of 3 per round); alone it trains as long.
     for site, n in counts.items():
       local = by_name[f"local/{site}"]
@@ -60,7 +65,21 @@ def test_arms_take_the_federated_runs_local_steps(tmp_path):
     without = by_name["without/b"].config
     assert without.train_clients == ("a", "c") and without.clients_per_round == 2
     folders = {a.config.output_dir for a in by_name.values()}
-    assert len(folders) == 9 and all(f"seed{seed}" in f for f in folders)
+    assert len(folders) == 10 and all(f"seed{seed}" in f for f in folders)
+
+
+def test_arms_can_be_chosen_and_fed_lora_needs_no_adapter_in_the_settings(tmp_path):
+  splits = _splits({"a": 2, "b": 2})
+  arms = compare.plan_arms(_base(tmp_path), splits=splits, seeds=1, root=tmp_path / "c",
+                           arms=("zero_shot", "federated", "fed_lora"))
+  assert [a.name for a in arms] == ["zero_shot", "federated", "fed_lora"]
+  with_lora = compare.plan_arms(_base(tmp_path, adapter="lora"), splits=splits, seeds=1,
+                                root=tmp_path / "c")
+  assert "fed_lora" not in [a.name for a in with_lora]
+  assert all(a.config.adapter == "lora" for a in with_lora)
+  with pytest.raises(ValueError, match="unknown arms"):
+    compare.plan_arms(_base(tmp_path), splits=splits, seeds=1, root=tmp_path / "c",
+                      arms=("federated", "fedprox"))
 
 
 def _summary(dice: float, by_client: dict[str, float]) -> dict:
@@ -76,14 +95,14 @@ def test_summary_rows_gains_table_and_plot(tmp_path):
   dice = {("zero_shot", 7): 0.5, ("zero_shot", 8): 0.5, ("local/a", 7): 0.6,
           ("local/a", 8): 0.62, ("local/b", 7): 0.4, ("local/b", 8): 0.5,
           ("centralized", 7): 0.8, ("centralized", 8): 0.78, ("federated", 7): 0.7,
-          ("federated", 8): 0.76}
+          ("federated", 8): 0.76, ("fed_lora", 7): 0.75, ("fed_lora", 8): 0.79}
   summaries = [_summary(dice[(a.name, a.seed)], {"x": dice[(a.name, a.seed)] - 0.1,
                                                   "y": dice[(a.name, a.seed)] + 0.1})
                for a in arms]
   table = compare.summarize(arms, summaries, eval_prompt=("box",))["box"]
   rows = table["rows"]
   assert list(rows) == ["zero_shot", "local_only", "local/a", "local/b", "centralized",
-                        "federated"]
+                        "federated", "fed_lora"]
   assert rows["federated"]["dice"]["all"]["mean"] == pytest.approx(0.73)
   assert rows["federated"]["dice"]["all"]["std"] == pytest.approx(np.std([0.7, 0.76], ddof=1))
   assert rows["local_only"]["dice"]["all"]["mean"] == pytest.approx(np.mean([0.5, 0.56]))
@@ -93,6 +112,8 @@ def test_summary_rows_gains_table_and_plot(tmp_path):
   assert gain["std"] == pytest.approx(np.std([0.2, 0.2], ddof=1), abs=1e-12)
   assert table["gains"]["federated-centralized"]["dice"]["all"]["mean"] == pytest.approx(-0.06)
   assert table["gains"]["federated-zero_shot"]["dice"]["x"]["mean"] == pytest.approx(0.23)
+  assert table["gains"]["fed_lora-federated"]["dice"]["all"]["mean"] == pytest.approx(0.04)
+  assert table["gains"]["fed_lora-zero_shot"]["dice"]["all"]["mean"] == pytest.approx(0.27)
 
   result = compare.write_outputs(tmp_path / "cmp", base=base, arms=arms, summaries=summaries,
                                  seeds=2, leave_one_site_out=False)
@@ -101,6 +122,7 @@ def test_summary_rows_gains_table_and_plot(tmp_path):
   md = (tmp_path / "cmp" / compare.TABLE_FILE).read_text()
   assert "| federated | 73.0 ± 4.2 |" in md and "| Dice x | Dice y |" in md
   assert "| gain federated-zero_shot | 23.0 ± 4.2 |" in md
+  assert "| fed_lora | 77.0 ± 2.8 |" in md and "| gain fed_lora-federated | 4.0 ± 1.4 |" in md
   image = cv2.imread(str(tmp_path / "cmp" / compare.PLOT_FILE))
   assert image is not None and image.shape[0] > 200 and image.std() > 5
 
@@ -157,7 +179,8 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
   root = out / "compare"
   saved = json.loads((root / compare.COMPARE_FILE).read_text())
   names = [a["name"] for a in saved["arms"]]
-  assert names == ["zero_shot", "local/site_0", "local/site_1", "centralized", "federated"]
+  assert names == ["zero_shot", "local/site_0", "local/site_1", "centralized", "federated",
+                   "fed_lora"]
   summaries = {a["name"]: json.loads((Path(a["output_dir"]) / "summary.json").read_text())
                for a in saved["arms"]}
   # Each arm is its own run: its clients, its rounds, its exported model.
@@ -165,6 +188,8 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
   assert summaries["local/site_0"]["clients"] == {"site_0": 2}
   assert summaries["centralized"]["clients"] == {"pooled": 4}
   assert summaries["federated"]["clients"] == {"site_0": 2, "site_1": 2}
+  assert summaries["fed_lora"]["config"]["adapter"] == "lora"
+  assert summaries["federated"]["config"]["adapter"] == "none"
   for a in saved["arms"]:
     assert (Path(a["output_dir"]) / "model" / "config.json").is_file()
   # --keep_best: each arm exported its best evaluated round, and says which.
@@ -177,7 +202,7 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
     if len(rows) > 1:  # Iterative training ran in TFF: losses and federated evaluation.
       assert np.isfinite(float(rows[1]["train_loss"])) and 0 <= float(rows[1]["fed_eval_dice"]) <= 1
   # The zero-shot arm and the federated run's round 0 were computed apart and agree.
-  fed_rows = program._read_metrics(Path(saved["arms"][-1]["output_dir"]) / "metrics.csv")  # pylint: disable=protected-access
+  fed_rows = program._read_metrics(Path(saved["arms"][4]["output_dir"]) / "metrics.csv")  # pylint: disable=protected-access
   zero = saved["arms"][0]["results"]["box"]
   assert zero["dice"] == pytest.approx(float(fed_rows[0]["test_dice"]), abs=1e-9)
   assert zero["msa"] == pytest.approx(float(fed_rows[0]["test_msa"]), abs=1e-9)
@@ -192,7 +217,7 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
   assert (root / compare.PLOT_FILE).stat().st_size > 10_000
   # A second run skips every completed arm, the zero-shot one included.
   again = run_binary("compare", *args)
-  assert again.code == 0 and again.stdout.count("this run is complete") == 5
+  assert again.code == 0 and again.stdout.count("this run is complete") == 6
   assert json.loads((root / compare.COMPARE_FILE).read_text())["table"] == saved["table"]
   # Its own flags are checked once.
   bad = run_binary("compare", *args, "--train_clients=site_0")

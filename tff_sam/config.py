@@ -361,6 +361,12 @@ class BenchConfig:
       `compared_loop(loop_implementation)` for comparison.
     workers: `host:port` of running TFF workers: section 7 times the cached round on
       the first alone vs on all of them (empty: no section 7).
+    lora_rank: Rank of the LoRA adapters (on `qkv`) of section 4's LoRA + decoder
+      process and section 8's training steps.
+    adapters_only: Run only what concerns `--adapter=lora`: section 4 (bytes of the
+      decoder-only, LoRA + decoder and full-model processes) and section 8 (a LoRA
+      step from pixels vs from cached features), e.g. at ViT-B size, whose online
+      round does not fit 24 GiB.
     seed: Seed of the synthetic images and the prompts.
     keep_work: Keep the work folder (images, records, manifests) after the run.
   """
@@ -390,6 +396,8 @@ class BenchConfig:
   executions: tuple[str, ...] = (CPP_EXECUTION, TF_EXECUTION)
   loop_implementation: str = "program"
   workers: tuple[str, ...] = ()
+  lora_rank: int = 4
+  adapters_only: bool = False
   seed: int = 0
   keep_work: bool = False
 
@@ -421,6 +429,7 @@ class BenchConfig:
                    f"must list distinct executions of {EXECUTIONS}, got "
                    f"{','.join(self.executions) or 'nothing'}")
     validate_workers(self.workers)
+    errors.require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
     errors.require(self.loop_implementation in LOOP_IMPLEMENTATIONS, "loop_implementation",
                    f"must be one of {LOOP_IMPLEMENTATIONS}, got {self.loop_implementation!r}")
     errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

@@ -1,13 +1,14 @@
 """Section 4 of the benchmark: bytes each client receives and sends per round.
 
 Read from the type signatures of the broadcast and aggregation intrinsics inside a
-process's `next` computation (`communication`), then tabulated for the cached,
-online and (derived) full-model processes (`bytes_per_client_round`). Section 7's
+process's `next` computation (`communication`), then tabulated for the cached
+(decoder-only), LoRA + decoder, online and (derived) full-model processes
+(`bytes_per_client_round`). Section 7's
 bytes between this process and its `--workers` per round come from the type
 signatures of the round's `MergeableCompForm` (`worker_bytes_per_round`).
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow_federated as tff
@@ -167,8 +168,9 @@ def _mode(c: dict[str, Any], note: str) -> dict[str, Any]:
 
 
 def bytes_per_client_round(*, cached: dict[str, Any], online: dict[str, Any],
-                           parameters: dict[str, int]) -> dict[str, Any]:
-  """The communication table: cached, online and full-model fine-tuning.
+                           parameters: dict[str, int], lora: Optional[dict[str, Any]] = None,
+                           lora_note: str = "") -> dict[str, Any]:
+  """The communication table: cached, LoRA + decoder, online and full-model fine-tuning.
 
   Full-model fine-tuning (every weight trained, as the published federated-SAM
   recipes do) is derived: all float32 weights both ways plus the online process's
@@ -179,7 +181,7 @@ def bytes_per_client_round(*, cached: dict[str, Any], online: dict[str, Any],
           "upload": full_weights + online["upload_other"],
           "broadcast_model": full_weights, "upload_update": full_weights,
           "broadcast_other": online["broadcast_other"], "upload_other": online["upload_other"]}
-  return {
+  table = {
       "cached": _mode(cached, "decoder-only: prompt encoder + mask decoder broadcast, "
                       "mask decoder update uploaded (from the process's type signatures)"),
       "online": _mode(online, "online mode: frozen image encoder broadcast with the "
@@ -191,3 +193,10 @@ def bytes_per_client_round(*, cached: dict[str, Any], online: dict[str, Any],
       "parameters": dict(parameters),
       "intrinsics": {"cached": cached["intrinsics"], "online": online["intrinsics"]},
   }
+  if lora is not None:
+    table["lora"] = _mode(lora, f"LoRA + decoder ({lora_note}): adapters + prompt encoder + "
+                          "mask decoder broadcast, adapters + mask decoder update uploaded; the "
+                          "encoder's base weights stay on the sites (from the process's type "
+                          "signatures)")
+    table["intrinsics"]["lora"] = lora["intrinsics"]
+  return table

@@ -11,11 +11,12 @@ from tff_sam.bench import machine
 
 # Goals of the benchmark: (key, comparison, threshold).
 # `tf_vs_cpp_round_time` is the cached round under --execution=tf over cpp: at most
-# 1.0 on the CPU, at most 1/20 on a GPU at ViT-B size (`..._gpu`).
+# 1.0 on the CPU, at most 1/20 on a GPU at ViT-B size (`..._gpu`). `lora_bytes_ratio`:
+# bytes per client and round of LoRA (rank `lora_rank`) + decoder over decoder-only.
 GOALS = (("cache_speedup", ">=", 20.0), ("tff_overhead", "<=", 1.2),
          ("memory_ratio_64_vs_4", "<=", 1.3), ("memory_ratio_64_vs_4_subrounds", "<=", 1.3),
          ("tf_vs_cpp_round_time", "<=", 1.0), ("tf_vs_cpp_round_time_gpu", "<=", 0.05),
-         ("memory_ratio_64_vs_4_tf", "<=", 1.1))
+         ("memory_ratio_64_vs_4_tf", "<=", 1.1), ("lora_bytes_ratio", "<=", 1.1))
 _MB = 1e6
 
 Row = tuple[str, str, str]
@@ -37,8 +38,11 @@ def goal_verdicts(result: dict[str, Any], config: config_lib.BenchConfig
       "memory_ratio_64_vs_4": (config.memory_clients, config.memory_base_clients) == (64, 4),
       "tf_vs_cpp_round_time": both and not on_gpu,
       "tf_vs_cpp_round_time_gpu": both and on_gpu and config.arch == config_lib.VIT_B_ARCH,
+      "lora_bytes_ratio": config.lora_rank == 4,
   }
   applicable["memory_ratio_64_vs_4_subrounds"] = applicable["memory_ratio_64_vs_4"]
+  if config.adapters_only:  # Only sections 4 and 8 ran.
+    applicable = {k: k == "lora_bytes_ratio" and v for k, v in applicable.items()}
   applicable["memory_ratio_64_vs_4_tf"] = (applicable["memory_ratio_64_vs_4"]
                                            and result.get("memory_ratio_64_vs_4_tf") is not None)
   out = {}
@@ -116,11 +120,34 @@ def _communication_rows(result: dict[str, Any]) -> list[Row]:
   """Section 4: bytes down and up per client and round, per mode."""
   comm = result["bytes_per_client_round"]
   rows = []
-  for key, label in (("cached", "cached (decoder only)"), ("online", "online (encoder too)"),
-                     ("full_model", "full-model fine-tuning")):
+  lora = f"LoRA r{result['config']['lora_rank']} + decoder"
+  for key, label in (("cached", "cached (decoder only)"), ("lora", lora),
+                     ("online", "online (encoder too)"), ("full_model", "full-model fine-tuning")):
+    if key not in comm:
+      continue
     c = comm[key]
+    goal = ""
+    if key == "lora":
+      goal = f"{result['lora_bytes_ratio']:.3f}x decoder-only; " + _goal(result["goals"],
+                                                                          "lora_bytes_ratio")
     rows.append((f"4 bytes/client/round, {label}" if key == "cached" else f"  {label}",
-                 f"down {_mb(c['broadcast'])}, up {_mb(c['upload'])}", ""))
+                 f"down {_mb(c['broadcast'])}, up {_mb(c['upload'])}", goal))
+  return rows
+
+
+def _adapter_rows(result: dict[str, Any]) -> list[Row]:
+  """Section 8: a LoRA step from pixels vs from the feature cache."""
+  rows = []
+  for i, (arch, a) in enumerate(result.get("adapter_cache", {}).items()):
+    if "skipped" in a:
+      rows.append((f"8 LoRA feature cache, {arch}" if i == 0 else f"  {arch}", "skipped",
+                   a["skipped"][:70]))
+      continue
+    rows.append((f"8 LoRA feature cache, {arch}" if i == 0 else f"  {arch}",
+                 f"step {a['pixels_step_s']:.3f} s from pixels, {a['features_step_s']:.3f} s "
+                 f"from features: {100 * a['saving']:.1f}% saved",
+                 f"cut at {a['feature_cut']}; {_mb(a['feature_bytes_per_image'])}/image "
+                 f"(embedding {_mb(a['embedding_bytes_per_image'])})"))
   return rows
 
 
@@ -189,8 +216,12 @@ def _worker_rows(result: dict[str, Any]) -> list[Row]:
 def format_table(result: dict[str, Any]) -> str:
   """The human-readable summary of a `run_benchmark` result."""
   cfg, params = result["config"], result["model"]["parameters"]
-  rows = (_speed_rows(result) + _memory_rows(result) + _communication_rows(result)
-          + _throughput_rows(result) + _execution_rows(result) + _worker_rows(result))
+  if cfg.get("adapters_only"):
+    rows = _communication_rows(result) + _adapter_rows(result)
+  else:
+    rows = (_speed_rows(result) + _memory_rows(result) + _communication_rows(result)
+            + _throughput_rows(result) + _execution_rows(result) + _worker_rows(result)
+            + _adapter_rows(result))
   widths = [max(len(r[i]) for r in rows) for i in range(3)]
   head = (f"tff_sam benchmark: {result['model']['name']}, {params['total'] / 1e6:.1f} M "
           f"parameters; {cfg['clients']} clients x {cfg['examples_per_client']} images, "

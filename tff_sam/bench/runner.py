@@ -20,9 +20,9 @@ into a fresh work folder (so every embedding is really computed):
    `memory_clients` in subrounds of `memory_base_clients` (`--clients_per_subround`).
 4. **Communication**: bytes broadcast to and uploaded from each client per round,
    from the type signatures of the broadcast and aggregation intrinsics inside the
-   processes' `next` computation: cached (decoder-only), online (encoder broadcast
-   too) and full-model fine-tuning (every weight both ways, derived from the
-   parameter counts).
+   processes' `next` computation: cached (decoder-only), LoRA + decoder
+   (`--adapter=lora --lora_rank=config.lora_rank`), online (encoder broadcast too) and
+   full-model fine-tuning (every weight both ways, derived from the parameter counts).
 5. **Throughput**: decoder training examples/s from cached embeddings and embedding
    precompute images/s, for `arch` and for MobileSAM when its weights are present.
 6. **Executions** (`--execution=cpp,tf`): every section above runs under the first
@@ -35,6 +35,11 @@ into a fresh work folder (so every embedding is really computed):
    worker its CPU seconds (when it runs on this machine) and busy seconds, the
    seconds two or more computed at once, and the bytes per round between this
    process and the workers (`communication.worker_bytes_per_round`).
+8. **LoRA feature cache**: one LoRA training step from pixel values vs from the
+   cached features where the first adapted stage starts (`adapters`), for `arch` and
+   MobileSAM.
+
+`adapters_only` runs sections 4 and 8 alone (no rounds are timed).
 
 Wall times exclude the first (tracing) round of every loop and average
 `config.rounds` timed rounds, interleaved round by round across the loops. Every TFF
@@ -46,8 +51,8 @@ loop (`workload.compared_loop`) for comparison.
 
 The sections live in this package's modules: `machine` (the machine and the model),
 `workload` (data, precompute, manifests, the task's settings), `loops` (the timed
-loops), `memory` (section 3), `communication` (section 4) and `report` (goals and the
-table); this module runs them in order.
+loops), `memory` (section 3), `communication` (section 4), `adapters` (section 8) and
+`report` (goals and the table); this module runs them in order.
 
 The caller installs TFF's execution context first
 (`tff_sam.federated.execution.configure_tff_execution`). If TFF's `worker_binary` dies
@@ -67,6 +72,7 @@ import numpy as np
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import fileio
+from tff_sam.bench import adapters as adapters_lib
 from tff_sam.bench import communication
 from tff_sam.bench import loops as loops_lib
 from tff_sam.bench import machine
@@ -79,6 +85,7 @@ from tff_sam.federated import execution
 from tff_sam.federated import tasks
 from tff_sam.federated import tf_execution
 from tff_sam.federated import workers as workers_lib
+from tff_sam.models import adapted
 from tff_sam.models import build
 from tff_sam.models import sam as sam_lib
 
@@ -208,9 +215,80 @@ def _workers_result(run: _Run, loops: dict[str, Loop], rounds: dict[str, dict[st
   return out
 
 
+def _communication_section(run: _Run, bundle: sam_lib.SamBundle, params: dict[str, int], *,
+                           cached, online, clients: list[str]) -> dict[str, Any]:
+  """Section 4 from the cached and online processes and a LoRA + decoder one."""
+  config = run.config
+  rank = config.lora_rank
+  lora_config = dataclasses.replace(workload.task_config(config, run.work),
+                                    adapter=config_lib.LORA_ADAPTER, lora_rank=rank,
+                                    lora_alpha=float(rank))
+  lora = tasks.build_task(config=lora_config, bundle=bundle, client_ids=clients,
+                          manifest_dir=run.work / "manifests",
+                          site_weights=adapted.write_site_weights(bundle,
+                                                                  cache_root=run.work / "cache"),
+                          loop_implementation=workload.client_loop(config.loop_implementation))
+  comm = communication.bytes_per_client_round(
+      cached=communication.communication(cached),
+      online=communication.communication(online), parameters=params,
+      lora=communication.communication(lora.training_process),
+      lora_note=f"rank {rank} on {','.join(lora_config.lora_targets)}")
+  if comm["cached"]["upload_update"] != 4 * params["trainable"]:
+    raise RuntimeError("the update type does not match the trainable weights")
+  return comm
+
+
+def _adapter_section(run: _Run, bundle: sam_lib.SamBundle) -> dict[str, Any]:
+  """Section 8: a LoRA step from pixels vs from cached features, `arch` and MobileSAM."""
+  config = run.config
+  run.section("the LoRA feature-cache section")
+  run.log("[8] LoRA feature cache: a training step from pixels vs from cached features")
+  step = dict(cache_root=run.work / "cache", lora_rank=config.lora_rank,
+              batch_size=config.batch_size, prompts_per_image=config.prompts_per_image,
+              steps=config.rounds, log=run.log)
+  out = {config.arch: adapters_lib.adapter_step_times(bundle, **step)}
+  if config.arch != config_lib.MOBILE_SAM_MODEL:
+    if not config.mobile_sam:
+      out[config_lib.MOBILE_SAM_MODEL] = {"skipped": "--nomobile_sam"}
+    else:
+      try:
+        mobile = build.load_sam(config_lib.MOBILE_SAM_MODEL, cache_dir=run.cache_dir)
+      except errors.UserError as e:
+        out[config_lib.MOBILE_SAM_MODEL] = {"skipped": str(e)}
+      else:
+        out[config_lib.MOBILE_SAM_MODEL] = adapters_lib.adapter_step_times(mobile, **step)
+  return out
+
+
+def _run_adapter_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
+  """`adapters_only`: sections 4 and 8; returns the result."""
+  config = run.config
+  bundle, params = _load_model(run)
+  run.section("building the processes")
+  clients = [f"client_{i}" for i in range(config.clients)]
+  cached = tasks.build_task(config=workload.task_config(config, run.work), bundle=bundle,
+                            client_ids=clients, manifest_dir=run.work / "manifests")
+  online = tasks.build_task(config=workload.task_config(config, run.work, online=True),
+                            bundle=bundle, client_ids=clients,
+                            manifest_dir=run.work / "online_manifests")
+  comm = _communication_section(run, bundle, params, cached=cached.training_process,
+                                online=online.training_process, clients=clients)
+  del cached, online
+  gc.collect()
+  result = {"bytes_per_client_round": comm,
+            "lora_bytes_ratio": comm["lora"]["total"] / comm["cached"]["total"],
+            "adapter_cache": _adapter_section(run, bundle), "timings": run.timings,
+            "machine": info, "config": config.to_dict(),
+            "model": {"name": bundle.name, "parameters": params}}
+  result["goals"] = report.goal_verdicts(result, config)
+  return result
+
+
 def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   """The sections of `run_benchmark`, in order; returns the result."""
   config = run.config
+  if config.adapters_only:
+    return _run_adapter_sections(run, info)
   bundle, params = _load_model(run)
   examples, records, image_records, pre = _precompute_section(run, bundle)
   loops, comm = _process_section(run, bundle, records, image_records, params)
@@ -220,6 +298,7 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   gc.collect()
   memory = _memory_section(run, bundle, records)
   throughput = _throughput_section(run, bundle, examples, pre, rounds)
+  adapter_cache = _adapter_section(run, bundle)
   executions = _executions_result(run, rounds, memory)
   tf_vs_cpp = None
   if {config_lib.CPP_EXECUTION, config_lib.TF_EXECUTION} <= set(executions):
@@ -240,6 +319,8 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
       "executions": executions,
       "workers": workers,
       "bytes_per_client_round": comm,
+      "lora_bytes_ratio": comm["lora"]["total"] / comm["cached"]["total"],
+      "adapter_cache": adapter_cache,
       "cache": {"online_round_s": online["mean_s"], "cached_round_s": cached["mean_s"],
                 "precompute_s": pre["precompute_s"],
                 "break_even_rounds": pre["precompute_s"] / saved if saved > 0 else None},
@@ -366,11 +447,8 @@ def _process_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cac
   run.log(f"  processes built: cached {run.timings['build_cached_process_s']:.1f} s, online "
           f"{run.timings['build_online_process_s']:.1f} s (client loop: "
           f"{config.loop_implementation})")
-  comm = communication.bytes_per_client_round(
-      cached=communication.communication(cached.training_process),
-      online=communication.communication(online_process), parameters=params)
-  if comm["cached"]["upload_update"] != 4 * params["trainable"]:
-    raise RuntimeError("the update type does not match the trainable weights")
+  comm = _communication_section(run, bundle, params, cached=cached.training_process,
+                                online=online_process, clients=clients)
   return loops, comm
 
 

@@ -70,6 +70,12 @@ flags.DEFINE_list("execution", list(_F["executions"]),
 flags.DEFINE_list("workers", [], "host:port,... of running TFF workers (python -m "
                   "tff_sam.experiments.worker --port P): section 7 times the cached round on "
                   "the first worker alone vs on all of them, with each worker's CPU seconds.")
+flags.DEFINE_integer("lora_rank", _F["lora_rank"], "Rank of the LoRA adapters (on qkv) of "
+                     "section 4's LoRA + decoder process and section 8's training steps.")
+flags.DEFINE_boolean("adapters_only", _F["adapters_only"],
+                     "Run only section 4 (bytes per client and round: decoder-only, LoRA + "
+                     "decoder, full model) and section 8 (a LoRA training step from pixels vs "
+                     "from cached features), e.g. at --arch=vit_b.")
 flags.DEFINE_integer("seed", _F["seed"], "Seed of the synthetic images and the prompts.")
 flags.DEFINE_boolean("keep_work", _F["keep_work"],
                      "Keep OUTPUT_DIR/work (images, records, manifests) after the run.")

@@ -1,7 +1,9 @@
-r"""Zero-shot vs local-only vs centralized vs federated fine-tuning, per site, in one command.
+r"""Zero-shot vs local-only vs centralized vs federated (vs federated + LoRA) fine-tuning,
+per site, in one command.
 
   python -m tff_sam.experiments.compare --flagfile=experiments/demo.flags --seeds=3 \
-      [--eval_prompt=box,point,box_corrections] [--leave_one_site_out]
+      [--eval_prompt=box,point,box_corrections] [--leave_one_site_out] \
+      [--arms=zero_shot,federated,fed_lora]
 
 Takes every flag of `python -m tff_sam.experiments.run` (so a run's flagfile works);
 they define the federated arm. The other arms change only what makes them what they
@@ -21,6 +23,10 @@ flags.DEFINE_integer("seeds", 1, "Seeds per arm: --seed, --seed + 1, ... (mean Â
 flags.DEFINE_boolean("leave_one_site_out", False,
                      "Also train federated without each training site in turn, evaluated on "
                      "every held-out client (generalization to an unseen site).")
+flags.DEFINE_list("arms", ["zero_shot", "local", "centralized", "federated", "fed_lora"],
+                  "Arms to run: zero_shot, local (each site alone), centralized, federated, "
+                  "fed_lora (federated with --adapter=lora; skipped when the settings already "
+                  "have an adapter).")
 
 FLAGS = flags.FLAGS
 COMPARE_DIR = "compare"
@@ -36,6 +42,9 @@ def main(argv):
   def job():
     config = run_binary.config_from_flags(execution.default_execution)
     errors.require(FLAGS.seeds >= 1, "seeds", f"must be >= 1, got {FLAGS.seeds}")
+    unknown = [a for a in FLAGS.arms if a not in compare.ARM_KINDS]
+    errors.require(not unknown and bool(FLAGS.arms), "arms",
+                   f"must list arms of {compare.ARM_KINDS}, got {','.join(FLAGS.arms) or 'none'}")
     errors.require(not config.train_clients and not config.pool_clients, "train_clients",
                    "and --pool_clients choose the arms' clients themselves; drop them")
     execution.configure_tff_execution(execution=config.execution,
@@ -45,6 +54,7 @@ def main(argv):
     compare.run_comparison(config, seeds=FLAGS.seeds,
                            leave_one_site_out=FLAGS.leave_one_site_out,
                            root=Path(config.output_dir).expanduser() / COMPARE_DIR,
+                           arms=tuple(FLAGS.arms),
                            fresh=FLAGS.fresh)
 
   return runtime.run_job(job, cleanup=execution.end_workers)
@@ -52,4 +62,5 @@ def main(argv):
 
 if __name__ == "__main__":
   app.run(main, flags_parser=lambda argv: run_binary.parse_flags(
-      argv, doc=__doc__, extra_groups=(("comparison", ("seeds", "leave_one_site_out")),)))
+      argv, doc=__doc__,
+      extra_groups=(("comparison", ("seeds", "leave_one_site_out", "arms")),)))

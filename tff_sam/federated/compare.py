@@ -9,8 +9,13 @@
 * `centralized`: every training image in one client (`pool_clients`), for the
   rounds that make its steps (closest to) the federated run's total steps;
 * `federated`: the settings as given;
+* `fed_lora`: the same with LoRA adapters in the image encoder (`--adapter=lora`),
+  trained and sent with the decoder (only when the settings have no adapter: with
+  one, `federated` already is that run);
 * optionally `without/<site>` (leave one site out): federated training on the other
   sites, evaluated on every held-out client, the left-out site's included.
+
+`arms` chooses among `ARM_KINDS` (default all).
 
 Every arm is a real run of the program (`program.run_experiment`) in its own folder,
 with its own zero-shot round, training and evaluation; nothing is copied between arms,
@@ -18,7 +23,8 @@ and a re-run resumes or skips the arms already done. Every arm is scored on the 
 held-out images, by its exported model on each evaluation prompt
 (`summary.json["evaluation"]`). `summarize` gives mean ± std over seeds per evaluation
 client, the local-only mean over sites, and the gains of federated training over
-zero-shot, local-only and centralized, paired by seed.
+zero-shot, local-only and centralized, and of `fed_lora` over zero-shot and
+`federated`, paired by seed.
 """
 
 import dataclasses
@@ -39,7 +45,10 @@ LOCAL = "local"
 LOCAL_MEAN = "local_only"
 CENTRALIZED = "centralized"
 FEDERATED = "federated"
+FED_LORA = "fed_lora"
 WITHOUT = "without"
+# The arms `plan_arms` can make (`local` stands for every `local/<site>`).
+ARM_KINDS = (ZERO_SHOT, LOCAL, CENTRALIZED, FEDERATED, FED_LORA)
 METRICS = ("dice", "iou", "msa", "sa50")
 COMPARE_FILE = "compare.json"
 TABLE_FILE = "compare.md"
@@ -51,7 +60,8 @@ class Arm:
   """One run of a comparison.
 
   Attributes:
-    name: `zero_shot`, `local/<site>`, `centralized`, `federated` or `without/<site>`.
+    name: `zero_shot`, `local/<site>`, `centralized`, `federated`, `fed_lora` or
+      `without/<site>`.
     seed: Its seed.
     config: The run's settings (its `output_dir` is the arm's folder).
     steps: Planned local optimizer steps per training client of the run.
@@ -72,7 +82,8 @@ def _steps(images: int, config: config_lib.RunConfig) -> int:
 
 
 def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, seeds: int,
-              root: Path, leave_one_site_out: bool = False) -> list[Arm]:
+              root: Path, leave_one_site_out: bool = False,
+              arms: Sequence[str] = ARM_KINDS) -> list[Arm]:
   """The runs of a comparison of `base`'s settings (module docstring).
 
   Args:
@@ -81,13 +92,23 @@ def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, se
     seeds: Seeds `base.seed`, `base.seed + 1`, ...
     root: Folder of the arms (`root/seed<k>/<arm>`).
     leave_one_site_out: Add the `without/<site>` arms.
+    arms: Which of `ARM_KINDS` to run.
 
   Returns:
     The arms, seed by seed.
+
+  Raises:
+    ValueError: `arms` names an unknown arm.
   """
+  unknown = sorted(set(arms) - set(ARM_KINDS))
+  if unknown:
+    raise ValueError(f"unknown arms {unknown}; known: {ARM_KINDS}")
+  kinds = set(arms)
+  if base.adapter != config_lib.NO_ADAPTER:
+    kinds.discard(FED_LORA)  # `federated` already has the adapters.
   images = {c: len(exs) for c, exs in splits.clients.items() if exs}
   sites = sorted(images)
-  arms = []
+  planned = []
   for seed in range(base.seed, base.seed + seeds):
     def arm(name, **changes):
       config = dataclasses.replace(
@@ -107,22 +128,27 @@ def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, se
       return Arm(name=name, seed=seed, config=config, steps=steps)
 
     federated = arm(FEDERATED)
-    arms.append(arm(ZERO_SHOT, rounds=0))
-    for site in sites:
+    if ZERO_SHOT in kinds:
+      planned.append(arm(ZERO_SHOT, rounds=0))
+    for site in sites if LOCAL in kinds else ():
       rounds = federated.steps[site] // _steps(images[site], base)
-      arms.append(arm(f"{LOCAL}/{site}", train_clients=(site,), clients_per_round=1,
-                      rounds=rounds))
-    total = sum(federated.steps.values())
-    per_round = _steps(sum(images.values()), base)
-    arms.append(arm(CENTRALIZED, pool_clients=True, clients_per_round=1,
-                    rounds=max(1, round(total / per_round))))
-    arms.append(federated)
+      planned.append(arm(f"{LOCAL}/{site}", train_clients=(site,), clients_per_round=1,
+                         rounds=rounds))
+    if CENTRALIZED in kinds:
+      total = sum(federated.steps.values())
+      per_round = _steps(sum(images.values()), base)
+      planned.append(arm(CENTRALIZED, pool_clients=True, clients_per_round=1,
+                         rounds=max(1, round(total / per_round))))
+    if FEDERATED in kinds:
+      planned.append(federated)
+    if FED_LORA in kinds:
+      planned.append(arm(FED_LORA, adapter=config_lib.LORA_ADAPTER))
     if leave_one_site_out and len(sites) > 1:
       for site in sites:
         others = tuple(c for c in sites if c != site)
-        arms.append(arm(f"{WITHOUT}/{site}", train_clients=others,
-                        clients_per_round=min(base.clients_per_round, len(others))))
-  return arms
+        planned.append(arm(f"{WITHOUT}/{site}", train_clients=others,
+                           clients_per_round=min(base.clients_per_round, len(others))))
+  return planned
 
 
 def run_arms(arms: Sequence[Arm], *, fresh: bool = False,
@@ -170,7 +196,7 @@ def summarize(arms: Sequence[Arm], summaries: Sequence[dict], *,
       per_seed[LOCAL_MEAN] = {
           s: {m: {c: float(np.mean([per_seed[n][s][m][c] for n in locals_]))
                   for c in per_seed[locals_[0]][s][m]} for m in METRICS} for s in seeds}
-    order = ([ZERO_SHOT, LOCAL_MEAN] + sorted(locals_) + [CENTRALIZED, FEDERATED]
+    order = ([ZERO_SHOT, LOCAL_MEAN] + sorted(locals_) + [CENTRALIZED, FEDERATED, FED_LORA]
              + sorted(n for n in per_seed if n.startswith(WITHOUT + "/")))
     rows = {}
     for name in (n for n in order if n in per_seed):
@@ -179,11 +205,14 @@ def summarize(arms: Sequence[Arm], summaries: Sequence[dict], *,
       rows[name] = {m: {c: _stats([runs[s][m][c] for s in runs]) for c in first[m]}
                     for m in METRICS}
     gains = {}
-    if FEDERATED in per_seed:
-      fed = per_seed[FEDERATED]
-      for other in (ZERO_SHOT, LOCAL_MEAN, CENTRALIZED):
+    for arm_name, others in ((FEDERATED, (ZERO_SHOT, LOCAL_MEAN, CENTRALIZED)),
+                             (FED_LORA, (ZERO_SHOT, FEDERATED))):
+      if arm_name not in per_seed:
+        continue
+      fed = per_seed[arm_name]
+      for other in others:
         if other in per_seed:
-          gains[f"{FEDERATED}-{other}"] = {
+          gains[f"{arm_name}-{other}"] = {
               m: {c: _stats([fed[s][m][c] - per_seed[other][s][m][c] for s in seeds
                              if s in per_seed[other]]) for c in fed[seeds[0]][m]}
               for m in METRICS}
@@ -254,7 +283,8 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
 
 def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
                    leave_one_site_out: bool = False, root: Optional[Path] = None,
-                   fresh: bool = False, log: Callable[[str], None] = print) -> dict:
+                   arms: Sequence[str] = ARM_KINDS, fresh: bool = False,
+                   log: Callable[[str], None] = print) -> dict:
   """Plans, runs and summarizes a comparison; what `experiments.compare` does.
 
   Args:
@@ -263,6 +293,7 @@ def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
     seeds: Seeds per arm.
     leave_one_site_out: Also run the leave-one-site-out arms.
     root: Folder of the arms and the outputs.
+    arms: Which of `ARM_KINDS` to run.
     fresh: Redo every arm.
     log: Where progress lines go.
 
@@ -276,12 +307,12 @@ def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
   root = Path(root or base.output_dir).expanduser()
   cache_root = Path(base.cache_dir).expanduser() if base.cache_dir else fileio.default_cache_dir()
   splits = program.prepare_data(base, cache_root)
-  arms = plan_arms(base, splits=splits, seeds=seeds, root=root,
-                   leave_one_site_out=leave_one_site_out)
-  log(f"compare: {len(arms)} runs ({seeds} seed(s): {', '.join(a.name for a in arms if a.seed == base.seed)}) "
-      f"in {root}")
-  summaries = run_arms(arms, fresh=fresh, log=log)
-  result = write_outputs(root, base=base, arms=arms, summaries=summaries, seeds=seeds,
+  planned = plan_arms(base, splits=splits, seeds=seeds, root=root,
+                      leave_one_site_out=leave_one_site_out, arms=arms)
+  log(f"compare: {len(planned)} runs ({seeds} seed(s): "
+      f"{', '.join(a.name for a in planned if a.seed == base.seed)}) in {root}")
+  summaries = run_arms(planned, fresh=fresh, log=log)
+  result = write_outputs(root, base=base, arms=planned, summaries=summaries, seeds=seeds,
                          leave_one_site_out=leave_one_site_out)
   log((root / TABLE_FILE).read_text().rstrip("\n"))  # The table `write_outputs` wrote.
   log(f"outputs in {root}: {COMPARE_FILE}, {TABLE_FILE}, {PLOT_FILE}")

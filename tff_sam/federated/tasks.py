@@ -142,9 +142,9 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
     progress_dir: Where the training clients report their progress in a round
       (`pipeline.PipelineSpec.progress_dir`); None = no reports.
     site_weights: With `--adapter=lora`: the site copy of the encoder's base weights
-      (`adapted.write_site_weights`; `adapted.layout_only` for processes that never
-      run). The clients' records then hold the encoder's activations where its first
-      adapted stage starts (`--embedding_cache`) or images (online).
+      (`adapted.write_site_weights`). The clients' records then hold the encoder's
+      activations where its first adapted stage starts (`--embedding_cache`) or
+      images (online).
 
   Returns:
     The task.

@@ -89,18 +89,21 @@ class SiteWeights:
       return flat_by_graph[key]
 
     def creator(next_creator, **kwargs):
+      if not _is_weight(kwargs.get("dtype")):
+        return next_creator(**kwargs)
       i = len(created)
       if i >= len(self.shapes):
         raise ValueError(f"the encoder creates more than the {len(self.shapes)} weights of "
                          f"{self.path}")
       shape, start, stop = self.shapes[i], int(offsets[i]), int(offsets[i + 1])
+      declared = kwargs.get("shape")
+      if declared is not None and tuple(tf.TensorShape(declared).as_list()) != tuple(shape):
+        raise ValueError(f"{self.names[i]}: the encoder's weight has shape "
+                         f"{tuple(tf.TensorShape(declared).as_list())}, {self.path} holds "
+                         f"{tuple(shape)}")
       kwargs["initial_value"] = lambda: tf.reshape(flat()[start:stop], shape)
       kwargs["trainable"] = False
-      kwargs.pop("shape", None)
       variable = next_creator(**kwargs)
-      if tuple(variable.shape) != tuple(shape):
-        raise ValueError(f"{self.names[i]}: the encoder's weight has shape "
-                         f"{tuple(variable.shape)}, {self.path} holds {tuple(shape)}")
       created.append(variable)
       return variable
 
@@ -111,13 +114,19 @@ class SiteWeights:
                        f"{len(self.shapes)}")
 
 
+def _is_weight(dtype) -> bool:
+  """Whether a variable of `dtype` is a weight (Keras models also make int64 counters)."""
+  return dtype is None or tf.as_dtype(dtype).is_floating
+
+
 def encoder_layout(kind: str, config) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
   """(names, shapes) of an encoder's weights in the order it creates them."""
   created = []
 
   def recorder(next_creator, **kwargs):
     variable = next_creator(**kwargs)
-    created.append(variable)
+    if _is_weight(variable.dtype):
+      created.append(variable)
     return variable
 
   with tf.variable_creator_scope(recorder):
@@ -125,13 +134,6 @@ def encoder_layout(kind: str, config) -> tuple[tuple[str, ...], tuple[tuple[int,
   names = encoders.weight_names(encoder, kind)
   return (tuple(names[id(v)] for v in created), tuple(tuple(int(d) for d in v.shape)
                                                        for v in created))
-
-
-def layout_only(kind: str, config, path: str = "/nonexistent/site_weights.f32") -> SiteWeights:
-  """A `SiteWeights` with the architecture's layout and no file: for building
-  processes whose type signatures are read but that never run (the benchmark)."""
-  names, shapes = encoder_layout(kind, config)
-  return SiteWeights(path=path, image_encoder=kind, names=names, shapes=shapes)
 
 
 def write_site_weights(bundle: sam_lib.SamBundle, *, cache_root: Path) -> SiteWeights:
