@@ -204,7 +204,7 @@ def test_feature_records_hold_the_encoder_activations(bundle, tmp_path):
                                         binary_components=False, batch_size=2,
                                         show_progress=False, feature_start=1)
   assert stats.encoded == 1 and featured[0].path != embedded[0].path
-  shape = encoders.feature_shape(sam_lib.VIT_ENCODER, bundle.config, start=1)
+  shape = encoders.cut_shape(sam_lib.VIT_ENCODER, bundle.config, start=1)
   side = sam_lib.image_size(bundle.config)
   rec = cache.read_record(featured[0].path, embedding_shape=sam_lib.embedding_shape(bundle.config),
                           input_size=side, feature_shape=shape)
@@ -267,7 +267,7 @@ def test_lora_run_trains_adapters_and_decoder_and_sends_little_more(lora_run, bu
                                                                     reference_data):
   config, out, summary, lines = lora_run
   assert any("encoder features (the ViT's patch embeddings" in line for line in lines)
-  assert any(line.startswith("adapter: LoRA rank 4") and "never sent" in line for line in lines)
+  assert any(line.startswith("adapter: LoRA rank 4") and "stay on the sites" in line for line in lines)
   rows = _metrics(out)
   assert [r["round"] for r in rows] == ["0", "1", "2"]
   assert all(float(r["test_dice"]) >= 0 for r in rows)

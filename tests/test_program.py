@@ -21,6 +21,7 @@ from tff_sam.data import synthetic
 from tff_sam import errors
 from tff_sam.evaluation import heldout
 from tff_sam.federated import program
+from tff_sam.federated import run_data
 from tff_sam.models import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_program_writes_outputs_and_export_reproduces_final_metrics(reference_ru
 
   # The exported model loads with from_pretrained and reproduces the final metrics.
   bundle = build.load_sam(str(out / "model"))
-  splits = program.prepare_data(config, Path(cache_dir))
+  splits = run_data.prepare_data(config, Path(cache_dir))
   records, _ = cache.build_records(list(splits.test), bundle=bundle, cache_root=Path(cache_dir),
                                         binary_components=False, batch_size=4, show_progress=False)
   evaluator = heldout.Evaluator(

@@ -8,6 +8,7 @@ import pytest
 from tff_sam import errors
 from tff_sam.models import mobile_sam
 from tff_sam.models import tinyvit
+from tff_sam.models import tinyvit_weights
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tinyvit_parity.npz"
 
@@ -76,7 +77,7 @@ def test_state_dict_round_trip_and_errors(small_model):
   state["image_encoder.layers.0.blocks.0.conv1.bn.num_batches_tracked"] = np.array(5)
   state["mask_decoder.iou_token.weight"] = np.zeros((1, 256), np.float32)
   other = tinyvit.build_tinyvit(64)
-  tinyvit.load_tinyvit_state_dict(other, state)
+  tinyvit_weights.load_tinyvit_state_dict(other, state)
   for (_, a, _), (_, b, _) in zip(small_model.torch_params(), other.torch_params()):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
@@ -85,7 +86,7 @@ def test_state_dict_round_trip_and_errors(small_model):
   broken["image_encoder.layers.1.blocks.0.attn.bogus"] = np.zeros(3, np.float32)
   broken["image_encoder.layers.1.blocks.0.attn.qkv.weight"] = np.zeros((384, 127), np.float32)
   with pytest.raises(errors.ModelError) as e:
-    tinyvit.load_tinyvit_state_dict(other, broken)
+    tinyvit_weights.load_tinyvit_state_dict(other, broken)
   msg = str(e.value)
   assert "\n" not in msg
   assert "missing: image_encoder.neck.2.weight" in msg
@@ -95,9 +96,9 @@ def test_state_dict_round_trip_and_errors(small_model):
 
 def test_save_load_weights_round_trip(small_model, tmp_path):
   path = tmp_path / "sub" / "tinyvit.npz"
-  tinyvit.save_tinyvit_weights(small_model, path)
+  tinyvit_weights.save_tinyvit_weights(small_model, path)
   assert sorted(p.name for p in path.parent.iterdir()) == ["tinyvit.npz"]  # No temp left.
-  loaded = tinyvit.load_tinyvit_weights(path)
+  loaded = tinyvit_weights.load_tinyvit_weights(path)
   assert loaded.img_size == 64
   for (na, a, _), (nb, b, _) in zip(small_model.torch_params(), loaded.torch_params()):
     assert na == nb
@@ -108,11 +109,11 @@ def test_save_load_weights_round_trip(small_model, tmp_path):
 
 def test_load_weights_rejects_bad_files(tmp_path):
   with pytest.raises(errors.ModelError):
-    tinyvit.load_tinyvit_weights(tmp_path / "absent.npz")
+    tinyvit_weights.load_tinyvit_weights(tmp_path / "absent.npz")
   bad = tmp_path / "bad.npz"
   np.savez(bad, foo=np.zeros(3))
   with pytest.raises(errors.ModelError, match="not a TinyViT weights file"):
-    tinyvit.load_tinyvit_weights(bad)
+    tinyvit_weights.load_tinyvit_weights(bad)
 
 
 def _fixture_pixel_values(fx) -> np.ndarray:

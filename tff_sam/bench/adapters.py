@@ -85,7 +85,7 @@ def adapter_step_times(bundle: sam_lib.SamBundle, *, cache_root: Path, lora_rank
       times[name].append(time.perf_counter() - t0)
   pixels_s = statistics.median(times["pixels"])
   features_s = statistics.median(times["features"])
-  shape = encoders.feature_shape(kind, bundle.config, start=start)
+  shape = encoders.cut_shape(kind, bundle.config, start=start)
   emb = sam_lib.embedding_shape(bundle.config)
   out = {"model": bundle.name, "image_encoder": kind, "feature_start": start,
          "feature_cut": encoders.describe_start(kind, start), "feature_shape": list(shape),

@@ -14,7 +14,8 @@ never leaves a half-written model):
 * `preprocessor_config.json`: the `SamImageProcessor`;
 * `README.md`: what is where and how to load it;
 * with `--adapter=lora`, `adapter/`: the LoRA adapters alone (`lora.save_adapter`);
-  the image encoder in the folder already carries them merged.
+  the image encoder in the folder already carries them merged
+  (`build.merged_bundle`), so every loader reads it without adapter code.
 
 MobileSAM-style models (TinyViT image encoder, which transformers' SAM classes do not
 have) also get `tinyvit.npz` + `tff_sam_image_encoder.json` (the Keras port,
@@ -29,16 +30,19 @@ doesn't match model (16*16)"), while `image_embeddings=` from the TinyViT work.
 """
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import tensorflow as tf
 
 from tff_sam import fileio
 from tff_sam.export import torch_layout
+from tff_sam.models import adapted as adapted_lib
+from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import lora
 from tff_sam.models import mobile_sam
 from tff_sam.models import sam as sam_lib
-from tff_sam.models import tinyvit
+from tff_sam.models import tinyvit_weights
 from tff_sam.models import torch_checkpoint
 
 STAND_IN_IMAGE_SIZE = 16
@@ -85,24 +89,27 @@ refuses pixel values (its config's image size is {STAND_IN_IMAGE_SIZE}); give th
 
 def export_model(*, bundle: sam_lib.SamBundle, decoder: tf.keras.Model, out_dir: Path,
                  cache_dir: Optional[Path] = None,
-                 extra_files: Optional[Callable[[Path], None]] = None) -> Path:
+                 adapted: Optional[adapted_lib.AdaptedSamModel] = None) -> Path:
   """Writes the bundle's SAM with `decoder`'s prompt/mask-decoder weights to `out_dir`.
 
   The bundle's own weights and config are restored afterwards.
 
   Args:
-    bundle: The base model; its image encoder is exported as it is (LoRA: pass
-      `build.merged_bundle`).
+    bundle: The base model; its image encoder is exported as it is, unless
+      `adapted` is given.
     decoder: A `PromptMaskDecoder` (or `TFSamModel`) holding the weights to export.
     out_dir: Destination directory (replaced atomically if it exists).
     cache_dir: Cache root holding MobileSAM's pinned checkpoint (MobileSAM-style
       models copy its unused image-encoder tensors from there).
-    extra_files: Writes more into the folder before it is swapped into place (the
-      adapters: `extra_files(folder)` must create `ADAPTER_DIR`).
+    adapted: An `AdaptedSamModel` of the bundle (`--adapter=lora`): its adapters are
+      merged into the exported image encoder and also saved alone in `ADAPTER_DIR`.
 
   Returns:
     `out_dir`.
   """
+  base_name = bundle.name
+  if adapted is not None:
+    bundle = build.merged_bundle(bundle, lora.merged_deltas(adapted.adapters))
   sam = bundle.sam
   backup = decoder_lib.PromptMaskDecoder(sam.config)
   decoder_lib.copy_prompt_decoder_weights(sam, backup)
@@ -116,14 +123,15 @@ def export_model(*, bundle: sam_lib.SamBundle, decoder: tf.keras.Model, out_dir:
         torch_layout.save_safetensors(
             tmp / TORCH_IMAGE_ENCODER,
             {**mobile_sam.unused_image_encoder_tensors(cache_dir=cache_dir),
-             **tinyvit.torch_state_dict(bundle.image_encoder)})
+             **tinyvit_weights.torch_state_dict(bundle.image_encoder)})
       sam.save_pretrained(str(tmp))
       torch_checkpoint.save_torch_state_dict(tmp / TORCH_WEIGHTS, torch_layout.hf_state_dict(sam))
       bundle.processor.save_pretrained(str(tmp))
       bundle.save_extras(tmp)
-      if extra_files is not None:
-        extra_files(tmp)
-      fileio.write_text(tmp / MODEL_CARD, _model_card(bundle, (tmp / ADAPTER_DIR).is_dir()))
+      if adapted is not None:
+        lora.save_adapter(tmp / ADAPTER_DIR, adapted.adapters, spec=adapted.lora,
+                          image_encoder=adapted.encoder_kind, base_model=base_name)
+      fileio.write_text(tmp / MODEL_CARD, _model_card(bundle, adapted is not None))
   finally:
     vision.image_size = image_size
     decoder_lib.copy_prompt_decoder_weights(backup, sam)

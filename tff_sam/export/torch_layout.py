@@ -26,6 +26,7 @@ from tff_sam import fileio
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import sam_layout
 from tff_sam.models import tinyvit
+from tff_sam.models import tinyvit_weights
 
 # PyTorch's SamPromptEncoder holds its own copy of the positional-embedding buffer,
 # tied to `shared_image_embedding.positional_embedding` (TF shares one layer).
@@ -97,7 +98,7 @@ def sam_state_dict(sam: tf.keras.Model, image_encoder: Optional[tinyvit.TinyViT]
     raise ValueError(f"TF weights without a SAM key: {', '.join(left[:8])}")
   if image_encoder is not None:
     for name, value in {**(image_encoder_extras or {}),
-                        **tinyvit.torch_state_dict(image_encoder)}.items():
+                        **tinyvit_weights.torch_state_dict(image_encoder)}.items():
       out[f"image_encoder.{name}"] = value
   else:
     for name, value in hf_state_dict(sam).items():

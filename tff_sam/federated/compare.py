@@ -39,6 +39,7 @@ from tff_sam import fileio
 from tff_sam.data import discovery
 from tff_sam.evaluation import plots
 from tff_sam.federated import program
+from tff_sam.federated import run_data
 
 ZERO_SHOT = "zero_shot"
 LOCAL = "local"
@@ -88,7 +89,7 @@ def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, se
 
   Args:
     base: The federated run's settings (`train_clients`/`pool_clients` unset).
-    splits: The data as `base` splits it (`program.prepare_data`).
+    splits: The data as `base` splits it (`run_data.prepare_data`).
     seeds: Seeds `base.seed`, `base.seed + 1`, ...
     root: Folder of the arms (`root/seed<k>/<arm>`).
     leave_one_site_out: Add the `without/<site>` arms.
@@ -306,7 +307,7 @@ def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
   base.validate()
   root = Path(root or base.output_dir).expanduser()
   cache_root = Path(base.cache_dir).expanduser() if base.cache_dir else fileio.default_cache_dir()
-  splits = program.prepare_data(base, cache_root)
+  splits = run_data.prepare_data(base, cache_root)
   planned = plan_arms(base, splits=splits, seeds=seeds, root=root,
                       leave_one_site_out=leave_one_site_out, arms=arms)
   log(f"compare: {len(planned)} runs ({seeds} seed(s): "

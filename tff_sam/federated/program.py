@@ -43,8 +43,6 @@ import tensorflow_federated as tff
 
 from tff_sam import config as config_lib
 from tff_sam.data import cache
-from tff_sam.data import datasets
-from tff_sam.data import discovery
 from tff_sam.data import pipeline
 from tff_sam import errors
 from tff_sam.evaluation import heldout
@@ -57,6 +55,7 @@ from tff_sam.federated import processes
 from tff_sam.federated import program_logic
 from tff_sam.federated import progress as progress_lib
 from tff_sam.federated import releases
+from tff_sam.federated import run_data
 from tff_sam.federated import tasks
 from tff_sam.federated import tf_execution
 from tff_sam.federated import workers as workers_lib
@@ -64,9 +63,6 @@ from tff_sam import fileio
 from tff_sam.models import adapted
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
-from tff_sam.models import encoders
-from tff_sam.models import lora
-from tff_sam.models import sam as sam_lib
 
 # Columns of metrics.csv ("<name>/<client>" columns are per evaluation client).
 METRIC_DOCS = {
@@ -95,26 +91,6 @@ def sample_clients(client_ids: list[str], *, round_num: int, clients_per_round: 
   rng = np.random.default_rng([seed, round_num])
   k = min(clients_per_round, len(client_ids))
   return sorted(rng.choice(client_ids, size=k, replace=False).tolist())
-
-
-def prepare_data(config: config_lib.RunConfig, cache_root: Path,
-                 skipped: Optional[collections.Counter] = None) -> discovery.DatasetSplits:
-  """Finds the data (`data_dir`, else the named dataset) and splits it.
-
-  With `config.skip_bad_examples`, bad files are skipped and counted in `skipped`.
-  """
-  root = datasets.dataset_root(data_dir=config.data_dir, data=config.data,
-                               cache_root=cache_root)
-  splits = discovery.discover_splits(
-      root, partition=config.partition, num_clients=config.num_clients,
-      dirichlet_alpha=config.dirichlet_alpha, test_fraction=config.test_fraction,
-      seed=config.seed, skip_bad_examples=config.skip_bad_examples, skipped=skipped)
-  if not splits.test:
-    raise errors.ConfigError(
-        "test_fraction", f"no held-out test images in {root} (add a test/ folder or set "
-        "--test_fraction > 0 with at least 2 images)")
-  return discovery.select_clients(splits, train_clients=config.train_clients,
-                                  pool=config.pool_clients)
 
 
 STATE_DIR = "state"
@@ -229,62 +205,6 @@ def _read_invocations(out: Path) -> list[dict]:
 
 def _parse(value: Optional[str]) -> Optional[float]:
   return float(value) if value not in (None, "") else None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Records:
-  """The run's cached records.
-
-  Attributes:
-    clients: Training client -> its records.
-    test: Held-out embedding records (central evaluation).
-    federated_test: Held-out records in the TFF model's input format (federated
-      evaluation, and an adapted encoder's central evaluation): image records in
-      online mode, feature records with an adapter and the cache, else `test`.
-    stats: The cache's counts.
-  """
-
-  clients: dict[str, list[cache.Record]]
-  test: list[cache.Record]
-  federated_test: list[cache.Record]
-  stats: cache.CacheStats
-
-
-def _encode_all(config: config_lib.RunConfig, splits: discovery.DatasetSplits,
-                bundle: sam_lib.SamBundle, cache_root: Path, skipped: collections.Counter,
-                log: Callable[[str], None], *, feature_start: Optional[int]) -> _Records:
-  """Caches every client's and every test image.
-
-  Clients' records hold what the TFF model reads: embeddings, images (online) or,
-  with an adapter and the cache, the encoder's activations at `feature_start`. Test
-  images also get embedding records (central evaluation of the frozen encoder).
-  """
-  stats = cache.CacheStats(skipped=dict(skipped))
-  encode = dict(bundle=bundle, cache_root=cache_root, binary_components=config.binary_components,
-                batch_size=config.encode_batch_size, skip_bad_examples=config.skip_bad_examples)
-  online = not config.embedding_cache
-  model_input = dict(online=online, feature_start=feature_start)
-  client_records = {}
-  for client, examples in splits.clients.items():
-    client_records[client], s = cache.build_records(
-        examples, desc=f"encoding {client}", **model_input, **encode)
-    stats.add(s)
-  test_records, s = cache.build_records(list(splits.test), desc="encoding test", **encode)
-  stats.add(s)
-  fed_test_records = test_records
-  if online or feature_start is not None:
-    fed_test_records, _ = cache.build_records(list(splits.test), desc="test inputs",
-                                              **model_input, **encode)
-  what = ("images (online mode)" if online else "embeddings" if feature_start is None else
-          "encoder features (" + encoders.describe_start(sam_lib.encoder_kind(bundle),
-                                                         feature_start)
-          + ", where the adapters start)")
-  log(f"{what}: {stats.encoded} computed, "
-      f"{stats.reused} reused from the cache; "
-      f"{stats.objects} objects, {stats.images_without_objects} images without objects, "
-      f"{stats.num_skipped} bad examples skipped")
-  return _Records(clients=client_records, test=test_records,
-                  federated_test=fed_test_records, stats=stats)
 
 
 def _central_metrics(result: heldout.EvalResult, eval_clients: list[str]
@@ -451,7 +371,7 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
 
   # Data, model, cache.
   skipped = collections.Counter()
-  splits = prepare_data(config, cache_root, skipped)
+  splits = run_data.prepare_data(config, cache_root, skipped)
   log(f"data: {len(splits.clients)} clients ({'sites' if splits.natural else config.partition}), "
       f"{splits.num_train_examples} training images, {len(splits.test)} test images in "
       f"{len(splits.test_clients)} held-out evaluation client(s)")
@@ -463,11 +383,7 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
     site = adapted.write_site_weights(bundle, cache_root=cache_root)
     feature_start = adapted.feature_start(site.image_encoder,
                                           embedding_cache=config.embedding_cache)
-    log(f"adapter: LoRA rank {config.lora_rank} (alpha {config.lora_alpha:g}) on "
-        f"{','.join(config.lora_targets)} of every transformer block of the {site.image_encoder} "
-        f"encoder; its base weights stay on the sites ({site.path}, "
-        f"{4 * site.num_values / 1e6:.1f} MB), never sent")
-  records = _encode_all(config, splits, bundle, cache_root, skipped, log,
+  records = run_data.cache_records(config, splits, bundle, cache_root, skipped, log,
                         feature_start=feature_start)
   counts = cache.write_manifests(out / "clients", records.clients)
   client_ids = [c for c, n in counts.items() if n > 0]
@@ -503,9 +419,7 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
       evaluation_chunk=min(tasks.EVAL_CHUNK, max(objects, default=1)),
       progress_dir=out / PROGRESS_DIR, site_weights=site)
   if task.adapter is not None:
-    decoder_params = sum(int(np.prod(w.shape)) for w in task.decoder.trainable_weights)
-    log(f"  {len(task.model.adapters)} adapters, {lora.count_parameters(task.model.adapters):,} "
-        f"parameters, trained and sent with the decoder's {decoder_params:,}")
+    log(adapted.describe_adapters(task.model, task.adapter.site))
 
   def with_embeddings(decoder):
     """`decoder`, evaluated on its adapted encoder's embeddings (`task.model`'s)."""
@@ -586,16 +500,9 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
         f"iou {r.iou:.4f}  mSA {r.msa:.4f}  SA50 {r.sa50:.4f}")
   results["evaluation"] = {"model_round": model_round, "by_prompt": by_prompt}
   progress["section"] = "export"
-  export_bundle, write_adapter = bundle, None
-  if task.adapter is not None:
-    export_bundle = build.merged_bundle(bundle, lora.merged_deltas(task.model.adapters))
-
-    def write_adapter(directory: Path) -> None:
-      lora.save_adapter(directory / pretrained.ADAPTER_DIR, task.model.adapters,
-                        spec=task.adapter.lora, image_encoder=task.adapter.site.image_encoder,
-                        base_model=config.model)
-  pretrained.export_model(bundle=export_bundle, decoder=fine_tuned, out_dir=out / "model",
-                          cache_dir=cache_root, extra_files=write_adapter)
+  pretrained.export_model(bundle=bundle, decoder=fine_tuned, out_dir=out / "model",
+                          cache_dir=cache_root,
+                          adapted=task.model if task.adapter is not None else None)
   plots.plot_metrics(out / "metrics.csv", out / "metrics.png")
   overlays = plots.write_overlays(out / "overlays", evaluator=evaluator,
                                   zero_shot_model=build.build_prompt_mask_decoder(bundle),

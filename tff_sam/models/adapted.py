@@ -199,7 +199,7 @@ class AdapterSetup:
     """(h, w, c) of the cached features, None online."""
     if self.start is None:
       return None
-    return encoders.feature_shape(self.site.image_encoder, config, start=self.start)
+    return encoders.cut_shape(self.site.image_encoder, config, start=self.start)
 
 
 class AdaptedSamModel(tf.keras.Model):
@@ -215,6 +215,7 @@ class AdaptedSamModel(tf.keras.Model):
   Attributes:
     image_encoder: The encoder (base weights from the site copy, adapters inside).
     adapters: Its `lora.Adapter`s.
+    lora: Their `lora.LoraSpec`.
     decoder: The `PromptMaskDecoder` (evaluation and export use it).
     start: Where the inputs enter the encoder (None: pixel values).
   """
@@ -231,6 +232,7 @@ class AdaptedSamModel(tf.keras.Model):
     object.__setattr__(self, "adapters", lora_lib.add_lora(self.image_encoder, kind=encoder,
                                                            spec=lora))
     self.encoder_kind = encoder
+    self.lora = lora
     self.start = start
     self.decoder = decoder_lib.PromptMaskDecoder(config, prompt=prompt,
                                                  train_iou_head=train_iou_head,
@@ -264,6 +266,17 @@ class AdaptedSamModel(tf.keras.Model):
       object.__setattr__(self, "_embed_fn", tf.function(
           lambda x: self.embed({key: x}), reduce_retracing=True))
     return self._embed_fn
+
+
+def describe_adapters(model: AdaptedSamModel, site: SiteWeights) -> str:
+  """One line on an adapted model: its adapters, what trains and travels, the site copy."""
+  spec = model.lora
+  decoder = sum(int(np.prod(w.shape)) for w in model.decoder.trainable_weights)
+  return (f"adapter: LoRA rank {spec.rank} (alpha {spec.alpha:g}) on {','.join(spec.targets)} "
+          f"of every transformer block of the {model.encoder_kind} encoder: "
+          f"{len(model.adapters)} adapters, {lora_lib.count_parameters(model.adapters):,} "
+          f"parameters, trained and sent with the decoder's {decoder:,}; the base weights "
+          f"stay on the sites ({site.path}, {4 * site.num_values / 1e6:.1f} MB)")
 
 
 def feature_start(kind: str, *, embedding_cache: bool) -> Optional[int]:

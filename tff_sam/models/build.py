@@ -31,6 +31,7 @@ from tff_sam.models import mobile_sam
 from tff_sam.models import online as online_lib
 from tff_sam.models import sam as sam_lib
 from tff_sam.models import tinyvit
+from tff_sam.models import tinyvit_weights
 
 
 def _weights_fingerprint(weights: list[np.ndarray], extra: dict) -> str:
@@ -126,7 +127,7 @@ def _load_directory_encoder(directory: Path) -> Optional[tf.keras.Model]:
   weights = directory / spec.get("weights", sam_lib.TINYVIT_WEIGHTS)
   if not weights.is_file():
     raise errors.ModelError(f"{weights}: image encoder weights missing")
-  return tinyvit.load_tinyvit_weights(weights)
+  return tinyvit_weights.load_tinyvit_weights(weights)
 
 
 def load_sam(name: str, *, cache_dir: Optional[Path] = None) -> sam_lib.SamBundle:

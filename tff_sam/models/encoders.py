@@ -82,7 +82,7 @@ def embed(encoder: tf.keras.layers.Layer, kind: str, pixel_values: tf.Tensor) ->
   return from_features(encoder, kind, features(encoder, kind, pixel_values, start=0), start=0)
 
 
-def feature_shape(kind: str, config, *, start: int) -> Tuple[int, int, int]:
+def cut_shape(kind: str, config, *, start: int) -> Tuple[int, int, int]:
   """(h, w, c) of one image's `features(..., start=start)`."""
   if kind == sam_lib.TINYVIT_ENCODER:
     return tinyvit.feature_shape(sam_lib.image_size(config), start)

@@ -30,6 +30,7 @@ from tff_sam import registry
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import sam_layout
 from tff_sam.models import tinyvit
+from tff_sam.models import tinyvit_weights
 from tff_sam.models import torch_checkpoint
 
 MOBILE_SAM = registry.PackageFile(
@@ -146,7 +147,7 @@ def _load_converted(folder: Path) -> Tuple[transformers.TFSamModel, tinyvit.Tiny
       manifest.get("source_sha256") != MOBILE_SAM.sha256):
     raise ValueError("stale manifest")
   sam = transformers.TFSamModel.from_pretrained(str(folder / "sam"))
-  encoder = tinyvit.load_tinyvit_weights(folder / "tinyvit.npz")
+  encoder = tinyvit_weights.load_tinyvit_weights(folder / "tinyvit.npz")
   if _sam_digest(sam) != manifest["sam_digest"]:
     raise ValueError("prompt encoder/decoder weights differ from the manifest")
   if _tinyvit_digest(encoder) != manifest["tinyvit_digest"]:
@@ -172,7 +173,7 @@ def convert_mobile_sam(checkpoint: Union[str, os.PathLike]
   sam.build_in_name_scope()
   assign_prompt_decoder_weights(sam, state)
   encoder = tinyvit.build_tinyvit(1024)
-  tinyvit.load_tinyvit_state_dict(encoder, state)
+  tinyvit_weights.load_tinyvit_state_dict(encoder, state)
   return sam, encoder
 
 
@@ -206,7 +207,7 @@ def load_mobile_sam(*, cache_dir: Optional[Union[str, os.PathLike]] = None
   sam, encoder = convert_mobile_sam(checkpoint)
   with fileio.atomic_directory(folder) as tmp:
     sam.save_pretrained(str(tmp / "sam"))
-    tinyvit.save_tinyvit_weights(encoder, tmp / "tinyvit.npz")
+    tinyvit_weights.save_tinyvit_weights(encoder, tmp / "tinyvit.npz")
     fileio.write_json(tmp / "manifest.json", {
         "format_version": _CACHE_FORMAT_VERSION,
         "source": f"{MOBILE_SAM.package}=={MOBILE_SAM.version}:{MOBILE_SAM.member}",
@@ -236,4 +237,4 @@ def unused_image_encoder_tensors(*, cache_dir: Optional[Union[str, os.PathLike]]
       registry.fetch_package_file(MOBILE_SAM, cache_dir=cache_dir))
   prefix = "image_encoder."
   return {k[len(prefix):]: np.asarray(v) for k, v in state.items()
-          if k.startswith(prefix) and tinyvit.is_unused_key(k[len(prefix):])}
+          if k.startswith(prefix) and tinyvit_weights.is_unused_key(k[len(prefix):])}

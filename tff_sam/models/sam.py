@@ -18,7 +18,7 @@ import tensorflow as tf
 from transformers import SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig  # pylint: disable=g-multiple-import
 
 from tff_sam import fileio
-from tff_sam.models import tinyvit
+from tff_sam.models import tinyvit_weights
 
 # A save_pretrained directory whose image encoder is not TFSamModel's ViT carries this
 # file (and the encoder's weights) next to config.json.
@@ -108,7 +108,7 @@ class SamBundle:
     """Writes what `save_pretrained` does not hold: a replacement image encoder."""
     if self.image_encoder is None:
       return
-    tinyvit.save_tinyvit_weights(self.image_encoder, Path(directory) / TINYVIT_WEIGHTS)
+    tinyvit_weights.save_tinyvit_weights(self.image_encoder, Path(directory) / TINYVIT_WEIGHTS)
     fileio.write_json(Path(directory) / ENCODER_FILE, {
         "image_encoder": TINYVIT_ENCODER, "weights": TINYVIT_WEIGHTS,
         "note": "MobileSAM-style model: TFSamModel holds the prompt encoder and mask "
