@@ -22,6 +22,7 @@ from tff_sam.federated import execution
 from tff_sam.federated import program
 from tff_sam.federated import tasks
 from tff_sam.federated import tf_execution
+from tff_sam.models import adapted
 from tff_sam.models import build
 
 
@@ -108,17 +109,22 @@ def test_two_rounds_equal_the_cpp_worker(tiny_task_inputs):
       task.training_process.next)
 
 
+def _client_records(bundle, clients, data, tmp, folder: str, **kind) -> None:
+  """The clients' records of another kind (`cache.build_records`'s `online` or
+  `feature_start`) and their manifests in `tmp / folder`."""
+  records = {}
+  for site in clients:
+    records[site], _ = cache.build_records(
+        discovery.list_examples(data / site), bundle=bundle, cache_root=tmp / "cache",
+        binary_components=False, batch_size=2, show_progress=False, **kind)
+  cache.write_manifests(tmp / folder, records)
+
+
 @pytest.mark.slow
 def test_online_round_equals_the_cpp_worker(tiny_task_inputs, reference_data):
   """Online mode (the frozen encoder inside the TFF model) under tf: one round as cpp."""
   bundle, clients, tmp = tiny_task_inputs
-  records = {}
-  for site in clients:
-    records[site], _ = cache.build_records(
-        discovery.list_examples(reference_data / site), bundle=bundle,
-        cache_root=tmp / "cache", binary_components=False, batch_size=2, show_progress=False,
-        online=True)
-  cache.write_manifests(tmp / "online_clients", records)
+  _client_records(bundle, clients, reference_data, tmp, "online_clients", online=True)
   config = config_lib.RunConfig(output_dir=str(tmp / "online"), model="tiny",
                                 embedding_cache=False, prompts_per_image=2, batch_size=2,
                                 client_optimizer="sgd", client_lr=0.5, seed=0)
@@ -132,6 +138,33 @@ def test_online_round_equals_the_cpp_worker(tiny_task_inputs, reference_data):
                              cpp.state.global_model_weights) <= 1e-6
   assert _max_abs_difference(cpp.state.global_model_weights,
                              task.initial_state.global_model_weights) > 1e-3
+  train, cpp_train = mine.metrics["client_work"]["train"], cpp.metrics["client_work"]["train"]
+  assert train["num_examples"] == cpp_train["num_examples"] == 4
+  assert train["loss"] == pytest.approx(cpp_train["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_round_equals_the_cpp_worker(tiny_task_inputs, reference_data):
+  """`--adapter=lora` (adapters in the encoder, its base read from the site copy by the
+  computation, features from the cache) under tf: one round as cpp."""
+  bundle, clients, tmp = tiny_task_inputs
+  _client_records(bundle, clients, reference_data, tmp, "feature_clients", feature_start=0)
+  config = config_lib.RunConfig(output_dir=str(tmp / "lora"), model="tiny", adapter="lora",
+                                lora_targets=("qkv", "mlp"), prompts_per_image=2, batch_size=2,
+                                client_optimizer="sgd", client_lr=0.5, seed=0)
+  task = tasks.build_task(config=config, bundle=bundle, client_ids=clients,
+                          manifest_dir=tmp / "feature_clients",
+                          site_weights=adapted.write_site_weights(bundle, cache_root=tmp))
+  ids = [pipeline.round_client_id(c, 1) for c in clients]
+  cpp = task.training_process.next(task.initial_state, ids)
+  with _installed(tf_execution.TensorFlowExecutionContext()):
+    mine = task.training_process.next(task.initial_state, ids)
+  assert _max_abs_difference(mine.state.global_model_weights,
+                             cpp.state.global_model_weights) <= 1e-6
+  moved = {id(w): float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for w, a, b in zip(
+      task.model.trainable_weights, cpp.state.global_model_weights.trainable,
+      task.initial_state.global_model_weights.trainable, strict=True)}
+  assert min(moved[id(a.layer.lora_b)] for a in task.model.adapters) > 0  # Every B moved.
   train, cpp_train = mine.metrics["client_work"]["train"], cpp.metrics["client_work"]["train"]
   assert train["num_examples"] == cpp_train["num_examples"] == 4
   assert train["loss"] == pytest.approx(cpp_train["loss"], rel=1e-6)

@@ -123,6 +123,19 @@ def uses_points(prompt: str) -> bool:
   return prompt in (POINTS_PROMPT, BOTH_PROMPTS, ITERATIVE_PROMPT)
 
 
+def _require_choices(values: tuple[str, ...], choices: tuple[str, ...], flag: str,
+                     what: str) -> None:
+  """Validates a list flag: each value one of `choices`, none twice.
+
+  Raises:
+    errors.ConfigError: naming `flag`.
+  """
+  for value in values:
+    errors.require(value in choices, flag, f"must list {what}s of {choices}, got {value!r}")
+  errors.require(len(set(values)) == len(values), flag,
+                 f"lists a {what} more than once: {','.join(values)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Everything that defines a federated fine-tuning run.
@@ -276,11 +289,7 @@ class RunConfig:
     errors.require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
     errors.require(self.eval_max_objects >= 0, "eval_max_objects",
                    f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")
-    for value in self.eval_prompt:
-      errors.require(value in EVAL_PROMPTS, "eval_prompt",
-                     f"must list prompts of {EVAL_PROMPTS}, got {value!r}")
-    errors.require(len(set(self.eval_prompt)) == len(self.eval_prompt), "eval_prompt",
-                   f"lists a prompt more than once: {','.join(self.eval_prompt)}")
+    _require_choices(self.eval_prompt, EVAL_PROMPTS, "eval_prompt", "prompt")
     errors.require(self.eval_corrections >= 1, "eval_corrections",
                    f"must be >= 1 corrective points, got {self.eval_corrections}")
     repeated = sorted({c for c in self.train_clients if self.train_clients.count(c) > 1})
@@ -304,11 +313,7 @@ class RunConfig:
     errors.require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
     errors.require(bool(self.lora_targets), "lora_targets",
                    f"must list at least one of {LORA_TARGETS}")
-    for value in self.lora_targets:
-      errors.require(value in LORA_TARGETS, "lora_targets",
-                     f"must list targets of {LORA_TARGETS}, got {value!r}")
-    errors.require(len(set(self.lora_targets)) == len(self.lora_targets), "lora_targets",
-                   f"lists a target more than once: {','.join(self.lora_targets)}")
+    _require_choices(self.lora_targets, LORA_TARGETS, "lora_targets", "target")
 
   def to_dict(self) -> dict[str, Any]:
     """The settings as JSON values (tuples as lists), as `config.json` holds them."""
