@@ -30,8 +30,10 @@ from tff_sam.data import synthetic
 from tff_sam.evaluation import inference
 from tff_sam.export import formats
 from tff_sam.export import pretrained
+from tff_sam.models import adapted
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import lora
 from tff_sam.models import sam as sam_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,3 +274,48 @@ def test_mobile_sam_exports_segment_in_every_framework(tmp_path, reference_code,
                  output_dir=onnx_dir)
   _, embeddings, _, _, _ = _onnx_case(loaded, onnx_dir, image, box)
   assert np.abs(embeddings - np.load(outputs)["embeddings"]).max() <= MAX_ABS
+
+
+@pytest.mark.slow
+def test_mobile_sam_lora_export_is_the_adapted_model_everywhere(tmp_path, reference_code,
+                                                                torch_env):
+  """`--adapter=lora`: the export carries the adapters merged into TinyViT; every loader
+  (tff_sam, PyTorch's MobileSAM code, the TinyViT safetensors) computes the adapted
+  model's embeddings without adapter code."""
+  bundle = build.load_sam(config_lib.MOBILE_SAM_MODEL)
+  site = adapted.write_site_weights(bundle, cache_root=tmp_path / "cache")
+  model = build.build_adapted_model(bundle, site=site, start=None,
+                                    lora=lora.LoraSpec(targets=("qkv", "mlp")))
+  rng = np.random.default_rng(0)
+  for a in model.adapters:
+    a.layer.lora_b.assign(rng.normal(0, 0.05, a.layer.lora_b.shape).astype(np.float32))
+  model_dir = pretrained.export_model(bundle=bundle, decoder=model.decoder,
+                                      out_dir=tmp_path / "model", adapted=model)
+  assert lora.load_adapter(model_dir / pretrained.ADAPTER_DIR).spec.targets == ("qkv", "mlp")
+  loaded = build.load_sam(str(model_dir))
+  root = datasets.named_dataset(config_lib.SAMPLE_DATASET, cache_root=fileio.default_cache_dir())
+  example = discovery.list_examples(root / "test" / "bacteria")[0]
+  image = reading.read_image(example.image_path)
+  labels = reading.read_mask(example.mask_path)
+  box = preprocess.boxes_from_labels(labels, reading.object_ids(labels)[:1])[0].tolist()
+  inputs, outputs = _inputs_and_tf_outputs(loaded, tmp_path, image, box)
+  pixels = tf.constant(np.load(inputs)["pixel_values"])
+  unmerged = model.embed({"pixel_values": pixels}).numpy()
+  merged = np.load(outputs)["embeddings"]
+  base = bundle.encoder_fn()(pixels).numpy()
+  assert np.abs(unmerged - base).max() > 1e-2  # The adapters change the embeddings...
+  np.testing.assert_allclose(merged, unmerged, atol=1e-5 * np.abs(unmerged).max())  # ...merged.
+  checkpoint = formats.export(model=str(model_dir),
+                              export_format=config_lib.SAM_CHECKPOINT_FORMAT,
+                              output_dir=tmp_path / "sam_checkpoint")[0]
+  result = _run_torch_side(torch_env, dict(
+      kind="mobile_sam", model_dir=str(model_dir), inputs=str(inputs),
+      tf_outputs=str(outputs), sam_checkpoint=str(checkpoint),
+      image_encoder=str(model_dir / pretrained.TORCH_IMAGE_ENCODER),
+      mobile_sam_code=str(reference_code), checks=["hf", "sam_checkpoint", "image_encoder"]),
+      tmp_path)
+  _assert_close(result["hf"]["pred_masks"], "transformers SamModel masks (LoRA export)")
+  for name in ("sam_checkpoint", "image_encoder"):
+    assert result[name]["load"] == "<All keys matched successfully>", result[name]["load"]
+    _assert_close(result[name]["embeddings"], f"merged TinyViT in PyTorch ({name})")
+  _assert_close(result["sam_checkpoint"]["low_res_masks"], "MobileSAM masks (LoRA export)")
