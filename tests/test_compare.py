@@ -77,6 +77,13 @@ def test_arms_can_be_chosen_and_fed_lora_needs_no_adapter_in_the_settings(tmp_pa
                                 root=tmp_path / "c")
   assert "fed_lora" not in [a.name for a in with_lora]
   assert all(a.config.adapter == "lora" for a in with_lora)
+  tuned = compare.plan_arms(_base(tmp_path), splits=splits, seeds=1, root=tmp_path / "c",
+                            arms=("federated", "fed_lora"), lora={"lora_alpha": 64.0})
+  assert [(a.config.adapter, a.config.lora_alpha) for a in tuned] == [("none", 4.0),
+                                                                      ("lora", 64.0)]
+  with pytest.raises(errors.ConfigError, match="^--lora_rank: must be >= 1"):
+    compare.plan_arms(_base(tmp_path), splits=splits, seeds=1, root=tmp_path / "c",
+                      lora={"lora_rank": 0})
   with pytest.raises(ValueError, match="unknown arms"):
     compare.plan_arms(_base(tmp_path), splits=splits, seeds=1, root=tmp_path / "c",
                       arms=("federated", "fedprox"))
@@ -173,7 +180,9 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
           "--prompts_per_image=2", "--client_lr=3e-3", "--seed=5", f"--output_dir={out}",
           "--eval_prompt=box,box_corrections", "--eval_corrections=2", "--seeds=1",
           # Each arm also trains with iterative prompting in TFF and keeps its best round.
-          "--prompt=iterative", "--sub_iterations=2", "--keep_best", "--eval_every=1"]
+          "--prompt=iterative", "--sub_iterations=2", "--keep_best", "--eval_every=1",
+          # The fed_lora arm's adapters (the federated arm has none).
+          "--lora_alpha=8"]
   result = run_binary("compare", *args)
   assert result.code == 0, result.stderr
   root = out / "compare"
@@ -189,6 +198,8 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
   assert summaries["centralized"]["clients"] == {"pooled": 4}
   assert summaries["federated"]["clients"] == {"site_0": 2, "site_1": 2}
   assert summaries["fed_lora"]["config"]["adapter"] == "lora"
+  assert summaries["fed_lora"]["config"]["lora_alpha"] == 8.0
+  assert summaries["federated"]["config"]["lora_alpha"] == 4.0
   assert summaries["federated"]["config"]["adapter"] == "none"
   for a in saved["arms"]:
     assert (Path(a["output_dir"]) / "model" / "config.json").is_file()

@@ -57,6 +57,8 @@ ADAPTERS = (NO_ADAPTER, LORA_ADAPTER)
 # attention's input projection (qkv), its output projection (proj), the MLP's two
 # linear layers (mlp).
 LORA_TARGETS = ("qkv", "proj", "mlp")
+# The settings of the adapters themselves (meaningful with `adapter=lora` only).
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets")
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("dice_ce", "bce", "focal_dice")
 SERVER_OPTIMIZERS = ("sgd", "adam")
@@ -304,7 +306,7 @@ class RunConfig:
                    f"must be one of {ADAPTERS}, got {self.adapter!r}")
     if self.adapter == NO_ADAPTER:
       defaults = {f.name: f.default for f in dataclasses.fields(self)}
-      for flag in ("lora_rank", "lora_alpha", "lora_targets"):
+      for flag in LORA_SETTINGS:
         errors.require(getattr(self, flag) == defaults[flag], flag,
                        f"is set but there is no adapter; add --adapter={LORA_ADAPTER} (or drop "
                        f"--{flag})")

@@ -6,7 +6,8 @@ per site, in one command.
       [--arms=zero_shot,federated,fed_lora]
 
 Takes every flag of `python -m tff_sam.experiments.run` (so a run's flagfile works);
-they define the federated arm. The other arms change only what makes them what they
+they define the federated arm, except `--lora_rank/--lora_alpha/--lora_targets`, which
+set the `fed_lora` arm's adapters (unless `--adapter=lora` makes every arm adapted). The other arms change only what makes them what they
 are (`tff_sam.federated.compare`). Arms go to `<--output_dir>/compare/seed<k>/<arm>/`,
 each a complete run folder; a re-run resumes or skips them. Writes `compare.json`,
 `compare.md` (the table, also printed) and `compare.png` into `<--output_dir>/compare/`.
@@ -15,6 +16,7 @@ each a complete run folder; a re-run resumes or skips them. Writes `compare.json
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
+from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import runtime
 from tff_sam.experiments import run as run_binary
@@ -40,7 +42,10 @@ def main(argv):
   from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top
 
   def job():
-    config = run_binary.config_from_flags(execution.default_execution)
+    adapted = FLAGS.adapter != config_lib.NO_ADAPTER
+    config = run_binary.config_from_flags(
+        execution.default_execution, defaults_for=() if adapted else compare.LORA_SETTINGS)
+    lora = {} if adapted else run_binary.flag_values(compare.LORA_SETTINGS)
     errors.require(FLAGS.seeds >= 1, "seeds", f"must be >= 1, got {FLAGS.seeds}")
     unknown = [a for a in FLAGS.arms if a not in compare.ARM_KINDS]
     errors.require(not unknown and bool(FLAGS.arms), "arms",
@@ -54,7 +59,7 @@ def main(argv):
     compare.run_comparison(config, seeds=FLAGS.seeds,
                            leave_one_site_out=FLAGS.leave_one_site_out,
                            root=Path(config.output_dir).expanduser() / COMPARE_DIR,
-                           arms=tuple(FLAGS.arms),
+                           arms=tuple(FLAGS.arms), lora=lora,
                            fresh=FLAGS.fresh)
 
   return runtime.run_job(job, cleanup=execution.end_workers)

@@ -207,20 +207,29 @@ def parse_flags(argv: list[str], *, doc: str = __doc__, extra_groups=()) -> list
   return app.parse_flags_with_usage(argv)
 
 
-def config_from_flags(default_execution: Callable[[], str]) -> config_lib.RunConfig:
+def config_from_flags(default_execution: Callable[[], str], *,
+                      defaults_for: tuple[str, ...] = ()) -> config_lib.RunConfig:
   """Copies the flags into a validated `RunConfig` (the only place flags are read).
 
   Args:
     default_execution: What `--execution=auto` becomes without `--workers`
       (`execution.default_execution`); with them it is `cpp`.
+    defaults_for: Settings left at their defaults whatever their flags say (a binary
+      that uses those flags otherwise reads them with `flag_values`).
   """
-  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config_lib.RunConfig)}
-  for name in config_lib.TUPLE_SETTINGS:
-    values[name] = tuple(values[name])
+  values = flag_values(tuple(f.name for f in dataclasses.fields(config_lib.RunConfig)))
+  values.update({f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)
+                 if f.name in defaults_for})
   if values["execution"] == "auto":  # Remote workers are TFF's C++ workers.
     values["execution"] = (config_lib.CPP_EXECUTION if values["workers"]
                            else default_execution())
   return config_lib.RunConfig(**values).validate()
+
+
+def flag_values(names: tuple[str, ...]) -> dict:
+  """The `RunConfig` settings `names` as their flags say (tuples where the config has them)."""
+  return {n: tuple(FLAGS[n].value) if n in config_lib.TUPLE_SETTINGS else FLAGS[n].value
+          for n in names}
 
 
 def main(argv):

@@ -50,6 +50,7 @@ FED_LORA = "fed_lora"
 WITHOUT = "without"
 # The arms `plan_arms` can make (`local` stands for every `local/<site>`).
 ARM_KINDS = (ZERO_SHOT, LOCAL, CENTRALIZED, FEDERATED, FED_LORA)
+LORA_SETTINGS = config_lib.LORA_SETTINGS  # What `plan_arms(lora=...)` may set.
 METRICS = ("dice", "iou", "msa", "sa50")
 COMPARE_FILE = "compare.json"
 TABLE_FILE = "compare.md"
@@ -84,7 +85,7 @@ def _steps(images: int, config: config_lib.RunConfig) -> int:
 
 def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, seeds: int,
               root: Path, leave_one_site_out: bool = False,
-              arms: Sequence[str] = ARM_KINDS) -> list[Arm]:
+              arms: Sequence[str] = ARM_KINDS, lora: Optional[dict] = None) -> list[Arm]:
   """The runs of a comparison of `base`'s settings (module docstring).
 
   Args:
@@ -94,12 +95,14 @@ def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, se
     root: Folder of the arms (`root/seed<k>/<arm>`).
     leave_one_site_out: Add the `without/<site>` arms.
     arms: Which of `ARM_KINDS` to run.
+    lora: `LORA_SETTINGS` of the `fed_lora` arm (the others keep the defaults).
 
   Returns:
     The arms, seed by seed.
 
   Raises:
     ValueError: `arms` names an unknown arm.
+    errors.ConfigError: `lora` holds a bad setting (naming its flag).
   """
   unknown = sorted(set(arms) - set(ARM_KINDS))
   if unknown:
@@ -143,7 +146,7 @@ def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, se
     if FEDERATED in kinds:
       planned.append(federated)
     if FED_LORA in kinds:
-      planned.append(arm(FED_LORA, adapter=config_lib.LORA_ADAPTER))
+      planned.append(arm(FED_LORA, adapter=config_lib.LORA_ADAPTER, **(lora or {})))
     if leave_one_site_out and len(sites) > 1:
       for site in sites:
         others = tuple(c for c in sites if c != site)
@@ -284,8 +287,8 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
 
 def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
                    leave_one_site_out: bool = False, root: Optional[Path] = None,
-                   arms: Sequence[str] = ARM_KINDS, fresh: bool = False,
-                   log: Callable[[str], None] = print) -> dict:
+                   arms: Sequence[str] = ARM_KINDS, lora: Optional[dict] = None,
+                   fresh: bool = False, log: Callable[[str], None] = print) -> dict:
   """Plans, runs and summarizes a comparison; what `experiments.compare` does.
 
   Args:
@@ -295,6 +298,7 @@ def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
     leave_one_site_out: Also run the leave-one-site-out arms.
     root: Folder of the arms and the outputs.
     arms: Which of `ARM_KINDS` to run.
+    lora: The `fed_lora` arm's adapter settings (`plan_arms`).
     fresh: Redo every arm.
     log: Where progress lines go.
 
@@ -309,7 +313,7 @@ def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
   cache_root = Path(base.cache_dir).expanduser() if base.cache_dir else fileio.default_cache_dir()
   splits = run_data.prepare_data(base, cache_root)
   planned = plan_arms(base, splits=splits, seeds=seeds, root=root,
-                      leave_one_site_out=leave_one_site_out, arms=arms)
+                      leave_one_site_out=leave_one_site_out, arms=arms, lora=lora)
   log(f"compare: {len(planned)} runs ({seeds} seed(s): "
       f"{', '.join(a.name for a in planned if a.seed == base.seed)}) in {root}")
   summaries = run_arms(planned, fresh=fresh, log=log)
