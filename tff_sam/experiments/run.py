@@ -84,7 +84,10 @@ flags.DEFINE_enum("adapter", _F["adapter"], config_lib.ADAPTERS,
                   "adapted stage starts; --noembedding_cache runs the whole encoder.")
 flags.DEFINE_integer("lora_rank", _F["lora_rank"], "--adapter=lora: rank r of each update B.A.")
 flags.DEFINE_float("lora_alpha", _F["lora_alpha"],
-                   "--adapter=lora: each update is scaled by lora_alpha / lora_rank.")
+                   "--adapter=lora: each update is scaled by lora_alpha / lora_rank. With Adam "
+                   "(the default client optimizer) B moves about --client_lr per step whatever "
+                   "the scale, so this scale is the adapters' learning rate relative to the "
+                   "decoder's (README, 'LoRA in the image encoder').")
 flags.DEFINE_list("lora_targets", list(_F["lora_targets"]),
                   "--adapter=lora: linear layers of every transformer block that get an "
                   "adapter: qkv (attention input projection), proj (attention output "
