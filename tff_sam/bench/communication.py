@@ -167,32 +167,36 @@ def _mode(c: dict[str, Any], note: str) -> dict[str, Any]:
   return out
 
 
-def bytes_per_client_round(*, cached: dict[str, Any], online: dict[str, Any],
+def bytes_per_client_round(*, cached: dict[str, Any], online: Optional[dict[str, Any]],
                            parameters: dict[str, int], lora: Optional[dict[str, Any]] = None,
                            lora_note: str = "") -> dict[str, Any]:
   """The communication table: cached, LoRA + decoder, online and full-model fine-tuning.
 
   Full-model fine-tuning (every weight trained, as the published federated-SAM
   recipes do) is derived: all float32 weights both ways plus the online process's
-  non-model traffic; no such process is built.
+  non-model traffic (the cached process's without `online`); no such process is built.
   """
+  other = online if online is not None else cached
   full_weights = 4 * parameters["total"]
-  full = {"broadcast": full_weights + online["broadcast_other"],
-          "upload": full_weights + online["upload_other"],
+  full = {"broadcast": full_weights + other["broadcast_other"],
+          "upload": full_weights + other["upload_other"],
           "broadcast_model": full_weights, "upload_update": full_weights,
-          "broadcast_other": online["broadcast_other"], "upload_other": online["upload_other"]}
+          "broadcast_other": other["broadcast_other"], "upload_other": other["upload_other"]}
   table = {
       "cached": _mode(cached, "decoder-only: prompt encoder + mask decoder broadcast, "
                       "mask decoder update uploaded (from the process's type signatures)"),
-      "online": _mode(online, "online mode: frozen image encoder broadcast with the "
-                      "decoder every round, mask decoder update uploaded (from the "
-                      "process's type signatures)"),
       "full_model": _mode(full, "full-model fine-tuning: all float32 weights both ways "
-                          "(derived: 4 bytes x parameters + the online process's other "
+                          "(derived: 4 bytes x parameters + the "
+                          f"{'online' if online is not None else 'cached'} process's other "
                           "traffic)"),
       "parameters": dict(parameters),
-      "intrinsics": {"cached": cached["intrinsics"], "online": online["intrinsics"]},
+      "intrinsics": {"cached": cached["intrinsics"]},
   }
+  if online is not None:
+    table["online"] = _mode(online, "online mode: frozen image encoder broadcast with the "
+                            "decoder every round, mask decoder update uploaded (from the "
+                            "process's type signatures)")
+    table["intrinsics"]["online"] = online["intrinsics"]
   if lora is not None:
     table["lora"] = _mode(lora, f"LoRA + decoder ({lora_note}): adapters + prompt encoder + "
                           "mask decoder broadcast, adapters + mask decoder update uploaded; the "

@@ -217,7 +217,7 @@ def _workers_result(run: _Run, loops: dict[str, Loop], rounds: dict[str, dict[st
 
 def _communication_section(run: _Run, bundle: sam_lib.SamBundle, params: dict[str, int], *,
                            cached, online, clients: list[str]) -> dict[str, Any]:
-  """Section 4 from the cached and online processes and a LoRA + decoder one."""
+  """Section 4 from the cached and online (or None) processes and a LoRA + decoder one."""
   config = run.config
   rank = config.lora_rank
   lora_config = dataclasses.replace(workload.task_config(config, run.work),
@@ -230,7 +230,8 @@ def _communication_section(run: _Run, bundle: sam_lib.SamBundle, params: dict[st
                           loop_implementation=workload.client_loop(config.loop_implementation))
   comm = communication.bytes_per_client_round(
       cached=communication.communication(cached),
-      online=communication.communication(online), parameters=params,
+      online=communication.communication(online) if online is not None else None,
+      parameters=params,
       lora=communication.communication(lora.training_process),
       lora_note=f"rank {rank} on {','.join(lora_config.lora_targets)}")
   if comm["cached"]["upload_update"] != 4 * params["trainable"]:
@@ -268,12 +269,10 @@ def _run_adapter_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   clients = [f"client_{i}" for i in range(config.clients)]
   cached = tasks.build_task(config=workload.task_config(config, run.work), bundle=bundle,
                             client_ids=clients, manifest_dir=run.work / "manifests")
-  online = tasks.build_task(config=workload.task_config(config, run.work, online=True),
-                            bundle=bundle, client_ids=clients,
-                            manifest_dir=run.work / "online_manifests")
+  # No online process: the decoder-only, LoRA and full-model rows need none.
   comm = _communication_section(run, bundle, params, cached=cached.training_process,
-                                online=online.training_process, clients=clients)
-  del cached, online
+                                online=None, clients=clients)
+  del cached
   gc.collect()
   result = {"bytes_per_client_round": comm,
             "lora_bytes_ratio": comm["lora"]["total"] / comm["cached"]["total"],
