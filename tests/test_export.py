@@ -235,31 +235,45 @@ def test_export_binary_smoke(tiny_export):
 
 
 @pytest.mark.slow
+def _sample_case(bundle, tmp: Path, client: str):
+  """The first held-out sample image of `client` with its first object's box, and the
+  case's inputs and TF outputs (`_inputs_and_tf_outputs`)."""
+  root = datasets.named_dataset(config_lib.SAMPLE_DATASET, cache_root=fileio.default_cache_dir())
+  example = discovery.list_examples(root / "test" / client)[0]
+  image = reading.read_image(example.image_path)
+  labels = reading.read_mask(example.mask_path)
+  box = preprocess.boxes_from_labels(labels, reading.object_ids(labels)[:1])[0].tolist()
+  return (image, box, *_inputs_and_tf_outputs(bundle, tmp, image, box))
+
+
+def _mobile_sam_torch_checks(torch_env, model_dir: Path, inputs: Path, outputs: Path,
+                             reference_code: Path, tmp: Path) -> dict:
+  """A MobileSAM-style export in PyTorch: transformers' `SamModel`, its MobileSAM
+  checkpoint in MobileSAM's own code, and the TinyViT safetensors."""
+  checkpoint = formats.export(model=str(model_dir),
+                              export_format=config_lib.SAM_CHECKPOINT_FORMAT,
+                              output_dir=tmp / "sam_checkpoint")[0]
+  return _run_torch_side(torch_env, dict(
+      kind="mobile_sam", model_dir=str(model_dir), inputs=str(inputs),
+      tf_outputs=str(outputs), sam_checkpoint=str(checkpoint),
+      image_encoder=str(model_dir / pretrained.TORCH_IMAGE_ENCODER),
+      mobile_sam_code=str(reference_code), checks=["hf", "sam_checkpoint", "image_encoder"]),
+      tmp)
+
+
 def test_mobile_sam_exports_segment_in_every_framework(tmp_path, reference_code, torch_env):
   bundle = build.load_sam(config_lib.MOBILE_SAM_MODEL)
   model_dir, _ = _export(bundle, tmp_path)
   loaded = build.load_sam(str(model_dir))
   assert loaded.image_encoder is not None
-  root = datasets.named_dataset(config_lib.SAMPLE_DATASET, cache_root=fileio.default_cache_dir())
-  example = discovery.list_examples(root / "test" / "hela")[0]
-  image = reading.read_image(example.image_path)
-  labels = reading.read_mask(example.mask_path)
-  box = preprocess.boxes_from_labels(labels, reading.object_ids(labels)[:1])[0].tolist()
-  inputs, outputs = _inputs_and_tf_outputs(loaded, tmp_path, image, box)
+  image, box, inputs, outputs = _sample_case(loaded, tmp_path, "hela")
   # The stand-in ViT of the TFSamModel refuses pixel values instead of segmenting wrong.
   sam = TFSamModel.from_pretrained(str(model_dir))
   with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
     sam(pixel_values=tf.constant(np.load(inputs)["pixel_values"]),
         input_boxes=tf.constant(np.load(inputs)["boxes"]))
-  checkpoint = formats.export(model=str(model_dir),
-                              export_format=config_lib.SAM_CHECKPOINT_FORMAT,
-                              output_dir=tmp_path / "sam_checkpoint")[0]
-  result = _run_torch_side(torch_env, dict(
-      kind="mobile_sam", model_dir=str(model_dir), inputs=str(inputs),
-      tf_outputs=str(outputs), sam_checkpoint=str(checkpoint),
-      image_encoder=str(model_dir / pretrained.TORCH_IMAGE_ENCODER),
-      mobile_sam_code=str(reference_code), checks=["hf", "sam_checkpoint", "image_encoder"]),
-      tmp_path)
+  result = _mobile_sam_torch_checks(torch_env, model_dir, inputs, outputs, reference_code,
+                                    tmp_path)
   hf = result["hf"]
   assert hf["loading_info"]["missing_keys"] == [] and hf["loading_info"]["unexpected_keys"] == []
   assert "Input image size (1024*1024) doesn't match model (16*16)" in hf["pixel_values_error"]
@@ -293,27 +307,15 @@ def test_mobile_sam_lora_export_is_the_adapted_model_everywhere(tmp_path, refere
                                       out_dir=tmp_path / "model", adapted=model)
   assert lora.load_adapter(model_dir / pretrained.ADAPTER_DIR).spec.targets == ("qkv", "mlp")
   loaded = build.load_sam(str(model_dir))
-  root = datasets.named_dataset(config_lib.SAMPLE_DATASET, cache_root=fileio.default_cache_dir())
-  example = discovery.list_examples(root / "test" / "bacteria")[0]
-  image = reading.read_image(example.image_path)
-  labels = reading.read_mask(example.mask_path)
-  box = preprocess.boxes_from_labels(labels, reading.object_ids(labels)[:1])[0].tolist()
-  inputs, outputs = _inputs_and_tf_outputs(loaded, tmp_path, image, box)
+  _, _, inputs, outputs = _sample_case(loaded, tmp_path, "bacteria")
   pixels = tf.constant(np.load(inputs)["pixel_values"])
   unmerged = model.embed({"pixel_values": pixels}).numpy()
   merged = np.load(outputs)["embeddings"]
   base = bundle.encoder_fn()(pixels).numpy()
   assert np.abs(unmerged - base).max() > 1e-2  # The adapters change the embeddings...
   np.testing.assert_allclose(merged, unmerged, atol=1e-5 * np.abs(unmerged).max())  # ...merged.
-  checkpoint = formats.export(model=str(model_dir),
-                              export_format=config_lib.SAM_CHECKPOINT_FORMAT,
-                              output_dir=tmp_path / "sam_checkpoint")[0]
-  result = _run_torch_side(torch_env, dict(
-      kind="mobile_sam", model_dir=str(model_dir), inputs=str(inputs),
-      tf_outputs=str(outputs), sam_checkpoint=str(checkpoint),
-      image_encoder=str(model_dir / pretrained.TORCH_IMAGE_ENCODER),
-      mobile_sam_code=str(reference_code), checks=["hf", "sam_checkpoint", "image_encoder"]),
-      tmp_path)
+  result = _mobile_sam_torch_checks(torch_env, model_dir, inputs, outputs, reference_code,
+                                    tmp_path)
   _assert_close(result["hf"]["pred_masks"], "transformers SamModel masks (LoRA export)")
   for name in ("sam_checkpoint", "image_encoder"):
     assert result[name]["load"] == "<All keys matched successfully>", result[name]["load"]

@@ -109,6 +109,21 @@ def test_two_rounds_equal_the_cpp_worker(tiny_task_inputs):
       task.training_process.next)
 
 
+def _round_under_both(task, clients):
+  """Round 1 of `task` under the C++ worker and under tf: equal weights (1e-6) and
+  training metrics (4 examples); returns the C++ worker's result."""
+  ids = [pipeline.round_client_id(c, 1) for c in clients]
+  cpp = task.training_process.next(task.initial_state, ids)
+  with _installed(tf_execution.TensorFlowExecutionContext()):
+    mine = task.training_process.next(task.initial_state, ids)
+  assert _max_abs_difference(mine.state.global_model_weights,
+                             cpp.state.global_model_weights) <= 1e-6
+  train, cpp_train = mine.metrics["client_work"]["train"], cpp.metrics["client_work"]["train"]
+  assert train["num_examples"] == cpp_train["num_examples"] == 4
+  assert train["loss"] == pytest.approx(cpp_train["loss"], rel=1e-6)
+  return cpp
+
+
 def _client_records(bundle, clients, data, tmp, folder: str, **kind) -> None:
   """The clients' records of another kind (`cache.build_records`'s `online` or
   `feature_start`) and their manifests in `tmp / folder`."""
@@ -130,17 +145,9 @@ def test_online_round_equals_the_cpp_worker(tiny_task_inputs, reference_data):
                                 client_optimizer="sgd", client_lr=0.5, seed=0)
   task = tasks.build_task(config=config, bundle=bundle, client_ids=clients,
                           manifest_dir=tmp / "online_clients")
-  ids = [pipeline.round_client_id(c, 1) for c in clients]
-  cpp = task.training_process.next(task.initial_state, ids)
-  with _installed(tf_execution.TensorFlowExecutionContext()):
-    mine = task.training_process.next(task.initial_state, ids)
-  assert _max_abs_difference(mine.state.global_model_weights,
-                             cpp.state.global_model_weights) <= 1e-6
+  cpp = _round_under_both(task, clients)
   assert _max_abs_difference(cpp.state.global_model_weights,
                              task.initial_state.global_model_weights) > 1e-3
-  train, cpp_train = mine.metrics["client_work"]["train"], cpp.metrics["client_work"]["train"]
-  assert train["num_examples"] == cpp_train["num_examples"] == 4
-  assert train["loss"] == pytest.approx(cpp_train["loss"], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -155,19 +162,11 @@ def test_lora_round_equals_the_cpp_worker(tiny_task_inputs, reference_data):
   task = tasks.build_task(config=config, bundle=bundle, client_ids=clients,
                           manifest_dir=tmp / "feature_clients",
                           site_weights=adapted.write_site_weights(bundle, cache_root=tmp))
-  ids = [pipeline.round_client_id(c, 1) for c in clients]
-  cpp = task.training_process.next(task.initial_state, ids)
-  with _installed(tf_execution.TensorFlowExecutionContext()):
-    mine = task.training_process.next(task.initial_state, ids)
-  assert _max_abs_difference(mine.state.global_model_weights,
-                             cpp.state.global_model_weights) <= 1e-6
+  cpp = _round_under_both(task, clients)
   moved = {id(w): float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for w, a, b in zip(
       task.model.trainable_weights, cpp.state.global_model_weights.trainable,
       task.initial_state.global_model_weights.trainable, strict=True)}
   assert min(moved[id(a.layer.lora_b)] for a in task.model.adapters) > 0  # Every B moved.
-  train, cpp_train = mine.metrics["client_work"]["train"], cpp.metrics["client_work"]["train"]
-  assert train["num_examples"] == cpp_train["num_examples"] == 4
-  assert train["loss"] == pytest.approx(cpp_train["loss"], rel=1e-6)
 
 
 def test_flatten_and_pack_follow_the_type():
