@@ -59,6 +59,19 @@ ADAPTERS = (NO_ADAPTER, LORA_ADAPTER)
 LORA_TARGETS = ("qkv", "proj", "mlp")
 # The settings of the adapters themselves (meaningful with `adapter=lora` only).
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets")
+# Federated algorithms (`--algorithm`): FedAvg, or FedProx (a proximal term
+# `proximal_strength / 2 * ||w - w_global||^2` in each client's loss).
+FEDAVG = "fedavg"
+FEDPROX = "fedprox"
+ALGORITHMS = (FEDAVG, FEDPROX)
+# Compression of the clients' updates (`--update_compression`): none, or TFF's uniform
+# 8-bit quantization of every tensor of 20,000 or more values (`EncodedSumFactory`).
+NO_COMPRESSION = "none"
+INT8_COMPRESSION = "int8"
+UPDATE_COMPRESSIONS = (NO_COMPRESSION, INT8_COMPRESSION)
+# Differential privacy's settings other than the noise multiplier (meaningful only
+# with `dp_noise_multiplier > 0`).
+DP_SETTINGS = ("dp_clip_norm", "dp_target_quantile", "dp_delta")
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("dice_ce", "bce", "focal_dice")
 SERVER_OPTIMIZERS = ("sgd", "adam")
@@ -205,6 +218,20 @@ class RunConfig:
   clipping: bool = True
   clipping_quantile: float = 0.8
   clipping_initial_norm: float = 1.0
+  # Privacy and communication (`tff_sam.federated.privacy`, `aggregation`).
+  algorithm: str = FEDAVG
+  proximal_strength: float = 0.0
+  # Client-level differential privacy: Gaussian noise of `dp_noise_multiplier` x the
+  # clipping norm on the sum of clipped updates (0 = off); clipping fixed at
+  # `dp_clip_norm` (> 0) or adaptive, tracking `dp_target_quantile`; epsilon at
+  # `dp_delta` (0 = 1 / N^1.1 for N clients).
+  dp_noise_multiplier: float = 0.0
+  dp_clip_norm: float = 0.0
+  dp_target_quantile: float = 0.5
+  dp_delta: float = 0.0
+  # Sum the updates with TFF's secure aggregation (`SecureSumFactory`).
+  secure_aggregation: bool = False
+  update_compression: str = NO_COMPRESSION
   # Execution: where TFF runs the computations (`EXECUTIONS`).
   execution: str = CPP_EXECUTION
   # `host:port` of TFF workers on other machines (`python -m tff_sam.experiments.worker`);
@@ -259,6 +286,7 @@ class RunConfig:
     errors.require(self.prompts_per_image >= 1, "prompts_per_image", f"must be >= 1, got {self.prompts_per_image}")
     errors.require(bool(self.model), "model", "must be set (mobile_sam, a hub id or a local directory)")
     self._validate_adapter()
+    self._validate_privacy()
     errors.require(self.encode_batch_size >= 1, "encode_batch_size", f"must be >= 1, got {self.encode_batch_size}")
     errors.require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
     errors.require(self.clients_per_round >= 1, "clients_per_round", f"must be >= 1, got {self.clients_per_round}")
@@ -300,6 +328,45 @@ class RunConfig:
                    f"must be 1 with --pool_clients (one pooled client), got {self.clients_per_round}")
     errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     return self
+
+  @property
+  def differential_privacy(self) -> bool:
+    return self.dp_noise_multiplier > 0
+
+  def _validate_privacy(self) -> None:
+    errors.require(self.algorithm in ALGORITHMS, "algorithm",
+                   f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
+    errors.require(self.proximal_strength >= 0, "proximal_strength",
+                   f"must be >= 0, got {self.proximal_strength:g}")
+    errors.require(self.algorithm == FEDPROX or self.proximal_strength == 0,
+                   "proximal_strength", f"is set but --algorithm={self.algorithm}; add "
+                   f"--algorithm={FEDPROX} (or drop --proximal_strength)")
+    errors.require(self.dp_noise_multiplier >= 0, "dp_noise_multiplier",
+                   f"must be >= 0 (0 = no differential privacy), got {self.dp_noise_multiplier:g}")
+    errors.require(self.dp_clip_norm >= 0, "dp_clip_norm",
+                   f"must be >= 0 (0 = adaptive clipping), got {self.dp_clip_norm:g}")
+    errors.require(0 < self.dp_target_quantile < 1, "dp_target_quantile",
+                   f"must be in (0, 1), got {self.dp_target_quantile:g}")
+    errors.require(0 <= self.dp_delta < 1, "dp_delta",
+                   f"must be in [0, 1) (0 = 1 / N^1.1), got {self.dp_delta:g}")
+    if not self.differential_privacy:
+      defaults = {f.name: f.default for f in dataclasses.fields(self)}
+      for flag in DP_SETTINGS:
+        errors.require(getattr(self, flag) == defaults[flag], flag,
+                       "is set but differential privacy is off; add --dp_noise_multiplier=Z "
+                       f"(Z > 0) or drop --{flag}")
+    errors.require(self.update_compression in UPDATE_COMPRESSIONS, "update_compression",
+                   f"must be one of {UPDATE_COMPRESSIONS}, got {self.update_compression!r}")
+    errors.require(not (self.secure_aggregation and self.differential_privacy),
+                   "secure_aggregation", "cannot be combined with --dp_noise_multiplier "
+                   "here: central DP adds its noise to the sum the server sees (TFF's "
+                   "distributed DP, ddp_secure_aggregator, is the combination; not built)")
+    errors.require(self.update_compression == NO_COMPRESSION or not self.secure_aggregation,
+                   "update_compression", "cannot be combined with --secure_aggregation (the "
+                   "secure sum quantizes the updates itself)")
+    errors.require(self.update_compression == NO_COMPRESSION or not self.differential_privacy,
+                   "update_compression", "cannot be combined with --dp_noise_multiplier here "
+                   "(the DP sum is of float clipped updates; compressing them is not built)")
 
   def _validate_adapter(self) -> None:
     errors.require(self.adapter in ADAPTERS, "adapter",

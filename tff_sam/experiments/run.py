@@ -122,6 +122,32 @@ flags.DEFINE_float("clipping_quantile", _F["clipping_quantile"],
                    "Quantile of clients' update L2 norms the clipping norm tracks.")
 flags.DEFINE_float("clipping_initial_norm", _F["clipping_initial_norm"],
                    "Starting L2 clipping norm.")
+# Privacy and communication.
+flags.DEFINE_enum("algorithm", _F["algorithm"], config_lib.ALGORITHMS,
+                  "fedavg, or fedprox: each client's loss gains --proximal_strength / 2 x the "
+                  "squared distance of its weights to the round's global model.")
+flags.DEFINE_float("proximal_strength", _F["proximal_strength"],
+                   "--algorithm=fedprox: the proximal term's strength mu (>= 0; 0 = FedAvg).")
+flags.DEFINE_float("dp_noise_multiplier", _F["dp_noise_multiplier"],
+                   "Client-level differential privacy (DP-FedAvg, TFF's "
+                   "DifferentiallyPrivateFactory): Gaussian noise of this many clipping norms "
+                   "on the sum of the clipped updates; every client counts once. 0 = off. The "
+                   "epsilon spent is reported every round (dp_epsilon).")
+flags.DEFINE_float("dp_clip_norm", _F["dp_clip_norm"],
+                   "DP: fixed L2 clipping norm of each client's update; 0 = adaptive clipping "
+                   "(tracks --dp_target_quantile, starting at --clipping_initial_norm).")
+flags.DEFINE_float("dp_target_quantile", _F["dp_target_quantile"],
+                   "DP with adaptive clipping: the quantile of the clients' update norms the "
+                   "clipping norm tracks.")
+flags.DEFINE_float("dp_delta", _F["dp_delta"],
+                   "DP: the delta of the reported (epsilon, delta); 0 = 1 / N^1.1 for N clients.")
+flags.DEFINE_boolean("secure_aggregation", _F["secure_aggregation"],
+                     "Sum the clients' updates with TFF's secure aggregation (SecureSumFactory: "
+                     "values bounded and quantized to integers, summed so the server only sees "
+                     "the total). Runs under --execution=cpp; tf refuses it before round 1.")
+flags.DEFINE_enum("update_compression", _F["update_compression"], config_lib.UPDATE_COMPRESSIONS,
+                  "Compress the clients' uploads: none, or int8 (TFF's uniform 8-bit "
+                  "quantization of every tensor of 20,000+ values, about a quarter of the bytes).")
 # Execution.
 flags.DEFINE_enum("execution", "auto", ("auto",) + config_lib.EXECUTIONS,
                   "Where TFF runs the rounds: cpp = TFF's C++ worker (CPU only); tf = TFF's "
@@ -175,6 +201,9 @@ HELP_GROUPS = (
         "rounds", "clients_per_round", "clients_per_subround", "server_optimizer", "server_lr",
         "zeroing", "zeroing_quantile", "zeroing_multiplier", "clipping", "clipping_quantile",
         "clipping_initial_norm", "execution", "workers", "worker_timeout")),
+    ("privacy and communication", ("algorithm", "proximal_strength", "dp_noise_multiplier",
+                                   "dp_clip_norm", "dp_target_quantile", "dp_delta",
+                                   "secure_aggregation", "update_compression")),
     ("evaluation", ("eval_every", "eval_max_objects", "eval_prompt", "eval_corrections",
                     "keep_best")),
     ("output", ("output_dir", "fresh")),

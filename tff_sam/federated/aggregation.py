@@ -1,4 +1,4 @@
-"""The model aggregator: weighted mean with robust zeroing and clipping.
+"""The model aggregator: mean with robust zeroing and clipping, and what the wire sees.
 
 Robust aggregation (`build_model_aggregator`, on by default) protects the global
 model from bad clients, in three layers, outermost first:
@@ -14,9 +14,27 @@ model from bad clients, in three layers, outermost first:
 
 The thresholds adapt with TFF's no-noise `PrivateQuantileEstimationProcess`, as in
 `tff.learning.robust_aggregator` (whose rates this module keeps).
+
+Inside the mean, the sum over clients is one of (`build_model_aggregator`):
+
+* plain (TFF's `SumFactory`);
+* `secure_aggregation`: TFF's `SecureSumFactory` (`federated_secure_sum_bitwidth`),
+  as `tff.learning.secure_aggregator` composes it: each weighted value clipped to
+  an adaptive per-coordinate bound (the 95th percentile of clients' max-abs values,
+  x2, estimated through secure sums too) and quantized to 32-bit integers; the
+  example weights to [0, 2^20 - 1]; the robust layers' counts and quantile estimates
+  go through secure sums as well;
+* `update_compression="int8"`: TFF's `EncodedSumFactory.quantize_above_threshold`:
+  every tensor of 20,000 or more values uniformly quantized to 8 bits and bit-packed
+  (the clients upload about a quarter of the bytes; `tff.learning.compression_aggregator`);
+* with differential privacy (`dp_factory`, `tff_sam.federated.privacy`): TFF's
+  `DifferentiallyPrivateFactory`, an unweighted mean of clipped updates plus Gaussian
+  noise, which replaces the clipping layer (it clips itself); zeroing stays outside
+  it, as in `tff.learning.dp_aggregator`.
 """
 
 import collections
+import functools
 import math
 from typing import Any, Optional
 
@@ -29,6 +47,16 @@ ZEROING_INITIAL = 10.0
 ZEROING_RATE = math.log(10.0)
 ZEROING_INCREMENT = 1.0
 CLIPPING_RATE = 0.2
+# `tff.learning.secure_aggregator`'s bounds: the per-coordinate bound's estimate and the
+# largest example weight a client may send through the secure sum.
+SECURE_BOUND_INITIAL = 50.0
+SECURE_BOUND_QUANTILE = 0.95
+SECURE_BOUND_RATE = 1.0
+SECURE_BOUND_MULTIPLIER = 2.0
+SECURE_MAX_WEIGHT = float(2**20 - 1)
+# `tff.learning.compression_aggregator`'s quantization.
+QUANTIZATION_BITS = 8
+QUANTIZATION_THRESHOLD = 20000
 
 
 class NonFiniteCounting(tff.aggregators.WeightedAggregationFactory):
@@ -68,36 +96,77 @@ class NonFiniteCounting(tff.aggregators.WeightedAggregationFactory):
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
+def _mean(*, secure_aggregation: bool, update_compression: str, estimate):
+  """The weighted mean with the sum of the module docstring."""
+  if secure_aggregation:
+    bound = estimate(initial_estimate=SECURE_BOUND_INITIAL,
+                     target_quantile=SECURE_BOUND_QUANTILE, learning_rate=SECURE_BOUND_RATE,
+                     multiplier=SECURE_BOUND_MULTIPLIER)
+    return tff.aggregators.MeanFactory(
+        value_sum_factory=tff.aggregators.SecureSumFactory(bound),
+        weight_sum_factory=tff.aggregators.SecureSumFactory(
+            upper_bound_threshold=SECURE_MAX_WEIGHT, lower_bound_threshold=0.0))
+  if update_compression == "int8":
+    return tff.aggregators.MeanFactory(
+        value_sum_factory=tff.aggregators.EncodedSumFactory.quantize_above_threshold(
+            quantization_bits=QUANTIZATION_BITS, threshold=QUANTIZATION_THRESHOLD))
+  if update_compression != "none":
+    raise ValueError(f"unknown update compression {update_compression!r}")
+  return tff.aggregators.MeanFactory()
+
+
 def build_model_aggregator(*, zeroing: bool = True, zeroing_quantile: float = 0.98,
                            zeroing_multiplier: float = 2.0, clipping: bool = True,
                            clipping_quantile: float = 0.8,
-                           clipping_initial_norm: float = 1.0):
-  """The weighted-mean model aggregator with robust zeroing and clipping.
+                           clipping_initial_norm: float = 1.0,
+                           secure_aggregation: bool = False, update_compression: str = "none",
+                           dp_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None):
+  """The model aggregator with robust zeroing and clipping (module docstring).
 
   Args:
     zeroing: Zero out updates with an extreme max-abs value.
     zeroing_quantile: Quantile of clients' max-abs values the threshold tracks.
     zeroing_multiplier: Threshold = multiplier x that quantile + 1.
-    clipping: Clip updates to an adaptive L2 norm.
+    clipping: Clip updates to an adaptive L2 norm (without `dp_factory`).
     clipping_quantile: Quantile of clients' L2 norms the clipping norm tracks.
     clipping_initial_norm: Starting clipping norm.
+    secure_aggregation: Sum through TFF's secure sum (counts and estimates too).
+    update_compression: `none` or `int8`.
+    dp_factory: A differentially private (unweighted) mean, which replaces the
+      clipping layer and the mean (`privacy.build_dp_factory`).
 
   Returns:
-    A `tff.aggregators.WeightedAggregationFactory` (see the module docstring).
+    A `tff.aggregators.WeightedAggregationFactory`, or an unweighted one with
+    `dp_factory` (FedAvg is then unweighted: every client counts once).
   """
-  estimate = tff.aggregators.PrivateQuantileEstimationProcess.no_noise
-  factory = tff.aggregators.MeanFactory()
-  if clipping:
-    factory = tff.aggregators.clipping_factory(
-        estimate(initial_estimate=clipping_initial_norm, target_quantile=clipping_quantile,
-                 learning_rate=CLIPPING_RATE),
-        factory)
+  estimate = functools.partial(tff.aggregators.PrivateQuantileEstimationProcess.no_noise,
+                               secure_estimation=secure_aggregation)
+  count_sum = ({"upper_bound_threshold": 1, "lower_bound_threshold": 0}
+               if secure_aggregation else None)
+
+  def counted(layer, *args):
+    if count_sum is None:
+      return layer(*args)
+    name = ("zeroed_count_sum_factory" if layer is tff.aggregators.zeroing_factory
+            else "clipped_count_sum_factory")
+    return layer(*args, **{name: tff.aggregators.SecureSumFactory(**count_sum)})
+
+  if dp_factory is not None:
+    factory = dp_factory
+  else:
+    factory = _mean(secure_aggregation=secure_aggregation,
+                    update_compression=update_compression, estimate=estimate)
+    if clipping:
+      factory = counted(tff.aggregators.clipping_factory, estimate(
+          initial_estimate=clipping_initial_norm, target_quantile=clipping_quantile,
+          learning_rate=CLIPPING_RATE), factory)
   if zeroing:
-    factory = tff.aggregators.zeroing_factory(
-        estimate(initial_estimate=ZEROING_INITIAL, target_quantile=zeroing_quantile,
-                 learning_rate=ZEROING_RATE, multiplier=zeroing_multiplier,
-                 increment=ZEROING_INCREMENT),
-        factory)
+    factory = counted(tff.aggregators.zeroing_factory, estimate(
+        initial_estimate=ZEROING_INITIAL, target_quantile=zeroing_quantile,
+        learning_rate=ZEROING_RATE, multiplier=zeroing_multiplier,
+        increment=ZEROING_INCREMENT), factory)
+  if dp_factory is not None:
+    return factory
   return NonFiniteCounting(factory)
 
 
@@ -116,8 +185,10 @@ def aggregation_metrics(measurements: Any) -> dict[str, Optional[float]]:
     `AGGREGATION_METRICS` -> value; None for a disabled layer.
   """
   out = dict.fromkeys(AGGREGATION_METRICS)
-  out["nonfinite_clients"] = int(measurements["nonfinite_clients"])
-  level = measurements["robust"]
+  level = measurements
+  if "nonfinite_clients" in measurements:  # Weighted (no DP): `NonFiniteCounting`.
+    out["nonfinite_clients"] = int(measurements["nonfinite_clients"])
+    level = measurements["robust"]
   if "zeroed_count" in level:
     out["zeroed_clients"] = int(level["zeroed_count"])
     out["zeroing_norm"] = float(level["zeroing_norm"])
@@ -125,4 +196,8 @@ def aggregation_metrics(measurements: Any) -> dict[str, Optional[float]]:
   if "clipped_count" in level:
     out["clipped_clients"] = int(level["clipped_count"])
     out["clipping_norm"] = float(level["clipping_norm"])
+  if "dp_query_metrics" in level:  # The DP mean: its (fixed or adaptive) clipping norm.
+    query = level["dp_query_metrics"]
+    if "clip" in query:
+      out["clipping_norm"] = float(query["clip"])
   return out

@@ -61,7 +61,14 @@ def compile_for_cpp_worker(comp: tff.framework.ConcreteComputation
   computation's first call (tiny model 21.4 s -> 6.8 s without it; MobileSAM decoder
   67 s -> 32 s) and the rounds are no slower without it (19-22 s vs 17-21 s per
   MobileSAM round; identical losses). Everything else is TFF's pipeline unchanged.
+
+  TFF's runtime has no cryptographic secure-sum protocol: a computation using
+  `federated_secure_sum*` (`--secure_aggregation`) first gets TFF's own simulation
+  bodies for them (`tff.backends.test.replace_secure_intrinsics_with_bodies`, what
+  TFF's test contexts run): the same bounded, quantized integer sums, with each
+  client's value checked against the bound, summed in the clear.
   """
+  comp = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
   desugared, _ = tff.tensorflow.replace_intrinsics_with_bodies(comp.to_building_block())
   return tff.backends.native.transform_to_native_form(
       tff.framework.ConcreteComputation(computation_proto=desugared.proto,

@@ -80,12 +80,15 @@ def build_optimizer(name: str, learning_rate: float):
 def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
                            server_lr: float, client_optimizer: str = "adam",
                            model_aggregator=None,
-                           loop_implementation: str = "dataset_iterator"):
-  """Weighted FedAvg (`tff.learning.algorithms.build_weighted_fed_avg`).
+                           loop_implementation: str = "dataset_iterator",
+                           algorithm: str = "fedavg", proximal_strength: float = 0.0):
+  """FedAvg or FedProx (`tff.learning.algorithms.build_{weighted,unweighted}_fed_{avg,prox}`).
 
   Clients run `client_optimizer` (Adam by default) at `client_lr` for their local
-  epochs; the server applies the example-weighted mean update with
-  `server_optimizer` at `server_lr`. The client loop iterates the dataset
+  epochs; the server applies the mean update with `server_optimizer` at
+  `server_lr`. The mean is example-weighted, unless `model_aggregator` is an
+  unweighted factory (differential privacy): then every client counts once.
+  FedProx adds `proximal_strength / 2 * ||w - w_global||^2` to each client's loss. The client loop iterates the dataset
   (`LoopImplementation.DATASET_ITERATOR`): TFF's default `dataset.reduce` loop
   measured several times slower per round and, in online mode at ViT-B size, about
   twice the worker memory (BENCHMARKS.md).
@@ -101,13 +104,23 @@ def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
     loop_implementation: The client loop, a `tff.learning.LoopImplementation` name
       in lower case (`dataset_iterator`, or TFF's default `dataset_reduce`, which the
       benchmark compares against).
+    algorithm: `fedavg` or `fedprox`.
+    proximal_strength: FedProx's mu.
   """
-  return tff.learning.algorithms.build_weighted_fed_avg(
-      model_fn,
-      client_optimizer_fn=build_optimizer(client_optimizer, client_lr),
-      server_optimizer_fn=build_optimizer(server_optimizer, server_lr),
-      model_aggregator=model_aggregator or aggregation.build_model_aggregator(),
-      loop_implementation=tff.learning.LoopImplementation[loop_implementation.upper()])
+  aggregator = model_aggregator or aggregation.build_model_aggregator()
+  weighted = not isinstance(aggregator, tff.aggregators.UnweightedAggregationFactory)
+  algorithms = tff.learning.algorithms
+  common = dict(client_optimizer_fn=build_optimizer(client_optimizer, client_lr),
+                server_optimizer_fn=build_optimizer(server_optimizer, server_lr),
+                model_aggregator=aggregator,
+                loop_implementation=tff.learning.LoopImplementation[loop_implementation.upper()])
+  if algorithm == "fedprox":
+    build = algorithms.build_weighted_fed_prox if weighted else algorithms.build_unweighted_fed_prox
+    return build(model_fn, proximal_strength=proximal_strength, **common)
+  if algorithm != "fedavg":
+    raise ValueError(f"unknown algorithm {algorithm!r}")
+  build = algorithms.build_weighted_fed_avg if weighted else algorithms.build_unweighted_fed_avg
+  return build(model_fn, **common)
 
 
 def build_evaluation_process(*, model_fn):

@@ -51,6 +51,7 @@ from tff_sam.export import pretrained
 from tff_sam.federated import aggregation
 from tff_sam.federated import best_model
 from tff_sam.federated import execution
+from tff_sam.federated import privacy
 from tff_sam.federated import processes
 from tff_sam.federated import program_logic
 from tff_sam.federated import progress as progress_lib
@@ -81,6 +82,8 @@ METRIC_DOCS = {
     "clipped_clients": "clients whose update was clipped to the clipping norm",
     "zeroing_norm": "zeroing threshold (max-abs) used this round",
     "clipping_norm": "L2 clipping norm used this round",
+    "dp_epsilon": "with --dp_noise_multiplier: the privacy spent so far, epsilon at "
+                  "summary.json's privacy.delta (RDP accountant)",
     "seconds": "wall time of the round, evaluation included",
 }
 
@@ -448,16 +451,35 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
           "(--keep_best)")
     return {**_central_metrics(result, eval_clients), **task.federated_evaluation(state)}
 
+  epsilon_of, privacy_setup = None, {}  # rounds -> epsilon, with differential privacy.
+  if config.differential_privacy:
+    privacy_setup = privacy.describe(config, num_clients=len(client_ids))
+    epsilon_of = privacy.epsilon_fn(
+        noise_multiplier=config.dp_noise_multiplier,
+        clients_per_round=min(config.clients_per_round, len(client_ids)),
+        num_clients=len(client_ids), delta=privacy_setup["delta"])
+    log(privacy_setup.pop("line"))
+  if config.secure_aggregation:
+    heaviest = max(counts[c] for c in client_ids) * config.local_epochs
+    errors.require(heaviest <= aggregation.SECURE_MAX_WEIGHT, "secure_aggregation",
+                   f"a client trains on {heaviest} examples per round, more than the secure "
+                   f"sum's example-weight bound {aggregation.SECURE_MAX_WEIGHT:.0f}")
+  round_of = {"n": 0}  # The round being trained (for its epsilon).
+
   def select(round_num: int) -> list[str]:
     progress["section"] = f"round {round_num}"
+    round_of["n"] = round_num
     sampled = sample_clients(client_ids, round_num=round_num,
                              clients_per_round=config.clients_per_round, seed=config.seed)
     return [pipeline.round_client_id(c, round_num) for c in sampled]
 
   def train_metrics(result) -> dict:
     train = result.metrics["client_work"]["train"]
-    return {"train_loss": float(train["loss"]), "train_dice": float(train["dice"]),
-            **aggregation.aggregation_metrics(result.metrics["aggregator"])}
+    row = {"train_loss": float(train["loss"]), "train_dice": float(train["dice"]),
+           **aggregation.aggregation_metrics(result.metrics["aggregator"])}
+    if epsilon_of is not None:
+      row["dp_epsilon"] = epsilon_of(round_of["n"])
+    return row
 
   def on_round(round_num: int, row: dict) -> None:
     log(progress_lib.round_line(round_num, row, total=config.rounds, num_objects=evaluator.num_objects))
@@ -517,6 +539,8 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
       "evaluation_clients": eval_clients,
       "federated_evaluation_clients": fed_clients,
       "rounds": config.rounds,
+      **({"privacy": {**privacy_setup, "epsilon": epsilon_of(config.rounds)}}
+         if epsilon_of is not None else {}),
       "clients": counts,
       "cache": vars(records.stats),
       "overlays": [str(p.relative_to(out)) for p in overlays],

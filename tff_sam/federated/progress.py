@@ -121,9 +121,11 @@ def round_line(round_num: int, row: dict, *, total: int, num_objects: int) -> st
             f"iou {row['test_iou']:.4f}  mSA {_fmt(row.get('test_msa'))}  ({num_objects} objects)  "
             f"federated eval dice {_fmt(row['fed_eval_dice'])}")
   robust = "  ".join(f"{k.split('_')[0]} {row[k]}" for k in
-                     ("nonfinite_clients", "zeroed_clients", "clipped_clients") if row[k])
+                     ("nonfinite_clients", "zeroed_clients", "clipped_clients") if row.get(k))
+  epsilon = row.get("dp_epsilon")
   return (f"round {round_num}/{total}  loss {row['train_loss']:.4f}  "
           f"test dice {_fmt(row['test_dice'])}  iou {_fmt(row['test_iou'])}  "
           f"mSA {_fmt(row.get('test_msa'))}  "
           f"fed eval dice {_fmt(row['fed_eval_dice'])}  ({row['seconds']:.1f} s)"
+          + (f"  DP epsilon {epsilon:.3g}" if epsilon is not None else "")
           + (f"  robust aggregation: {robust}" if robust else ""))

@@ -31,6 +31,7 @@ from tff_sam import config as config_lib
 from tff_sam.data import pipeline
 from tff_sam.data import preprocess
 from tff_sam.federated import aggregation
+from tff_sam.federated import privacy
 from tff_sam.federated import processes
 from tff_sam.models import adapted as adapted_lib
 from tff_sam.models import build
@@ -181,17 +182,27 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
   spec = _spec(config, manifest_dir=manifest_dir, **shapes,
                progress_dir=None if progress_dir is None else str(Path(progress_dir).resolve()))
   model_fn, client_data = model_fn_for(spec, client_ids)
+  dp_factory = None
+  if config.differential_privacy:
+    dp_factory = privacy.build_dp_factory(
+        noise_multiplier=config.dp_noise_multiplier,
+        clients_per_round=min(config.clients_per_round, len(client_ids)),
+        clip_norm=config.dp_clip_norm, target_quantile=config.dp_target_quantile,
+        initial_norm=config.clipping_initial_norm)
   aggregator = aggregation.build_model_aggregator(
       zeroing=config.zeroing, zeroing_quantile=config.zeroing_quantile,
       zeroing_multiplier=config.zeroing_multiplier, clipping=config.clipping,
       clipping_quantile=config.clipping_quantile,
-      clipping_initial_norm=config.clipping_initial_norm)
+      clipping_initial_norm=config.clipping_initial_norm,
+      secure_aggregation=config.secure_aggregation,
+      update_compression=config.update_compression, dp_factory=dp_factory)
   training_process = processes.compose_with_client_data(
       processes.build_training_process(
           model_fn=model_fn, client_optimizer=config.client_optimizer,
           client_lr=config.client_lr,
           server_optimizer=config.server_optimizer, server_lr=config.server_lr,
-          model_aggregator=aggregator, loop_implementation=loop_implementation),
+          model_aggregator=aggregator, loop_implementation=loop_implementation,
+          algorithm=config.algorithm, proximal_strength=config.proximal_strength),
       client_data)
   evaluation_process, eval_spec = None, None
   if evaluation_clients:
