@@ -65,10 +65,10 @@ FEDAVG = "fedavg"
 FEDPROX = "fedprox"
 ALGORITHMS = (FEDAVG, FEDPROX)
 # Compression of the clients' updates (`--update_compression`): none, or TFF's uniform
-# 8-bit quantization of every tensor of 20,000 or more values (`EncodedSumFactory`).
+# quantization of every tensor to this many bits (`EncodedSumFactory`).
 NO_COMPRESSION = "none"
-INT8_COMPRESSION = "int8"
-UPDATE_COMPRESSIONS = (NO_COMPRESSION, INT8_COMPRESSION)
+QUANTIZATION_BITS = {"int8": 8, "int4": 4}
+UPDATE_COMPRESSIONS = (NO_COMPRESSION, *QUANTIZATION_BITS)
 # Differential privacy's settings other than the noise multiplier (meaningful only
 # with `dp_noise_multiplier > 0`).
 DP_SETTINGS = ("dp_clip_norm", "dp_target_quantile", "dp_delta")
@@ -361,6 +361,10 @@ class RunConfig:
                    "secure_aggregation", "cannot be combined with --dp_noise_multiplier "
                    "here: central DP adds its noise to the sum the server sees (TFF's "
                    "distributed DP, ddp_secure_aggregator, is the combination; not built)")
+    errors.require(not self.secure_aggregation or self.execution == CPP_EXECUTION,
+                   "secure_aggregation", f"runs under --execution={CPP_EXECUTION} only (TFF's "
+                   "simulation of the secure sum; the in-process tf execution has no secure-sum "
+                   f"components); drop --execution={self.execution}")
     errors.require(self.update_compression == NO_COMPRESSION or not self.secure_aggregation,
                    "update_compression", "cannot be combined with --secure_aggregation (the "
                    "secure sum quantizes the updates itself)")

@@ -2,8 +2,8 @@
 
 Read from the type signatures of the broadcast and aggregation intrinsics inside a
 process's `next` computation (`communication`), then tabulated for the cached
-(decoder-only), LoRA + decoder, online and (derived) full-model processes
-(`bytes_per_client_round`). Section 7's
+(decoder-only), LoRA + decoder, compressed (`--update_compression`), online and
+(derived) full-model processes (`bytes_per_client_round`). Section 7's
 bytes between this process and its `--workers` per round come from the type
 signatures of the round's `MergeableCompForm` (`worker_bytes_per_round`).
 """
@@ -126,7 +126,8 @@ def _intrinsic_calls(process: tff.learning.templates.LearningProcess,
   return calls
 
 
-def communication(process: tff.learning.templates.LearningProcess) -> dict[str, Any]:
+def communication(process: tff.learning.templates.LearningProcess, *,
+                  encoded_update: bool = False) -> dict[str, Any]:
   """Bytes each client receives and sends per round, from `process.next`'s intrinsics.
 
   Walks the building block of `process.next`: every broadcast intrinsic
@@ -134,7 +135,8 @@ def communication(process: tff.learning.templates.LearningProcess) -> dict[str, 
   aggregation intrinsic (`federated_sum`, `federated_mean`, ...) takes each client's
   value. The model's share is identified by type: the broadcast of the model weights
   (`process.get_model_weights`'s result type) and the aggregation of an update
-  shaped like the trainable weights.
+  shaped like the trainable weights, or, with `encoded_update` (compressed uploads),
+  the largest aggregation.
 
   Returns:
     `broadcast`, `upload` (totals), `broadcast_model`, `upload_update`, the rest
@@ -147,10 +149,15 @@ def communication(process: tff.learning.templates.LearningProcess) -> dict[str, 
   upload = sum(c["bytes"] for c in calls if c["direction"] == "upload")
   model_broadcast = [c for c in calls if c["direction"] == "broadcast" and c["model"]]
   model_upload = [c for c in calls if c["direction"] == "upload" and c["model"]]
+  update = type_bytes(weights_type.trainable)
+  if not model_upload and encoded_update:
+    # A compressed update travels encoded (quantized, packed): the largest upload.
+    model_upload = [max((c for c in calls if c["direction"] == "upload"),
+                        key=lambda c: c["bytes"])]
+    update = model_upload[0]["bytes"]
   if len(model_broadcast) != 1 or len(model_upload) != 1:
     raise ValueError(f"expected one model broadcast and one update aggregation, found "
                      f"{len(model_broadcast)} and {len(model_upload)}")
-  update = type_bytes(weights_type.trainable)
   return {"broadcast": broadcast, "upload": upload,
           "broadcast_model": model_broadcast[0]["bytes"], "upload_update": update,
           "broadcast_other": broadcast - model_broadcast[0]["bytes"],
@@ -169,7 +176,9 @@ def _mode(c: dict[str, Any], note: str) -> dict[str, Any]:
 
 def bytes_per_client_round(*, cached: dict[str, Any], online: Optional[dict[str, Any]],
                            parameters: dict[str, int], lora: Optional[dict[str, Any]] = None,
-                           lora_note: str = "") -> dict[str, Any]:
+                           lora_note: str = "",
+                           compressed: Optional[dict[str, dict[str, Any]]] = None
+                           ) -> dict[str, Any]:
   """The communication table: cached, LoRA + decoder, online and full-model fine-tuning.
 
   Full-model fine-tuning (every weight trained, as the published federated-SAM
@@ -203,4 +212,8 @@ def bytes_per_client_round(*, cached: dict[str, Any], online: Optional[dict[str,
                           "encoder's base weights stay on the sites (from the process's type "
                           "signatures)")
     table["intrinsics"]["lora"] = lora["intrinsics"]
+  for name, c in (compressed or {}).items():
+    table[name] = _mode(c, f"decoder-only with --update_compression={name}: the update "
+                        "uploaded quantized and bit-packed (from the process's type signatures)")
+    table["intrinsics"][name] = c["intrinsics"]
   return table

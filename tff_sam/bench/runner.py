@@ -217,7 +217,8 @@ def _workers_result(run: _Run, loops: dict[str, Loop], rounds: dict[str, dict[st
 
 def _communication_section(run: _Run, bundle: sam_lib.SamBundle, params: dict[str, int], *,
                            cached, online, clients: list[str]) -> dict[str, Any]:
-  """Section 4 from the cached and online (or None) processes and a LoRA + decoder one."""
+  """Section 4 from the cached and online (or None) processes, a LoRA + decoder one and
+  the compressed ones (`--update_compression`)."""
   config = run.config
   rank = config.lora_rank
   lora_config = dataclasses.replace(workload.task_config(config, run.work),
@@ -228,12 +229,21 @@ def _communication_section(run: _Run, bundle: sam_lib.SamBundle, params: dict[st
                           site_weights=adapted.write_site_weights(bundle,
                                                                   cache_root=run.work / "cache"),
                           loop_implementation=workload.client_loop(config.loop_implementation))
+  compressed = {}
+  for name in config_lib.QUANTIZATION_BITS:
+    task = tasks.build_task(
+        config=dataclasses.replace(workload.task_config(config, run.work),
+                                   update_compression=name),
+        bundle=bundle, client_ids=clients, manifest_dir=run.work / "manifests",
+        loop_implementation=workload.client_loop(config.loop_implementation))
+    compressed[name] = communication.communication(task.training_process, encoded_update=True)
   comm = communication.bytes_per_client_round(
       cached=communication.communication(cached),
       online=communication.communication(online) if online is not None else None,
       parameters=params,
       lora=communication.communication(lora.training_process),
-      lora_note=f"rank {rank} on {','.join(lora_config.lora_targets)}")
+      lora_note=f"rank {rank} on {','.join(lora_config.lora_targets)}",
+      compressed=compressed)
   if comm["cached"]["upload_update"] != 4 * params["trainable"]:
     raise RuntimeError("the update type does not match the trainable weights")
   return comm
@@ -276,6 +286,7 @@ def _run_adapter_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   gc.collect()
   result = {"bytes_per_client_round": comm,
             "lora_bytes_ratio": comm["lora"]["total"] / comm["cached"]["total"],
+            "int8_upload_mb": comm["int8"]["upload_update"] / 1e6,
             "adapter_cache": _adapter_section(run, bundle), "timings": run.timings,
             "machine": info, "config": config.to_dict(),
             "model": {"name": bundle.name, "parameters": params}}
@@ -319,6 +330,7 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
       "workers": workers,
       "bytes_per_client_round": comm,
       "lora_bytes_ratio": comm["lora"]["total"] / comm["cached"]["total"],
+      "int8_upload_mb": comm["int8"]["upload_update"] / 1e6,
       "adapter_cache": adapter_cache,
       "cache": {"online_round_s": online["mean_s"], "cached_round_s": cached["mean_s"],
                 "precompute_s": pre["precompute_s"],
