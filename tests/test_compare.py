@@ -89,6 +89,22 @@ def test_arms_can_be_chosen_and_fed_lora_needs_no_adapter_in_the_settings(tmp_pa
                       arms=("federated", "fedprox"))
 
 
+def test_arms_without_a_server_drop_privacy_and_compression(tmp_path):
+  base = _base(tmp_path, dp_noise_multiplier=1.0, dp_clip_norm=0.1, algorithm="fedprox",
+               proximal_strength=0.1, zeroing=False)
+  arms = {a.name: a.config for a in compare.plan_arms(
+      base, splits=_splits({"a": 2, "b": 2}), seeds=1, root=tmp_path / "c")}
+  for name in ("zero_shot", "local/a", "local/b", "centralized"):
+    assert not arms[name].differential_privacy and arms[name].dp_clip_norm == 0, name
+    assert arms[name].algorithm == "fedprox"  # The local algorithm stays.
+  for name in ("federated", "fed_lora"):
+    assert arms[name].dp_noise_multiplier == 1.0 and arms[name].dp_clip_norm == 0.1
+  secure = compare.plan_arms(_base(tmp_path, secure_aggregation=True, execution="cpp"),
+                             splits=_splits({"a": 2, "b": 2}), seeds=1, root=tmp_path / "c",
+                             arms=("local", "federated"))
+  assert [a.config.secure_aggregation for a in secure] == [False, False, True]
+
+
 def _summary(dice: float, by_client: dict[str, float]) -> dict:
   result = lambda d: {"dice": d, "iou": d / 2, "msa": d / 4, "sa50": d / 3}  # pylint: disable=g-long-lambda
   entry = {**result(dice), "by_client": {c: result(v) for c, v in by_client.items()}}

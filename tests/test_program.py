@@ -209,13 +209,15 @@ def test_cli_help_documents_every_flag_by_topic():
   headings = [line[:-1] for line in proc.stdout.splitlines()
               if line.endswith(":") and not line.startswith(" ")]
   assert headings == ["data", "model", "prompts", "training (on each client)",
-                      "federated (rounds and aggregation)", "evaluation", "output"]
+                      "federated (rounds and aggregation)", "privacy and communication",
+                      "evaluation", "output"]
   sections = re.split(r"\n(?=[a-z][^\n]*:\n)", proc.stdout)[1:]
   listed = [re.findall(r"^  --(?:\[no\])?(\w+):", part, re.M) for part in sections]
   flat = [name for names in listed for name in names]
   fields = {f.name for f in dataclasses.fields(config_lib.RunConfig)}
   assert len(flat) == len(set(flat)) and set(flat) == fields | {"fresh"}  # Each flag once.
   assert "data_dir" in listed[0] and "model" in listed[1] and "rounds" in listed[4]
+  assert "dp_noise_multiplier" in listed[5] and "secure_aggregation" in listed[5]
 
 
 def test_rounds_report_their_clients_as_they_finish(reference_run, reference_settings):

@@ -72,6 +72,10 @@ UPDATE_COMPRESSIONS = (NO_COMPRESSION, *QUANTIZATION_BITS)
 # Differential privacy's settings other than the noise multiplier (meaningful only
 # with `dp_noise_multiplier > 0`).
 DP_SETTINGS = ("dp_clip_norm", "dp_target_quantile", "dp_delta")
+# How clients' updates reach the server (privacy and compression): meaningless for a
+# run without a server (`compare`'s zero-shot, local-only and centralized arms).
+UPLOAD_SETTINGS = ("dp_noise_multiplier", *DP_SETTINGS, "secure_aggregation",
+                   "update_compression")
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("dice_ce", "bce", "focal_dice")
 SERVER_OPTIMIZERS = ("sgd", "adam")

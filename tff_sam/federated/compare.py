@@ -17,6 +17,10 @@
 
 `arms` chooses among `ARM_KINDS` (default all).
 
+The zero-shot, local-only and centralized arms have no server, so they run without
+the settings of how updates reach it (`config.UPLOAD_SETTINGS`: differential
+privacy, secure aggregation, compression); the federated arms keep them.
+
 Every arm is a real run of the program (`program.run_experiment`) in its own folder,
 with its own zero-shot round, training and evaluation; nothing is copied between arms,
 and a re-run resumes or skips the arms already done. Every arm is scored on the same
@@ -112,11 +116,14 @@ def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, se
     kinds.discard(FED_LORA)  # `federated` already has the adapters.
   images = {c: len(exs) for c, exs in splits.clients.items() if exs}
   sites = sorted(images)
+  # Arms without a server train and upload nothing privately: plain settings.
+  defaults = {f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)}
+  serverless = {name: defaults[name] for name in config_lib.UPLOAD_SETTINGS}
   planned = []
   for seed in range(base.seed, base.seed + seeds):
-    def arm(name, **changes):
+    def arm(name, server=True, **changes):
       config = dataclasses.replace(
-          base, seed=seed, output_dir=str(root / f"seed{seed}" / name.replace("/", "_")),
+          base, **({} if server else serverless), seed=seed, output_dir=str(root / f"seed{seed}" / name.replace("/", "_")),
           **changes).validate()
       sampled = {c: 0 for c in (config.train_clients or sites)}
       if config.pool_clients:
@@ -133,15 +140,15 @@ def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, se
 
     federated = arm(FEDERATED)
     if ZERO_SHOT in kinds:
-      planned.append(arm(ZERO_SHOT, rounds=0))
+      planned.append(arm(ZERO_SHOT, server=False, rounds=0))
     for site in sites if LOCAL in kinds else ():
       rounds = federated.steps[site] // _steps(images[site], base)
-      planned.append(arm(f"{LOCAL}/{site}", train_clients=(site,), clients_per_round=1,
-                         rounds=rounds))
+      planned.append(arm(f"{LOCAL}/{site}", server=False, train_clients=(site,),
+                         clients_per_round=1, rounds=rounds))
     if CENTRALIZED in kinds:
       total = sum(federated.steps.values())
       per_round = _steps(sum(images.values()), base)
-      planned.append(arm(CENTRALIZED, pool_clients=True, clients_per_round=1,
+      planned.append(arm(CENTRALIZED, server=False, pool_clients=True, clients_per_round=1,
                          rounds=max(1, round(total / per_round))))
     if FEDERATED in kinds:
       planned.append(federated)

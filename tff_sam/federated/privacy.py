@@ -104,7 +104,7 @@ def epsilon(*, noise_multiplier: float, sampling_rate: float, rounds: int,
   return float(accountant.get_epsilon(delta))
 
 
-def describe(config: config_lib.RunConfig, *, num_clients: int) -> dict[str, Any]:
+def describe_setup(config: config_lib.RunConfig, *, num_clients: int) -> dict[str, Any]:
   """A run's DP settings as `summary.json` holds them, and a `line` for the log."""
   m = min(config.clients_per_round, num_clients)
   delta = config.dp_delta or default_delta(num_clients)

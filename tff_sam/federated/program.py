@@ -453,7 +453,10 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
 
   epsilon_of, privacy_setup = None, {}  # rounds -> epsilon, with differential privacy.
   if config.differential_privacy:
-    privacy_setup = privacy.describe(config, num_clients=len(client_ids))
+    errors.require(len(client_ids) >= 2, "dp_noise_multiplier",
+                   f"client-level differential privacy needs at least 2 training clients, "
+                   f"got {len(client_ids)}: one client's data is the whole dataset")
+    privacy_setup = privacy.describe_setup(config, num_clients=len(client_ids))
     epsilon_of = privacy.epsilon_fn(
         noise_multiplier=config.dp_noise_multiplier,
         clients_per_round=min(config.clients_per_round, len(client_ids)),
@@ -479,6 +482,8 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
            **aggregation.aggregation_metrics(result.metrics["aggregator"])}
     if epsilon_of is not None:
       row["dp_epsilon"] = epsilon_of(round_of["n"])
+      if config.dp_clip_norm > 0:  # Fixed clipping: TFF's query reports no norm.
+        row["clipping_norm"] = config.dp_clip_norm
     return row
 
   def on_round(round_num: int, row: dict) -> None:
