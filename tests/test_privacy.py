@@ -22,6 +22,7 @@ from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.data import pipeline
 from tff_sam.federated import aggregation
+from tff_sam.federated import execution
 from tff_sam.federated import privacy
 from tff_sam.federated import program
 from tff_sam.federated import tasks
@@ -179,6 +180,22 @@ def test_secure_and_compressed_rounds_match_the_plain_round(bundle, tiny_clients
   assert 0 < error < moved / 20
   assert secure.metrics["client_work"]["train"]["loss"] == pytest.approx(
       plain.metrics["client_work"]["train"]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_secure_round_in_subrounds_matches_the_plain_round(bundle, tiny_clients):
+  """TFF's mergeable execution (`--clients_per_subround`, and so `--workers`) splits
+  the secure sums too (`execution.compile_to_mergeable`; TFF's own compiler refuses
+  them): one client per subround gives the one-shot plain round."""
+  clients, tmp = tiny_clients
+  plain = _round(_task(bundle, clients, tmp), clients)
+  with pytest.raises(Exception, match="after_merge"):  # Why the program compiles its own.
+    tff.backends.native.compile_to_mergeable_comp_form(
+        _task(bundle, clients, tmp, secure_aggregation=True).training_process.next)
+  context = execution.build_subround_context(num_subrounds=2)
+  with tff.framework.get_context_stack().install(context):
+    secure = _round(_task(bundle, clients, tmp, secure_aggregation=True), clients)
+  assert _max_abs(secure.state.global_model_weights, plain.state.global_model_weights) < 1e-5
 
 
 # ---------------------------------------------------------------- FedProx

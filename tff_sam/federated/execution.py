@@ -35,7 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Iterator, MutableMapping, Optional, Sequence
+from typing import Any, Iterator, MutableMapping, Optional, Sequence
 
 import psutil
 import tensorflow_federated as tff
@@ -68,7 +68,7 @@ def compile_for_cpp_worker(comp: tff.framework.ConcreteComputation
   TFF's test contexts run): the same bounded, quantized integer sums, with each
   client's value checked against the bound, summed in the clear.
   """
-  comp = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
+  comp = _secure_sums_simulated(comp)
   desugared, _ = tff.tensorflow.replace_intrinsics_with_bodies(comp.to_building_block())
   return tff.backends.native.transform_to_native_form(
       tff.framework.ConcreteComputation(computation_proto=desugared.proto,
@@ -157,8 +157,47 @@ def mergeable_over(contexts: Sequence[workers_lib.WorkerContext], *,
   except workers_lib.WorkerFailed as e:
     raise errors.ConfigError("workers", f"{e} (is it a TFF worker of the same version?)"
                              ) from None
-  return tff.backends.native.create_mergeable_comp_execution_context(
-      contexts, num_subrounds=max(num_subrounds, len(contexts)))
+  return build_mergeable_context(contexts, num_subrounds=max(num_subrounds, len(contexts)))
+
+
+def compile_to_mergeable(comp: tff.framework.ConcreteComputation
+                         ) -> tff.framework.MergeableCompForm:
+  """TFF's mergeable-form compiler, after TFF's simulation bodies for secure sums.
+
+  `tff.backends.native.compile_to_mergeable_comp_form` refuses `federated_secure_sum*`
+  (it cannot split them into a before-merge and a merge step); TFF's simulation
+  bodies (`compile_for_cpp_worker`) turn them into bounded integer sums it can split.
+  Computations without secure sums are compiled as TFF compiles them.
+  """
+  # The replacement drops the Python containers of the type (the results' structure).
+  return tff.backends.native.compile_to_mergeable_comp_form(
+      tff.framework.ConcreteComputation.with_type(_secure_sums_simulated(comp),
+                                                  comp.type_signature))
+
+
+def _secure_sums_simulated(comp: tff.framework.ConcreteComputation
+                           ) -> tff.framework.ConcreteComputation:
+  """`comp` with TFF's simulation bodies for its secure sums (if any)."""
+  return tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
+
+
+def build_mergeable_context(contexts: Sequence[Any], *, num_subrounds: int
+                            ) -> tff.framework.MergeableCompExecutionContext:
+  """TFF's mergeable-computation context over `contexts`, compiling with `compile_to_mergeable`.
+
+  As `tff.backends.native.create_mergeable_comp_execution_context` builds it, but
+  with that compiler (secure sums allowed).
+  """
+  return tff.framework.MergeableCompExecutionContext(
+      async_contexts=list(contexts), compiler_fn=compile_to_mergeable,
+      num_subrounds=num_subrounds)
+
+
+def build_subround_context(*, num_subrounds: int, max_concurrent_computation_calls: int = -1
+                           ) -> tff.framework.MergeableCompExecutionContext:
+  """`--clients_per_subround` on one local C++ worker (`configure_tff_execution`)."""
+  return build_mergeable_context([_cpp_context(False, max_concurrent_computation_calls)],
+                                 num_subrounds=num_subrounds)
 
 
 def configure_tff_execution(*, execution: str = config_lib.CPP_EXECUTION,
@@ -197,8 +236,9 @@ def configure_tff_execution(*, execution: str = config_lib.CPP_EXECUTION,
         workers, timeout=worker_timeout, num_subrounds=num_subrounds))
     return
   if execution == config_lib.CPP_EXECUTION and num_subrounds > 1:
-    tff.backends.native.set_mergeable_comp_execution_context(
-        [_cpp_context(False, max_concurrent_computation_calls)], num_subrounds=num_subrounds)
+    tff.framework.set_default_context(build_subround_context(
+        num_subrounds=num_subrounds,
+        max_concurrent_computation_calls=max_concurrent_computation_calls))
   else:
     tff.framework.set_default_context(build_context(
         execution, max_concurrent_computation_calls=max_concurrent_computation_calls))
