@@ -102,28 +102,36 @@ class NonFiniteCounting(tff.aggregators.WeightedAggregationFactory):
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
-class _UnusedBoundAsserts(logging.Filter):
-  """Drops TensorFlow's "Object was never used" errors about bound checks.
+class _DropMessages(logging.Filter):
+  """Drops log records whose message contains all of `parts`."""
 
-  TFF's secure sums check each value against its bound (`assert_less_equal` inside
-  `tf.function`s); the checks run, but TensorFlow logs a stack trace for every
-  wrapped assert op it collects unused, over a hundred lines per process built.
-  """
+  def __init__(self, *parts: str):
+    super().__init__()
+    self.parts = parts
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not ("Object was never used" in message and "assert_" in message)
+    return not all(part in message for part in self.parts)
 
 
-_QUIET_ASSERTS = _UnusedBoundAsserts()
+# Known noise of TFF's aggregators, logged while their processes are built:
+# TensorFlow's "Object was never used" stack trace for every bound check of a secure
+# sum (the checks run; the wrapped assert ops are collected unused), over a hundred
+# lines per process; and tensor_encoding's bit-packing warning, once per tensor.
+_UNUSED_ASSERTS = ("tensorflow", _DropMessages("Object was never used", "assert_"))
+_BITPACKING = ("", _DropMessages("consider different bitpacking method"))
+
+
+def _quiet(logger_name: str, drop: logging.Filter) -> None:
+  logger = logging.getLogger(logger_name)
+  if drop not in logger.filters:
+    logger.addFilter(drop)
 
 
 def _mean(*, secure_aggregation: bool, update_compression: str, estimate):
   """The weighted mean with the sum of the module docstring."""
   if secure_aggregation:
-    tf_logger = logging.getLogger("tensorflow")
-    if _QUIET_ASSERTS not in tf_logger.filters:
-      tf_logger.addFilter(_QUIET_ASSERTS)
+    _quiet(*_UNUSED_ASSERTS)
     bound = estimate(initial_estimate=SECURE_BOUND_INITIAL,
                      target_quantile=SECURE_BOUND_QUANTILE, learning_rate=SECURE_BOUND_RATE,
                      multiplier=SECURE_BOUND_MULTIPLIER)
@@ -132,6 +140,7 @@ def _mean(*, secure_aggregation: bool, update_compression: str, estimate):
         weight_sum_factory=tff.aggregators.SecureSumFactory(
             upper_bound_threshold=SECURE_MAX_WEIGHT, lower_bound_threshold=0.0))
   if update_compression in config_lib.QUANTIZATION_BITS:
+    _quiet(*_BITPACKING)
     return tff.aggregators.MeanFactory(
         value_sum_factory=tff.aggregators.EncodedSumFactory.quantize_above_threshold(
             quantization_bits=config_lib.QUANTIZATION_BITS[update_compression],
