@@ -164,6 +164,12 @@ def _check_lora_bytes(result) -> None:
   assert lora_mode["total"] == lora_mode["broadcast"] + lora_mode["upload"]
   assert result["lora_bytes_ratio"] == pytest.approx(lora_mode["total"] / cached["total"])
   assert result["goals"]["lora_bytes_ratio"]["applicable"] is True  # Rank 4.
+  # Compressed uploads: smaller uploads of the update, the same downloads.
+  int8, int4 = comm["int8"], comm["int4"]
+  assert int4["upload_update"] < int8["upload_update"] < cached["upload_update"] / 3
+  assert int8["broadcast"] == int4["broadcast"] == cached["broadcast"]
+  assert result["int8_upload_mb"] == pytest.approx(int8["upload_update"] / 1e6)
+  assert result["goals"]["int8_upload_mb"]["applicable"] is False  # Tiny, not SAM's decoder.
 
 
 def _check_adapter_cache(result, table: str, *, arch: str) -> None:
@@ -185,6 +191,7 @@ def test_bench_adapters_only(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   table = proc.stdout[proc.stdout.index("tff_sam benchmark:"):]
   assert "LoRA r2 + decoder" in table and "1 cache speed-up" not in table
+  assert "decoder, int8 uploads" in table and "decoder, int4 uploads" in table
   result = json.loads((out / "bench.json").read_text())
   assert "timings" in result and "rounds" not in result["timings"]
   assert result["goals"]["lora_bytes_ratio"]["applicable"] is False  # Rank 2, not the goal's 4.
