@@ -57,6 +57,19 @@ def test_metrics_round_ticks_are_integers(rows, shown):
                           for s in labels), labels
 
 
+def test_metrics_figure_shows_epsilon_with_differential_privacy():
+  rows = _rows({1: 0.9, 2: 0.7}, {0: 0.5, 2: 0.6})
+  rows[1]["dp_epsilon"], rows[2]["dp_epsilon"] = "1.5", "2.5"
+  fig = plots.build_metrics_figure(rows)
+  FigureCanvasAgg(fig).draw()
+  assert len(fig.axes) == 3
+  eps_axis = fig.axes[2]
+  assert eps_axis.get_ylabel().startswith("DP epsilon")
+  assert list(eps_axis.lines[0].get_ydata()) == [1.5, 2.5]
+  assert eps_axis.get_xlim() == fig.axes[1].get_xlim()
+  assert len(plots.build_metrics_figure(_rows({1: 0.9}, {0: 0.5})).axes) == 2  # No DP.
+
+
 def test_object_dice():
   a = np.zeros((4, 6), bool)
   b = np.zeros((4, 6), bool)

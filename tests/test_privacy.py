@@ -170,32 +170,50 @@ def _round(task, clients):
   return task.training_process.next(task.initial_state, ids)
 
 
-def test_compressed_upload_bytes_come_from_the_packed_type(bundle, tiny_clients):
+@pytest.fixture(name="plain_task", scope="module")
+def _plain_task(bundle, tiny_clients):
+  clients, tmp = tiny_clients
+  return _task(bundle, clients, tmp)
+
+
+@pytest.fixture(name="compressed_tasks", scope="module")
+def _compressed_tasks(bundle, tiny_clients):
+  """`--update_compression` -> its task."""
+  clients, tmp = tiny_clients
+  return {name: _task(bundle, clients, tmp, update_compression=name)
+          for name in config_lib.QUANTIZATION_BITS}
+
+
+@pytest.fixture(name="plain_round", scope="module")
+def _plain_round(plain_task, tiny_clients):
+  """(task, its first round's output) with plain aggregation: what the others match."""
+  return plain_task, _round(plain_task, tiny_clients[0])
+
+
+def test_compressed_upload_bytes_come_from_the_packed_type(plain_task, compressed_tasks):
   """Each tensor of n values: ceil(n * bits / 28) int32 words (TFF packs 28 bits per
   word) + its min and max (2 float32)."""
-  clients, tmp = tiny_clients
-  plain = communication.communication(_task(bundle, clients, tmp).training_process)
-  sizes = [int(np.prod(w.shape)) for w in
-           _task(bundle, clients, tmp).decoder.trainable_weights]
+  task = plain_task
+  plain = communication.communication(task.training_process)
+  sizes = [int(np.prod(w.shape)) for w in task.decoder.trainable_weights]
   assert plain["upload_update"] == 4 * sum(sizes)
   for name, bits in config_lib.QUANTIZATION_BITS.items():
-    comm = communication.communication(
-        _task(bundle, clients, tmp, update_compression=name).training_process,
-        encoded_update=True)
+    comm = communication.communication(compressed_tasks[name].training_process,
+                                       encoded_update=True)
     assert comm["upload_update"] == sum(4 * math.ceil(n * bits / 28) + 8 for n in sizes), name
     assert comm["broadcast_model"] == plain["broadcast_model"]  # Downloads unchanged.
   assert comm["upload_update"] < plain["upload_update"] / 6  # int4.
 
 
 @pytest.mark.slow
-def test_secure_and_compressed_rounds_match_the_plain_round(bundle, tiny_clients):
+def test_secure_and_compressed_rounds_match_the_plain_round(bundle, tiny_clients, plain_round,
+                                                            compressed_tasks):
   """One round of the program's process: secure aggregation equals plain aggregation
   up to its quantization; int8 uploads move the model almost as far."""
   clients, tmp = tiny_clients
-  plain = _round(_task(bundle, clients, tmp), clients)
+  task, plain = plain_round
   secure = _round(_task(bundle, clients, tmp, secure_aggregation=True), clients)
-  int8 = _round(_task(bundle, clients, tmp, update_compression="int8"), clients)
-  task = _task(bundle, clients, tmp)
+  int8 = _round(compressed_tasks["int8"], clients)
   moved = _max_abs(plain.state.global_model_weights.trainable,
                    task.initial_state.global_model_weights.trainable)
   assert moved > 1e-3
@@ -207,18 +225,18 @@ def test_secure_and_compressed_rounds_match_the_plain_round(bundle, tiny_clients
 
 
 @pytest.mark.slow
-def test_secure_round_in_subrounds_matches_the_plain_round(bundle, tiny_clients):
+def test_secure_round_in_subrounds_matches_the_plain_round(bundle, tiny_clients, plain_round):
   """TFF's mergeable execution (`--clients_per_subround`, and so `--workers`) splits
   the secure sums too (`execution.compile_to_mergeable`; TFF's own compiler refuses
   them): one client per subround gives the one-shot plain round."""
   clients, tmp = tiny_clients
-  plain = _round(_task(bundle, clients, tmp), clients)
+  _, plain = plain_round
+  task = _task(bundle, clients, tmp, secure_aggregation=True)
   with pytest.raises(Exception, match="after_merge"):  # Why the program compiles its own.
-    tff.backends.native.compile_to_mergeable_comp_form(
-        _task(bundle, clients, tmp, secure_aggregation=True).training_process.next)
+    tff.backends.native.compile_to_mergeable_comp_form(task.training_process.next)
   context = execution.build_subround_context(num_subrounds=2)
   with tff.framework.get_context_stack().install(context):
-    secure = _round(_task(bundle, clients, tmp, secure_aggregation=True), clients)
+    secure = _round(task, clients)
   assert _max_abs(secure.state.global_model_weights, plain.state.global_model_weights) < 1e-5
 
 

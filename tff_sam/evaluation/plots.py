@@ -56,11 +56,12 @@ def _series(rows: Sequence[Mapping], key: str) -> list[tuple[int, float]]:
 
 
 def build_metrics_figure(rows: Sequence[Mapping]) -> Figure:
-  """The metrics figure: training loss (left) and held-out Dice (right) per round.
+  """The metrics figure: training loss (left; with DP, epsilon on its right axis) and
+  held-out Dice (right) per round.
 
   Args:
     rows: `metrics.csv` rows (dicts with `round` and optional `train_loss`,
-      `test_dice`; empty strings or missing keys are skipped).
+      `test_dice`, `dp_epsilon`; empty strings or missing keys are skipped).
 
   Returns:
     A 10 x 3.6 inch figure whose round axes show integer ticks only, over the same
@@ -78,11 +79,19 @@ def build_metrics_figure(rows: Sequence[Mapping]) -> Figure:
     zero = [d for r, d in dice if r == 0]
     if zero:
       ax2.axhline(zero[0], ls="--", color="gray", label=f"zero-shot {zero[0]:.3f}")
-    ax2.legend(loc="lower right")
+    ax2.legend(loc="best")
   ax2.set(title="held-out Dice (original resolution)", xlabel="round", ylabel="Dice")
+  epsilon = _series(rows, "dp_epsilon")
+  if epsilon:  # Differential privacy: the privacy spent, on the loss plot's right axis.
+    ax3 = ax1.twinx()
+    ax3.plot(*zip(*epsilon), marker="s", ls="--", color="tab:green")
+    ax3.set_ylabel("DP epsilon (privacy spent)", color="tab:green")
+    ax3.set_ylim(bottom=0)
+    ax1.set_title("training loss (clients' mean) and DP epsilon")
   rounds = [int(r["round"]) for r in rows]
-  for ax in (ax1, ax2):
-    ax.grid(alpha=0.3)
+  for ax in fig.axes:
+    if ax in (ax1, ax2):
+      ax.grid(alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
     if rounds:
       lo, hi = min(rounds), max(rounds)
