@@ -22,6 +22,8 @@ from absl.testing import flagsaver
 from tff_sam import config as config_lib
 from tff_sam import registry
 from tff_sam import runtime
+from tff_sam.data import cache
+from tff_sam.data import discovery
 from tff_sam.data import synthetic
 from tff_sam.federated import execution
 from tff_sam.federated import program
@@ -303,6 +305,22 @@ def _tree(pid: int) -> list[psutil.Process]:
     return root.children(recursive=True) + [root]
   except psutil.Error:
     return []
+
+
+def cache_clients(root: Path, sites, *, bundle, tmp: Path, manifests: str = "clients",
+                  **kind) -> dict:
+  """Caches each of `sites` (folders of `root`) as one client under `tmp / "cache"` and
+  writes their manifests to `tmp / manifests`; returns the records by site.
+
+  `kind`: `cache.build_records`'s `online` or `feature_start` (default: embeddings).
+  """
+  records = {}
+  for site in sites:
+    records[site], _ = cache.build_records(
+        discovery.list_examples(root / site), bundle=bundle, cache_root=tmp / "cache",
+        binary_components=False, batch_size=2, show_progress=False, **kind)
+  cache.write_manifests(tmp / manifests, records)
+  return records
 
 
 def free_port() -> int:

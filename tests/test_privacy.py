@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
+from conftest import cache_clients
 
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.bench import communication
-from tff_sam.data import cache
-from tff_sam.data import discovery
 from tff_sam.data import pipeline
 from tff_sam.federated import aggregation
 from tff_sam.federated import execution
@@ -148,13 +147,7 @@ def test_building_secure_and_compressed_aggregators_logs_no_noise():
 def _tiny_clients(reference_data, tmp_path_factory, bundle):
   """Two training clients of the reference data, cached, with manifests."""
   tmp = tmp_path_factory.mktemp("privacy")
-  records = {}
-  for site in ("site_0", "site_1"):
-    records[site], _ = cache.build_records(
-        discovery.list_examples(reference_data / site), bundle=bundle,
-        cache_root=tmp / "cache", binary_components=False, batch_size=2, show_progress=False)
-  cache.write_manifests(tmp / "clients", records)
-  return list(records), tmp
+  return list(cache_clients(reference_data, ("site_0", "site_1"), bundle=bundle, tmp=tmp)), tmp
 
 
 def _task(bundle, clients, tmp, **settings):

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
+from conftest import cache_clients
 
 from tff_sam import config as config_lib
 from tff_sam import errors
-from tff_sam.data import cache
-from tff_sam.data import discovery
 from tff_sam.data import pipeline
 from tff_sam.federated import execution
 from tff_sam.federated import program
@@ -40,17 +39,10 @@ def _tiny_task_inputs(reference_data, tmp_path_factory):
   """Two training clients and one federated evaluation client, cached."""
   tmp = tmp_path_factory.mktemp("tf_execution")
   bundle = build.load_sam("tiny")
-  records = {}
-  for site in ("site_0", "site_1"):
-    records[site], _ = cache.build_records(
-        discovery.list_examples(reference_data / site), bundle=bundle,
-        cache_root=tmp / "cache", binary_components=False, batch_size=2, show_progress=False)
-  cache.write_manifests(tmp / "clients", records)
-  test, _ = cache.build_records(discovery.list_examples(reference_data / "test" / "site_0"),
-                                bundle=bundle, cache_root=tmp / "cache",
-                                binary_components=False, batch_size=2, show_progress=False)
-  cache.write_manifests(tmp / "eval_clients", {"site_0": test})
-  return bundle, list(records), tmp
+  clients = cache_clients(reference_data, ("site_0", "site_1"), bundle=bundle, tmp=tmp)
+  cache_clients(reference_data / "test", ("site_0",), bundle=bundle, tmp=tmp,
+                manifests="eval_clients")
+  return bundle, list(clients), tmp
 
 
 @pytest.mark.slow
@@ -103,7 +95,9 @@ def test_two_rounds_equal_the_cpp_worker(tiny_task_inputs):
     assert metrics["aggregator"]["robust"]["zeroing"]["clipped_count"] == (
         cpp_metrics["aggregator"]["robust"]["zeroing"]["clipped_count"])
     for key in ("fed_eval_loss", "fed_eval_dice"):
-      assert fed_eval[key] == pytest.approx(cpp_fed_eval[key], rel=1e-6)
+      # 1e-5: on an AMD EPYC host the evaluation loss differed by 1.5e-6 (relative)
+      # between the worker's statically linked TensorFlow and this process's.
+      assert fed_eval[key] == pytest.approx(cpp_fed_eval[key], rel=1e-5)
   # A compiled computation is reused, not compiled again.
   assert context.compile(task.training_process.next) is context.compile(
       task.training_process.next)
@@ -124,22 +118,12 @@ def _round_under_both(task, clients):
   return cpp
 
 
-def _client_records(bundle, clients, data, tmp, folder: str, **kind) -> None:
-  """The clients' records of another kind (`cache.build_records`'s `online` or
-  `feature_start`) and their manifests in `tmp / folder`."""
-  records = {}
-  for site in clients:
-    records[site], _ = cache.build_records(
-        discovery.list_examples(data / site), bundle=bundle, cache_root=tmp / "cache",
-        binary_components=False, batch_size=2, show_progress=False, **kind)
-  cache.write_manifests(tmp / folder, records)
-
-
 @pytest.mark.slow
 def test_online_round_equals_the_cpp_worker(tiny_task_inputs, reference_data):
   """Online mode (the frozen encoder inside the TFF model) under tf: one round as cpp."""
   bundle, clients, tmp = tiny_task_inputs
-  _client_records(bundle, clients, reference_data, tmp, "online_clients", online=True)
+  cache_clients(reference_data, clients, bundle=bundle, tmp=tmp, manifests="online_clients",
+                online=True)
   config = config_lib.RunConfig(output_dir=str(tmp / "online"), model="tiny",
                                 embedding_cache=False, prompts_per_image=2, batch_size=2,
                                 client_optimizer="sgd", client_lr=0.5, seed=0)
@@ -155,7 +139,8 @@ def test_lora_round_equals_the_cpp_worker(tiny_task_inputs, reference_data):
   """`--adapter=lora` (adapters in the encoder, its base read from the site copy by the
   computation, features from the cache) under tf: one round as cpp."""
   bundle, clients, tmp = tiny_task_inputs
-  _client_records(bundle, clients, reference_data, tmp, "feature_clients", feature_start=0)
+  cache_clients(reference_data, clients, bundle=bundle, tmp=tmp, manifests="feature_clients",
+                feature_start=0)
   config = config_lib.RunConfig(output_dir=str(tmp / "lora"), model="tiny", adapter="lora",
                                 lora_targets=("qkv", "mlp"), prompts_per_image=2, batch_size=2,
                                 client_optimizer="sgd", client_lr=0.5, seed=0)
