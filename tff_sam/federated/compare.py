@@ -123,8 +123,8 @@ def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, se
   for seed in range(base.seed, base.seed + seeds):
     def arm(name, server=True, **changes):
       config = dataclasses.replace(
-          base, **({} if server else serverless), seed=seed, output_dir=str(root / f"seed{seed}" / name.replace("/", "_")),
-          **changes).validate()
+          base, **({} if server else serverless), seed=seed,
+          output_dir=str(root / f"seed{seed}" / name.replace("/", "_")), **changes).validate()
       sampled = {c: 0 for c in (config.train_clients or sites)}
       if config.pool_clients:
         steps = {discovery.POOLED_CLIENT: config.rounds * _steps(

@@ -68,7 +68,7 @@ def compile_for_cpp_worker(comp: tff.framework.ConcreteComputation
   TFF's test contexts run): the same bounded, quantized integer sums, with each
   client's value checked against the bound, summed in the clear.
   """
-  comp = _secure_sums_simulated(comp)
+  comp = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
   desugared, _ = tff.tensorflow.replace_intrinsics_with_bodies(comp.to_building_block())
   return tff.backends.native.transform_to_native_form(
       tff.framework.ConcreteComputation(computation_proto=desugared.proto,
@@ -171,14 +171,8 @@ def compile_to_mergeable(comp: tff.framework.ConcreteComputation
   """
   # The replacement drops the Python containers of the type (the results' structure).
   return tff.backends.native.compile_to_mergeable_comp_form(
-      tff.framework.ConcreteComputation.with_type(_secure_sums_simulated(comp),
-                                                  comp.type_signature))
-
-
-def _secure_sums_simulated(comp: tff.framework.ConcreteComputation
-                           ) -> tff.framework.ConcreteComputation:
-  """`comp` with TFF's simulation bodies for its secure sums (if any)."""
-  return tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
+      tff.framework.ConcreteComputation.with_type(
+          tff.backends.test.replace_secure_intrinsics_with_bodies(comp), comp.type_signature))
 
 
 def build_mergeable_context(contexts: Sequence[Any], *, num_subrounds: int
