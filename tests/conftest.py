@@ -2,6 +2,7 @@
 reference run, running a binary in this process, and ending TFF's C++ worker when the
 session ends."""
 
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -328,6 +329,35 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def run_cli(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+  """`subprocess.run(cmd)` (text, captured, from the repository root) that, on timeout,
+  fails with where the binary was stuck.
+
+  The binaries print every thread's Python stack on SIGUSR1 (`runtime.begin_binary`);
+  the failure shows those stacks, the live processes under the binary and the tail of
+  its output, instead of a bare `TimeoutExpired`.
+  """
+  process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, **kwargs)  # pylint: disable=consider-using-with
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    tree = []
+    for p in _tree(process.pid):
+      with contextlib.suppress(psutil.Error):
+        tree.append(f"{p.pid} {p.name()} {p.status()}")
+    process.send_signal(signal.SIGUSR1)
+    time.sleep(3)
+    for p in _tree(process.pid):
+      with contextlib.suppress(psutil.Error):
+        p.kill()
+    stdout, stderr = process.communicate(timeout=30)
+    pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n"
+                f"processes under it: {tree}\n--- stdout (tail)\n{stdout[-3000:]}\n"
+                f"--- stderr with the stacks at SIGUSR1 (tail)\n{stderr[-12000:]}")
+  return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 def live_worker_binaries(pid: int) -> list[psutil.Process]:

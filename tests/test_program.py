@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from tff_sam.federated import program
 from tff_sam.federated import run_data
 from tff_sam.models import build
 
+from conftest import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,8 +40,7 @@ def _config(tmp_path, data_dir, cache_dir, **overrides):
 def _run_cli(args, env_extra=None, timeout=600):
   env = dict(os.environ)
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                        cwd=REPO, env=env, timeout=timeout, check=False)
+  return run_cli([sys.executable, "-m", *args], env=env, timeout=timeout)
 
 
 def _tensorboard(folder: Path) -> dict[str, dict[int, object]]:

@@ -24,6 +24,7 @@ from tff_sam.federated import program
 from tff_sam.models import build
 
 from conftest import live_worker_binaries
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,7 +180,7 @@ def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference
   assert proc.returncode == -signal.SIGKILL
   assert not (out / "summary.json").exists()
 
-  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  again = run_cli(cmd, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming" in again.stdout
   assert _rounds(out) == list(range(reference_settings["rounds"] + 1))
@@ -213,7 +214,7 @@ def test_kill_9_under_tf_then_same_command_equals_uninterrupted(tmp_path, refere
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait(timeout=30)
   assert not (out / "summary.json").exists()
-  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  again = run_cli(cmd, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming" in again.stdout and "execution: tf" in again.stdout
   assert again.stdout.startswith("execution: tf ("), again.stdout[:200]

@@ -54,7 +54,7 @@ def _wait_for_interrupt(seconds: float) -> None:
 
 def test_killed_worker_is_an_error_naming_the_section(fake_worker):
   progress = {"section": "setup"}
-  with pytest.raises(errors.UserError, match=r"worker_binary \(pid \d+\) died during round 3;"
+  with pytest.raises(errors.UserError, match=r"worker_binary \(pid \d+, SIGKILL\) died during round 3;"
                      r" .*out-of-memory"):
     with execution.worker_watched(progress, interval=0.05):
       worker = fake_worker()
@@ -62,6 +62,41 @@ def test_killed_worker_is_an_error_naming_the_section(fake_worker):
       worker.send_signal(signal.SIGKILL)  # What the kernel's OOM killer sends.
       _wait_for_interrupt(10)
       pytest.fail("the watch did not interrupt the body")
+
+
+@pytest.fixture
+def failing_worker(tmp_path):
+  """Starts a child named like TFF's worker that exits at once with code 1 (unreaped)."""
+  path = tmp_path / "failing" / execution.WORKER_BINARY
+  path.parent.mkdir()
+  os.symlink("/bin/false", path)
+  procs = []
+
+  def start():
+    procs.append(subprocess.Popen([str(path)]))
+    return procs[-1]
+
+  yield start
+  for proc in procs:
+    proc.wait()
+
+
+def test_worker_that_ends_before_it_is_seen_is_an_error(failing_worker):
+  """TFF would wait forever for a worker that failed at start-up to answer."""
+  progress = {"section": "setup"}
+  with pytest.raises(errors.UserError, match=r"worker_binary \(pid \d+, exit code 1\) died "
+                     r"during setup; it stopped by itself: its own messages above say why"):
+    with execution.worker_watched(progress, interval=0.5):
+      failing_worker()  # Ends long before the watch's first look.
+      _wait_for_interrupt(10)
+      pytest.fail("the watch did not interrupt the body")
+
+
+def test_worker_ended_before_the_watch_began_is_not_reported(failing_worker):
+  failing_worker()
+  time.sleep(0.3)  # Ended, not reaped.
+  with execution.worker_watched({}, interval=0.05):
+    _wait_for_interrupt(1.0)  # No interrupt arrives: the body ends normally.
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -183,3 +218,28 @@ def test_tensorflow_import_noise_is_dropped():
                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
   # The filter is exact: TF still prints these lines without it (else drop the filter).
   assert runtime.TF_IMPORT_NOISE.search(loud.stderr), loud.stderr
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_binary_goes_on():
+  """`kill -USR1 PID` on a run that seems stuck shows where it is (`begin_binary`)."""
+  code = ("import os, signal, threading, time\n"
+          "from tff_sam import runtime\n"
+          "runtime.begin_binary(['binary'])\n"
+          "release = threading.Event()\n"
+          "def other_thread_waits():\n"
+          "  release.wait()\n"
+          "other = threading.Thread(target=other_thread_waits)\n"
+          "other.start()\n"
+          "def where_it_waits():\n"
+          "  os.kill(os.getpid(), signal.SIGUSR1)\n"
+          "  time.sleep(0.5)\n"
+          "where_it_waits()\n"
+          "release.set()\n"
+          "other.join()\n"
+          "print('went on')\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "went on"
+  assert "in where_it_waits" in proc.stderr, proc.stderr[-2000:]
+  assert "in other_thread_waits" in proc.stderr, proc.stderr[-2000:]

@@ -10,6 +10,7 @@ interrupt handling: a user mistake is one `error:` line, on a line of its own.
 """
 
 import contextlib
+import faulthandler
 import os
 import re
 import signal
@@ -57,8 +58,10 @@ def begin_binary(argv: list[str], *, warnings_only: bool = True) -> None:
   """The common start of a binary's `main`, after absl parsed its flags.
 
   Refuses stray positional arguments, shows only warnings and errors of absl's log
-  (unless `warnings_only` is False, e.g. the user passed `-v`), and imports
-  TensorFlow without its import noise (`import_tensorflow_quietly`).
+  (unless `warnings_only` is False, e.g. the user passed `-v`), makes SIGUSR1 print
+  every thread's Python stack to stderr (`kill -USR1 PID` on a run that seems stuck;
+  the run goes on), and imports TensorFlow without its import noise
+  (`import_tensorflow_quietly`).
 
   Raises:
     app.UsageError: `argv` holds more than the program name.
@@ -67,6 +70,9 @@ def begin_binary(argv: list[str], *, warnings_only: bool = True) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if warnings_only:
     absl_logging.set_verbosity(absl_logging.WARNING)
+  if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # stderr without a file
+      faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
   import_tensorflow_quietly()
 
 

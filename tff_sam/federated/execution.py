@@ -275,6 +275,16 @@ def _live_workers(process: psutil.Process) -> dict[int, float]:
   return out
 
 
+def _ended_workers(process: psutil.Process) -> set[int]:
+  """`worker_binary` children of `process` that have ended and are not yet reaped."""
+  out = set()
+  for child in process.children(recursive=False):
+    with contextlib.suppress(psutil.Error):
+      if child.status() == psutil.STATUS_ZOMBIE and child.name() == WORKER_BINARY:
+        out.add(child.pid)
+  return out
+
+
 class _WorkerGuard:
   """Gives every TFF worker this process starts its own guardian process."""
 
@@ -390,9 +400,11 @@ class WorkerWatch:
 
   When the kernel kills TFF's `worker_binary` (out of memory), TFF's execution
   context starts a new one and retries the computation, which dies the same way,
-  forever. This watch samples the direct children every `interval` seconds; when a
-  worker it saw disappears it records the pid and sends this process SIGINT, so the
-  blocked round raises `KeyboardInterrupt`; `check()` turns that into an error.
+  forever; when a worker ends at start-up, TFF waits for it to answer, forever. This
+  watch samples the direct children every `interval` seconds; when a worker it saw
+  disappears, or a worker it never saw alive has ended (an unreaped child), it records
+  the pid and how it ended and sends this process SIGINT, so the blocked call raises
+  `KeyboardInterrupt`; `check()` turns that into an error.
 
   A worker ended by SIGINT, SIGTERM or SIGHUP was stopped by the user (Ctrl-C in a
   terminal reaches the whole process group) and is left to the ordinary interrupt
@@ -405,12 +417,17 @@ class WorkerWatch:
   def __init__(self, interval: float = 0.5, pid_file: Optional[Path] = None):
     self.interval = interval
     self.pid_file = pid_file
-    self.dead: list[int] = []
+    self.dead: list[tuple[int, str]] = []  # (pid, how it ended)
     self._recorded: dict[int, float] = {}
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, name="tff-worker-watch", daemon=True)
+    self._thread: Optional[threading.Thread] = None
 
   def __enter__(self) -> "WorkerWatch":
+    # Taken before the body runs: workers ended before the watch began are not its
+    # business, and one the body starts is new however soon it ends.
+    earlier, seen = _ended_workers(psutil.Process()), self._workers()
+    self._thread = threading.Thread(target=self._run, args=(earlier, seen),
+                                    name="tff-worker-watch", daemon=True)
     self._thread.start()
     return self
 
@@ -436,25 +453,48 @@ class WorkerWatch:
     return (info is not None and info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
             and info.si_status in cls.USER_SIGNALS)
 
-  def _run(self) -> None:
-    seen = self._workers()
+  @staticmethod
+  def _how_ended(pid: int) -> str:
+    """'exit code N' or the signal's name for the (not yet reaped) child `pid`; '' if unknown."""
+    try:
+      info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+      return ""
+    if info is None:
+      return ""
+    if info.si_code == os.CLD_EXITED:
+      return f"exit code {info.si_status}"
+    with contextlib.suppress(ValueError):
+      return signal.Signals(info.si_status).name
+    return f"signal {info.si_status}"
+
+  def _run(self, earlier: set[int], seen: set[int]) -> None:
+    me = psutil.Process()
     while not self._stop.wait(self.interval):
       current = self._workers()
-      crashed = sorted(pid for pid in seen - current if not self._stopped_by_user(pid))
+      # Also a worker that ended before any look saw it alive (a start-up failure):
+      # TFF then waits for it to answer, forever.
+      ended = (seen - current) | (_ended_workers(me) - earlier)
+      crashed = sorted(pid for pid in ended if not self._stopped_by_user(pid))
       if crashed:
-        self.dead.extend(crashed)
+        self.dead.extend((pid, self._how_ended(pid)) for pid in crashed)
         os.kill(os.getpid(), signal.SIGINT)
         return
       seen = current
 
   def check(self, section: str) -> None:
     """Raises `errors.UserError` if a worker died (call when a round was interrupted)."""
-    if self.dead:
-      raise errors.UserError(
-          f"TFF's {WORKER_BINARY} (pid {self.dead[0]}) died during {section}; it is "
-          "usually the kernel's out-of-memory killer (see `dmesg`). Try a smaller "
-          "--batch_size, fewer clients per round or --clients_per_subround (README, 'Many "
-          "clients per round: memory')")
+    if not self.dead:
+      return
+    pid, how = self.dead[0]
+    if how.startswith("exit code"):
+      cause = "it stopped by itself: its own messages above say why"
+    else:
+      cause = ("it is usually the kernel's out-of-memory killer (see `dmesg`). Try a smaller "
+               "--batch_size, fewer clients per round or --clients_per_subround (README, "
+               "'Many clients per round: memory')")
+    raise errors.UserError(f"TFF's {WORKER_BINARY} (pid {pid}{', ' + how if how else ''}) "
+                           f"died during {section}; {cause}")
 
 
 @contextlib.contextmanager
