@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import huggingface_hub.constants
 import psutil
@@ -68,9 +69,8 @@ def pytest_unconfigure(config):
 def _tff_execution_for_the_session():
   """TFF's execution context as the binaries install it; its workers end at the end.
 
-  Installed before any test starts a worker. Killing the worker mid-session would
-  leave the context unusable for later tests (ProcessLookupError), so that happens
-  only after the last test.
+  Installed before any test starts a worker. Its worker is ended after each test file
+  (`end_workers`, after which the context starts a fresh one) and at the end.
   """
   # pytest-xdist's worker processes start with SIGINT ignored, and children inherit an
   # ignored signal: the binaries the tests start would ignore Ctrl-C, and neither
@@ -80,6 +80,19 @@ def _tff_execution_for_the_session():
   yield
   execution.end_workers()
   runtime.terminate_children()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_tff_worker_per_test_file():
+  """Ends this process's TFF worker after each test file; the next use starts a fresh one.
+
+  TFF's worker keeps what every computation sent to it needs; one worker serving a
+  whole pytest process grew to about 10 GB, and beside the suite's other process the
+  machine (24 GB, no swap) ran out of memory: the kernel's killer ended it after
+  minutes in which every process nearly stood still, and CLI tests timed out.
+  """
+  yield
+  execution.end_workers()
 
 
 # ---------------------------------------------------------------- the reference run
@@ -358,6 +371,46 @@ def run_cli(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.Completed
                 f"processes under it: {tree}\n--- stdout (tail)\n{stdout[-3000:]}\n"
                 f"--- stderr with the stacks at SIGUSR1 (tail)\n{stderr[-12000:]}")
   return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+class BackgroundCli:
+  """A binary started in the background, its stderr going to a file.
+
+  A file, not a pipe: nobody reads a pipe while the test waits, and a child that
+  fills it would block. `wait_until` fails with the binary's stacks (SIGUSR1,
+  `runtime.begin_binary`) when it does not get there in time.
+  """
+
+  def __init__(self, cmd: list[str], stderr_path: Path, *, popen=subprocess.Popen):
+    self.stderr_path = Path(stderr_path)
+    with open(self.stderr_path, "wb") as err:
+      self.process = popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    self.pid = self.process.pid
+
+  def stderr(self) -> str:
+    return self.stderr_path.read_text(errors="replace")
+
+  def wait_until(self, ready: Callable[[], object], *, timeout: float = 600) -> object:
+    """Polls `ready()` until it is truthy and returns it; fails if the binary ends first
+    or after `timeout` seconds (then with every thread's stack)."""
+    deadline = time.monotonic() + timeout
+    while True:
+      value = ready()
+      if value:
+        return value
+      if self.process.poll() is not None:
+        pytest.fail(f"the binary ended (exit code {self.process.returncode}) before it got "
+                    f"there; its stderr (tail):\n{self.stderr()[-3000:]}")
+      if time.monotonic() > deadline:
+        self.process.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        for p in _tree(self.pid):
+          with contextlib.suppress(psutil.Error):
+            p.kill()
+        self.process.wait(timeout=30)
+        pytest.fail(f"the binary did not get there in {timeout} s; its stderr with the "
+                    f"stacks at SIGUSR1 (tail):\n{self.stderr()[-12000:]}")
+      time.sleep(0.2)
 
 
 def live_worker_binaries(pid: int) -> list[psutil.Process]:

@@ -6,9 +6,6 @@ rounds from the same start. The robust aggregator is also tested on its own with
 hand-made updates. TFF's C++ `worker_binary` is ended after the session (conftest.py).
 """
 
-import collections
-import contextlib
-import os
 from pathlib import Path
 
 import numpy as np

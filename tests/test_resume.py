@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import shutil
@@ -23,6 +22,7 @@ from tff_sam import errors
 from tff_sam.federated import program
 from tff_sam.models import build
 
+from conftest import BackgroundCli
 from conftest import live_worker_binaries
 from conftest import run_cli
 
@@ -158,13 +158,10 @@ def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference
                                                              reference_settings):
   out = tmp_path / "killed"
   cmd = _cli(out, reference_settings)
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 600
+  cli = BackgroundCli(cmd, tmp_path / "stderr.txt")
+  proc = cli.process
   try:
-    while not (out / "state" / "round_2").exists():
-      assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-      assert time.time() < deadline
-      time.sleep(0.2)
+    cli.wait_until((out / "state" / "round_2").exists)
     workers = live_worker_binaries(proc.pid)
     assert workers
     os.kill(proc.pid, signal.SIGKILL)
@@ -204,12 +201,9 @@ def test_kill_9_under_tf_then_same_command_equals_uninterrupted(tmp_path, refere
   settings = {**reference_settings, "rounds": 2, "execution": "tf"}
   out = tmp_path / "killed"
   cmd = _cli(out, settings)
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 600
-  while not (out / "state" / "round_1").exists():
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    assert time.time() < deadline
-    time.sleep(0.2)
+  cli = BackgroundCli(cmd, tmp_path / "stderr.txt")
+  proc = cli.process
+  cli.wait_until((out / "state" / "round_1").exists)
   assert not live_worker_binaries(proc.pid)  # tf starts no TFF worker.
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait(timeout=30)
@@ -234,18 +228,13 @@ def test_kill_9_under_tf_then_same_command_equals_uninterrupted(tmp_path, refere
 def test_signal_ends_run_and_its_worker(tmp_path, reference_settings, sig):
   """Ctrl-C or SIGTERM while TFF works (its worker is running) ends run and worker."""
   out = tmp_path / f"sig{int(sig)}"
-  proc = subprocess.Popen(_cli(out, reference_settings), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 600
-  workers = []
-  while not workers:
-    assert proc.poll() is None and time.time() < deadline
-    workers = live_worker_binaries(proc.pid)
-    time.sleep(0.2)
+  cli = BackgroundCli(_cli(out, reference_settings), tmp_path / "stderr.txt")
+  proc = cli.process
+  workers = cli.wait_until(lambda: live_worker_binaries(proc.pid))
   proc.send_signal(sig)
   proc.wait(timeout=120)
   assert proc.returncode != 0
-  assert "Traceback" not in proc.stderr.read().decode()
+  assert "Traceback" not in cli.stderr()
   _, alive = psutil.wait_procs(workers, timeout=10)
   assert not alive, "TFF worker_binary outlived the run"
 
@@ -254,12 +243,9 @@ def test_signal_ends_run_and_its_worker(tmp_path, reference_settings, sig):
 def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, reference_settings):
   """TFF restarts a killed worker and retries the round forever; the run must end."""
   out = tmp_path / "oom"
-  proc = subprocess.Popen(_cli(out, reference_settings), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 600
-  while not (out / "state" / "round_1").exists():
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.2)
+  cli = BackgroundCli(_cli(out, reference_settings), tmp_path / "stderr.txt")
+  proc = cli.process
+  cli.wait_until((out / "state" / "round_1").exists)
   workers = live_worker_binaries(proc.pid)
   assert workers
   for worker in workers:
@@ -271,7 +257,7 @@ def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, reference_sett
       for child in psutil.Process(proc.pid).children(recursive=True):
         child.kill()
       proc.kill()
-  stderr = proc.stderr.read().decode()
+  stderr = cli.stderr()
   assert proc.returncode == 1, stderr[-2000:]
   assert "Traceback" not in stderr
   last = stderr.strip().splitlines()[-1]

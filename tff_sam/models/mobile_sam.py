@@ -16,12 +16,10 @@ import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
-import tensorflow as tf
 import transformers
 
 from tff_sam import errors
