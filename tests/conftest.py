@@ -344,6 +344,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def _stacks_then_kill(pid: int) -> None:
+  """Has the binary `pid` print every thread's stack (SIGUSR1, `runtime.begin_binary`),
+  then kills it and everything under it."""
+  os.kill(pid, signal.SIGUSR1)
+  time.sleep(3)
+  for p in _tree(pid):
+    with contextlib.suppress(psutil.Error):
+      p.kill()
+
+
 def run_cli(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
   """`subprocess.run(cmd)` (text, captured, from the repository root) that, on timeout,
   fails with where the binary was stuck.
@@ -361,11 +371,7 @@ def run_cli(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.Completed
     for p in _tree(process.pid):
       with contextlib.suppress(psutil.Error):
         tree.append(f"{p.pid} {p.name()} {p.status()}")
-    process.send_signal(signal.SIGUSR1)
-    time.sleep(3)
-    for p in _tree(process.pid):
-      with contextlib.suppress(psutil.Error):
-        p.kill()
+    _stacks_then_kill(process.pid)
     stdout, stderr = process.communicate(timeout=30)
     pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n"
                 f"processes under it: {tree}\n--- stdout (tail)\n{stdout[-3000:]}\n"
@@ -381,11 +387,11 @@ class BackgroundCli:
   `runtime.begin_binary`) when it does not get there in time.
   """
 
-  def __init__(self, cmd: list[str], stderr_path: Path, *, popen=subprocess.Popen):
+  def __init__(self, cmd: list[str], stderr_path: Path):
     self.stderr_path = Path(stderr_path)
     with open(self.stderr_path, "wb") as err:
-      self.process = popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
-    self.pid = self.process.pid
+      self.process = subprocess.Popen(  # pylint: disable=consider-using-with
+          cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
 
   def stderr(self) -> str:
     return self.stderr_path.read_text(errors="replace")
@@ -402,11 +408,7 @@ class BackgroundCli:
         pytest.fail(f"the binary ended (exit code {self.process.returncode}) before it got "
                     f"there; its stderr (tail):\n{self.stderr()[-3000:]}")
       if time.monotonic() > deadline:
-        self.process.send_signal(signal.SIGUSR1)
-        time.sleep(3)
-        for p in _tree(self.pid):
-          with contextlib.suppress(psutil.Error):
-            p.kill()
+        _stacks_then_kill(self.process.pid)
         self.process.wait(timeout=30)
         pytest.fail(f"the binary did not get there in {timeout} s; its stderr with the "
                     f"stacks at SIGUSR1 (tail):\n{self.stderr()[-12000:]}")

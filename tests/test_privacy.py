@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
-from conftest import cache_clients
 
 from tff_sam import config as config_lib
 from tff_sam import errors
@@ -27,6 +26,8 @@ from tff_sam.federated import execution
 from tff_sam.federated import privacy
 from tff_sam.federated import program
 from tff_sam.federated import tasks
+
+from conftest import cache_clients
 
 
 def _max_abs(a, b) -> float:

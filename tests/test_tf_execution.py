@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
-from conftest import cache_clients
 
 from tff_sam import config as config_lib
 from tff_sam import errors
@@ -23,6 +22,8 @@ from tff_sam.federated import tasks
 from tff_sam.federated import tf_execution
 from tff_sam.models import adapted
 from tff_sam.models import build
+
+from conftest import cache_clients
 
 
 def _installed(context):

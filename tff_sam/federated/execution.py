@@ -265,24 +265,19 @@ except ProcessLookupError:
 """
 
 
-def _live_workers(process: psutil.Process) -> dict[int, float]:
-  """`worker_binary` children of `process` that are running: pid -> create time."""
-  out = {}
+def _worker_children(process: psutil.Process) -> tuple[dict[int, float], set[int]]:
+  """`worker_binary` children of `process`: the running ones (pid -> create time) and
+  the pids of those that have ended and are not yet reaped."""
+  live, ended = {}, set()
   for child in process.children(recursive=False):
     with contextlib.suppress(psutil.Error):
-      if child.name() == WORKER_BINARY and child.status() != psutil.STATUS_ZOMBIE:
-        out[child.pid] = child.create_time()
-  return out
-
-
-def _ended_workers(process: psutil.Process) -> set[int]:
-  """`worker_binary` children of `process` that have ended and are not yet reaped."""
-  out = set()
-  for child in process.children(recursive=False):
-    with contextlib.suppress(psutil.Error):
-      if child.status() == psutil.STATUS_ZOMBIE and child.name() == WORKER_BINARY:
-        out.add(child.pid)
-  return out
+      if child.name() != WORKER_BINARY:
+        continue
+      if child.status() == psutil.STATUS_ZOMBIE:
+        ended.add(child.pid)
+      else:
+        live[child.pid] = child.create_time()
+  return live, ended
 
 
 class _WorkerGuard:
@@ -298,7 +293,7 @@ class _WorkerGuard:
     me = psutil.Process()
     while True:
       with contextlib.suppress(psutil.Error, OSError):
-        for pid in _live_workers(me):
+        for pid in _worker_children(me)[0]:
           if pid not in self.guarded:
             self.guarded[pid] = subprocess.Popen(  # pylint: disable=consider-using-with
                 [sys.executable, "-S", "-c", _GUARDIAN, str(os.getpid()), str(pid)],
@@ -425,7 +420,7 @@ class WorkerWatch:
   def __enter__(self) -> "WorkerWatch":
     # Taken before the body runs: workers ended before the watch began are not its
     # business, and one the body starts is new however soon it ends.
-    earlier, seen = _ended_workers(psutil.Process()), self._workers()
+    seen, earlier = self._workers()
     self._thread = threading.Thread(target=self._run, args=(earlier, seen),
                                     name="tff-worker-watch", daemon=True)
     self._thread.start()
@@ -435,31 +430,35 @@ class WorkerWatch:
     self._stop.set()
     self._thread.join(timeout=5)
 
-  def _workers(self) -> set[int]:
-    workers = _live_workers(psutil.Process())
-    if self.pid_file is not None and workers and workers != self._recorded:
+  def _workers(self) -> tuple[set[int], set[int]]:
+    """The running workers (recorded in `pid_file`) and the ended, unreaped ones."""
+    live, ended = _worker_children(psutil.Process())
+    if self.pid_file is not None and live and live != self._recorded:
       with contextlib.suppress(OSError):
-        _write_pid_file(self.pid_file, workers)
-        self._recorded = workers
-    return set(workers)
+        _write_pid_file(self.pid_file, live)
+        self._recorded = live
+    return set(live), ended
+
+  @staticmethod
+  def _exit_status(pid: int) -> Optional[Any]:
+    """`waitid`'s record of how the (not yet reaped) child `pid` ended, leaving it
+    unreaped for TFF; None if it runs or was already reaped."""
+    try:
+      return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # Already reaped by TFF: how it ended is unknown.
+      return None
 
   @classmethod
   def _stopped_by_user(cls, pid: int) -> bool:
     """Whether the (not yet reaped) child `pid` was ended by a user's signal."""
-    try:
-      info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:  # Already reaped by TFF: the signal is unknown.
-      return False
+    info = cls._exit_status(pid)
     return (info is not None and info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
             and info.si_status in cls.USER_SIGNALS)
 
-  @staticmethod
-  def _how_ended(pid: int) -> str:
+  @classmethod
+  def _how_ended(cls, pid: int) -> str:
     """'exit code N' or the signal's name for the (not yet reaped) child `pid`; '' if unknown."""
-    try:
-      info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-      return ""
+    info = cls._exit_status(pid)
     if info is None:
       return ""
     if info.si_code == os.CLD_EXITED:
@@ -469,12 +468,11 @@ class WorkerWatch:
     return f"signal {info.si_status}"
 
   def _run(self, earlier: set[int], seen: set[int]) -> None:
-    me = psutil.Process()
     while not self._stop.wait(self.interval):
-      current = self._workers()
+      current, ended_now = self._workers()
       # Also a worker that ended before any look saw it alive (a start-up failure):
       # TFF then waits for it to answer, forever.
-      ended = (seen - current) | (_ended_workers(me) - earlier)
+      ended = (seen - current) | (ended_now - earlier)
       crashed = sorted(pid for pid in ended if not self._stopped_by_user(pid))
       if crashed:
         self.dead.extend((pid, self._how_ended(pid)) for pid in crashed)
