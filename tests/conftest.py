@@ -1,6 +1,6 @@
 """Shared test set-up: the tiny model, an isolated cache, the session's one tiny
-reference run, running a binary in this process, and ending TFF's C++ worker when the
-session ends."""
+reference run, running a binary in this process, TFF's C++ worker for the tests that
+compare with it (`cpp_execution`), and ending that worker after each test file."""
 
 import contextlib
 import dataclasses
@@ -17,6 +17,7 @@ from typing import Callable
 import huggingface_hub.constants
 import psutil
 import pytest
+import tensorflow_federated as tff
 import transformers.utils.hub
 from absl import flags
 from absl.testing import flagsaver
@@ -67,10 +68,11 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def _tff_execution_for_the_session():
-  """TFF's execution context as the binaries install it; its workers end at the end.
+  """TFF's execution context as the binaries install it by default (`tf`: TFF's
+  compiled rounds run by TensorFlow in this process, the path a GPU takes).
 
-  Installed before any test starts a worker. Its worker is ended after each test file
-  (`end_workers`, after which the context starts a fresh one) and at the end.
+  Its compiled computations are released after each test file; the C++ worker of the
+  tests that compare with it (`cpp_execution`) is ended after each file and at the end.
   """
   # pytest-xdist's worker processes start with SIGINT ignored, and children inherit an
   # ignored signal: the binaries the tests start would ignore Ctrl-C, and neither
@@ -83,15 +85,27 @@ def _tff_execution_for_the_session():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _fresh_tff_worker_per_test_file():
-  """Ends this process's TFF worker after each test file; the next use starts a fresh one.
+def _fresh_execution_per_test_file():
+  """After each test file: the `tf` context's compiled computations are closed and this
+  process's TFF C++ worker (if a test used one) is ended; the next use starts afresh.
 
   TFF's worker keeps what every computation sent to it needs; one worker serving a
-  whole pytest process grew to about 10 GB, and beside the suite's other process the
-  machine (24 GB, no swap) ran out of memory: the kernel's killer ended it after
-  minutes in which every process nearly stood still, and CLI tests timed out.
+  whole pytest process grew to about 10 GB and ran the 24 GB machine out of memory.
   """
   yield
+  execution.release_computations()
+  execution.end_workers()
+
+
+@contextlib.contextmanager
+def cpp_execution(**kwargs):
+  """TFF's C++ worker as the TFF context for the body (`execution.build_context("cpp")`).
+
+  For the tests that check `tf` against it; its worker is ended afterwards.
+  """
+  with tff.framework.get_context_stack().install(
+      execution.build_context(config_lib.CPP_EXECUTION, **kwargs)):
+    yield
   execution.end_workers()
 
 

@@ -99,7 +99,7 @@ def test_arms_without_a_server_drop_privacy_and_compression(tmp_path):
     assert arms[name].algorithm == "fedprox"  # The local algorithm stays.
   for name in ("federated", "fed_lora"):
     assert arms[name].dp_noise_multiplier == 1.0 and arms[name].dp_clip_norm == 0.1
-  secure = compare.plan_arms(_base(tmp_path, secure_aggregation=True, execution="cpp"),
+  secure = compare.plan_arms(_base(tmp_path, secure_aggregation=True),
                              splits=_splits({"a": 2, "b": 2}), seeds=1, root=tmp_path / "c",
                              arms=("local", "federated"))
   assert [a.config.secure_aggregation for a in secure] == [False, False, True]

@@ -368,7 +368,7 @@ def _flagfile_config(name: str) -> dict:
   process from the repository root (flagfiles name each other relative to it)."""
   code = ("import json, sys; from absl import flags; from tff_sam.experiments import run; "
           "flags.FLAGS(['run', '--flagfile=experiments/' + sys.argv[1]]); "
-          "print(run.config_from_flags(lambda: 'cpp').to_json())")
+          "print(run.config_from_flags().to_json())")
   proc = subprocess.run([sys.executable, "-c", code, name], cwd=REPO, capture_output=True,
                         text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]

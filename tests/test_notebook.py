@@ -106,12 +106,12 @@ def test_notebook_runs_smoke_config(tmp_path, monkeypatch):
   assert not [o for o in outputs if o.output_type == "error"]
   summary = json.loads((out / "summary.json").read_text())
   assert summary["rounds"] == 1
-  # No GPU here: the notebook chose TFF's C++ worker and says so.
+  # No GPU here: the default execution ran on the CPU and says so.
   texts = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-  assert summary["config"]["execution"] == "cpp"
-  assert "GPU: none" in texts and "--execution=cpp" in texts
-  assert "execution: cpp (TFF's C++ worker_binary, CPU only)" in texts
-  assert any("execution `cpp`" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+  assert summary["config"]["execution"] == "tf"
+  assert "GPU: none" in texts and "--execution" not in texts
+  assert "execution: tf (TFF's compiled rounds run by TensorFlow in this process on the CPU" in texts
+  assert any("execution `tf`" in o.get("data", {}).get("text/markdown", "") for o in outputs)
   assert math.isfinite(summary["final"]["dice"])
   png = (out / "metrics.png").read_bytes()
   assert png.startswith(b"\x89PNG\r\n\x1a\n")

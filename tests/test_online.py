@@ -1,25 +1,39 @@
 """Online mode (`--noembedding_cache`): images in the records, the encoder in the model.
 
 The online pipeline must reproduce `SamImageProcessor`'s pixel values and the cached
-mode's results (which differ only by the float16 rounding of cached embeddings).
+mode's results (which differ only by the float16 rounding of cached embeddings). The
+model TFF builds must list its weights in the eager model's order (MobileSAM's TinyViT
+included), so the initial state takes the pretrained weights.
 """
 
+import collections
 import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from tff_sam import config as config_lib
 from tff_sam.data import cache
 from tff_sam.data import discovery
+from tff_sam.data import pipeline
 from tff_sam.data import preprocess
 from tff_sam.data import reading
 from tff_sam.data import synthetic
+from tff_sam.federated import execution
+from tff_sam.federated import processes
 from tff_sam.federated import program
+from tff_sam.federated import tasks
 from tff_sam.models import build
+from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import encoders
+from tff_sam.models import mobile_sam
+from tff_sam.models import online as online_lib
 from tff_sam.models import sam as sam_lib
+
+from conftest import cache_clients
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -103,3 +117,89 @@ def test_online_mode_matches_cached_mode(tmp_path, reference_run, reference_sett
                                                          rel=1e-4)
   for key in ("test_dice", "test_iou", "fed_eval_dice"):
     assert float(online[1][key]) == pytest.approx(float(cached[1][key]), abs=2e-3), key
+
+
+def _weight_names(model) -> tuple[list[str], list[str]]:
+  """(trainable, non-trainable) weight names of an `OnlineSamModel`, in Keras' order.
+
+  Encoder weights go by their name inside the encoder (TinyViT: MobileSAM's state-dict
+  key), the others by variable name: a graph uniquifies repeated names, eager does not.
+  """
+  encoder = encoders.weight_names(model.image_encoder, model.encoder_kind)
+  return tuple([encoder.get(id(w), w.name) for w in weights]
+               for weights in (model.trainable_weights, model.non_trainable_weights))
+
+
+def _shapes(weights) -> list[tuple[int, ...]]:
+  return [tuple(w.shape) for w in weights]
+
+
+@pytest.mark.parametrize("encoder", [sam_lib.TINYVIT_ENCODER, sam_lib.VIT_ENCODER])
+def test_tff_model_lists_weights_in_the_eager_order(encoder):
+  """TFF builds the model in a legacy graph, where Keras makes v1 layers: their
+  `trainable = False` did not reach TinyViT's stages and blocks (held in lists), which
+  stayed trainable and put the frozen encoder's non-trainable weights in another order
+  than the eager model's (the initial state then failed to take the pretrained weights).
+  """
+  config = mobile_sam.mobile_sam_config()
+  eager = online_lib.OnlineSamModel(config, encoder=encoder)
+  side = sam_lib.image_size(config)
+  input_spec = collections.OrderedDict(
+      x=collections.OrderedDict(pixel_values=tf.TensorSpec([None, 3, side, side], tf.float32)),
+      y=tf.TensorSpec([None, 1, side, side], tf.float32))
+  model_fn = processes.build_model_fn(sam_config=config, input_spec=input_spec, prompt="box",
+                                      loss="dice_ce", train_iou_head=True,
+                                      online_encoder=encoder)
+  with tf.Graph().as_default():
+    graph = online_lib.OnlineSamModel(config, encoder=encoder)
+    assert _weight_names(graph) == _weight_names(eager)
+    tff_weights = tff.learning.models.ModelWeights.from_model(model_fn())
+  assert _shapes(tff_weights.trainable) == _shapes(eager.trainable_weights)
+  assert _shapes(tff_weights.non_trainable) == _shapes(eager.non_trainable_weights)
+  assert not graph.image_encoder.trainable_weights
+
+
+@pytest.fixture(name="mobile_bundle", scope="module")
+def _mobile_bundle():
+  """MobileSAM's real weights (module scope: set up before, so outside of, a test's
+  `isolated_cache`: the converted weights come from the user's cache)."""
+  return build.load_sam(config_lib.MOBILE_SAM_MODEL)
+
+
+def _max_change(before, after) -> float:
+  return max(float(np.max(np.abs(a - b))) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.slow
+def test_online_mobile_sam_round(mobile_bundle, reference_data, tmp_path):
+  """The initial state holds MobileSAM's weights, each in its own variable (the encoder's
+  checked by name), and one round under `tf` execution trains the decoder only."""
+  cache_clients(reference_data, ("site_0",), bundle=mobile_bundle, tmp=tmp_path, online=True)
+  config = config_lib.RunConfig(
+      output_dir=str(tmp_path / "out"), model=config_lib.MOBILE_SAM_MODEL,
+      embedding_cache=False, prompts_per_image=2, batch_size=2, client_optimizer="sgd",
+      client_lr=0.5, seed=0)
+  with tff.framework.get_context_stack().install(
+      execution.build_context(config_lib.TF_EXECUTION)):
+    task = tasks.build_task(config=config, bundle=mobile_bundle, client_ids=["site_0"],
+                            manifest_dir=tmp_path / "clients")
+    result = task.training_process.next(task.initial_state,
+                                        [pipeline.round_client_id("site_0", 1)])
+    execution.release_computations()
+  trainable, non_trainable = processes.weights_from_state(task.training_process,
+                                                          task.initial_state)
+  want_trainable, want_non_trainable = decoder_lib.model_weights_lists(task.model)
+  assert _max_change(trainable, want_trainable) == 0.0
+  assert _max_change(non_trainable, want_non_trainable) == 0.0
+  names = encoders.weight_names(task.model.image_encoder, sam_lib.TINYVIT_ENCODER)
+  pretrained = {n: v.numpy() for n, v, _ in mobile_bundle.image_encoder.torch_params()}
+  in_state = {names[id(w)]: value for w, value in zip(task.model.non_trainable_weights,
+                                                      non_trainable) if id(w) in names}
+  assert in_state.keys() == pretrained.keys()
+  assert _max_change([in_state[n] for n in pretrained], pretrained.values()) == 0.0
+  train = result.metrics["client_work"]["train"]
+  assert train["num_examples"] == 2 and np.isfinite(train["loss"])
+  after, after_non_trainable = processes.weights_from_state(task.training_process,
+                                                            result.state)
+  assert _max_change(after, trainable) > 1e-3  # The decoder moved,
+  assert _max_change(after_non_trainable, non_trainable) == 0.0  # the encoder did not.

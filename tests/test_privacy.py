@@ -28,6 +28,7 @@ from tff_sam.federated import program
 from tff_sam.federated import tasks
 
 from conftest import cache_clients
+from conftest import cpp_execution
 
 
 def _max_abs(a, b) -> float:
@@ -48,10 +49,11 @@ def test_dp_noise_is_added_with_the_expected_variance():
   big = np.zeros(size, np.float32)
   big[0] = 10.0  # L2 norm 10: clipped to 1.
   outputs = []
-  for _ in range(20):
-    out = process.next(state, [big, np.zeros(size, np.float32)])
-    state = out.state
-    outputs.append(np.asarray(out.result))
+  with cpp_execution():  # A bare aggregation process: not a round, which tf runs.
+    for _ in range(20):
+      out = process.next(state, [big, np.zeros(size, np.float32)])
+      state = out.state
+      outputs.append(np.asarray(out.result))
   outputs = np.stack(outputs)
   assert not np.allclose(outputs[0], outputs[1])  # Fresh noise every round.
   noise = outputs[:, 1:]  # Coordinates whose clipped mean is 0.
@@ -106,7 +108,8 @@ def test_secure_and_compressed_sums_equal_the_plain_mean_up_to_quantization():
 
   def mean(**settings):
     process = _weighted_mean_process(**settings)
-    return process.next(process.initialize(), values, weights).result
+    with cpp_execution():  # A bare aggregation process: not a round, which tf runs.
+      return process.next(process.initialize(), values, weights).result
 
   plain = mean()
   want = [sum(w * v[i] for w, v in zip(weights, values)) / sum(weights) for i in range(2)]
@@ -219,6 +222,19 @@ def test_secure_and_compressed_rounds_match_the_plain_round(bundle, tiny_clients
 
 
 @pytest.mark.slow
+def test_secure_round_under_tf_equals_the_cpp_worker(bundle, tiny_clients):
+  """The program's secure-aggregation round: `tf` (the default) as TFF's C++ worker."""
+  clients, tmp = tiny_clients
+  task = _task(bundle, clients, tmp, secure_aggregation=True)
+  mine = _round(task, clients)
+  with cpp_execution():
+    cpp = _round(task, clients)
+  assert _max_abs(mine.state.global_model_weights, cpp.state.global_model_weights) <= 1e-6
+  assert mine.metrics["client_work"]["train"]["loss"] == pytest.approx(
+      cpp.metrics["client_work"]["train"]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_secure_round_in_subrounds_matches_the_plain_round(bundle, tiny_clients, plain_round):
   """TFF's mergeable execution (`--clients_per_subround`, and so `--workers`) splits
   the secure sums too (`execution.compile_to_mergeable`; TFF's own compiler refuses
@@ -293,8 +309,6 @@ def test_dp_with_one_training_client_is_one_line(tmp_path, reference_settings):
     (dict(algorithm="scaffold"), "algorithm", "must be one of"),
     (dict(secure_aggregation=True, dp_noise_multiplier=1.0), "secure_aggregation",
      "cannot be combined with --dp_noise_multiplier"),
-    (dict(secure_aggregation=True, execution="tf"), "secure_aggregation",
-     "runs under --execution=cpp only"),
     (dict(secure_aggregation=True, update_compression="int8"), "update_compression",
      "cannot be combined with --secure_aggregation"),
     (dict(dp_noise_multiplier=1.0, update_compression="int4"), "update_compression",
@@ -311,10 +325,11 @@ def test_bad_privacy_settings_are_one_line_naming_the_flag(settings, flag, messa
 def test_cli_privacy_mistake_is_one_line(tmp_path, reference_data, reference_cache, run_binary):
   result = run_binary("run", f"--output_dir={tmp_path / 'o'}", f"--cache_dir={reference_cache}",
                       f"--data_dir={reference_data}", "--model=tiny", "--rounds=1",
-                      "--secure_aggregation", "--execution=tf")
+                      "--secure_aggregation", "--dp_noise_multiplier=1")
   assert result.code == 1 and "Traceback" not in result.stderr
   assert len(result.error_lines()) == 1
-  assert result.error_lines()[0].startswith("error: --secure_aggregation: runs under")
+  assert result.error_lines()[0].startswith(
+      "error: --secure_aggregation: cannot be combined with --dp_noise_multiplier")
 
 
 def test_aggregation_metrics_read_every_layout():

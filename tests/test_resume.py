@@ -116,8 +116,8 @@ def test_other_execution_and_settings_older_runs_lack_resume(tmp_path, reference
   out = tmp_path / "copy"
   shutil.copytree(reference[0], out)
   saved = json.loads((out / "config.json").read_text())
-  assert saved["execution"] == "cpp"
-  saved["execution"] = "tf"
+  assert saved["execution"] == "tf"
+  saved["execution"] = "cpp"  # E.g. a run started before tf was the default.
   del saved["client_optimizer"]
   (out / "config.json").write_text(json.dumps(saved))
   config = config_lib.RunConfig(output_dir=str(out), **reference_settings)
@@ -154,10 +154,11 @@ def _cli(out, settings):
 
 
 @pytest.mark.slow
-def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference,
-                                                             reference_settings):
+def test_kill_9_under_cpp_ends_its_worker_and_resumes(tmp_path, reference, reference_settings):
+  """`--execution=cpp`: kill -9 of the run; its worker's guardian ends the worker, and the
+  same command completes with the reference run's result (which ran under tf)."""
   out = tmp_path / "killed"
-  cmd = _cli(out, reference_settings)
+  cmd = [*_cli(out, reference_settings), "--execution=cpp"]
   cli = BackgroundCli(cmd, tmp_path / "stderr.txt")
   proc = cli.process
   try:
@@ -189,16 +190,14 @@ def test_kill_9_then_same_command_completes_with_same_result(tmp_path, reference
 
 
 @pytest.mark.slow
-def test_kill_9_under_tf_then_same_command_equals_uninterrupted(tmp_path, reference,
-                                                                reference_settings):
-  """`--execution=tf`: kill -9 after round 1 is saved; the same command completes, equal
-  in every metric of rounds 0-2 to the session's uninterrupted reference run.
+def test_kill_9_then_same_command_equals_uninterrupted(tmp_path, reference, reference_settings):
+  """kill -9 after round 1 is saved; the same command completes, equal in every metric of
+  rounds 0-2 to the session's uninterrupted reference run.
 
-  The reference ran under TFF's C++ worker: tf and cpp rounds agree to 1e-6 in every
-  metric (`tests/test_tf_execution.py`; these very rows differed by at most 9e-8,
-  measured), so a resume that changed anything (prompts, sampling, state) shows.
+  Like with like: both ran under tf (the default) in processes of this machine, so a
+  resume that changed anything (prompts, sampling, state) shows at 1e-6.
   """
-  settings = {**reference_settings, "rounds": 2, "execution": "tf"}
+  settings = {**reference_settings, "rounds": 2}
   out = tmp_path / "killed"
   cmd = _cli(out, settings)
   cli = BackgroundCli(cmd, tmp_path / "stderr.txt")
@@ -228,7 +227,8 @@ def test_kill_9_under_tf_then_same_command_equals_uninterrupted(tmp_path, refere
 def test_signal_ends_run_and_its_worker(tmp_path, reference_settings, sig):
   """Ctrl-C or SIGTERM while TFF works (its worker is running) ends run and worker."""
   out = tmp_path / f"sig{int(sig)}"
-  cli = BackgroundCli(_cli(out, reference_settings), tmp_path / "stderr.txt")
+  cli = BackgroundCli([*_cli(out, reference_settings), "--execution=cpp"],
+                      tmp_path / "stderr.txt")
   proc = cli.process
   workers = cli.wait_until(lambda: live_worker_binaries(proc.pid))
   proc.send_signal(sig)
@@ -243,7 +243,8 @@ def test_signal_ends_run_and_its_worker(tmp_path, reference_settings, sig):
 def test_oom_killed_worker_ends_run_with_one_error_line(tmp_path, reference_settings):
   """TFF restarts a killed worker and retries the round forever; the run must end."""
   out = tmp_path / "oom"
-  cli = BackgroundCli(_cli(out, reference_settings), tmp_path / "stderr.txt")
+  cli = BackgroundCli([*_cli(out, reference_settings), "--execution=cpp"],
+                      tmp_path / "stderr.txt")
   proc = cli.process
   cli.wait_until((out / "state" / "round_1").exists)
   workers = live_worker_binaries(proc.pid)
@@ -272,14 +273,15 @@ def test_subrounds_give_the_same_rounds(tmp_path, reference, reference_settings)
   old worker with SIGINT and wait for it, which can hang.
   """
   code = ("import tensorflow_federated as tff; from tff_sam.federated import execution; "
-          "execution.configure_tff_execution(num_subrounds=2); "
+          "execution.configure_tff_execution(execution='cpp', num_subrounds=2); "
           "print(type(tff.framework.get_context_stack().current).__name__)")
   probe = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=300, check=False)
   assert probe.stdout.strip() == "MergeableCompExecutionContext", probe.stderr[-2000:]
 
   out = tmp_path / "sub"
-  cmd = [*_cli(out, reference_settings), "--rounds=2", "--clients_per_subround=1"]
+  cmd = [*_cli(out, reference_settings), "--rounds=2", "--clients_per_subround=1",
+         "--execution=cpp"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads((out / "config.json").read_text())["clients_per_subround"] == 1

@@ -1,9 +1,10 @@
 """`--execution=tf`: TFF's compiled computations run by TensorFlow in this process.
 
-The program's own training and evaluation processes (tiny config, robust aggregation
-and federated evaluation on) run two rounds under `tf_execution` and under TFF's C++
-worker in one test process; the rounds must agree. Plus the context's own paths:
-values in and out, several devices, and what it refuses.
+`tf` is the default: every other test's rounds run under it. Here the program's own
+training and evaluation processes (tiny config, robust aggregation and federated
+evaluation on; online mode; LoRA) run under `tf_execution` and under TFF's C++ worker
+in one test process; the rounds must agree. Plus the context's own paths: values in
+and out, several devices, secure sums, and what it refuses.
 """
 
 import collections
@@ -24,6 +25,7 @@ from tff_sam.models import adapted
 from tff_sam.models import build
 
 from conftest import cache_clients
+from conftest import cpp_execution
 
 
 def _installed(context):
@@ -75,7 +77,8 @@ def test_two_rounds_equal_the_cpp_worker(tiny_task_inputs):
       out.append((state, result.metrics, task.federated_evaluation(state)))
     return out, task.training_process.initialize()
 
-  cpp, cpp_init = two_rounds()
+  with cpp_execution():
+    cpp, cpp_init = two_rounds()
   context = tf_execution.TensorFlowExecutionContext()
   with _installed(context):
     mine, mine_init = two_rounds()
@@ -108,7 +111,8 @@ def _round_under_both(task, clients):
   """Round 1 of `task` under the C++ worker and under tf: equal weights (1e-6) and
   training metrics (4 examples); returns the C++ worker's result."""
   ids = [pipeline.round_client_id(c, 1) for c in clients]
-  cpp = task.training_process.next(task.initial_state, ids)
+  with cpp_execution():
+    cpp = task.training_process.next(task.initial_state, ids)
   with _installed(tf_execution.TensorFlowExecutionContext()):
     mine = task.training_process.next(task.initial_state, ids)
   assert _max_abs_difference(mine.state.global_model_weights,
@@ -153,6 +157,62 @@ def test_lora_round_equals_the_cpp_worker(tiny_task_inputs, reference_data):
       task.model.trainable_weights, cpp.state.global_model_weights.trainable,
       task.initial_state.global_model_weights.trainable, strict=True)}
   assert min(moved[id(a.layer.lora_b)] for a in task.model.adapters) > 0  # Every B moved.
+
+
+def _requested_devices(embedded) -> dict[str, set[str]]:
+  """Op type -> the devices its ops request, in `embedded`'s graph and its functions."""
+  requested = collections.defaultdict(set)
+  graph_def = embedded.graph.as_graph_def()
+  for nodes in [graph_def.node, *(f.node_def for f in graph_def.library.function)]:
+    for node in nodes:
+      requested[node.op].add(node.device)
+  return requested
+
+
+@pytest.mark.slow
+def test_gpu_placement_read_from_the_graphs_and_results_equal_one_device(tiny_task_inputs,
+                                                                         reference_data):
+  """The runner given `/GPU:0`, then `/GPU:0,/GPU:1`, on this CPU (soft placement):
+  every client's work is requested on its GPU (round-robin), datasets and iterators on
+  the host as TFF's worker pins them, the server's parts on the first GPU; the round
+  equals the one-device round."""
+  bundle, clients, tmp = tiny_task_inputs
+  clients = [*clients, "site_2"]  # Three clients over two devices.
+  cache_clients(reference_data, ["site_2"], bundle=bundle, tmp=tmp)
+  config = config_lib.RunConfig(output_dir=str(tmp / "gpu"), model="tiny", prompts_per_image=2,
+                                batch_size=2, client_optimizer="sgd", client_lr=0.5, seed=0)
+  task = tasks.build_task(config=config, bundle=bundle, client_ids=clients,
+                          manifest_dir=tmp / "clients")
+  ids = [pipeline.round_client_id(c, 1) for c in clients]
+  one = task.training_process.next(task.initial_state, ids)  # The default: one device.
+  for gpus in (["/GPU:0"], ["/GPU:0", "/GPU:1"]):
+    context = tf_execution.TensorFlowExecutionContext(devices=gpus)
+    runnable = context.compile(task.training_process.next)
+    calls = []
+    for i, work in enumerate(list(runnable.works)):
+      runnable.works[i] = lambda arg, i=i, work=work: (calls.append(i), work(arg))[1]
+    with _installed(context):
+      mine = task.training_process.next(task.initial_state, ids)
+    # Round-robin: clients 0 and 2 on the first device, 1 on the second.
+    assert sorted(calls) == sorted(i % len(gpus) for i in range(len(clients)))
+    assert _max_abs_difference(mine.state, one.state) <= 1e-6
+    assert mine.metrics["client_work"]["train"]["loss"] == pytest.approx(
+        one.metrics["client_work"]["train"]["loss"], rel=1e-6)
+    runnable.works[:] = [w.__defaults__[1] for w in runnable.works]
+    for i, work in enumerate(runnable.works):
+      gpu = f"/device:GPU:{i}"
+      host = {op: d for op, d in _requested_devices(work).items() if tf_execution.is_host_op(op)}
+      assert {"IteratorGetNextAsOptional", "MakeIterator", "TFRecordDataset"} <= set(host)
+      assert all(d == {tf_execution.HOST} for d in host.values()), host
+      top = [op for op in work.graph.get_operations() if not tf_execution.is_host_op(op.type)]
+      # The client's training (a function call; its nodes run where the call runs).
+      assert {op.device for op in top if op.type == "StatefulPartitionedCall"} == {gpu}
+      on_gpu = collections.Counter(op.device == gpu for op in top)
+      assert on_gpu[True] / len(top) > 0.99, on_gpu
+    for part in (runnable.prepare, runnable.merge, runnable.report, runnable.update):
+      devices = {op.device for op in part.graph.get_operations()}
+      assert devices <= {"/device:GPU:0", tf_execution.HOST}, devices
+    context.close()
 
 
 def test_flatten_and_pack_follow_the_type():
@@ -204,20 +264,28 @@ def test_clients_spread_over_devices_and_merged():
   assert two.compile(next_fn) is not runnable  # Compiled afresh after close.
 
 
-def test_secure_sum_is_refused_naming_the_flag():
+def test_secure_sums_equal_the_cpp_worker():
+  """TFF's simulation bodies for its secure sums, as the C++ worker runs them: the
+  bounded sum, the bitwidth sum (not modular: TFF widens it) and a value over the bound."""
   @tff.federated_computation(tff.FederatedType(np.int32, tff.SERVER),
                              tff.FederatedType(np.int32, tff.CLIENTS))
   def next_fn(state, values):
-    return state, tff.federated_secure_sum_bitwidth(values, 8)
+    return state, [tff.federated_secure_sum_bitwidth(values, 8),
+                   tff.federated_secure_sum(values, 300)]
 
   context = tf_execution.TensorFlowExecutionContext()
-  with pytest.raises(errors.ConfigError, match=r"^--execution: tf cannot run "
-                     r"federated_secure_sum_bitwidth yet \(secure aggregation\); use "
-                     r"--execution=cpp$"):
-    context.compile(next_fn)
-  with _installed(context):  # compile_computations: the program's check before round 0.
-    with pytest.raises(errors.ConfigError, match="secure"):
-      tf_execution.compile_computations(next_fn)
+  runnable = context.compile(next_fn)
+  assert not tf_execution._secure_sum_parts(runnable.mrf)  # pylint: disable=protected-access
+  values = [1, 2, 3, 250]
+  with _installed(context):
+    mine = next_fn(3, values)
+  with cpp_execution():
+    cpp = next_fn(3, values)
+  assert mine == cpp == (3, [256, 256])
+  with cpp_execution(), pytest.raises(Exception, match="client value larger than maximum"):
+    next_fn(3, [1, 301])
+  with _installed(context), pytest.raises(Exception, match="client value larger than maximum"):
+    next_fn(3, [1, 301])
 
 
 def test_computation_without_round_shape_is_refused():
@@ -263,11 +331,12 @@ def test_program_turns_out_of_memory_into_one_line_naming_the_round(tmp_path, mo
   assert "run the same command again: it resumes" in message and "\n" not in message
 
 
-def test_default_execution_follows_the_gpus(monkeypatch):
+def test_default_execution_is_tf_with_or_without_gpus(monkeypatch):
+  assert config_lib.RunConfig(output_dir="x").execution == "tf"
+  assert isinstance(tff.framework.get_context_stack().current,
+                    tf_execution.TensorFlowExecutionContext)  # conftest: as the binaries.
   monkeypatch.setattr(tf_execution, "visible_gpus", lambda: [])
-  assert execution.default_execution() == "cpp"
   assert "CPU only" in execution.describe_execution("cpp")
   assert "TensorFlow sees no GPU" in execution.describe_execution("tf")
   monkeypatch.setattr(tf_execution, "visible_gpus", lambda: ["/GPU:0"])
-  assert execution.default_execution() == "tf"
   assert "on 1 GPU(s): /GPU:0" in execution.describe_execution("tf")

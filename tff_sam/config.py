@@ -80,8 +80,9 @@ PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("dice_ce", "bce", "focal_dice")
 SERVER_OPTIMIZERS = ("sgd", "adam")
 CLIENT_OPTIMIZERS = ("adam", "sgd")
-# Where TFF runs the rounds (`--execution`): its C++ worker (CPU only) or TensorFlow in
-# the Python process from TFF's compiled forms (`federated.tf_execution`; GPUs).
+# Where TFF runs the rounds (`--execution`): TensorFlow in this process from TFF's
+# compiled forms (`federated.tf_execution`; CPU or GPUs; the default) or TFF's C++
+# worker (CPU only; what `--workers` run).
 CPP_EXECUTION = "cpp"
 TF_EXECUTION = "tf"
 EXECUTIONS = (CPP_EXECUTION, TF_EXECUTION)
@@ -237,7 +238,7 @@ class RunConfig:
   secure_aggregation: bool = False
   update_compression: str = NO_COMPRESSION
   # Execution: where TFF runs the computations (`EXECUTIONS`).
-  execution: str = CPP_EXECUTION
+  execution: str = TF_EXECUTION
   # `host:port` of TFF workers on other machines (`python -m tff_sam.experiments.worker`);
   # empty = the local worker. A round's clients are spread over them (cpp only).
   workers: tuple[str, ...] = ()
@@ -365,10 +366,6 @@ class RunConfig:
                    "secure_aggregation", "cannot be combined with --dp_noise_multiplier "
                    "here: central DP adds its noise to the sum the server sees (TFF's "
                    "distributed DP, ddp_secure_aggregator, is the combination; not built)")
-    errors.require(not self.secure_aggregation or self.execution == CPP_EXECUTION,
-                   "secure_aggregation", f"runs under --execution={CPP_EXECUTION} only (TFF's "
-                   "simulation of the secure sum; the in-process tf execution has no secure-sum "
-                   f"components); drop --execution={self.execution}")
     errors.require(self.update_compression == NO_COMPRESSION or not self.secure_aggregation,
                    "update_compression", "cannot be combined with --secure_aggregation (the "
                    "secure sum quantizes the updates itself)")

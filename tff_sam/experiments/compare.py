@@ -44,7 +44,7 @@ def main(argv):
   def job():
     adapted = FLAGS.adapter != config_lib.NO_ADAPTER
     config = run_binary.config_from_flags(
-        execution.default_execution, defaults_for=() if adapted else compare.LORA_SETTINGS)
+        defaults_for=() if adapted else compare.LORA_SETTINGS)
     lora = {} if adapted else run_binary.flag_values(compare.LORA_SETTINGS)
     errors.require(FLAGS.seeds >= 1, "seeds", f"must be >= 1, got {FLAGS.seeds}")
     unknown = [a for a in FLAGS.arms if a not in compare.ARM_KINDS]

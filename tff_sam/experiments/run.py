@@ -10,7 +10,6 @@ into a validated `RunConfig`; user mistakes end with one `error:` line and exit 
 
 import dataclasses
 import os
-from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF and TFF's C++ worker: errors only.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation banner.
@@ -144,17 +143,18 @@ flags.DEFINE_float("dp_delta", _F["dp_delta"],
 flags.DEFINE_boolean("secure_aggregation", _F["secure_aggregation"],
                      "Sum the clients' updates with TFF's secure aggregation (SecureSumFactory: "
                      "values bounded and quantized to integers, summed so the server only sees "
-                     "the total). Runs under --execution=cpp; tf refuses it before round 1.")
+                     "the total). TFF has no cryptographic protocol in any runtime: both "
+                     "executions run TFF's own simulation of it.")
 flags.DEFINE_enum("update_compression", _F["update_compression"], config_lib.UPDATE_COMPRESSIONS,
                   "Compress the clients' uploads: none, or int8 / int4 (TFF's uniform "
                   "quantization of every tensor of the update to 8 / 4 bits, stochastic "
                   "rounding, bit-packed: 1.14 / 0.57 bytes per value instead of 4).")
 # Execution.
 flags.DEFINE_enum("execution", "auto", ("auto",) + config_lib.EXECUTIONS,
-                  "Where TFF runs the rounds: cpp = TFF's C++ worker (CPU only); tf = TFF's "
-                  "compiled rounds run by TensorFlow in this process, on the GPU(s) it sees; "
-                  "auto = tf when TensorFlow sees a GPU, else cpp. A run may be resumed with "
-                  "the other execution.")
+                  "Where TFF runs the rounds: tf = TFF's compiled rounds run by TensorFlow in "
+                  "this process, on the GPU(s) it sees, else the CPU; cpp = TFF's C++ "
+                  "worker_binary (CPU only); auto = cpp with --workers, else tf. A run may be "
+                  "resumed with the other execution.")
 flags.DEFINE_list("workers", [], "host:port,... of TFF workers on other machines (start each "
                   "with python -m tff_sam.experiments.worker --port P): each round's clients "
                   "are split over them and run in parallel (TFF's mergeable execution; "
@@ -240,23 +240,22 @@ def parse_flags(argv: list[str], *, doc: str = __doc__, extra_groups=()) -> list
   return app.parse_flags_with_usage(argv)
 
 
-def config_from_flags(default_execution: Callable[[], str], *,
-                      defaults_for: tuple[str, ...] = ()) -> config_lib.RunConfig:
+def config_from_flags(*, defaults_for: tuple[str, ...] = ()) -> config_lib.RunConfig:
   """Copies the flags into a validated `RunConfig` (the only place flags are read).
 
+  `--execution=auto` becomes `cpp` with `--workers` (remote workers are TFF's C++
+  workers), else `tf`.
+
   Args:
-    default_execution: What `--execution=auto` becomes without `--workers`
-      (`execution.default_execution`); with them it is `cpp`.
     defaults_for: Settings left at their defaults whatever their flags say (a binary
       that uses those flags otherwise reads them with `flag_values`).
   """
   values = flag_values(tuple(f.name for f in dataclasses.fields(config_lib.RunConfig)))
   values.update({f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)
                  if f.name in defaults_for})
-  if values["execution"] == "auto":  # Remote workers are TFF's C++ workers; so is the
-    values["execution"] = (config_lib.CPP_EXECUTION  # secure sum's simulation.
-                           if values["workers"] or values["secure_aggregation"]
-                           else default_execution())
+  if values["execution"] == "auto":
+    values["execution"] = (config_lib.CPP_EXECUTION if values["workers"]
+                           else config_lib.TF_EXECUTION)
   return config_lib.RunConfig(**values).validate()
 
 
@@ -274,7 +273,7 @@ def main(argv):
   from tff_sam.federated import program  # pylint: disable=g-import-not-at-top
 
   def job():
-    config = config_from_flags(execution.default_execution)
+    config = config_from_flags()
     execution.configure_tff_execution(execution=config.execution,
                                       num_subrounds=config.num_subrounds,
                                       workers=config.workers,

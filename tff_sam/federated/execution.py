@@ -11,7 +11,8 @@ With `workers` (`--workers`), `cpp` runs on TFF workers on other machines instea
 TFF's mergeable-computation context over one remote context per worker
 (`build_remote_context`, `federated.workers`), each round's clients split over them.
 
-`default_execution` picks `tf` when TensorFlow sees a GPU, else `cpp`.
+`tf` is the default everywhere (`config.RunConfig.execution`); `cpp` runs when asked
+for by name and for `--workers`.
 `WorkerWatch` (used through `worker_watched`) turns a worker killed mid-computation
 (e.g. out of memory), which TFF would restart and retry forever, into an error.
 
@@ -68,7 +69,7 @@ def compile_for_cpp_worker(comp: tff.framework.ConcreteComputation
   TFF's test contexts run): the same bounded, quantized integer sums, with each
   client's value checked against the bound, summed in the clear.
   """
-  comp = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
+  comp = tf_execution.with_secure_sum_bodies(comp)
   desugared, _ = tff.tensorflow.replace_intrinsics_with_bodies(comp.to_building_block())
   return tff.backends.native.transform_to_native_form(
       tff.framework.ConcreteComputation(computation_proto=desugared.proto,
@@ -83,11 +84,6 @@ def _cpp_context(sync: bool, max_concurrent_computation_calls: int):
   return context(executor_fn=factory, compiler_fn=compile_for_cpp_worker,
                  transform_args=tff.tensorflow.transform_args,
                  transform_result=tff.tensorflow.transform_result)
-
-
-def default_execution() -> str:
-  """`tf` when TensorFlow in this process sees a GPU, else `cpp`."""
-  return config_lib.TF_EXECUTION if tf_execution.visible_gpus() else config_lib.CPP_EXECUTION
 
 
 def describe_execution(name: str) -> str:
@@ -113,6 +109,17 @@ def build_context(execution: str, *, max_concurrent_computation_calls: int = -1)
     raise ValueError(f"unknown execution {execution!r}")
   guard_workers()
   return _cpp_context(True, max_concurrent_computation_calls)
+
+
+def release_computations() -> None:
+  """Closes what the installed `tf` context compiled (graphs, sessions); no-op otherwise.
+
+  A computation called afterwards is compiled afresh. The program calls it when a run
+  ends, so one process running many (`compare`'s arms, the tests) does not grow.
+  """
+  context = tff.framework.get_context_stack().current
+  if isinstance(context, tf_execution.TensorFlowExecutionContext):
+    context.close()
 
 
 def build_remote_context(workers: Sequence[str], *,
@@ -169,10 +176,8 @@ def compile_to_mergeable(comp: tff.framework.ConcreteComputation
   bodies (`compile_for_cpp_worker`) turn them into bounded integer sums it can split.
   Computations without secure sums are compiled as TFF compiles them.
   """
-  # The replacement drops the Python containers of the type (the results' structure).
   return tff.backends.native.compile_to_mergeable_comp_form(
-      tff.framework.ConcreteComputation.with_type(
-          tff.backends.test.replace_secure_intrinsics_with_bodies(comp), comp.type_signature))
+      tf_execution.with_secure_sum_bodies(comp))
 
 
 def build_mergeable_context(contexts: Sequence[Any], *, num_subrounds: int
@@ -194,7 +199,7 @@ def build_subround_context(*, num_subrounds: int, max_concurrent_computation_cal
                                  num_subrounds=num_subrounds)
 
 
-def configure_tff_execution(*, execution: str = config_lib.CPP_EXECUTION,
+def configure_tff_execution(*, execution: str = config_lib.TF_EXECUTION,
                             max_concurrent_computation_calls: int = -1,
                             num_subrounds: int = 1, workers: Sequence[str] = (),
                             worker_timeout: float = workers_lib.DEFAULT_TIMEOUT_S) -> None:

@@ -302,6 +302,8 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
           "lower --batch_size or --prompts_per_image (or use --embedding_cache in online "
           "mode), then run the same command again: it resumes from the last saved "
           "round") from None
+    finally:  # Its graphs and sessions (`tf`): a process may run more programs (compare).
+      execution.release_computations()
 
 
 def _check_saved_metrics(out: Path, version: int) -> None:

@@ -29,6 +29,7 @@ naming `--execution` when it is first compiled (`compile`), before it runs.
 
 import concurrent.futures
 import threading
+import weakref
 from typing import Any, Optional, Sequence
 
 import tensorflow as tf
@@ -44,6 +45,15 @@ from tff_sam import errors
 
 # Ops that must stay on the host next to their dataset (TFF's worker does the same).
 _ITERATOR_OPS = ("IteratorGetNext", "MakeIterator", "AnonymousIteratorV")
+HOST = "/device:CPU:0"
+
+
+def is_host_op(op_type: str) -> bool:
+  """Whether ops of `op_type` are requested on the host: datasets and their iterators.
+
+  Their kernels are CPU kernels; an iterator on another device than its dataset fails.
+  """
+  return op_type.startswith(_ITERATOR_OPS) or "Dataset" in op_type
 
 
 class OutOfDeviceMemory(Exception):
@@ -121,12 +131,14 @@ def pack_value(flat: Sequence[Any], type_spec: tff.Type) -> Any:
 
 
 def _pin(graph_def, device: Optional[str]):
-  """Iterator ops on the host; with `device`, every other unplaced node there."""
+  """Dataset and iterator ops on the host (`is_host_op`), also inside functions; with
+  `device`, every other unplaced node of the graph there (the nodes of the functions
+  it calls run where their call runs)."""
   functions = [f.node_def for f in graph_def.library.function]
   for nodes in [graph_def.node, *functions]:
     for node in nodes:
-      if node.op.startswith(_ITERATOR_OPS):
-        node.device = "/device:CPU:0"
+      if is_host_op(node.op):
+        node.device = HOST
   if device is not None:
     for node in graph_def.node:
       if not node.device:
@@ -179,6 +191,20 @@ class EmbeddedComputation:
     self.session.close()
 
 
+def with_secure_sum_bodies(comp) -> Any:
+  """`comp` with TFF's simulation bodies for its secure sums (`federated_secure_sum*`).
+
+  TFF has no cryptographic secure-sum protocol in any runtime; its test contexts and
+  its C++ worker run these bodies (`tff.backends.test.replace_secure_intrinsics_with_bodies`):
+  each client's value is checked against the bound, shifted and quantized to integers,
+  summed in the clear (modular where the intrinsic is modular) and mapped back. The
+  same bodies here give the same sums as `--execution=cpp`. A computation without
+  secure sums is returned unchanged; the type signature (its Python containers) is kept.
+  """
+  replaced = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
+  return tff.framework.ConcreteComputation.with_type(replaced, comp.type_signature)
+
+
 def _secure_sum_parts(mrf) -> list[str]:
   """Names of the secure-sum paths `mrf` uses (non-empty `work` outputs 1-3)."""
   names = ("federated_secure_sum_bitwidth", "federated_secure_sum",
@@ -194,18 +220,19 @@ class _Round:
   def __init__(self, comp, *, devices: Sequence[Optional[str]]):
     try:
       mrf = tff.backends.mapreduce.get_map_reduce_form_for_computation(
-          comp, grappler_config=grappler_off())
+          with_secure_sum_bodies(comp), grappler_config=grappler_off())
     except (TypeError, ValueError, mapreduce_compiler.MapReduceFormCompilationError) as e:
       raise errors.ConfigError(
           "execution", f"tf cannot run the computation {_type_name(comp)} (TFF cannot "
           f"compile it to a MapReduceForm: {' '.join(str(e).split())}); use --execution=cpp"
       ) from None
     secure = _secure_sum_parts(mrf)
-    if secure:
+    if secure:  # `with_secure_sum_bodies` replaced them all: a TFF change would show here.
       raise errors.ConfigError(
-          "execution", f"tf cannot run {', '.join(secure)} yet (secure aggregation); "
-          "use --execution=cpp")
+          "execution", f"tf cannot run {', '.join(secure)} (TFF left a secure-sum "
+          "intrinsic in the MapReduceForm); use --execution=cpp")
     self.type_signature = comp.type_signature
+    self.mrf = mrf
     self.devices = list(devices) or [None]
     server = self.devices[0]
     self.prepare = EmbeddedComputation(mrf.prepare, device=server)
@@ -263,14 +290,23 @@ class TensorFlowExecutionContext(tff.framework.SyncContext):
 
   def __init__(self, *, devices: Sequence[str] = ()):
     self.devices = list(devices)
-    self._compiled: dict[int, tuple[Any, Any]] = {}
+    # id(comp) -> (a weak reference to comp, its runnable form). Weak: a computation
+    # nobody holds any more (a finished run's process) takes its graphs and sessions
+    # with it (`_forget`), so a process running many programs does not grow.
+    self._compiled: dict[int, tuple[weakref.ref, Any]] = {}
     self._lock = threading.Lock()
+
+  def _forget(self, key: int) -> None:
+    with self._lock:
+      entry = self._compiled.pop(key, None)
+    if entry is not None:
+      _close(entry[1])
 
   def compile(self, comp) -> Any:
     """The runnable form of `comp` (compiled on first use; errors are one line)."""
     with self._lock:
       hit = self._compiled.get(id(comp))
-      if hit is not None and hit[0] is comp:
+      if hit is not None and hit[0]() is comp:
         return hit[1]
       proto = computation_impl.ConcreteComputation.get_proto(comp)
       signature = comp.type_signature
@@ -285,7 +321,8 @@ class TensorFlowExecutionContext(tff.framework.SyncContext):
         runnable.type_signature = signature
       else:
         runnable = _Round(comp, devices=self.devices)
-      self._compiled[id(comp)] = (comp, runnable)
+      self._compiled[id(comp)] = (weakref.ref(comp), runnable)
+      weakref.finalize(comp, self._forget, id(comp)).atexit = False
       return runnable
 
   def invoke(self, comp, arg):
@@ -298,10 +335,15 @@ class TensorFlowExecutionContext(tff.framework.SyncContext):
   def close(self) -> None:
     """Closes every session; a computation called afterwards is compiled afresh."""
     with self._lock:
-      for _, runnable in self._compiled.values():
-        for part in runnable.parts() if isinstance(runnable, _Round) else [runnable]:
-          part.close()
-      self._compiled.clear()
+      entries, self._compiled = list(self._compiled.values()), {}
+    for _, runnable in entries:
+      _close(runnable)
+
+
+def _close(runnable) -> None:
+  """Closes the sessions of a compiled computation (`EmbeddedComputation` or `_Round`)."""
+  for part in runnable.parts() if isinstance(runnable, _Round) else [runnable]:
+    part.close()
 
 
 def compile_computations(*comps) -> None:

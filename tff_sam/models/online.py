@@ -8,6 +8,23 @@ from tff_sam.models import encoders
 from tff_sam.models import sam as sam_lib
 
 
+def freeze(layer: tf.keras.layers.Layer) -> None:
+  """Makes `layer` and every layer inside it non-trainable, however Keras built them.
+
+  `layer.trainable = False` alone does not reach every sublayer where TFF builds the
+  model: in its legacy graph Keras makes v1 layers, whose `trainable` setter recurses
+  only into sublayers held in attributes, not into lists (TinyViT's stages and blocks).
+  Those stayed trainable there, and Keras lists a frozen layer's weights trainable-first
+  per trainable sublayer, so the TFF model's non-trainable weights came in another
+  order than the eager model's (BatchNorm statistics after the kernels of each stage)
+  and `set_model_weights` failed or could assign weights to the wrong variables.
+  """
+  layer.trainable = False
+  for sub in layer.submodules:  # Also through lists and dicts.
+    if isinstance(sub, tf.keras.layers.Layer):
+      sub.trainable = False
+
+
 class OnlineSamModel(tf.keras.Model):
   """Frozen image encoder + `PromptMaskDecoder`: the model of online mode.
 
@@ -36,7 +53,7 @@ class OnlineSamModel(tf.keras.Model):
     super().__init__(**kwargs)
     self.image_encoder = encoders.build_image_encoder(encoder, config)
     self.encoder_kind = encoder
-    self.image_encoder.trainable = False
+    freeze(self.image_encoder)
     self.decoder = decoder_lib.PromptMaskDecoder(config, prompt=prompt,
                                                  train_iou_head=train_iou_head,
                                                  sub_iterations=sub_iterations)
