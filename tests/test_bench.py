@@ -52,8 +52,8 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path, namespace):
   table = proc.stdout[proc.stdout.index("tff_sam benchmark:"):]
   for row in ("1 cache speed-up", "embedding precompute", "2 TFF overhead",
               "3 memory 4 vs 2 clients", "4 bytes/client/round", "full-model fine-tuning",
-              "5 throughput, tiny", "5 throughput, mobile_sam", "6 execution cpp",
-              "  execution tf", "tf / cpp cached round time", "tf memory 4 vs 2 clients"):
+              "5 throughput, tiny", "5 throughput, mobile_sam", "6 execution tf",
+              "  execution cpp", "tf / cpp cached round time", "tf memory 4 vs 2 clients"):
     assert row in table, table
 
   result = json.loads((out / "bench.json").read_text())
@@ -93,7 +93,7 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path, namespace):
   # Raw timings, throughput, machine, goals computed from the values.
   rounds = result["timings"]["rounds"]
   assert set(rounds) == {"cached TFF", "plain tf.function", "cached TFF, dataset_reduce",
-                         "online TFF", "cached TFF, tf execution",  # No GPU: no online tf.
+                         "online TFF", "cached TFF, cpp execution",  # No GPU: no online cpp.
                          "cached TFF, 1 worker", "cached TFF, 2 workers"}
   # Section 7: one client per worker, both workers computed in every timed round.
   workers = result["workers"]
@@ -116,17 +116,18 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path, namespace):
   assert workers["speedup"] == pytest.approx(workers["runs"]["1"]["round_s"]
                                              / workers["runs"]["2"]["round_s"])
   assert "7 workers: 1" in table and "1 worker / all workers" in table
-  # Section 6: cpp (the installed execution) and tf side by side.
+  # Section 6: tf (the installed execution, the default) and cpp side by side.
   executions = result["executions"]
-  assert list(executions) == ["cpp", "tf"]
-  assert executions["cpp"]["cached_round_s"] == rounds["cached TFF"]["mean_s"]
-  assert executions["tf"]["cached_round_s"] == rounds["cached TFF, tf execution"]["mean_s"]
+  assert list(executions) == ["tf", "cpp"]
+  assert executions["tf"]["cached_round_s"] == rounds["cached TFF"]["mean_s"]
+  assert executions["cpp"]["cached_round_s"] == rounds["cached TFF, cpp execution"]["mean_s"]
   assert result["tf_vs_cpp_round_time"] == pytest.approx(
       executions["tf"]["cached_round_s"] / executions["cpp"]["cached_round_s"])
-  tf_runs = result["memory"]["executions"]["tf"]["runs"]
-  assert {n: r["participants"] for n, r in tf_runs.items()} == {"small": 2, "large": 4}
-  assert result["memory_ratio_64_vs_4_tf"] == pytest.approx(
-      tf_runs["large"]["peak_rss_bytes"] / tf_runs["small"]["peak_rss_bytes"])
+  cpp_runs = result["memory"]["executions"]["cpp"]["runs"]
+  assert {n: r["participants"] for n, r in cpp_runs.items()} == {"small": 2, "large": 4}
+  assert result["memory_ratio_64_vs_4_tf"] == pytest.approx(result["memory_ratio_64_vs_4"])
+  assert executions["cpp"]["memory_ratio_64_vs_4"] == pytest.approx(
+      cpp_runs["large"]["peak_rss_bytes"] / cpp_runs["small"]["peak_rss_bytes"])
   assert result["machine"]["gpus"] == []
   compared = result["overhead"]["compared"]
   assert compared["loop_implementation"] == "dataset_reduce"

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,8 @@ from tff_sam import errors
 from tff_sam.data import discovery
 from tff_sam.federated import compare
 from tff_sam.federated import program
+
+from conftest import run_cli
 
 
 def _splits(counts: dict[str, int]) -> discovery.DatasetSplits:
@@ -199,13 +202,19 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
           "--prompt=iterative", "--sub_iterations=2", "--keep_best", "--eval_every=1",
           # The fed_lora arm's adapters (the federated arm has none).
           "--lora_alpha=8"]
-  result = run_binary("compare", *args)
-  assert result.code == 0, result.stderr
+  # A fresh process, so its peak memory is the arms' own.
+  result = run_cli([sys.executable, "-m", "tff_sam.experiments.compare", *args], timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
   root = out / "compare"
   saved = json.loads((root / compare.COMPARE_FILE).read_text())
   names = [a["name"] for a in saved["arms"]]
   assert names == ["zero_shot", "local/site_0", "local/site_1", "centralized", "federated",
                    "fed_lora"]
+  # All arms in one process without growth: the peak after the last arm is at most 1.2x
+  # the peak after the first that trained (the zero-shot arm compiles no round).
+  peaks = [m["peak_rss_bytes"] for m in saved["memory"]]
+  assert [m["arm"] for m in saved["memory"]] == names
+  assert peaks[-1] <= 1.2 * peaks[1], [round(p / 2**30, 2) for p in peaks]
   summaries = {a["name"]: json.loads((Path(a["output_dir"]) / "summary.json").read_text())
                for a in saved["arms"]}
   # Each arm is its own run: its clients, its rounds, its exported model.

@@ -378,7 +378,7 @@ def _flagfile_config(name: str) -> dict:
 def test_demo_lora_flagfile_is_the_demo_with_adapters():
   demo, lora_demo = _flagfile_config("demo.flags"), _flagfile_config("demo_lora.flags")
   differing = {k for k in demo if demo[k] != lora_demo[k]}
-  assert differing == {"output_dir", "adapter", "lora_alpha", "clients_per_subround"}
-  assert lora_demo["adapter"] == "lora" and lora_demo["clients_per_subround"] == 1
+  assert differing == {"output_dir", "adapter", "lora_alpha"}
+  assert lora_demo["adapter"] == "lora" and lora_demo["execution"] == "tf"
   assert (lora_demo["lora_rank"], lora_demo["lora_alpha"], lora_demo["lora_targets"]) == (
       4, 512.0, ["qkv"])

@@ -472,7 +472,7 @@ class BenchConfig:
   mobile_sam: bool = True
   cache_dir: Optional[str] = None
   client_lr: float = 1e-5
-  executions: tuple[str, ...] = (CPP_EXECUTION, TF_EXECUTION)
+  executions: tuple[str, ...] = (TF_EXECUTION, CPP_EXECUTION)
   loop_implementation: str = "program"
   workers: tuple[str, ...] = ()
   lora_rank: int = 4

@@ -64,7 +64,7 @@ flags.DEFINE_enum("loop_implementation", _F["loop_implementation"],
                   "dataset_reduce (TFF's default loop) for comparison, or with "
                   "dataset_iterator when this is dataset_reduce.")
 flags.DEFINE_list("execution", list(_F["executions"]),
-                  "Executions to compare (cpp, tf): every section runs under the first; the "
+                  "Executions to compare (tf, cpp): every section runs under the first; the "
                   "cached round (and the online round when TensorFlow sees a GPU) and the "
                   "memory runs of 64 vs 4 clients also under the others, side by side.")
 flags.DEFINE_list("workers", [], "host:port,... of running TFF workers (python -m "

@@ -34,6 +34,7 @@ zero-shot, local-only and centralized, and of `fed_lora` over zero-shot and
 import dataclasses
 import math
 from pathlib import Path
+import resource
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -162,15 +163,29 @@ def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, se
   return planned
 
 
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_arms(arms: Sequence[Arm], *, fresh: bool = False,
-             log: Callable[[str], None] = print) -> list[dict]:
-  """Runs (or resumes, or skips when complete) every arm; returns their summaries."""
+             log: Callable[[str], None] = print,
+             memory: Optional[list[dict]] = None) -> list[dict]:
+  """Runs (or resumes, or skips when complete) every arm; returns their summaries.
+
+  Every arm runs in this process, one after another (each releases its computations
+  when it ends). `memory`, if given, gets the process's peak RSS after each arm.
+  """
   summaries = []
   for i, arm in enumerate(arms, start=1):
     prefix = f"[{i}/{len(arms)} seed {arm.seed} {arm.name}]"
     log(f"{prefix} {arm.config.rounds} rounds -> {arm.config.output_dir}")
     summaries.append(program.run_experiment(arm.config, fresh=fresh,
                                             log=lambda line, p=prefix: log(f"{p} {line}")))
+    peak = peak_rss_bytes()
+    log(f"{prefix} done; this process's peak memory so far {peak / 2**30:.2f} GiB")
+    if memory is not None:
+      memory.append({"arm": arm.name, "seed": arm.seed, "peak_rss_bytes": peak})
   return summaries
 
 
@@ -268,9 +283,12 @@ def markdown_table(table: dict, *, steps: dict, seeds: int) -> str:
 
 
 def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm],
-                  summaries: Sequence[dict], seeds: int,
-                  leave_one_site_out: bool) -> dict:
-  """Writes `compare.json`, `compare.md` and `compare.png` into `root`; returns the JSON."""
+                  summaries: Sequence[dict], seeds: int, leave_one_site_out: bool,
+                  memory: Sequence[dict] = ()) -> dict:
+  """Writes `compare.json`, `compare.md` and `compare.png` into `root`; returns the JSON.
+
+  `memory`: the process's peak RSS after each arm (`run_arms`), kept in the JSON.
+  """
   prompts = base.eval_prompt_list
   table = summarize(arms, summaries, eval_prompt=prompts)
   first = min(a.seed for a in arms)
@@ -285,6 +303,7 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
                 "results": {p: s["evaluation"]["by_prompt"][p] for p in prompts}}
                for a, s in zip(arms, summaries, strict=True)],
       "table": table,
+      "memory": list(memory),
   }
   fileio.write_json(root / COMPARE_FILE, result)
   fileio.write_text(root / TABLE_FILE, markdown_table(table, steps=steps, seeds=seeds) + "\n")
@@ -323,9 +342,10 @@ def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
                       leave_one_site_out=leave_one_site_out, arms=arms, lora=lora)
   log(f"compare: {len(planned)} runs ({seeds} seed(s): "
       f"{', '.join(a.name for a in planned if a.seed == base.seed)}) in {root}")
-  summaries = run_arms(planned, fresh=fresh, log=log)
+  memory: list[dict] = []
+  summaries = run_arms(planned, fresh=fresh, log=log, memory=memory)
   result = write_outputs(root, base=base, arms=planned, summaries=summaries, seeds=seeds,
-                         leave_one_site_out=leave_one_site_out)
+                         leave_one_site_out=leave_one_site_out, memory=memory)
   log((root / TABLE_FILE).read_text().rstrip("\n"))  # The table `write_outputs` wrote.
   log(f"outputs in {root}: {COMPARE_FILE}, {TABLE_FILE}, {PLOT_FILE}")
   return result
