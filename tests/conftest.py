@@ -28,8 +28,8 @@ from tff_sam import runtime
 from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.data import synthetic
-from tff_sam.federated import execution
-from tff_sam.federated import program
+from tff_sam.federated.backends import execution
+from tff_sam.federated.program import program
 from tff_sam.models import build
 from tff_sam.models import mobile_sam
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tff_sam import errors
-from tff_sam.federated import best_model
+from tff_sam.federated.program import best_model
 
 
 def _weights(value: float):

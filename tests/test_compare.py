@@ -13,8 +13,8 @@ import pytest
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.data import discovery
-from tff_sam.federated import compare
-from tff_sam.federated import program
+from tff_sam.federated.program import compare
+from tff_sam.federated.program import program
 
 from conftest import run_cli
 

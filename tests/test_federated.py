@@ -17,9 +17,9 @@ from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.data import pipeline
 from tff_sam.data import synthetic
-from tff_sam.federated import aggregation
-from tff_sam.federated import processes
-from tff_sam.federated import tasks
+from tff_sam.federated.learning import aggregation
+from tff_sam.federated.learning import processes
+from tff_sam.federated.learning import tasks
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import sam as sam_lib

@@ -27,8 +27,8 @@ from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.data import synthetic
 from tff_sam.export import pretrained
-from tff_sam.federated import processes
-from tff_sam.federated import program
+from tff_sam.federated.learning import processes
+from tff_sam.federated.program import program
 from tff_sam.models import adapted
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
@@ -276,7 +276,7 @@ def test_lora_run_trains_adapters_and_decoder_and_sends_little_more(lora_run, bu
   assert all(float(r["test_dice"]) >= 0 for r in rows)
   assert summary["config"]["adapter"] == "lora"
   # The saved states hold the adapters and the decoder, nothing of the encoder's base.
-  from tff_sam.federated import tasks  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.learning import tasks  # pylint: disable=g-import-not-at-top
   site = adapted.write_site_weights(bundle, cache_root=Path(config.cache_dir))
   task = tasks.build_task(config=config, bundle=bundle, client_ids=["site_0", "site_1"],
                           manifest_dir=out / "clients", site_weights=site)

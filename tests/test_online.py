@@ -22,10 +22,10 @@ from tff_sam.data import pipeline
 from tff_sam.data import preprocess
 from tff_sam.data import reading
 from tff_sam.data import synthetic
-from tff_sam.federated import execution
-from tff_sam.federated import processes
-from tff_sam.federated import program
-from tff_sam.federated import tasks
+from tff_sam.federated.backends import execution
+from tff_sam.federated.learning import processes
+from tff_sam.federated.learning import tasks
+from tff_sam.federated.program import program
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import encoders

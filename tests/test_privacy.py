@@ -21,11 +21,11 @@ from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.bench import communication
 from tff_sam.data import pipeline
-from tff_sam.federated import aggregation
-from tff_sam.federated import execution
-from tff_sam.federated import privacy
-from tff_sam.federated import program
-from tff_sam.federated import tasks
+from tff_sam.federated.backends import execution
+from tff_sam.federated.learning import aggregation
+from tff_sam.federated.learning import privacy
+from tff_sam.federated.learning import tasks
+from tff_sam.federated.program import program
 
 from conftest import cache_clients
 from conftest import cpp_execution

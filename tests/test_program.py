@@ -19,8 +19,8 @@ from tff_sam.data import cache
 from tff_sam.data import synthetic
 from tff_sam import errors
 from tff_sam.evaluation import heldout
-from tff_sam.federated import program
-from tff_sam.federated import run_data
+from tff_sam.federated.program import program
+from tff_sam.federated.program import run_data
 from tff_sam.models import build
 
 from conftest import run_cli

@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 import tensorflow_federated as tff
 
-from tff_sam.federated import program_logic
+from tff_sam.federated.program import program_logic
 
 
 class _Result:

@@ -2,7 +2,7 @@
 
 import io
 
-from tff_sam.federated import progress
+from tff_sam.federated.program import progress
 
 
 class _Terminal(io.StringIO):

@@ -19,7 +19,7 @@ import pytest
 
 from tff_sam import config as config_lib
 from tff_sam import errors
-from tff_sam.federated import program
+from tff_sam.federated.program import program
 from tff_sam.models import build
 
 from conftest import BackgroundCli
@@ -272,7 +272,7 @@ def test_subrounds_give_the_same_rounds(tmp_path, reference, reference_settings)
   Runs in fresh processes: replacing a live TFF context in this one makes TFF stop its
   old worker with SIGINT and wait for it, which can hang.
   """
-  code = ("import tensorflow_federated as tff; from tff_sam.federated import execution; "
+  code = ("import tensorflow_federated as tff; from tff_sam.federated.backends import execution; "
           "execution.configure_tff_execution(execution='cpp', num_subrounds=2); "
           "print(type(tff.framework.get_context_stack().current).__name__)")
   probe = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

@@ -17,7 +17,7 @@ import pytest
 from tqdm import tqdm
 
 from tff_sam import errors
-from tff_sam.federated import execution
+from tff_sam.federated.backends import execution
 from tff_sam import runtime
 
 
@@ -164,7 +164,7 @@ def test_workers_of_a_dead_run_are_ended(fake_worker, tmp_path):
 
 _KILLED_PARENT = """
 import os, subprocess, sys, time
-from tff_sam.federated import execution
+from tff_sam.federated.backends import execution
 execution.guard_workers()
 worker = subprocess.Popen([sys.argv[1], "120"])
 deadline = time.time() + 60

@@ -17,10 +17,10 @@ import tensorflow_federated as tff
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.data import pipeline
-from tff_sam.federated import execution
-from tff_sam.federated import program
-from tff_sam.federated import tasks
-from tff_sam.federated import tf_execution
+from tff_sam.federated.backends import execution
+from tff_sam.federated.backends import tf_execution
+from tff_sam.federated.learning import tasks
+from tff_sam.federated.program import program
 from tff_sam.models import adapted
 from tff_sam.models import build
 

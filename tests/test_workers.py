@@ -30,9 +30,9 @@ from tensorflow_federated.proto.v0 import executor_pb2
 
 from tff_sam import config as config_lib
 from tff_sam import errors
-from tff_sam.federated import execution
-from tff_sam.federated import worker_server
-from tff_sam.federated import workers
+from tff_sam.federated.backends import execution
+from tff_sam.federated.backends import remote_workers
+from tff_sam.federated.backends import worker_server
 
 from conftest import Worker
 from conftest import free_port
@@ -173,15 +173,15 @@ def test_a_worker_gone_silent_mid_call_ends_the_call_within_the_timeout(monkeypa
   try:
     address = f"127.0.0.1:{port}"
     start = time.monotonic()  # Before the stub: its probe's first answer is after this.
-    stub = workers._WatchedStub(address, timeout=3)  # pylint: disable=protected-access
+    stub = remote_workers._WatchedStub(address, timeout=3)  # pylint: disable=protected-access
     threading.Timer(1.0, vanished.set).start()
-    with pytest.raises(workers.WorkerLost, match=f"worker {address} stopped answering"):
+    with pytest.raises(remote_workers.WorkerLost, match=f"worker {address} stopped answering"):
       stub.get_executor(executor_pb2.GetExecutorRequest())
     took = time.monotonic() - start
     # Lost once `timeout` s have passed since its last answer (so within `timeout` of
     # vanishing at 1 s), not while it answered.
-    assert 1 + 3 - 2 * workers.PROBE_INTERVAL_S <= took < 1 + 3 + 0.5, took
-    with pytest.raises(workers.WorkerLost):  # And every later call, at once.
+    assert 1 + 3 - 2 * remote_workers.PROBE_INTERVAL_S <= took < 1 + 3 + 0.5, took
+    with pytest.raises(remote_workers.WorkerLost):  # And every later call, at once.
       stub.compute(executor_pb2.ComputeRequest())
   finally:
     release.set()
@@ -191,8 +191,8 @@ def test_a_worker_gone_silent_mid_call_ends_the_call_within_the_timeout(monkeypa
 def test_first_line_drops_tensorflow_node_suffix():
   message = ("/data/x.tfrecord; No such file or directory\n\t [[{{node ReadFile}}]]\n"
              "\t [[more]]")
-  assert workers._first_line(message) == "/data/x.tfrecord; No such file or directory"  # pylint: disable=protected-access
-  assert workers._first_line("a [[{{node b}}]]") == "a"  # pylint: disable=protected-access
+  assert remote_workers._first_line(message) == "/data/x.tfrecord; No such file or directory"  # pylint: disable=protected-access
+  assert remote_workers._first_line("a [[{{node b}}]]") == "a"  # pylint: disable=protected-access
 
 
 # ---------------------------------------------------------------- whole runs

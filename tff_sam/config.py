@@ -223,7 +223,7 @@ class RunConfig:
   clipping: bool = True
   clipping_quantile: float = 0.8
   clipping_initial_norm: float = 1.0
-  # Privacy and communication (`tff_sam.federated.privacy`, `aggregation`).
+  # Privacy and communication (`tff_sam.federated.learning.privacy`, `aggregation`).
   algorithm: str = FEDAVG
   proximal_strength: float = 0.0
   # Client-level differential privacy: Gaussian noise of `dp_noise_multiplier` x the

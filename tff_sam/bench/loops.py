@@ -18,7 +18,7 @@ import tensorflow_federated as tff
 
 from tff_sam import config as config_lib
 from tff_sam.data import pipeline
-from tff_sam.federated import processes
+from tff_sam.federated.learning import processes
 from tff_sam.models import build
 from tff_sam.models import losses
 from tff_sam.models import sam as sam_lib

@@ -28,8 +28,8 @@ from tff_sam.bench import loops
 from tff_sam.bench import machine
 from tff_sam.bench import workload
 from tff_sam.data import cache
-from tff_sam.federated import execution
-from tff_sam.federated import tasks
+from tff_sam.federated.backends import execution
+from tff_sam.federated.learning import tasks
 from tff_sam.models import sam as sam_lib
 
 # What the subprocess runs: `memory_child_main` on the spec file given as its argument.

@@ -43,7 +43,7 @@ into a fresh work folder (so every embedding is really computed):
 
 Wall times exclude the first (tracing) round of every loop and average
 `config.rounds` timed rounds, interleaved round by round across the loops. Every TFF
-process is built by `tff_sam.federated.tasks.build_task`, as the training program
+process is built by `tff_sam.federated.learning.tasks.build_task`, as the training program
 builds it (robust aggregation on), from the `RunConfig` of `workload.task_config`;
 `config.loop_implementation` can swap their client training loop
 (`tff.learning.LoopImplementation`), and the cached round is also timed with the other
@@ -55,7 +55,7 @@ loops), `memory` (section 3), `communication` (section 4), `adapters` (section 8
 `report` (goals and the table); this module runs them in order.
 
 The caller installs TFF's execution context first
-(`tff_sam.federated.execution.configure_tff_execution`). If TFF's `worker_binary` dies
+(`tff_sam.federated.backends.execution.configure_tff_execution`). If TFF's `worker_binary` dies
 (the kernel's out-of-memory killer), TFF would restart it and retry forever;
 `execution.worker_watched` ends the run with an error instead.
 """
@@ -81,10 +81,10 @@ from tff_sam.bench import report
 from tff_sam.bench import workload
 from tff_sam.data import cache
 from tff_sam.data import discovery
-from tff_sam.federated import execution
-from tff_sam.federated import tasks
-from tff_sam.federated import tf_execution
-from tff_sam.federated import workers as workers_lib
+from tff_sam.federated.backends import execution
+from tff_sam.federated.backends import remote_workers
+from tff_sam.federated.backends import tf_execution
+from tff_sam.federated.learning import tasks
 from tff_sam.models import adapted
 from tff_sam.models import build
 from tff_sam.models import sam as sam_lib
@@ -148,7 +148,7 @@ def run_benchmark(config: config_lib.BenchConfig, *, log: Callable[[str], None] 
   try:
     with execution.worker_watched(run.progress):
       result = _run_sections(run, info)
-  except (workers_lib.WorkerLost, workers_lib.WorkerFailed) as e:
+  except (remote_workers.WorkerLost, remote_workers.WorkerFailed) as e:
     raise errors.UserError(f"{e} during {run.progress['section']}") from None
   finally:
     if not config.keep_work:
@@ -426,7 +426,7 @@ def _process_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cac
     loops[_loop_name("cached TFF", name, config)] = loops_lib.TffLoop(
         cached.training_process, cached.initial_state, clients, context=context)
   for n in sorted({1, len(config.workers)}) if config.workers else ():
-    contexts = workers_lib.build_remote_contexts(
+    contexts = remote_workers.build_remote_contexts(
         config.workers[:n], compiler_fn=execution.compile_for_cpp_worker)
     loops[_workers_loop_name(n)] = loops_lib.WorkersLoop(
         cached.training_process, cached.initial_state, clients,

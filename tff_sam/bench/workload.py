@@ -2,7 +2,7 @@
 
 Synthetic images written to the work folder (`write_examples`), their embeddings
 computed and timed (`precompute`), the clients' manifests (`write_client_manifests`),
-and the `RunConfig` that `tff_sam.federated.tasks.build_task` builds the benchmark's
+and the `RunConfig` that `tff_sam.federated.learning.tasks.build_task` builds the benchmark's
 processes from (`task_config`, `client_loop`).
 """
 
@@ -20,7 +20,7 @@ from tff_sam.data import discovery
 from tff_sam.data import preprocess
 from tff_sam.data import reading
 from tff_sam.data import synthetic
-from tff_sam.federated import tasks
+from tff_sam.federated.learning import tasks
 from tff_sam.models import sam as sam_lib
 
 

@@ -101,7 +101,7 @@ def main(argv):
   runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
   # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
   from tff_sam.bench import runner  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
 
   def job():
     config = config_from_flags()

@@ -8,7 +8,7 @@ per site, in one command.
 Takes every flag of `python -m tff_sam.experiments.run` (so a run's flagfile works);
 they define the federated arm, except `--lora_rank/--lora_alpha/--lora_targets`, which
 set the `fed_lora` arm's adapters (unless `--adapter=lora` makes every arm adapted). The other arms change only what makes them what they
-are (`tff_sam.federated.compare`). Arms go to `<--output_dir>/compare/seed<k>/<arm>/`,
+are (`tff_sam.federated.program.compare`). Arms go to `<--output_dir>/compare/seed<k>/<arm>/`,
 each a complete run folder; a re-run resumes or skips them. Writes `compare.json`,
 `compare.md` (the table, also printed) and `compare.png` into `<--output_dir>/compare/`.
 """
@@ -38,8 +38,8 @@ def main(argv):
   runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
   # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
   from pathlib import Path  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated import compare  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.program import compare  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
 
   def job():
     adapted = FLAGS.adapter != config_lib.NO_ADAPTER

@@ -269,8 +269,8 @@ def main(argv):
   # -v 0 shows the per-round release log.
   runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
   # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
-  from tff_sam.federated import execution  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated import program  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.program import program  # pylint: disable=g-import-not-at-top
 
   def job():
     config = config_from_flags()

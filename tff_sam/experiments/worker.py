@@ -35,7 +35,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   # lazy: keeps `--help` fast; this binary never imports TensorFlow.
-  from tff_sam.federated import worker_server  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.backends import worker_server  # pylint: disable=g-import-not-at-top
 
   def job():
     port = FLAGS.port

@@ -1,2 +1,2 @@
-"""Federated: TFF processes and aggregators, the one task builder, execution
-contexts, the program's logic and its wiring, and metric releases."""
+"""Federated: TFF learning (`learning`), where it runs (`backends`) and the training
+program around it (`program`)."""

@@ -45,7 +45,7 @@ from tensorflow_federated.python.core.impl.context_stack import context_base
 from tensorflow_federated.python.core.impl.executors import executors_errors
 
 from tff_sam import config as config_lib
-from tff_sam.federated import worker_server
+from tff_sam.federated.backends import worker_server
 
 DEFAULT_TIMEOUT_S = 120.0
 PROBE_INTERVAL_S = 1.0

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_sam.federated import aggregation
+from tff_sam.federated.learning import aggregation
 from tff_sam.models import adapted as adapted_lib
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import losses

@@ -43,8 +43,8 @@ from tff_sam import config as config_lib
 from tff_sam import fileio
 from tff_sam.data import discovery
 from tff_sam.evaluation import plots
-from tff_sam.federated import program
-from tff_sam.federated import run_data
+from tff_sam.federated.program import program
+from tff_sam.federated.program import run_data
 
 ZERO_SHOT = "zero_shot"
 LOCAL = "local"

@@ -48,18 +48,18 @@ from tff_sam import errors
 from tff_sam.evaluation import heldout
 from tff_sam.evaluation import plots
 from tff_sam.export import pretrained
-from tff_sam.federated import aggregation
-from tff_sam.federated import best_model
-from tff_sam.federated import execution
-from tff_sam.federated import privacy
-from tff_sam.federated import processes
-from tff_sam.federated import program_logic
-from tff_sam.federated import progress as progress_lib
-from tff_sam.federated import releases
-from tff_sam.federated import run_data
-from tff_sam.federated import tasks
-from tff_sam.federated import tf_execution
-from tff_sam.federated import workers as workers_lib
+from tff_sam.federated.backends import execution
+from tff_sam.federated.backends import remote_workers
+from tff_sam.federated.backends import tf_execution
+from tff_sam.federated.learning import aggregation
+from tff_sam.federated.learning import privacy
+from tff_sam.federated.learning import processes
+from tff_sam.federated.learning import tasks
+from tff_sam.federated.program import best_model
+from tff_sam.federated.program import program_logic
+from tff_sam.federated.program import progress as progress_lib
+from tff_sam.federated.program import releases
+from tff_sam.federated.program import run_data
 from tff_sam import fileio
 from tff_sam.models import adapted
 from tff_sam.models import build
@@ -288,12 +288,12 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
   with execution.worker_watched(progress, pid_file=out / WORKERS_FILE):
     try:
       return _run_experiment(config, versions=versions, log=log, progress=progress)
-    except workers_lib.WorkerLost as e:
+    except remote_workers.WorkerLost as e:
       raise errors.UserError(
           f"{e} during {progress['section']}; restart it there (python -m "
           "tff_sam.experiments.worker --port PORT) or remove it from --workers, then run the "
           "same command again: it resumes from the last saved round") from None
-    except workers_lib.WorkerFailed as e:
+    except remote_workers.WorkerFailed as e:
       raise errors.UserError(f"{e} (during {progress['section']}); the README's 'Several "
                              "machines' says what a worker machine needs") from None
     except tf_execution.OutOfDeviceMemory as e:
@@ -354,7 +354,7 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
   if not versions:
     _start_fresh(out)
   fileio.write_text(out / "config.json", config.to_json() + "\n")
-  log(workers_lib.describe_workers(config.workers, config.num_subrounds)
+  log(remote_workers.describe_workers(config.workers, config.num_subrounds)
       if config.workers else execution.describe_execution(config.execution))
   if config.execution == config_lib.TF_EXECUTION and config.clients_per_subround:
     log(f"  --clients_per_subround={config.clients_per_subround} has no effect under "

@@ -30,9 +30,9 @@ import tensorflow as tf
 from tff_sam import config as config_lib
 from tff_sam.data import pipeline
 from tff_sam.data import preprocess
-from tff_sam.federated import aggregation
-from tff_sam.federated import privacy
-from tff_sam.federated import processes
+from tff_sam.federated.learning import aggregation
+from tff_sam.federated.learning import privacy
+from tff_sam.federated.learning import processes
 from tff_sam.models import adapted as adapted_lib
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib

@@ -3,7 +3,7 @@
 As in TFF's `examples/program/program_logic.py`: `train_model` knows nothing of
 flags, files or execution contexts. It takes the process, the initial state, how to
 select a round's clients, how to evaluate, and TFF program state and release
-managers, all as keyword arguments; `tff_sam.federated.program` wires them to the
+managers, all as keyword arguments; `tff_sam.federated.program.program` wires them to the
 run's files and data.
 
 The loop:

@@ -2,7 +2,7 @@
 
 The server side of `--workers` (`python -m tff_sam.experiments.worker`). This module
 imports neither TensorFlow nor TFF, so a worker starts in well under a second; the
-client side, TFF's contexts over these servers, is `tff_sam.federated.workers`.
+client side, TFF's contexts over these servers, is `tff_sam.federated.backends.remote_workers`.
 
 `worker_binary` (TFF 0.87's only execution engine, statically linked, CPU only)
 listens on `[::]:PORT` with no TLS and no authentication, and has no flag to bind one

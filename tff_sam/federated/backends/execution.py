@@ -45,8 +45,8 @@ from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import fileio
 from tff_sam import runtime
-from tff_sam.federated import tf_execution
-from tff_sam.federated import workers as workers_lib
+from tff_sam.federated.backends import remote_workers
+from tff_sam.federated.backends import tf_execution
 
 WORKER_BINARY = "worker_binary"  # TFF's C++ worker (a child of the Python process)
 
@@ -123,7 +123,7 @@ def release_computations() -> None:
 
 
 def build_remote_context(workers: Sequence[str], *,
-                         timeout: float = workers_lib.DEFAULT_TIMEOUT_S,
+                         timeout: float = remote_workers.DEFAULT_TIMEOUT_S,
                          num_subrounds: int = 1):
   """TFF's mergeable-computation context over running remote workers (not installed).
 
@@ -143,25 +143,25 @@ def build_remote_context(workers: Sequence[str], *,
     errors.ConfigError: A worker does not answer the check, or answers it with an
       error (`--workers`, naming the worker).
   """
-  return mergeable_over(workers_lib.build_remote_contexts(
+  return mergeable_over(remote_workers.build_remote_contexts(
       workers, timeout=timeout, compiler_fn=compile_for_cpp_worker),
                         timeout=timeout, num_subrounds=num_subrounds)
 
 
-def mergeable_over(contexts: Sequence[workers_lib.WorkerContext], *,
-                   timeout: float = workers_lib.DEFAULT_TIMEOUT_S, num_subrounds: int = 1):
+def mergeable_over(contexts: Sequence[remote_workers.WorkerContext], *,
+                   timeout: float = remote_workers.DEFAULT_TIMEOUT_S, num_subrounds: int = 1):
   """`build_remote_context` from already built worker contexts (the benchmark's).
 
   Raises:
     errors.ConfigError: A worker does not answer the check (`build_remote_context`).
   """
   try:
-    workers_lib.check_workers(contexts, timeout=timeout)
-  except workers_lib.WorkerLost as e:
+    remote_workers.check_workers(contexts, timeout=timeout)
+  except remote_workers.WorkerLost as e:
     raise errors.ConfigError("workers", f"worker {e.address} does not answer: start it there "
                              "(python -m tff_sam.experiments.worker --port PORT) and check "
                              "that this machine can reach that host and port") from None
-  except workers_lib.WorkerFailed as e:
+  except remote_workers.WorkerFailed as e:
     raise errors.ConfigError("workers", f"{e} (is it a TFF worker of the same version?)"
                              ) from None
   return build_mergeable_context(contexts, num_subrounds=max(num_subrounds, len(contexts)))
@@ -202,7 +202,7 @@ def build_subround_context(*, num_subrounds: int, max_concurrent_computation_cal
 def configure_tff_execution(*, execution: str = config_lib.TF_EXECUTION,
                             max_concurrent_computation_calls: int = -1,
                             num_subrounds: int = 1, workers: Sequence[str] = (),
-                            worker_timeout: float = workers_lib.DEFAULT_TIMEOUT_S) -> None:
+                            worker_timeout: float = remote_workers.DEFAULT_TIMEOUT_S) -> None:
   """Installs the TFF execution context `execution` (`cpp` or `tf`).
 
   `cpp`: TFF's contexts (`create_sync_local_cpp_execution_context` and its async

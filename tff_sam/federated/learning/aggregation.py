@@ -30,7 +30,7 @@ Inside the mean, the sum over clients is one of (`build_model_aggregator`):
   quantized to 8 (4) bits between its min and max, with stochastic rounding, and
   bit-packed into int32 words, 28 bits of each word used: 8-bit values cost 1.14
   bytes, 4-bit values 0.57 (`BENCHMARKS.md`);
-* with differential privacy (`dp_factory`, `tff_sam.federated.privacy`): TFF's
+* with differential privacy (`dp_factory`, `tff_sam.federated.learning.privacy`): TFF's
   `DifferentiallyPrivateFactory`, an unweighted mean of clipped updates plus Gaussian
   noise, which replaces the clipping layer (it clips itself); zeroing stays outside
   it, as in `tff.learning.dp_aggregator`.

@@ -30,7 +30,7 @@ import dp_accounting
 import tensorflow_federated as tff
 
 from tff_sam import config as config_lib
-from tff_sam.federated import aggregation
+from tff_sam.federated.learning import aggregation
 
 # RDP orders the accountant evaluates (TensorFlow Privacy's defaults, extended).
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512])
