@@ -29,6 +29,7 @@ from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.data import synthetic
 from tff_sam.federated.backends import execution
+from tff_sam.federated.backends import local_worker
 from tff_sam.federated.program import program
 from tff_sam.models import build
 from tff_sam.models import mobile_sam
@@ -63,7 +64,7 @@ def pytest_unconfigure(config):
   controller, which imports TFF but runs no test (its `ServiceManager.__del__` would
   print a traceback at exit)."""
   del config
-  execution.end_workers()
+  local_worker.end_local_workers()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -80,7 +81,7 @@ def _tff_execution_for_the_session():
   signal.signal(signal.SIGINT, signal.default_int_handler)
   execution.configure_tff_execution()
   yield
-  execution.end_workers()
+  local_worker.end_local_workers()
   runtime.terminate_children()
 
 
@@ -94,7 +95,7 @@ def _fresh_execution_per_test_file():
   """
   yield
   execution.release_computations()
-  execution.end_workers()
+  local_worker.end_local_workers()
 
 
 @contextlib.contextmanager
@@ -106,7 +107,7 @@ def cpp_execution(**kwargs):
   with tff.framework.get_context_stack().install(
       execution.build_context(config_lib.CPP_EXECUTION, **kwargs)):
     yield
-  execution.end_workers()
+  local_worker.end_local_workers()
 
 
 # ---------------------------------------------------------------- the reference run
@@ -185,7 +186,7 @@ def _run_binary(capfd, monkeypatch):
   process's children (the subprocess tests of each binary cover them).
   """
   monkeypatch.setattr(execution, "configure_tff_execution", lambda **_: None)
-  monkeypatch.setattr(execution, "end_workers", lambda **_: 0)
+  monkeypatch.setattr(local_worker, "end_local_workers", lambda **_: 0)
   monkeypatch.setattr(runtime, "terminate_children", lambda **_: 0)
 
   def run(name: str, *args: str) -> BinaryResult:

@@ -14,7 +14,7 @@ from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.data import discovery
 from tff_sam.federated.program import compare
-from tff_sam.federated.program import program
+from tff_sam.federated.program import run_folder
 
 from conftest import run_cli
 
@@ -230,7 +230,7 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
     assert (Path(a["output_dir"]) / "model" / "config.json").is_file()
   # --keep_best: each arm exported its best evaluated round, and says which.
   for a in saved["arms"]:
-    rows = program._read_metrics(Path(a["output_dir"]) / "metrics.csv")  # pylint: disable=protected-access
+    rows = run_folder.read_metrics_csv(Path(a["output_dir"]) / "metrics.csv")
     dice = [float(r["test_dice"]) for r in rows]
     best = int(np.argmax(dice))
     assert a["model_round"] == best == summaries[a["name"]]["best"]["round"]
@@ -238,7 +238,7 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
     if len(rows) > 1:  # Iterative training ran in TFF: losses and federated evaluation.
       assert np.isfinite(float(rows[1]["train_loss"])) and 0 <= float(rows[1]["fed_eval_dice"]) <= 1
   # The zero-shot arm and the federated run's round 0 were computed apart and agree.
-  fed_rows = program._read_metrics(Path(saved["arms"][4]["output_dir"]) / "metrics.csv")  # pylint: disable=protected-access
+  fed_rows = run_folder.read_metrics_csv(Path(saved["arms"][4]["output_dir"]) / "metrics.csv")
   zero = saved["arms"][0]["results"]["box"]
   assert zero["dice"] == pytest.approx(float(fed_rows[0]["test_dice"]), abs=1e-9)
   assert zero["msa"] == pytest.approx(float(fed_rows[0]["test_msa"]), abs=1e-9)

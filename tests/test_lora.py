@@ -29,6 +29,7 @@ from tff_sam.data import synthetic
 from tff_sam.export import pretrained
 from tff_sam.federated.learning import processes
 from tff_sam.federated.program import program
+from tff_sam.federated.program import run_folder
 from tff_sam.models import adapted
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
@@ -280,7 +281,7 @@ def test_lora_run_trains_adapters_and_decoder_and_sends_little_more(lora_run, bu
   site = adapted.write_site_weights(bundle, cache_root=Path(config.cache_dir))
   task = tasks.build_task(config=config, bundle=bundle, client_ids=["site_0", "site_1"],
                           manifest_dir=out / "clients", site_weights=site)
-  state = program._state_manager(out)  # pylint: disable=protected-access
+  state = run_folder.state_manager(out)
   import asyncio  # pylint: disable=g-import-not-at-top
   saved = {v: asyncio.run(state.load(v, task.initial_state)) for v in (1, 2)}
   before = processes.weights_from_state(task.training_process, task.initial_state)

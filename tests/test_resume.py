@@ -20,6 +20,7 @@ import pytest
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.federated.program import program
+from tff_sam.federated.program import run_folder
 from tff_sam.models import build
 
 from conftest import BackgroundCli
@@ -43,8 +44,8 @@ def _reference(reference_run):
 def test_reference_saves_bounded_state_versions(reference, reference_settings):
   out, _ = reference
   rounds = reference_settings["rounds"]
-  saved = sorted(p.name for p in (out / program.STATE_DIR).iterdir())
-  assert saved == [f"round_{r}" for r in range(rounds - program.KEEP_STATES + 1, rounds + 1)]
+  saved = sorted(p.name for p in (out / run_folder.STATE_DIR).iterdir())
+  assert saved == [f"round_{r}" for r in range(rounds - run_folder.KEEP_STATES + 1, rounds + 1)]
   assert _rounds(out) == list(range(rounds + 1))
 
 
@@ -121,9 +122,9 @@ def test_other_execution_and_settings_older_runs_lack_resume(tmp_path, reference
   del saved["client_optimizer"]
   (out / "config.json").write_text(json.dumps(saved))
   config = config_lib.RunConfig(output_dir=str(out), **reference_settings)
-  program.check_resumable(out, config, [reference_settings["rounds"]])
+  run_folder.check_resumable(out, config, [reference_settings["rounds"]])
   with pytest.raises(errors.ConfigError, match="^--client_optimizer"):
-    program.check_resumable(out, dataclasses.replace(config, client_optimizer="sgd"),
+    run_folder.check_resumable(out, dataclasses.replace(config, client_optimizer="sgd"),
                             [reference_settings["rounds"]])
 
 
@@ -142,7 +143,7 @@ def test_more_rounds_continue_a_finished_run(tmp_path, reference, reference_sett
   assert [r["rounds_done"] for r in runs] == [4, 5] and all(r["finished"] for r in runs)
   assert runs[0] == reference[1]["invocations"][0]
   assert summary["wall_time_s"] == pytest.approx(sum(r["wall_time_s"] for r in runs), abs=0.02)
-  assert json.loads((out / program.INVOCATIONS_FILE).read_text()) == runs
+  assert json.loads((out / run_folder.INVOCATIONS_FILE).read_text()) == runs
   with pytest.raises(errors.ConfigError, match="^--rounds: .* already 5 rounds long"):
     program.run_experiment(dataclasses.replace(config, rounds=3), log=lines.append)
 

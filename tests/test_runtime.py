@@ -1,8 +1,9 @@
-"""TFF workers and the binaries' process hygiene: a killed worker is an error, not an
-endless retry; no worker outlives its run; error lines on their own line; no TF noise.
+"""The local worker and the binaries' process hygiene: a killed local worker is an
+error, not an endless retry; every backend failure is one line naming its section; no
+local worker outlives its run; error lines on their own line; no TF noise.
 
-The worker here is a real child process named like TFF's (`sleep` under the name
-`worker_binary`); `test_resume.py` kills the real worker of a running binary.
+The local worker here is a real child process named like TFF's (`sleep` under the name
+`worker_binary`); `test_resume.py` kills the real local worker of a running binary.
 """
 
 import json
@@ -17,8 +18,11 @@ import pytest
 from tqdm import tqdm
 
 from tff_sam import errors
-from tff_sam.federated.backends import execution
 from tff_sam import runtime
+from tff_sam.federated.backends import failures
+from tff_sam.federated.backends import local_worker
+from tff_sam.federated.backends import remote_workers
+from tff_sam.federated.backends import tf_execution
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +34,7 @@ def _no_reaping(monkeypatch):
 
 @pytest.fixture
 def fake_worker(tmp_path):
-  path = tmp_path / execution.WORKER_BINARY
+  path = tmp_path / local_worker.WORKER_BINARY
   os.symlink("/bin/sleep", path)
   procs = []
 
@@ -56,7 +60,7 @@ def test_killed_worker_is_an_error_naming_the_section(fake_worker):
   progress = {"section": "setup"}
   with pytest.raises(errors.UserError, match=r"worker_binary \(pid \d+, SIGKILL\) died during round 3;"
                      r" .*out-of-memory"):
-    with execution.worker_watched(progress, interval=0.05):
+    with failures.user_errors(progress, interval=0.05):
       worker = fake_worker()
       progress["section"] = "round 3"
       worker.send_signal(signal.SIGKILL)  # What the kernel's OOM killer sends.
@@ -67,7 +71,7 @@ def test_killed_worker_is_an_error_naming_the_section(fake_worker):
 @pytest.fixture
 def failing_worker(tmp_path):
   """Starts a child named like TFF's worker that exits at once with code 1 (unreaped)."""
-  path = tmp_path / "failing" / execution.WORKER_BINARY
+  path = tmp_path / "failing" / local_worker.WORKER_BINARY
   path.parent.mkdir()
   os.symlink("/bin/false", path)
   procs = []
@@ -86,7 +90,7 @@ def test_worker_that_ends_before_it_is_seen_is_an_error(failing_worker):
   progress = {"section": "setup"}
   with pytest.raises(errors.UserError, match=r"worker_binary \(pid \d+, exit code 1\) died "
                      r"during setup; it stopped by itself: its own messages above say why"):
-    with execution.worker_watched(progress, interval=0.5):
+    with failures.user_errors(progress, interval=0.5):
       failing_worker()  # Ends long before the watch's first look.
       _wait_for_interrupt(10)
       pytest.fail("the watch did not interrupt the body")
@@ -95,14 +99,14 @@ def test_worker_that_ends_before_it_is_seen_is_an_error(failing_worker):
 def test_worker_ended_before_the_watch_began_is_not_reported(failing_worker):
   failing_worker()
   time.sleep(0.3)  # Ended, not reaped.
-  with execution.worker_watched({}, interval=0.05):
+  with failures.user_errors({}, interval=0.05):
     _wait_for_interrupt(1.0)  # No interrupt arrives: the body ends normally.
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_worker_stopped_by_user_signal_is_not_reported(fake_worker, sig):
   progress = {}
-  with execution.worker_watched(progress, interval=0.05):
+  with failures.user_errors(progress, interval=0.05):
     worker = fake_worker()
     worker.send_signal(sig)  # Ctrl-C in a terminal reaches the worker too.
     _wait_for_interrupt(1.0)  # No interrupt arrives: the body ends normally.
@@ -111,20 +115,57 @@ def test_worker_stopped_by_user_signal_is_not_reported(fake_worker, sig):
 
 def test_real_interrupt_passes_through(fake_worker):
   with pytest.raises(KeyboardInterrupt):
-    with execution.worker_watched({}, interval=0.05):
+    with failures.user_errors({}, interval=0.05):
       fake_worker()
       raise KeyboardInterrupt
 
 
 def test_run_job_prints_one_error_line_for_a_dead_worker(fake_worker, capsys):
   def job():
-    with execution.worker_watched({"section": "round 1"}, interval=0.05):
+    with failures.user_errors({"section": "round 1"}, interval=0.05):
       fake_worker().send_signal(signal.SIGKILL)
       _wait_for_interrupt(10)
 
   assert runtime.run_job(job) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: TFF's worker_binary"), err
+
+
+_RESUMES = "then run the same command again: it resumes from the last saved round"
+
+
+@pytest.mark.parametrize("error, resumable, message", [
+    (remote_workers.WorkerLost("h:1", 10.0), True,
+     "worker h:1 stopped answering (no answer for 10 s, --worker_timeout) during round 2; "
+     "restart it there (python -m tff_sam.experiments.worker --port PORT) or remove it from "
+     f"--workers, {_RESUMES}"),
+    (remote_workers.WorkerLost("h:1", 10.0), False,
+     "worker h:1 stopped answering (no answer for 10 s, --worker_timeout) during round 2"),
+    (remote_workers.WorkerFailed("h:1", "no such file"), True,
+     "worker h:1 failed: no such file (during round 2); the README's 'Several machines' says "
+     "what a worker machine needs"),
+    (remote_workers.WorkerFailed("h:1", "no such file"), False,
+     "worker h:1 failed: no such file during round 2"),
+    (tf_execution.OutOfDeviceMemory("OOM"), True,
+     "out of device memory during round 2 (--execution=tf: OOM); lower --batch_size or "
+     f"--prompts_per_image (or use --embedding_cache in online mode), {_RESUMES}"),
+    (tf_execution.OutOfDeviceMemory("OOM"), False,
+     "out of device memory during round 2 (--execution=tf: OOM)"),
+    (local_worker.LocalWorkerDied(7, "exit code 1"), False,
+     "TFF's worker_binary (pid 7, exit code 1) died during round 2; it stopped by itself: its "
+     "own messages above say why"),
+    (local_worker.LocalWorkerDied(7, ""), True,
+     "TFF's worker_binary (pid 7) died during round 2; it is usually the kernel's "
+     "out-of-memory killer (see `dmesg`). Try a smaller --batch_size, fewer clients per round "
+     "or --clients_per_subround (README, 'Many clients per round: memory')"),
+])
+def test_backend_failures_become_one_line_naming_the_section(error, resumable, message):
+  progress = {}
+  with pytest.raises(errors.UserError) as info:
+    with failures.user_errors(progress, resumable=resumable, interval=0.05):
+      progress["section"] = "round 2"
+      raise error
+  assert str(info.value) == message
 
 
 # ------------------------------------------------------------------- orphan workers
@@ -144,31 +185,31 @@ def test_workers_of_a_dead_run_are_ended(fake_worker, tmp_path):
   gone.wait()
   record = tmp_path / "workers.json"
   _worker_record(record, gone.pid, 1.0, worker)  # Its run is dead.
-  assert execution.end_orphaned_workers(record) == [worker.pid]
+  assert local_worker.end_orphaned_local_workers(record) == [worker.pid]
   assert worker.wait(timeout=5) == -signal.SIGKILL
   # A live run's workers (this process is alive) are left alone.
   worker = fake_worker()
   me = psutil.Process()
   _worker_record(record, me.pid, me.create_time(), worker)
-  assert execution.end_orphaned_workers(record) == []
+  assert local_worker.end_orphaned_local_workers(record) == []
   assert worker.poll() is None
   # A recycled pid (another start time) is not the recorded worker.
   _worker_record(record, gone.pid, 1.0, worker, worker_time=12.5)
-  assert execution.end_orphaned_workers(record) == []
+  assert local_worker.end_orphaned_local_workers(record) == []
   assert worker.poll() is None
   # No record, or an unreadable one: nothing to do.
-  assert execution.end_orphaned_workers(tmp_path / "none.json") == []
+  assert local_worker.end_orphaned_local_workers(tmp_path / "none.json") == []
   (tmp_path / "bad.json").write_text("{")
-  assert execution.end_orphaned_workers(tmp_path / "bad.json") == []
+  assert local_worker.end_orphaned_local_workers(tmp_path / "bad.json") == []
 
 
 _KILLED_PARENT = """
 import os, subprocess, sys, time
-from tff_sam.federated.backends import execution
-execution.guard_workers()
+from tff_sam.federated.backends import local_worker
+local_worker.guard_local_workers()
 worker = subprocess.Popen([sys.argv[1], "120"])
 deadline = time.time() + 60
-while worker.pid not in execution._GUARD[0].guarded:
+while worker.pid not in local_worker._GUARD[0].guarded:
   assert time.time() < deadline
   time.sleep(0.05)
 print(worker.pid, flush=True)
@@ -178,7 +219,7 @@ os.kill(os.getpid(), 9)
 
 def test_worker_ends_when_its_python_process_is_killed(tmp_path):
   """A real kill -9 of the process that started the worker: it ends within seconds."""
-  binary = tmp_path / execution.WORKER_BINARY
+  binary = tmp_path / local_worker.WORKER_BINARY
   os.symlink("/bin/sleep", binary)
   proc = subprocess.run([sys.executable, "-c", _KILLED_PARENT, str(binary)],
                         capture_output=True, text=True, timeout=300, check=False)

@@ -138,10 +138,11 @@ def run_job(job: Callable[[], object], *,
   """Runs a binary's work with its children reaped; returns the exit code.
 
   `job` builds its validated config and does the work (including installing TFF's
-  execution context, `tff_sam.federated.backends.execution`). A `errors.UserError` is printed
-  as one `error:` line (exit 1); Ctrl-C and SIGTERM print `interrupted` (exit 130);
-  success is 0. `cleanup` runs after the job however it ended, before the children
-  are reaped (binaries that load TFF pass `execution.end_workers`).
+  execution context, `tff_sam.federated.backends.execution`). A `errors.UserError` is
+  printed as one `error:` line (exit 1); Ctrl-C and SIGTERM print `interrupted` (exit
+  130); success is 0. `cleanup` runs after the job however it ended, before the
+  children are reaped (binaries that load TFF pass
+  `tff_sam.federated.backends.local_worker.end_local_workers`).
   """
   try:
     with child_processes_reaped():

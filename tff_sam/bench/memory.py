@@ -29,6 +29,7 @@ from tff_sam.bench import machine
 from tff_sam.bench import workload
 from tff_sam.data import cache
 from tff_sam.federated.backends import execution
+from tff_sam.federated.backends import local_worker
 from tff_sam.federated.learning import tasks
 from tff_sam.models import sam as sam_lib
 
@@ -51,7 +52,7 @@ def _tree(pid: int) -> tuple[int, set[int]]:
   for p in procs:
     try:
       total += p.memory_info().rss
-      if p.name() == execution.WORKER_BINARY:
+      if p.name() == local_worker.WORKER_BINARY:
         workers.add(p.pid)
     except psutil.Error:
       pass
@@ -90,7 +91,7 @@ def _sample(child: subprocess.Popen, *, result_path: Path, interval: float
     rss, workers = _tree(child.pid)
     samples.append((time.time(), rss))
     if seen_workers - workers and not result_path.exists() and child.poll() is None:
-      return samples, (f"{execution.WORKER_BINARY} (pid {min(seen_workers - workers)}) died "
+      return samples, (f"{local_worker.WORKER_BINARY} (pid {min(seen_workers - workers)}) died "
                        "mid-round (out of memory?)")
     seen_workers |= workers
     time.sleep(interval)

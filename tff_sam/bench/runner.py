@@ -55,9 +55,10 @@ loops), `memory` (section 3), `communication` (section 4), `adapters` (section 8
 `report` (goals and the table); this module runs them in order.
 
 The caller installs TFF's execution context first
-(`tff_sam.federated.backends.execution.configure_tff_execution`). If TFF's `worker_binary` dies
-(the kernel's out-of-memory killer), TFF would restart it and retry forever;
-`execution.worker_watched` ends the run with an error instead.
+(`tff_sam.federated.backends.execution.configure_tff_execution`). If the local worker
+dies (the kernel's out-of-memory killer), TFF would restart it and retry forever;
+`failures.user_errors` ends the run with an error instead, as it does for a lost or
+failed remote worker and for running out of device memory.
 """
 
 import dataclasses
@@ -82,6 +83,7 @@ from tff_sam.bench import workload
 from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.federated.backends import execution
+from tff_sam.federated.backends import failures
 from tff_sam.federated.backends import remote_workers
 from tff_sam.federated.backends import tf_execution
 from tff_sam.federated.learning import tasks
@@ -131,8 +133,9 @@ def run_benchmark(config: config_lib.BenchConfig, *, log: Callable[[str], None] 
     The result (also written to `bench.json`).
 
   Raises:
-    errors.UserError: A bad setting, `arch=mobile_sam` without its weights, or
-      TFF's worker killed (out of memory).
+    errors.UserError: A bad setting, `arch=mobile_sam` without its weights, or a
+      backend failure (`failures.user_errors`: the local worker killed, out of
+      memory; a remote worker lost or failed; out of device memory).
   """
   config.validate()
   start = time.perf_counter()
@@ -146,10 +149,8 @@ def run_benchmark(config: config_lib.BenchConfig, *, log: Callable[[str], None] 
   run = _Run(config=config, work=work, progress={"section": "setup"}, log=log,
              cache_dir=Path(config.cache_dir).expanduser() if config.cache_dir else None)
   try:
-    with execution.worker_watched(run.progress):
+    with failures.user_errors(run.progress, resumable=False):
       result = _run_sections(run, info)
-  except (remote_workers.WorkerLost, remote_workers.WorkerFailed) as e:
-    raise errors.UserError(f"{e} during {run.progress['section']}") from None
   finally:
     if not config.keep_work:
       shutil.rmtree(work, ignore_errors=True)

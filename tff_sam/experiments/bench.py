@@ -102,6 +102,7 @@ def main(argv):
   # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
   from tff_sam.bench import runner  # pylint: disable=g-import-not-at-top
   from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.backends import local_worker  # pylint: disable=g-import-not-at-top
 
   def job():
     config = config_from_flags()
@@ -110,7 +111,7 @@ def main(argv):
         max_concurrent_computation_calls=config.max_concurrent_computation_calls)
     runner.run_benchmark(config, log=_log)
 
-  return runtime.run_job(job, cleanup=execution.end_workers)
+  return runtime.run_job(job, cleanup=local_worker.end_local_workers)
 
 
 if __name__ == "__main__":

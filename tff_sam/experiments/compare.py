@@ -38,8 +38,9 @@ def main(argv):
   runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
   # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
   from pathlib import Path  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated.program import compare  # pylint: disable=g-import-not-at-top
   from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.backends import local_worker  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.program import compare  # pylint: disable=g-import-not-at-top
 
   def job():
     adapted = FLAGS.adapter != config_lib.NO_ADAPTER
@@ -62,7 +63,7 @@ def main(argv):
                            arms=tuple(FLAGS.arms), lora=lora,
                            fresh=FLAGS.fresh)
 
-  return runtime.run_job(job, cleanup=execution.end_workers)
+  return runtime.run_job(job, cleanup=local_worker.end_local_workers)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,7 @@ def main(argv):
   runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
   # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
   from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
+  from tff_sam.federated.backends import local_worker  # pylint: disable=g-import-not-at-top
   from tff_sam.federated.program import program  # pylint: disable=g-import-not-at-top
 
   def job():
@@ -280,7 +281,7 @@ def main(argv):
                                       worker_timeout=config.worker_timeout)
     program.run_experiment(config, fresh=FLAGS.fresh)
 
-  return runtime.run_job(job, cleanup=execution.end_workers)
+  return runtime.run_job(job, cleanup=local_worker.end_local_workers)
 
 
 if __name__ == "__main__":

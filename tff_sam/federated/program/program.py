@@ -27,28 +27,27 @@ worker. No flags here: `run_experiment` takes one validated `RunConfig` (the bin
   (also as TensorBoard images).
 """
 
-import asyncio
 import collections
-import csv
 import dataclasses
 import datetime
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import tensorflow_federated as tff
+import tensorflow as tf
 
 from tff_sam import config as config_lib
 from tff_sam.data import cache
+from tff_sam.data import discovery
 from tff_sam.data import pipeline
 from tff_sam import errors
 from tff_sam.evaluation import heldout
 from tff_sam.evaluation import plots
 from tff_sam.export import pretrained
 from tff_sam.federated.backends import execution
+from tff_sam.federated.backends import failures
+from tff_sam.federated.backends import local_worker
 from tff_sam.federated.backends import remote_workers
 from tff_sam.federated.backends import tf_execution
 from tff_sam.federated.learning import aggregation
@@ -60,10 +59,12 @@ from tff_sam.federated.program import program_logic
 from tff_sam.federated.program import progress as progress_lib
 from tff_sam.federated.program import releases
 from tff_sam.federated.program import run_data
+from tff_sam.federated.program import run_folder
 from tff_sam import fileio
 from tff_sam.models import adapted
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
+from tff_sam.models import sam as sam_lib
 
 # Columns of metrics.csv ("<name>/<client>" columns are per evaluation client).
 METRIC_DOCS = {
@@ -96,120 +97,6 @@ def sample_clients(client_ids: list[str], *, round_num: int, clients_per_round: 
   return sorted(rng.choice(client_ids, size=k, replace=False).tolist())
 
 
-STATE_DIR = "state"
-STATE_PREFIX = "round_"
-KEEP_STATES = 3
-INVOCATIONS_FILE = "invocations.json"
-WORKERS_FILE = ".tff_workers.json"  # This run's TFF workers (`execution.end_orphaned_workers`).
-PROGRESS_DIR = ".progress"  # The clients' reports inside a round (`progress`).
-# Settings that may differ between a run and its resumption: how a round executes,
-# not what it computes (equal up to float summation order), and `rounds`, which may
-# grow (the run continues).
-RESUMABLE_DIFFERENCES = ("output_dir", "clients_per_subround", "execution", "rounds", "workers",
-                         "worker_timeout")
-
-
-def _read_metrics(path: Path) -> list[dict]:
-  if not path.exists():
-    return []
-  with open(path) as f:
-    return [dict(r) for r in csv.DictReader(f)]
-
-
-def _state_manager(out: Path) -> tff.program.FileProgramStateManager:
-  return tff.program.FileProgramStateManager(
-      root_dir=str(out / STATE_DIR), prefix=STATE_PREFIX, keep_total=KEEP_STATES,
-      keep_first=False)
-
-
-def _saved_versions(out: Path) -> list[int]:
-  """Complete saved rounds; removes temporary folders a crash left mid-save."""
-  for leftover in (out / STATE_DIR).glob(f"{STATE_PREFIX}*_temp*"):
-    shutil.rmtree(leftover, ignore_errors=True)
-  for leftover in out.glob("metrics.csv_temp*"):  # CSVFileReleaseManager's temporary file
-    leftover.unlink(missing_ok=True)
-  versions = asyncio.run(_state_manager(out).get_versions())
-  return list(versions or [])
-
-
-def check_resumable(out: Path, config: config_lib.RunConfig, versions: list[int]) -> None:
-  """Refuses to resume a run in `out` that was started with other settings.
-
-  A setting the saved `config.json` lacks (it predates the setting) counts as its
-  default.
-
-  Args:
-    out: The run's folder.
-    config: The settings of this invocation.
-    versions: The saved rounds in `out` (`_saved_versions`).
-
-  Raises:
-    errors.ConfigError: naming every differing flag.
-  """
-  saved_path = out / "config.json"
-  if not saved_path.exists():
-    return
-  defaults = {f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)}
-  saved = {**defaults, **json.loads(saved_path.read_text())}
-  current = config.to_dict()
-  differing = sorted(k for k in set(saved) | set(current)
-                     if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k))
-  if differing:
-    flags = ", ".join(f"--{k} (saved {saved.get(k)!r}, now {current.get(k)!r})" for k in differing)
-    raise errors.ConfigError(
-        differing[0], f"{out} holds a run with other settings: {flags}; rerun with the saved "
-        "settings to resume, pass --fresh to start over, or choose another --output_dir")
-  if versions and config.rounds < max(versions):
-    raise errors.ConfigError(
-        "rounds", f"{out} holds a run already {max(versions)} rounds long; --rounds "
-        f"{config.rounds} cannot shorten it (pass --rounds >= {max(versions)} to continue, "
-        "--fresh to start over, or choose another --output_dir)")
-
-
-def _start_fresh(out: Path) -> None:
-  """Removes a previous run's state and results (never the shared cache)."""
-  for name in (STATE_DIR, "model", "overlays", "clients", "eval_clients",
-               releases.TENSORBOARD_DIR, best_model.BEST_DIR):
-    shutil.rmtree(out / name, ignore_errors=True)
-  for name in ("metrics.csv", "metrics.png", "summary.json", "config.json", INVOCATIONS_FILE):
-    (out / name).unlink(missing_ok=True)
-
-
-def completed_summary(out: Path, config: config_lib.RunConfig,
-                      versions: list[int]) -> Optional[dict]:
-  """The summary of a finished run in `out` with `config`'s settings, else None.
-
-  `versions` are the saved rounds in `out` (`_saved_versions`).
-
-  Finished means: its state holds round `config.rounds`, and `summary.json` (written
-  last, after the exported model) says it was written for that many rounds (a
-  0-round run saves no state: its summary's settings must equal `config`'s).
-  """
-  try:
-    summary = json.loads((out / "summary.json").read_text())
-  except (OSError, ValueError):
-    return None
-  if summary.get("rounds") != config.rounds or not (out / "model" / "config.json").is_file():
-    return None
-  if config.rounds == 0:  # Nothing is saved for round 0: the summary must match.
-    return summary if summary.get("config") == config.to_dict() else None
-  if not versions or max(versions) != config.rounds:
-    return None
-  return summary
-
-
-def _read_invocations(out: Path) -> list[dict]:
-  try:
-    entries = json.loads((out / INVOCATIONS_FILE).read_text())
-  except (OSError, ValueError):
-    return []
-  return entries if isinstance(entries, list) else []
-
-
-def _parse(value: Optional[str]) -> Optional[float]:
-  return float(value) if value not in (None, "") else None
-
-
 def _central_metrics(result: heldout.EvalResult, eval_clients: list[str]
                      ) -> dict[str, Optional[float]]:
   out = {"test_dice": result.dice, "test_iou": result.iou, "test_msa": result.msa,
@@ -226,26 +113,6 @@ def _empty_row(eval_clients: list[str]) -> dict[str, Optional[float]]:
   if len(eval_clients) > 1:
     keys += [f"test_dice/{c}" for c in eval_clients]
   return dict.fromkeys(keys)
-
-
-def _summarize_rows(rows: list[dict]) -> dict:
-  """`baseline`, `final` and aggregation totals from the rows of `metrics.csv`."""
-  evaluated = [r for r in rows if _parse(r.get("test_dice")) is not None]
-
-  def scores(row):
-    out = {"dice": _parse(row["test_dice"]), "iou": _parse(row["test_iou"]),
-           "msa": _parse(row.get("test_msa")), "sa50": _parse(row.get("test_sa50")),
-           "federated_eval": {"loss": _parse(row.get("fed_eval_loss")),
-                              "dice": _parse(row.get("fed_eval_dice"))}}
-    per_client = {k.split("/", 1)[1]: _parse(v) for k, v in row.items()
-                  if k.startswith("test_dice/")}
-    if per_client:
-      out["dice_by_client"] = per_client
-    return out
-
-  totals = {k: int(sum(_parse(r.get(k)) or 0 for r in rows))
-            for k in ("nonfinite_clients", "zeroed_clients", "clipped_clients")}
-  return {"baseline": scores(rows[0]), "final": scores(evaluated[-1]), "aggregation": totals}
 
 
 def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
@@ -267,51 +134,31 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
     The summary (also written to `summary.json`).
 
   Raises:
-    errors.UserError: Bad data, model or settings (one-line message), or TFF's worker
-      died (e.g. out of memory; TFF itself would retry the round forever).
+    errors.UserError: Bad data, model or settings (one-line message), or a backend
+      failure (`failures.user_errors`): the local worker died (e.g. out of memory;
+      TFF itself would retry the round forever), a remote worker was lost or failed,
+      or the device ran out of memory.
   """
   config.validate()
   out = Path(config.output_dir).expanduser()
   out.mkdir(parents=True, exist_ok=True)
-  execution.end_orphaned_workers(out / WORKERS_FILE)
-  versions = [] if fresh else _saved_versions(out)
+  local_worker.end_orphaned_local_workers(out / run_folder.WORKERS_FILE)
+  versions = [] if fresh else run_folder.saved_versions(out)
   if versions or (config.rounds == 0 and not fresh):
     if versions:
-      check_resumable(out, config, versions)
-    done = completed_summary(out, config, versions)
+      run_folder.check_resumable(out, config, versions)
+    done = run_folder.completed_summary(out, config, versions)
     if done is not None:
       log(f"{out}: this run is complete ({config.rounds} rounds; held-out test dice "
           f"zero-shot {done['baseline']['dice']:.4f} -> fine-tuned {done['final']['dice']:.4f}); "
           "nothing to do (--fresh redoes it, a larger --rounds continues it)")
       return done
   progress = {"section": "setup"}
-  with execution.worker_watched(progress, pid_file=out / WORKERS_FILE):
+  with failures.user_errors(progress, pid_file=out / run_folder.WORKERS_FILE):
     try:
       return _run_experiment(config, versions=versions, log=log, progress=progress)
-    except remote_workers.WorkerLost as e:
-      raise errors.UserError(
-          f"{e} during {progress['section']}; restart it there (python -m "
-          "tff_sam.experiments.worker --port PORT) or remove it from --workers, then run the "
-          "same command again: it resumes from the last saved round") from None
-    except remote_workers.WorkerFailed as e:
-      raise errors.UserError(f"{e} (during {progress['section']}); the README's 'Several "
-                             "machines' says what a worker machine needs") from None
-    except tf_execution.OutOfDeviceMemory as e:
-      raise errors.UserError(
-          f"out of device memory during {progress['section']} (--execution=tf: {e}); "
-          "lower --batch_size or --prompts_per_image (or use --embedding_cache in online "
-          "mode), then run the same command again: it resumes from the last saved "
-          "round") from None
     finally:  # Its graphs and sessions (`tf`): a process may run more programs (compare).
       execution.release_computations()
-
-
-def _check_saved_metrics(out: Path, version: int) -> None:
-  """A saved state needs `metrics.csv` rows from round 0 on (they are released first)."""
-  rows = [r for r in _read_metrics(out / "metrics.csv") if int(r["round"]) <= version]
-  if not rows or rows[0]["round"] != "0":
-    raise errors.DataError(out / STATE_DIR, "saved state is unreadable or metrics.csv lacks "
-                           "its rounds; pass --fresh to start over")
 
 
 def _check_clients_per_round(config: config_lib.RunConfig, available: int, what: str) -> None:
@@ -343,38 +190,130 @@ class _ReportingProcess:
       return self.process.next(state, client_ids)
 
 
+@dataclasses.dataclass
+class _Run:
+  """What the phases of one invocation of a run share (`_run_experiment`).
+
+  Attributes:
+    config: The settings.
+    out: The run's folder.
+    versions: The saved rounds it resumes from (empty: a fresh start).
+    progress: `progress["section"]` names what the run is doing.
+    log: Where progress lines go.
+    start: `time.time()` when this invocation's work began.
+    invocations: `invocations.json`: the earlier commands' entries, then this one's.
+  """
+
+  config: config_lib.RunConfig
+  out: Path
+  versions: list[int]
+  progress: dict[str, str]
+  log: Callable[[str], None]
+  start: float = dataclasses.field(default_factory=time.time)
+  invocations: list[dict] = dataclasses.field(default_factory=list)
+
+  @property
+  def cache_root(self) -> Path:
+    return (Path(self.config.cache_dir).expanduser() if self.config.cache_dir
+            else fileio.default_cache_dir())
+
+  def record_invocation(self, **fields) -> None:
+    """Updates this command's entry (and its wall time) in `invocations.json`."""
+    self.invocations[-1].update(fields, wall_time_s=round(time.time() - self.start, 2))
+    fileio.write_json(self.out / run_folder.INVOCATIONS_FILE, self.invocations)
+
+
+@dataclasses.dataclass
+class _TrainingData:
+  """A run's data, model and cached records (`_prepare_training_data`).
+
+  Attributes:
+    splits: The training clients and the held-out evaluation clients.
+    bundle: The SAM model.
+    site: With `--adapter=lora`, this site's copy of the encoder's base weights.
+    records: The cached records of every image.
+    counts: Each training client's images with objects (its manifest in `clients/`).
+    client_ids: The training clients with at least one.
+  """
+
+  splits: discovery.DatasetSplits
+  bundle: sam_lib.SamBundle
+  site: Optional[adapted.SiteWeights]
+  records: run_data.RunRecords
+  counts: dict[str, int]
+  client_ids: list[str]
+
+
+@dataclasses.dataclass
+class _HeldOut:
+  """A run's held-out evaluation (`_prepare_held_out`).
+
+  Attributes:
+    evaluator: The central evaluation at the original resolution.
+    eval_prompt: The prompts of every round's evaluation (the first `--eval_prompts`).
+    eval_clients: The evaluation clients with held-out records.
+    fed_clients: Those with objects: the federated evaluation's clients.
+    chunk: The federated evaluation's objects per chunk.
+    keeper: With `--keep_best`, the best evaluated round's weights.
+    last_eval: The newest evaluated round's result, reused at the end.
+  """
+
+  evaluator: heldout.Evaluator
+  eval_prompt: str
+  eval_clients: list[str]
+  fed_clients: list[str]
+  chunk: int
+  keeper: Optional[best_model.BestModelKeeper]
+  last_eval: dict[int, heldout.EvalResult] = dataclasses.field(default_factory=dict)
+
+
 def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
                     log: Callable[[str], None], progress: dict[str, str]) -> dict:
-  """`run_experiment`'s body; keeps `progress["section"]` up to date.
+  """`run_experiment`'s body, phase by phase; keeps `progress["section"]` up to date.
 
   `versions` are the saved rounds to resume from (empty: start fresh).
   """
-  start = time.time()
-  out = Path(config.output_dir).expanduser()
+  run = _Run(config=config, out=Path(config.output_dir).expanduser(), versions=versions,
+             progress=progress, log=log)
+  _start_invocation(run)
+  data = _prepare_training_data(run)
+  held_out = _prepare_held_out(run, data)
+  task = _build_task(run, data, held_out)
+  epsilon_of, privacy_setup = _privacy_setup(run, data)
+  state = _Rounds(run, data=data, held_out=held_out, task=task, epsilon_of=epsilon_of).train()
+  results, fine_tuned = _evaluate_exported(run, state=state, data=data, held_out=held_out,
+                                           task=task)
+  overlays = _export(run, fine_tuned=fine_tuned, data=data, held_out=held_out, task=task)
+  privacy_summary = ({"privacy": {**privacy_setup, "epsilon": epsilon_of(config.rounds)}}
+                     if epsilon_of is not None else {})
+  return _write_summary(run, results=results, overlays=overlays, data=data, held_out=held_out,
+                        privacy_summary=privacy_summary)
+
+
+def _start_invocation(run: _Run) -> None:
+  """Starts the run afresh or resumes it: `config.json`, where it runs, and this
+  command's entry in `invocations.json`."""
+  config, out, versions = run.config, run.out, run.versions
   if not versions:
-    _start_fresh(out)
+    run_folder.start_fresh(out)
   fileio.write_text(out / "config.json", config.to_json() + "\n")
-  log(remote_workers.describe_workers(config.workers, config.num_subrounds)
-      if config.workers else execution.describe_execution(config.execution))
+  run.log(remote_workers.describe_workers(config.workers, config.num_subrounds)
+          if config.workers else execution.describe_execution(config.execution))
   if config.execution == config_lib.TF_EXECUTION and config.clients_per_subround:
-    log(f"  --clients_per_subround={config.clients_per_subround} has no effect under "
-        "--execution=tf: its clients are accumulated one at a time anyway")
-  invocations = _read_invocations(out) if versions else []
-  invocation = {"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "resumed_after_round": max(versions) if versions else None,
-                "rounds_done": max(versions) if versions else 0, "wall_time_s": 0.0,
-                "finished": False}
-  invocations.append(invocation)
+    run.log(f"  --clients_per_subround={config.clients_per_subround} has no effect under "
+            "--execution=tf: its clients are accumulated one at a time anyway")
+  run.invocations = run_folder.read_invocations(out) if versions else []
+  run.invocations.append({
+      "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "resumed_after_round": max(versions) if versions else None,
+      "rounds_done": max(versions) if versions else 0, "wall_time_s": 0.0, "finished": False})
+  run.record_invocation()
 
-  def record_invocation(**fields) -> None:
-    invocation.update(fields, wall_time_s=round(time.time() - start, 2))
-    fileio.write_json(out / INVOCATIONS_FILE, invocations)
 
-  record_invocation()
-  cache_root = (Path(config.cache_dir).expanduser() if config.cache_dir
-                else fileio.default_cache_dir())
-
-  # Data, model, cache.
+def _prepare_training_data(run: _Run) -> _TrainingData:
+  """Finds and splits the data, loads the model, caches every image's record and
+  writes the training clients' manifests (`clients/`)."""
+  config, cache_root, log = run.config, run.cache_root, run.log
   skipped = collections.Counter()
   splits = run_data.prepare_data(config, cache_root, skipped)
   log(f"data: {len(splits.clients)} clients ({'sites' if splits.natural else config.partition}), "
@@ -389,71 +328,70 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
     feature_start = adapted.feature_start(site.image_encoder,
                                           embedding_cache=config.embedding_cache)
   records = run_data.cache_records(config, splits, bundle, cache_root, skipped, log,
-                        feature_start=feature_start)
-  counts = cache.write_manifests(out / "clients", records.clients)
+                                   feature_start=feature_start)
+  counts = cache.write_manifests(run.out / "clients", records.clients)
   client_ids = [c for c, n in counts.items() if n > 0]
   if not client_ids:
-    raise errors.DataError(out / "clients", "no client has an image with objects to train on")
+    raise errors.DataError(run.out / "clients",
+                           "no client has an image with objects to train on")
   _check_clients_per_round(config, len(client_ids), "clients with objects to train on")
+  return _TrainingData(splits=splits, bundle=bundle, site=site, records=records,
+                       counts=counts, client_ids=client_ids)
 
-  # Held-out records by evaluation client (skipped examples have no record).
-  client_of = {id(e): c for c, exs in splits.test_clients.items() for e in exs}
+
+def _prepare_held_out(run: _Run, data: _TrainingData) -> _HeldOut:
+  """The held-out records by evaluation client (`eval_clients/`; skipped examples have
+  no record), the central evaluator and, with `--keep_best`, the kept best round."""
+  config, out, records = run.config, run.out, data.records
+  client_of = {id(e): c for c, exs in data.splits.test_clients.items() for e in exs}
   test_clients = [client_of[id(r.example)] for r in records.test]
   eval_clients = sorted(set(test_clients))
   fed_records = {c: [r for r, rc in zip(records.federated_test, test_clients) if rc == c]
                  for c in eval_clients}
   fed_counts = cache.write_manifests(out / "eval_clients", fed_records)
-  fed_clients = [c for c, n in fed_counts.items() if n > 0]
   objects = [r.num_objects for recs in fed_records.values() for r in recs]
   evaluator = heldout.Evaluator(
-      examples=[r.example for r in records.test], records=records.test, bundle=bundle,
+      examples=[r.example for r in records.test], records=records.test, bundle=data.bundle,
       binary_components=config.binary_components,
       max_objects_per_image=config.eval_max_objects, clients=test_clients,
       corrections=config.eval_corrections)
-  eval_prompt = config.eval_prompt_list[0]
   keeper = best_model.BestModelKeeper(out) if config.keep_best else None
-  if keeper is not None and versions:
-    keeper.restore(saved_round=max(versions), scores={
-        int(r["round"]): _parse(r.get("test_dice")) for r in _read_metrics(out / "metrics.csv")
-        if _parse(r.get("test_dice")) is not None})
-  last_eval: dict[int, heldout.EvalResult] = {}  # The newest round's, reused at the end.
+  if keeper is not None and run.versions:
+    rows = run_folder.read_metrics_csv(out / "metrics.csv")
+    keeper.restore(saved_round=max(run.versions), scores={
+        int(r["round"]): run_folder.parse_metric(r.get("test_dice")) for r in rows
+        if run_folder.parse_metric(r.get("test_dice")) is not None})
+  return _HeldOut(evaluator=evaluator, eval_prompt=config.eval_prompt_list[0],
+                  eval_clients=eval_clients,
+                  fed_clients=[c for c, n in fed_counts.items() if n > 0],
+                  chunk=min(tasks.EVAL_CHUNK, max(objects, default=1)), keeper=keeper)
 
+
+def _build_task(run: _Run, data: _TrainingData, held_out: _HeldOut) -> tasks.Task:
+  """The task (processes, initial state, pipelines), its rounds compiled now under `tf`
+  so that what it cannot run fails before round 0."""
+  out = run.out
   task = tasks.build_task(
-      config=config, bundle=bundle, client_ids=client_ids, manifest_dir=out / "clients",
-      evaluation_clients=fed_clients, evaluation_manifest_dir=out / "eval_clients",
-      evaluation_chunk=min(tasks.EVAL_CHUNK, max(objects, default=1)),
-      progress_dir=out / PROGRESS_DIR, site_weights=site)
+      config=run.config, bundle=data.bundle, client_ids=data.client_ids,
+      manifest_dir=out / "clients", evaluation_clients=held_out.fed_clients,
+      evaluation_manifest_dir=out / "eval_clients", evaluation_chunk=held_out.chunk,
+      progress_dir=out / run_folder.PROGRESS_DIR, site_weights=data.site)
   if task.adapter is not None:
-    log(adapted.describe_adapters(task.model, task.adapter.site))
-
-  def with_embeddings(decoder):
-    """`decoder`, evaluated on its adapted encoder's embeddings (`task.model`'s)."""
-    if task.adapter is not None:
-      evaluator.set_image_embeddings(decoder, heldout.adapted_embeddings(
-          task.model, records.federated_test, pipeline_spec=task.pipeline_spec))
-    return decoder
-  if versions:
-    _check_saved_metrics(out, max(versions))
-  # Under tf, compile the rounds now: what it cannot run fails before round 0.
+    run.log(adapted.describe_adapters(task.model, task.adapter.site))
+  if run.versions:
+    run_folder.check_saved_metrics(out, max(run.versions))
   tf_execution.compile_computations(
       task.training_process.next,
       *([task.evaluation_process.next] if task.evaluation_process is not None else []))
+  return task
 
-  def evaluate(state, round_num: int) -> dict:
-    progress["section"] = (f"round {round_num}" if round_num
-                           else "round 0 (zero-shot evaluation)")
-    log(f"  round {round_num}: held-out evaluation ({evaluator.num_objects} objects, "
-        f"{eval_prompt} prompts; federated evaluation on {len(fed_clients)} client(s))")
-    result = evaluator(with_embeddings(task.load_state(state)), eval_prompt=eval_prompt)
-    last_eval.clear()
-    last_eval[round_num] = result
-    if keeper is not None and keeper.consider(
-        round_num, result.dice, processes.weights_from_state(task.training_process, state)):
-      log(f"  round {round_num}: best held-out dice so far ({result.dice:.4f}), kept "
-          "(--keep_best)")
-    return {**_central_metrics(result, eval_clients), **task.federated_evaluation(state)}
 
-  epsilon_of, privacy_setup = None, {}  # rounds -> epsilon, with differential privacy.
+def _privacy_setup(run: _Run, data: _TrainingData
+                   ) -> tuple[Optional[Callable[[int], float]], dict]:
+  """With differential privacy: rounds -> epsilon and the setup `summary.json` records
+  (else None and {}); with secure aggregation, its example-weight bound checked."""
+  config, client_ids = run.config, data.client_ids
+  epsilon_of, privacy_setup = None, {}
   if config.differential_privacy:
     errors.require(len(client_ids) >= 2, "dp_noise_multiplier",
                    f"client-level differential privacy needs at least 2 training clients, "
@@ -463,52 +401,111 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
         noise_multiplier=config.dp_noise_multiplier,
         clients_per_round=min(config.clients_per_round, len(client_ids)),
         num_clients=len(client_ids), delta=privacy_setup["delta"])
-    log(privacy_setup.pop("line"))
+    run.log(privacy_setup.pop("line"))
   if config.secure_aggregation:
-    heaviest = max(counts[c] for c in client_ids) * config.local_epochs
+    heaviest = max(data.counts[c] for c in client_ids) * config.local_epochs
     errors.require(heaviest <= aggregation.SECURE_MAX_WEIGHT, "secure_aggregation",
                    f"a client trains on {heaviest} examples per round, more than the secure "
                    f"sum's example-weight bound {aggregation.SECURE_MAX_WEIGHT:.0f}")
-  round_of = {"n": 0}  # The round being trained (for its epsilon).
+  return epsilon_of, privacy_setup
 
-  def select(round_num: int) -> list[str]:
-    progress["section"] = f"round {round_num}"
-    round_of["n"] = round_num
-    sampled = sample_clients(client_ids, round_num=round_num,
+
+def _with_embeddings(decoder: tf.keras.Model, *, task: tasks.Task, data: _TrainingData,
+                     held_out: _HeldOut) -> tf.keras.Model:
+  """`decoder`, evaluated on its adapted encoder's embeddings (`task.model`'s)."""
+  if task.adapter is not None:
+    held_out.evaluator.set_image_embeddings(decoder, heldout.adapted_embeddings(
+        task.model, data.records.federated_test, pipeline_spec=task.pipeline_spec))
+  return decoder
+
+
+class _Rounds:
+  """The round loop of a run: `program_logic.train_model` and its hooks (which clients,
+  each round's training metrics, the held-out evaluation, the line after a round)."""
+
+  def __init__(self, run: _Run, *, data: _TrainingData, held_out: _HeldOut, task: tasks.Task,
+               epsilon_of: Optional[Callable[[int], float]]):
+    self.run = run
+    self.data = data
+    self.held_out = held_out
+    self.task = task
+    self.epsilon_of = epsilon_of
+    self.round_num = 0  # The round being trained (for its epsilon).
+
+  def train(self):
+    """Trains (or resumes) up to `config.rounds`; returns the last round's state."""
+    run, config, task = self.run, self.run.config, self.task
+    state, _ = program_logic.train_model(
+        train_process=_ReportingProcess(
+            task.training_process, progress_dir=run.out / run_folder.PROGRESS_DIR,
+            images=self.data.counts, spec=task.pipeline_spec, log=run.log),
+        initial_state=task.initial_state,
+        total_rounds=config.rounds, client_selection=self.select,
+        round_metrics=self.train_metrics, evaluation=self.evaluate,
+        evaluation_periodicity=config.eval_every,
+        program_state_manager=run_folder.state_manager(run.out),
+        metrics_release_manager=releases.build_release_manager(
+            metrics_csv=run.out / "metrics.csv",
+            tensorboard_dir=run.out / releases.TENSORBOARD_DIR),
+        columns=list(_empty_row(self.held_out.eval_clients)),
+        on_round=self.on_round,
+        on_resume=lambda v: run.log(f"resuming {run.out} after round {v}/{config.rounds}"))
+    return state
+
+  def select(self, round_num: int) -> list[str]:
+    self.run.progress["section"] = f"round {round_num}"
+    self.round_num = round_num
+    config = self.run.config
+    sampled = sample_clients(self.data.client_ids, round_num=round_num,
                              clients_per_round=config.clients_per_round, seed=config.seed)
     return [pipeline.round_client_id(c, round_num) for c in sampled]
 
-  def train_metrics(result) -> dict:
+  def train_metrics(self, result) -> dict:
     train = result.metrics["client_work"]["train"]
     row = {"train_loss": float(train["loss"]), "train_dice": float(train["dice"]),
            **aggregation.aggregation_metrics(result.metrics["aggregator"])}
-    if epsilon_of is not None:
-      row["dp_epsilon"] = epsilon_of(round_of["n"])
-      if config.dp_clip_norm > 0:  # Fixed clipping: TFF's query reports no norm.
-        row["clipping_norm"] = config.dp_clip_norm
+    if self.epsilon_of is not None:
+      row["dp_epsilon"] = self.epsilon_of(self.round_num)
+      if self.run.config.dp_clip_norm > 0:  # Fixed clipping: TFF's query reports no norm.
+        row["clipping_norm"] = self.run.config.dp_clip_norm
     return row
 
-  def on_round(round_num: int, row: dict) -> None:
-    log(progress_lib.round_line(round_num, row, total=config.rounds, num_objects=evaluator.num_objects))
-    record_invocation(rounds_done=round_num)
+  def evaluate(self, state, round_num: int) -> dict:
+    held_out, task = self.held_out, self.task
+    self.run.progress["section"] = (f"round {round_num}" if round_num
+                                    else "round 0 (zero-shot evaluation)")
+    self.run.log(f"  round {round_num}: held-out evaluation ({held_out.evaluator.num_objects} "
+                 f"objects, {held_out.eval_prompt} prompts; federated evaluation on "
+                 f"{len(held_out.fed_clients)} client(s))")
+    decoder = _with_embeddings(task.load_state(state), task=task, data=self.data,
+                               held_out=held_out)
+    result = held_out.evaluator(decoder, eval_prompt=held_out.eval_prompt)
+    held_out.last_eval.clear()
+    held_out.last_eval[round_num] = result
+    if held_out.keeper is not None and held_out.keeper.consider(
+        round_num, result.dice, processes.weights_from_state(task.training_process, state)):
+      self.run.log(f"  round {round_num}: best held-out dice so far ({result.dice:.4f}), kept "
+                   "(--keep_best)")
+    return {**_central_metrics(result, held_out.eval_clients),
+            **task.federated_evaluation(state)}
 
-  state, _ = program_logic.train_model(
-      train_process=_ReportingProcess(task.training_process, progress_dir=out / PROGRESS_DIR,
-                                      images=counts, spec=task.pipeline_spec, log=log),
-      initial_state=task.initial_state,
-      total_rounds=config.rounds, client_selection=select, round_metrics=train_metrics,
-      evaluation=evaluate, evaluation_periodicity=config.eval_every,
-      program_state_manager=_state_manager(out),
-      metrics_release_manager=releases.build_release_manager(
-          metrics_csv=out / "metrics.csv", tensorboard_dir=out / releases.TENSORBOARD_DIR),
-      columns=list(_empty_row(eval_clients)),
-      on_round=on_round,
-      on_resume=lambda v: log(f"resuming {out} after round {v}/{config.rounds}"))
+  def on_round(self, round_num: int, row: dict) -> None:
+    self.run.log(progress_lib.round_line(round_num, row, total=self.run.config.rounds,
+                                         num_objects=self.held_out.evaluator.num_objects))
+    self.run.record_invocation(rounds_done=round_num)
 
-  # Outputs.
-  progress["section"] = "export"
-  results = _summarize_rows(_read_metrics(out / "metrics.csv"))
-  baseline, final = results["baseline"], results["final"]
+
+def _evaluate_exported(run: _Run, *, state, data: _TrainingData, held_out: _HeldOut,
+                       task: tasks.Task) -> tuple[dict, tf.keras.Model]:
+  """`metrics.csv` summarized, and the model to export evaluated on every
+  `--eval_prompts`: the last round's, or with `--keep_best` the best round's.
+
+  Returns:
+    The results for `summary.json` and the model to export.
+  """
+  config, log, keeper = run.config, run.log, held_out.keeper
+  run.progress["section"] = "export"
+  results = run_folder.summarize_metrics(run_folder.read_metrics_csv(run.out / "metrics.csv"))
   fine_tuned = task.load_state(state)
   model_round = config.rounds
   if keeper is not None:  # --keep_best: the best evaluated round (round 0 included).
@@ -517,50 +514,66 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
       decoder_lib.assign_model_weights(task.model, *keeper.weights())
       model_round = keeper.round
       log(f"--keep_best: exporting round {keeper.round} (held-out dice {keeper.score:.4f}; "
-          f"the last round, {config.rounds}, scored {final['dice']:.4f})")
-  fine_tuned = with_embeddings(fine_tuned)
+          f"the last round, {config.rounds}, scored {results['final']['dice']:.4f})")
+  fine_tuned = _with_embeddings(fine_tuned, task=task, data=data, held_out=held_out)
   by_prompt = {}  # The exported model on every evaluation prompt.
   for mode in config.eval_prompt_list:
-    progress["section"] = f"final evaluation ({mode} prompts)"
-    r = (last_eval.get(model_round) if mode == eval_prompt else None) or evaluator(
-        fine_tuned, eval_prompt=mode)
+    run.progress["section"] = f"final evaluation ({mode} prompts)"
+    r = (held_out.last_eval.get(model_round) if mode == held_out.eval_prompt
+         else None) or held_out.evaluator(fine_tuned, eval_prompt=mode)
     by_prompt[mode] = r.to_dict()
     log(f"  exported model (round {model_round}), {mode} prompts: dice {r.dice:.4f}  "
         f"iou {r.iou:.4f}  mSA {r.msa:.4f}  SA50 {r.sa50:.4f}")
   results["evaluation"] = {"model_round": model_round, "by_prompt": by_prompt}
-  progress["section"] = "export"
-  pretrained.export_model(bundle=bundle, decoder=fine_tuned, out_dir=out / "model",
-                          cache_dir=cache_root,
+  return results, fine_tuned
+
+
+def _export(run: _Run, *, fine_tuned: tf.keras.Model, data: _TrainingData,
+            held_out: _HeldOut, task: tasks.Task) -> list[Path]:
+  """Writes `model/`, `metrics.png` and the overlays (also as TensorBoard images);
+  returns the overlays' paths."""
+  out = run.out
+  run.progress["section"] = "export"
+  pretrained.export_model(bundle=data.bundle, decoder=fine_tuned, out_dir=out / "model",
+                          cache_dir=run.cache_root,
                           adapted=task.model if task.adapter is not None else None)
   plots.plot_metrics(out / "metrics.csv", out / "metrics.png")
-  overlays = plots.write_overlays(out / "overlays", evaluator=evaluator,
-                                  zero_shot_model=build.build_prompt_mask_decoder(bundle),
-                                  fine_tuned_model=fine_tuned, eval_prompt=eval_prompt)
+  overlays = plots.write_overlays(out / "overlays", evaluator=held_out.evaluator,
+                                  zero_shot_model=build.build_prompt_mask_decoder(data.bundle),
+                                  fine_tuned_model=fine_tuned, eval_prompt=held_out.eval_prompt)
   releases.write_tensorboard_images(out / releases.TENSORBOARD_DIR, overlays,
-                                    step=config.rounds)
-  record_invocation(finished=True)
+                                    step=run.config.rounds)
+  return overlays
+
+
+def _write_summary(run: _Run, *, results: dict, overlays: list[Path], data: _TrainingData,
+                   held_out: _HeldOut, privacy_summary: dict) -> dict:
+  """Finishes this command's invocation and writes `summary.json`; returns the summary."""
+  config, out, evaluator = run.config, run.out, held_out.evaluator
+  run.record_invocation(finished=True)
   summary = {
       "config": config.to_dict(),
       **results,
       "num_test_objects": evaluator.num_objects,
-      "evaluation_clients": eval_clients,
-      "federated_evaluation_clients": fed_clients,
+      "evaluation_clients": held_out.eval_clients,
+      "federated_evaluation_clients": held_out.fed_clients,
       "rounds": config.rounds,
-      **({"privacy": {**privacy_setup, "epsilon": epsilon_of(config.rounds)}}
-         if epsilon_of is not None else {}),
-      "clients": counts,
-      "cache": vars(records.stats),
+      **privacy_summary,
+      "clients": data.counts,
+      "cache": vars(data.records.stats),
       "overlays": [str(p.relative_to(out)) for p in overlays],
-      "invocations": invocations,
-      "wall_time_s": round(sum(i["wall_time_s"] for i in invocations), 2),
+      "invocations": run.invocations,
+      "wall_time_s": round(sum(i["wall_time_s"] for i in run.invocations), 2),
   }
   fileio.write_json(out / "summary.json", summary)
-  exported = by_prompt[eval_prompt]
-  log(f"held-out test dice ({eval_prompt} prompts): zero-shot {baseline['dice']:.4f} -> "
-      f"fine-tuned {exported['dice']:.4f}  (iou {baseline['iou']:.4f} -> {exported['iou']:.4f}, "
-      f"mSA {baseline['msa']:.4f} -> {exported['msa']:.4f}, {evaluator.num_objects} objects"
-      + (f"; round {model_round} kept by --keep_best" if model_round != config.rounds else "")
-      + ")")
-  log(f"outputs in {out}: metrics.csv, metrics.png, summary.json, model/, overlays/, "
-      f"{releases.TENSORBOARD_DIR}/")
+  baseline, model_round = results["baseline"], results["evaluation"]["model_round"]
+  exported = results["evaluation"]["by_prompt"][held_out.eval_prompt]
+  run.log(f"held-out test dice ({held_out.eval_prompt} prompts): zero-shot "
+          f"{baseline['dice']:.4f} -> fine-tuned {exported['dice']:.4f}  (iou "
+          f"{baseline['iou']:.4f} -> {exported['iou']:.4f}, mSA {baseline['msa']:.4f} -> "
+          f"{exported['msa']:.4f}, {evaluator.num_objects} objects"
+          + (f"; round {model_round} kept by --keep_best" if model_round != config.rounds
+             else "") + ")")
+  run.log(f"outputs in {out}: metrics.csv, metrics.png, summary.json, model/, overlays/, "
+          f"{releases.TENSORBOARD_DIR}/")
   return summary

@@ -1,0 +1,167 @@
+"""A run's folder (`--output_dir`): its layout, saved states and `metrics.csv` read back.
+
+What a command finds there decides what it does (`program.run_experiment`): resume
+the run from its newest saved round (`saved_versions`, `check_resumable`), report it
+complete (`completed_summary`), or start it afresh (`start_fresh`).
+"""
+
+import asyncio
+import csv
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import tensorflow_federated as tff
+
+from tff_sam import config as config_lib
+from tff_sam import errors
+from tff_sam.federated.program import best_model
+from tff_sam.federated.program import releases
+
+STATE_DIR = "state"
+STATE_PREFIX = "round_"
+KEEP_STATES = 3
+INVOCATIONS_FILE = "invocations.json"
+# This run's local workers (`local_worker.end_orphaned_local_workers`).
+WORKERS_FILE = ".tff_workers.json"
+PROGRESS_DIR = ".progress"  # The clients' reports inside a round (`progress`).
+# Settings that may differ between a run and its resumption: how a round executes,
+# not what it computes (equal up to float summation order), and `rounds`, which may
+# grow (the run continues).
+RESUMABLE_DIFFERENCES = ("output_dir", "clients_per_subround", "execution", "rounds", "workers",
+                         "worker_timeout")
+
+
+def read_metrics_csv(path: Path) -> list[dict]:
+  """The rows of `metrics.csv` at `path` (none if it does not exist)."""
+  if not path.exists():
+    return []
+  with open(path) as f:
+    return [dict(r) for r in csv.DictReader(f)]
+
+
+def state_manager(out: Path) -> tff.program.FileProgramStateManager:
+  """TFF's program state manager of the run in `out` (`state/round_<N>/`)."""
+  return tff.program.FileProgramStateManager(
+      root_dir=str(out / STATE_DIR), prefix=STATE_PREFIX, keep_total=KEEP_STATES,
+      keep_first=False)
+
+
+def saved_versions(out: Path) -> list[int]:
+  """Complete saved rounds; removes temporary folders a crash left mid-save."""
+  for leftover in (out / STATE_DIR).glob(f"{STATE_PREFIX}*_temp*"):
+    shutil.rmtree(leftover, ignore_errors=True)
+  for leftover in out.glob("metrics.csv_temp*"):  # CSVFileReleaseManager's temporary file
+    leftover.unlink(missing_ok=True)
+  versions = asyncio.run(state_manager(out).get_versions())
+  return list(versions or [])
+
+
+def check_resumable(out: Path, config: config_lib.RunConfig, versions: list[int]) -> None:
+  """Refuses to resume a run in `out` that was started with other settings.
+
+  A setting the saved `config.json` lacks (it predates the setting) counts as its
+  default.
+
+  Args:
+    out: The run's folder.
+    config: The settings of this invocation.
+    versions: The saved rounds in `out` (`saved_versions`).
+
+  Raises:
+    errors.ConfigError: naming every differing flag.
+  """
+  saved_path = out / "config.json"
+  if not saved_path.exists():
+    return
+  defaults = {f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)}
+  saved = {**defaults, **json.loads(saved_path.read_text())}
+  current = config.to_dict()
+  differing = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k))
+  if differing:
+    flags = ", ".join(f"--{k} (saved {saved.get(k)!r}, now {current.get(k)!r})" for k in differing)
+    raise errors.ConfigError(
+        differing[0], f"{out} holds a run with other settings: {flags}; rerun with the saved "
+        "settings to resume, pass --fresh to start over, or choose another --output_dir")
+  if versions and config.rounds < max(versions):
+    raise errors.ConfigError(
+        "rounds", f"{out} holds a run already {max(versions)} rounds long; --rounds "
+        f"{config.rounds} cannot shorten it (pass --rounds >= {max(versions)} to continue, "
+        "--fresh to start over, or choose another --output_dir)")
+
+
+def start_fresh(out: Path) -> None:
+  """Removes a previous run's state and results (never the shared cache)."""
+  for name in (STATE_DIR, "model", "overlays", "clients", "eval_clients",
+               releases.TENSORBOARD_DIR, best_model.BEST_DIR):
+    shutil.rmtree(out / name, ignore_errors=True)
+  for name in ("metrics.csv", "metrics.png", "summary.json", "config.json", INVOCATIONS_FILE):
+    (out / name).unlink(missing_ok=True)
+
+
+def completed_summary(out: Path, config: config_lib.RunConfig,
+                      versions: list[int]) -> Optional[dict]:
+  """The summary of a finished run in `out` with `config`'s settings, else None.
+
+  `versions` are the saved rounds in `out` (`saved_versions`).
+
+  Finished means: its state holds round `config.rounds`, and `summary.json` (written
+  last, after the exported model) says it was written for that many rounds (a
+  0-round run saves no state: its summary's settings must equal `config`'s).
+  """
+  try:
+    summary = json.loads((out / "summary.json").read_text())
+  except (OSError, ValueError):
+    return None
+  if summary.get("rounds") != config.rounds or not (out / "model" / "config.json").is_file():
+    return None
+  if config.rounds == 0:  # Nothing is saved for round 0: the summary must match.
+    return summary if summary.get("config") == config.to_dict() else None
+  if not versions or max(versions) != config.rounds:
+    return None
+  return summary
+
+
+def read_invocations(out: Path) -> list[dict]:
+  """The commands that worked on the run in `out` (`invocations.json`; none if unreadable)."""
+  try:
+    entries = json.loads((out / INVOCATIONS_FILE).read_text())
+  except (OSError, ValueError):
+    return []
+  return entries if isinstance(entries, list) else []
+
+
+def parse_metric(value: Optional[str]) -> Optional[float]:
+  """A `metrics.csv` cell as a number (None if empty)."""
+  return float(value) if value not in (None, "") else None
+
+
+def summarize_metrics(rows: list[dict]) -> dict:
+  """`baseline`, `final` and aggregation totals from the rows of `metrics.csv`."""
+  evaluated = [r for r in rows if parse_metric(r.get("test_dice")) is not None]
+
+  def scores(row):
+    out = {"dice": parse_metric(row["test_dice"]), "iou": parse_metric(row["test_iou"]),
+           "msa": parse_metric(row.get("test_msa")), "sa50": parse_metric(row.get("test_sa50")),
+           "federated_eval": {"loss": parse_metric(row.get("fed_eval_loss")),
+                              "dice": parse_metric(row.get("fed_eval_dice"))}}
+    per_client = {k.split("/", 1)[1]: parse_metric(v) for k, v in row.items()
+                  if k.startswith("test_dice/")}
+    if per_client:
+      out["dice_by_client"] = per_client
+    return out
+
+  totals = {k: int(sum(parse_metric(r.get(k)) or 0 for r in rows))
+            for k in ("nonfinite_clients", "zeroed_clients", "clipped_clients")}
+  return {"baseline": scores(rows[0]), "final": scores(evaluated[-1]), "aggregation": totals}
+
+
+def check_saved_metrics(out: Path, version: int) -> None:
+  """A saved state needs `metrics.csv` rows from round 0 on (they are released first)."""
+  rows = [r for r in read_metrics_csv(out / "metrics.csv") if int(r["round"]) <= version]
+  if not rows or rows[0]["round"] != "0":
+    raise errors.DataError(out / STATE_DIR, "saved state is unreadable or metrics.csv lacks "
+                           "its rounds; pass --fresh to start over")
