@@ -6,10 +6,10 @@ import tensorflow as tf
 
 from tff_sam import config as config_lib
 from tff_sam.data import pipeline
-from tff_sam.data import prompts
 from tff_sam.evaluation import inference
 from tff_sam.models import build
 from tff_sam.models import losses
+from tff_sam.models import point_prompts
 from tff_sam.models import sam as sam_lib
 
 L = 16
@@ -26,9 +26,9 @@ def _target():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_corrective_point_is_positive_on_missed_object(seed):
   logits = np.full((1, 1, L, L), -5.0, np.float32)  # Predicts nothing.
-  xy, label = prompts.corrective_points(logits, _target(), input_size=64,
+  xy, label = point_prompts.corrective_points(logits, _target(), input_size=64,
                                         seed=tf.constant([seed, 7]))
-  assert int(label[0, 0]) == prompts.POSITIVE
+  assert int(label[0, 0]) == point_prompts.POSITIVE
   col, row = (float(v) for v in (xy[0, 0] - 1.5) / 4)  # Low-res pixel centres.
   assert 4 <= row < 8 and 4 <= col < 8
 
@@ -36,18 +36,18 @@ def test_corrective_point_is_positive_on_missed_object(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_corrective_point_is_negative_on_wrong_background_and_never_ignored(seed):
   logits = np.full((1, 1, L, L), 5.0, np.float32)  # Predicts everything.
-  xy, label = prompts.corrective_points(logits, _target(), input_size=64,
+  xy, label = point_prompts.corrective_points(logits, _target(), input_size=64,
                                         seed=tf.constant([seed, 3]))
-  assert int(label[0, 0]) == prompts.NEGATIVE
+  assert int(label[0, 0]) == point_prompts.NEGATIVE
   col, row = (float(v) for v in (xy[0, 0] - 1.5) / 4)
   assert row < L - 1 and not (4 <= row < 8 and 4 <= col < 8)
 
 
 def test_no_corrective_point_when_the_mask_is_right():
   logits = np.where(_target() >= 0.5, 5.0, -5.0).astype(np.float32)
-  _, label = prompts.corrective_points(logits, _target(), input_size=64,
+  _, label = point_prompts.corrective_points(logits, _target(), input_size=64,
                                        seed=tf.constant([0, 0]))
-  assert int(label[0, 0]) == prompts.NO_TOKEN
+  assert int(label[0, 0]) == point_prompts.NO_TOKEN
 
 
 def _example(bundle, sub_iterations=3, evaluation=False):
@@ -70,8 +70,8 @@ def test_iterative_examples_carry_the_first_point_and_empty_correction_slots(bun
   spec, ex, low = _example(bundle)
   x = ex["x"]
   assert x["points"].shape == (2, 3, 2) and x["point_labels"].shape == (2, 3)
-  np.testing.assert_array_equal(x["point_labels"][:, 1:], prompts.NO_TOKEN)
-  assert set(x["point_labels"][:, 0].numpy()) <= {prompts.POSITIVE}
+  np.testing.assert_array_equal(x["point_labels"][:, 1:], point_prompts.NO_TOKEN)
+  assert set(x["point_labels"][:, 0].numpy()) <= {point_prompts.POSITIVE}
   assert x["target"].shape == (2, low, low)
   np.testing.assert_array_equal(x["target"], ex["y"])
   assert set(x["use_box"].numpy()) <= {0, 1} and x["seed"].shape == (2,)

@@ -1,6 +1,8 @@
 """The package's shape, checked from its source: the rules of README's "Layout".
 
-* imports point one way: no import cycle between `tff_sam` modules;
+* imports point down the layers of `LAYERS` (README's "Layout" states the same
+  order): a module imports only from its own layer or lower ones;
+* no import cycle between `tff_sam` modules;
 * no module over `MAX_LINES` lines;
 * no two modules define a public top-level function or class of the same name;
 * absl flags are defined only in `tff_sam/experiments/`;
@@ -11,6 +13,7 @@
 import ast
 import collections
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -30,6 +33,24 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+
+# README's "Layout", lowest layer first: a module may import from its own layer and
+# the ones before it, never from a later one. A layer is a list of module prefixes.
+LAYERS = (
+    ("top-level", ("tff_sam.config", "tff_sam.errors", "tff_sam.fileio", "tff_sam.registry",
+                   "tff_sam.runtime")),
+    ("models", ("tff_sam.models",)),
+    ("data", ("tff_sam.data",)),
+    ("evaluation", ("tff_sam.evaluation",)),
+    ("export", ("tff_sam.export",)),
+    ("federated.learning", ("tff_sam.federated.learning",)),
+    ("federated.backends", ("tff_sam.federated.backends",)),
+    ("federated.program", ("tff_sam.federated.program",)),
+    ("bench", ("tff_sam.bench",)),
+    ("experiments", ("tff_sam.experiments",)),
+)
+# Packages above the layers: their `__init__` holds no code (`test_package_inits_hold_no_code`).
+PACKAGE_ROOTS = ("tff_sam", "tff_sam.federated")
 
 
 def _resolve(module: str, node: ast.ImportFrom) -> str:
@@ -97,6 +118,51 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     if v not in index:
       visit(v)
   return out
+
+
+def _layer(module: str) -> Optional[int]:
+  """The index in `LAYERS` of `module`'s layer, None if it is in none."""
+  for i, (_, prefixes) in enumerate(LAYERS):
+    if any(module == p or module.startswith(p + ".") for p in prefixes):
+      return i
+  return None
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+  """Each import of a module from a later layer than its own, as one line.
+
+  A package itself (its `__init__`, which holds no code) does not count: `from
+  tff_sam.data import prompts` is reported once, as the import of `tff_sam.data.prompts`.
+  """
+  out = []
+  for module in sorted(graph):
+    mine = _layer(module)
+    for name in sorted(graph[module]):
+      if name in MODULES and MODULES[name].name == "__init__.py":
+        continue
+      theirs = _layer(name)
+      if mine is not None and theirs is not None and theirs > mine:
+        out.append(f"{module} (layer {LAYERS[mine][0]}) imports {name} "
+                   f"(layer {LAYERS[theirs][0]}, above it)")
+  return out
+
+
+def test_layer_checker_finds_an_upward_import():
+  graph = {"tff_sam.models.decoder": {"tff_sam.data", "tff_sam.data.prompts", "tff_sam.errors"},
+           "tff_sam.data.prompts": {"tff_sam.models.sam"}}
+  assert _upward_imports(graph) == [
+      "tff_sam.models.decoder (layer models) imports tff_sam.data.prompts (layer data, above it)"]
+
+
+def test_every_module_is_in_a_layer():
+  unplaced = [m for m in MODULES if m not in PACKAGE_ROOTS and _layer(m) is None]
+  assert not unplaced, f"modules in no layer of LAYERS (and README's Layout): {unplaced}"
+
+
+def test_imports_point_down_the_layers():
+  upward = _upward_imports(import_graph())
+  assert not upward, ("imports against the layers of README's Layout (a module imports only "
+                      "from its own layer or lower ones):\n" + "\n".join(upward))
 
 
 def test_cycle_finder_finds_a_cycle():

@@ -23,6 +23,7 @@ from tff_sam import config as config_lib
 from tff_sam.data import cache
 from tff_sam.data import preprocess
 from tff_sam.data import prompts as prompts_lib
+from tff_sam.models import point_prompts
 from tff_sam.models import sam as sam_lib
 
 ROUND_SEPARATOR = "@"
@@ -174,14 +175,14 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
     n_pts = spec.sub_iterations
     points = tf.concat([first, tf.zeros([p, n_pts - 1, 2], tf.float32)], axis=1)
     point_labels = tf.concat(
-        [first_labels, tf.fill([p, n_pts - 1], prompts_lib.NO_TOKEN)], axis=1)
+        [first_labels, tf.fill([p, n_pts - 1], point_prompts.NO_TOKEN)], axis=1)
   elif config_lib.uses_points(spec.prompt):
     points, point_labels = prompts_lib.sample_points(
         objects, inside, num_positive=spec.num_points,
         num_negative=spec.num_negative_points, input_size=spec.input_size, seed=seeds[2])
   else:
     points = tf.zeros([p, n_pts, 2], tf.float32)
-    point_labels = tf.fill([p, n_pts], prompts_lib.NOT_A_POINT)
+    point_labels = tf.fill([p, n_pts], point_prompts.NOT_A_POINT)
   image = (("pixel_values", record["pixel_values"]) if "pixel_values" in record else
            ("features", record["features"]) if "features" in record else
            ("image_embeddings", record["embedding"]))

@@ -6,13 +6,14 @@ client, epoch, example) and are drawn afresh every local epoch and round.
 
 Coordinates are in SAM's input frame (pixels of the resized, padded image); boxes
 are XYXY with inclusive pixel indices, points XY, both as `SamProcessor` produces.
+Point labels are the model's (`models.point_prompts`), as is the corrective point of
+iterative prompting, which the decoder samples itself.
 """
 
 import tensorflow as tf
 
-POSITIVE, NEGATIVE, NOT_A_POINT = 1, 0, -1
-# transformers' padding label: the point gives no token at all (zero embedding).
-NO_TOKEN = -10
+from tff_sam.models import point_prompts
+
 
 
 def jitter_boxes(boxes: tf.Tensor, *, max_jitter: float, input_size: int,
@@ -97,53 +98,16 @@ def sample_points(object_masks: tf.Tensor, valid: tf.Tensor, *, num_positive: in
   positive_region = tf.where(has_interior, eroded, masks)
   seeds = tf.random.experimental.stateless_split(seed, 2)
   idx, ok = _sample_from(positive_region, num_positive, seeds[0])
-  labels = tf.where(ok, POSITIVE, NOT_A_POINT)
+  labels = tf.where(ok, point_prompts.POSITIVE, point_prompts.NOT_A_POINT)
   if num_negative:
     negative_region = tf.logical_and(valid[None], tf.logical_not(masks))
     nidx, nok = _sample_from(negative_region, num_negative, seeds[1])
     idx = tf.concat([idx, nidx], axis=1)
-    labels = tf.concat([labels, tf.where(nok, NEGATIVE, NOT_A_POINT)], axis=1)
+    negative = tf.where(nok, point_prompts.NEGATIVE, point_prompts.NOT_A_POINT)
+    labels = tf.concat([labels, negative], axis=1)
   scale = tf.cast(input_size, tf.float32) / tf.cast(side, tf.float32)
   rows = tf.cast(idx // side, tf.float32)
   cols = tf.cast(idx % side, tf.float32)
   points = tf.stack([cols * scale + (scale - 1) / 2, rows * scale + (scale - 1) / 2], axis=-1)
-  points = tf.where(tf.equal(labels[..., None], NOT_A_POINT), 0.0, points)
+  points = tf.where(tf.equal(labels[..., None], point_prompts.NOT_A_POINT), 0.0, points)
   return points, tf.cast(labels, tf.int32)
-
-
-def corrective_points(logits: tf.Tensor, target: tf.Tensor, *, input_size: int,
-                      seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """One corrective point per prompt, sampled where a predicted mask is wrong.
-
-  The training-time rule of micro-sam's iterative prompting: a pixel drawn uniformly
-  from the error (missed object or wrongly predicted valid background) becomes a
-  positive point if it is missed object, a negative one otherwise; a prompt whose
-  mask is right everywhere gets no point (`NO_TOKEN`).
-
-  Args:
-    logits: (..., L, L) predicted mask logits (> 0 = object).
-    target: (..., L, L) targets: >= 0.5 object, in [0, 0.5) background, < 0 ignored.
-    input_size: Side of SAM's input frame; low-res pixel centres are mapped to it.
-    seed: Stateless seed, shape [2].
-
-  Returns:
-    points (..., 2) float32 XY in the input frame and labels (...) int32.
-  """
-  lead = tf.shape(logits)[:-2]
-  side = tf.shape(logits)[-1]
-  pred = logits > 0
-  obj, valid = target >= 0.5, target >= 0
-  missed = tf.reshape(tf.logical_and(obj, tf.logical_not(pred)), [-1, side * side])
-  wrong = tf.reshape(tf.logical_and(tf.logical_and(pred, tf.logical_not(obj)), valid),
-                     [-1, side * side])
-  error = tf.logical_or(missed, wrong)
-  idx = tf.random.stateless_categorical(tf.where(error, 0.0, -1e9), 1, seed,
-                                        dtype=tf.int32)[:, 0]
-  positive = tf.gather(missed, idx, batch_dims=1)
-  labels = tf.where(tf.reduce_any(error, axis=1),
-                    tf.where(positive, POSITIVE, NEGATIVE), NO_TOKEN)
-  scale = tf.cast(input_size, tf.float32) / tf.cast(side, tf.float32)
-  xy = tf.stack([tf.cast(idx % side, tf.float32), tf.cast(idx // side, tf.float32)], axis=-1)
-  xy = xy * scale + (scale - 1) / 2
-  return (tf.reshape(xy, tf.concat([lead, [2]], axis=0)),
-          tf.reshape(tf.cast(labels, tf.int32), lead))

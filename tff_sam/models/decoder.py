@@ -14,7 +14,7 @@ from keras.src import backend as keras_backend
 from transformers.models.sam.modeling_tf_sam import TFSamMaskDecoder, TFSamPositionalEmbedding, TFSamPromptEncoder  # pylint: disable=g-multiple-import
 
 from tff_sam import config as config_lib
-from tff_sam.data import prompts as prompts_lib
+from tff_sam.models import point_prompts
 
 
 class GraphSafePromptEncoder(TFSamPromptEncoder):
@@ -191,13 +191,13 @@ class PromptMaskDecoder(tf.keras.Model):
     side = int(self.sam_config.prompt_encoder_config.image_size)
     slots = int(inputs["points"].shape[2])
     # Pass 1: the box, or the first point (the point's label becomes no token under a box).
-    first = tf.where(use_box[..., None] > 0, prompts_lib.NO_TOKEN, labels[..., :1])
+    first = tf.where(use_box[..., None] > 0, point_prompts.NO_TOKEN, labels[..., :1])
     labels = tf.concat([first, labels[..., 1:]], axis=-1)
     masks, iou = self._decode(embeddings, boxes, points, labels, use_box, None)
     all_masks, all_iou = [masks], [iou]
     for step in range(1, min(self.sub_iterations, slots)):
-      xy, label = prompts_lib.corrective_points(tf.stop_gradient(masks), target,
-                                                input_size=side, seed=tf.stack([seed, step]))
+      xy, label = point_prompts.corrective_points(tf.stop_gradient(masks), target,
+                                                  input_size=side, seed=tf.stack([seed, step]))
       one_hot = tf.one_hot(step, slots, dtype=tf.float32)[None, None, :]
       points = points * (1 - one_hot[..., None]) + xy[:, :, None] * one_hot[..., None]
       labels = tf.where(tf.equal(tf.range(slots)[None, None, :], step), label[..., None], labels)
