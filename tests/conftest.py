@@ -1,6 +1,7 @@
 """Shared test set-up: the tiny model, an isolated cache, the session's one tiny
-reference run, running a binary in this process, TFF's C++ worker for the tests that
-compare with it (`cpp_execution`), and ending that worker after each test file."""
+reference run, running a binary in this process, the local worker (TFF's C++
+`worker_binary`) for the tests that compare with it (`cpp_execution`), and ending it
+after each test file."""
 
 import contextlib
 import dataclasses
@@ -60,7 +61,7 @@ def _offline(monkeypatch, tmp_path):
 
 
 def pytest_unconfigure(config):
-  """Disarms TFF's worker finalizers in every pytest process, also pytest-xdist's
+  """Disarms the local workers' finalizers in every pytest process, also pytest-xdist's
   controller, which imports TFF but runs no test (its `ServiceManager.__del__` would
   print a traceback at exit)."""
   del config
@@ -72,12 +73,13 @@ def _tff_execution_for_the_session():
   """TFF's execution context as the binaries install it by default (`tf`: TFF's
   compiled rounds run by TensorFlow in this process, the path a GPU takes).
 
-  Its compiled computations are released after each test file; the C++ worker of the
+  Its compiled computations are released after each test file; the local worker of the
   tests that compare with it (`cpp_execution`) is ended after each file and at the end.
   """
-  # pytest-xdist's worker processes start with SIGINT ignored, and children inherit an
+  # pytest-xdist's test processes start with SIGINT ignored, and children inherit an
   # ignored signal: the binaries the tests start would ignore Ctrl-C, and neither
-  # KeyboardInterrupt nor TFF's SIGINT to its worker would work. Restore Python's handler.
+  # KeyboardInterrupt nor TFF's SIGINT to its local worker would work. Restore Python's
+  # handler.
   signal.signal(signal.SIGINT, signal.default_int_handler)
   execution.configure_tff_execution()
   yield
@@ -88,10 +90,10 @@ def _tff_execution_for_the_session():
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_execution_per_test_file():
   """After each test file: the `tf` context's compiled computations are closed and this
-  process's TFF C++ worker (if a test used one) is ended; the next use starts afresh.
+  process's local worker (if a test used one) is ended; the next use starts afresh.
 
-  TFF's worker keeps what every computation sent to it needs; one worker serving a
-  whole pytest process grew to about 10 GB and ran the 24 GB machine out of memory.
+  The local worker keeps what every computation sent to it needs; one serving a whole
+  pytest process grew to about 10 GB and ran the 24 GB machine out of memory.
   """
   yield
   execution.release_computations()
@@ -100,9 +102,10 @@ def _fresh_execution_per_test_file():
 
 @contextlib.contextmanager
 def cpp_execution(**kwargs):
-  """TFF's C++ worker as the TFF context for the body (`execution.build_context("cpp")`).
+  """TFF's local C++ context as the TFF context for the body
+  (`execution.build_context("cpp")`).
 
-  For the tests that check `tf` against it; its worker is ended afterwards.
+  For the tests that check `tf` against it; its local worker is ended afterwards.
   """
   with tff.framework.get_context_stack().install(
       execution.build_context(config_lib.CPP_EXECUTION, **kwargs)):

@@ -63,7 +63,7 @@ class WorkersLoop(TffLoop):
                clients: Sequence[str], *, context: Any, worker_contexts: Sequence[Any]):
     super().__init__(process, state, clients, context=context)
     self.worker_contexts = list(worker_contexts)
-    self.processes = {c.address: local_worker_process(c.address) for c in self.worker_contexts}
+    self.processes = {c.address: remote_worker_process(c.address) for c in self.worker_contexts}
     self.rounds: list[dict[str, Any]] = []
 
   def step(self, round_num: int) -> float:
@@ -82,8 +82,9 @@ class WorkersLoop(TffLoop):
     return seconds
 
 
-def local_worker_process(address: str) -> Any:
-  """The process on this machine listening on `address`'s port, or None."""
+def remote_worker_process(address: str) -> Any:
+  """The process of the remote worker at `address` when it runs on this machine (the
+  one listening on its port), else None."""
   host, port = config_lib.split_address(address)
   if host not in ("localhost", "127.0.0.1", "::1", socket.gethostname()):
     return None

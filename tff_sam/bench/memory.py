@@ -39,7 +39,7 @@ _CHILD_CODE = ("import sys; from tff_sam.bench import memory; "
 
 
 def _tree(pid: int) -> tuple[int, set[int]]:
-  """(summed RSS in bytes, pids of its TFF workers) of a process and its descendants.
+  """(summed RSS in bytes, pids of its local workers) of a process and its descendants.
 
   (0, empty) once the process is gone.
   """
@@ -62,8 +62,8 @@ def _tree(pid: int) -> tuple[int, set[int]]:
 def _end_tree(child: subprocess.Popen, timeout: float = 10.0) -> None:
   """Ends a child that is still running and every process under it.
 
-  SIGTERM first (the child reaps its TFF worker itself), then SIGKILL for whatever
-  is left, including a worker TFF restarted.
+  SIGTERM first (the child reaps its local worker itself), then SIGKILL for whatever
+  is left, including a local worker TFF restarted.
   """
   if child.poll() is not None:
     return
@@ -83,7 +83,7 @@ def _sample(child: subprocess.Popen, *, result_path: Path, interval: float
             ) -> tuple[list[tuple[float, int]], Optional[str]]:
   """(time, RSS) samples of the child's tree until it exits, and why it failed.
 
-  The failure is set (and sampling stops) when a TFF worker the child started dies
+  The failure is set (and sampling stops) when a local worker the child started dies
   before the child wrote its result.
   """
   samples, seen_workers = [], set()
@@ -102,7 +102,7 @@ def measure_memory_run(spec: dict[str, Any], *, interval: float, work_dir: Path,
                        log: Callable[[str], None]) -> dict[str, Any]:
   """Runs `memory_child_main(spec)` in a fresh Python and samples its tree's RSS.
 
-  If the child's TFF worker dies (out of memory) the child is ended and the run is
+  If the child's local worker dies (out of memory) the child is ended and the run is
   reported with `failed` set; its peak is then a lower bound.
 
   Returns:
@@ -155,8 +155,8 @@ def memory_child_main(spec_path: str) -> None:
 
   Holds only what a cached round needs (no image encoder): the task built from the
   architecture alone (TFF's random initial weights), its state and the clients'
-  datasets, streamed from the record files by TFF. The report is written before the
-  TFF worker is ended.
+  datasets, streamed from the record files by TFF. The report is written before its
+  local worker is ended.
   """
   spec = json.loads(Path(spec_path).read_text())
   t0 = time.time()
@@ -214,7 +214,7 @@ def measure_memory(*, bundle: sam_lib.SamBundle, records: Sequence[cache.Record]
   large one in subrounds of `memory_base_clients`.
 
   Raises:
-    errors.UserError: The small run's TFF worker died (out of memory).
+    errors.UserError: The small run's local worker died (out of memory).
   """
   manifest_dir = work_dir / "memory_manifests"
   clients = workload.write_client_manifests(manifest_dir, records, clients=config.memory_clients,

@@ -108,7 +108,7 @@ def build_remote_context(workers: Sequence[str], *,
   """TFF's mergeable-computation context over running remote workers (not installed).
 
   Each worker gets one TFF `AsyncExecutionContext` over a `RemoteExecutor`
-  (`workers.build_remote_contexts`); each computation is compiled to
+  (`remote_workers.build_remote_contexts`); each computation is compiled to
   `MergeableCompForm` and its clients are split into `max(num_subrounds,
   len(workers))` sub-rounds, run on the workers in parallel and merged. Every worker
   is first checked with a tiny computation.
@@ -116,7 +116,7 @@ def build_remote_context(workers: Sequence[str], *,
   Args:
     workers: `host:port` of each worker (`python -m tff_sam.experiments.worker`).
     timeout: Seconds a worker may stay unreachable before a computation raises
-      `workers.WorkerLost` (TFF alone would retry forever).
+      `remote_workers.WorkerLost` (TFF alone would retry forever).
     num_subrounds: At least this many sub-rounds (`--clients_per_subround`).
 
   Raises:

@@ -1,14 +1,14 @@
 """Progress inside a round: how far the sampled clients' local training has come.
 
-A round is one call into TFF's worker, which trains every sampled client; without
-help the Python process learns nothing until the round ends (minutes on a CPU). The
-training pipeline reports from inside the worker (`data.pipeline`,
-`PipelineSpec.progress_dir`): each time a client takes a batch it overwrites the file
-`<progress_dir>/<client>@<round>` with the number of batches taken. `RoundProgress`
-polls those files while a round runs and reports clients finished and images
-trained with the elapsed time: on a terminal as one line on stderr that updates in
-place (cleared before anything else is printed), elsewhere (a log file, a notebook)
-as one line per client that finishes.
+A round is one call into TFF's execution context (`tf`, or a local or remote worker),
+which trains every sampled client; without help the Python process learns nothing
+until the round ends (minutes on a CPU). The training pipeline reports from inside it
+(`data.pipeline`, `PipelineSpec.progress_dir`): each time a client takes a batch it
+overwrites the file `<progress_dir>/<client>@<round>` with the number of batches
+taken. `RoundProgress` polls those files while a round runs and reports clients
+finished and images trained with the elapsed time: on a terminal as one line on stderr
+that updates in place (cleared before anything else is printed), elsewhere (a log
+file, a notebook) as one line per client that finishes.
 """
 
 import sys
