@@ -1,7 +1,8 @@
 """The federated fine-tuning program: data -> cache -> TFF rounds -> evaluation -> export.
 
-The platform wiring of `program_logic.train_model`: files, data, the model and TFF's
-worker. No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
+The platform wiring of `program_logic.train_model`: the run's folder (`run_folder`),
+data, the model and where TFF runs (`federated.backends`), in phases (`_run_experiment`).
+No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
 `tff_sam.experiments.run` builds it from flags) and writes into `output_dir`:
 
 * `config.json`: the config;
@@ -214,6 +215,7 @@ class _Run:
 
   @property
   def cache_root(self) -> Path:
+    """The shared cache (`--cache_dir`, else the default)."""
     return (Path(self.config.cache_dir).expanduser() if self.config.cache_dir
             else fileio.default_cache_dir())
 
