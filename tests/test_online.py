@@ -156,7 +156,8 @@ def test_tff_model_lists_weights_in_the_eager_order(encoder):
     tff_weights = tff.learning.models.ModelWeights.from_model(model_fn())
   assert _shapes(tff_weights.trainable) == _shapes(eager.trainable_weights)
   assert _shapes(tff_weights.non_trainable) == _shapes(eager.non_trainable_weights)
-  assert not graph.image_encoder.trainable_weights
+  assert not any(layer.trainable for layer in graph.image_encoder.submodules
+                 if isinstance(layer, tf.keras.layers.Layer))
 
 
 @pytest.fixture(name="mobile_bundle", scope="module")
@@ -177,17 +178,18 @@ def test_online_mobile_sam_round(mobile_bundle, reference_data, tmp_path):
   cache_clients(reference_data, ("site_0",), bundle=mobile_bundle, tmp=tmp_path, online=True)
   config = config_lib.RunConfig(
       output_dir=str(tmp_path / "out"), model=config_lib.MOBILE_SAM_MODEL,
-      embedding_cache=False, prompts_per_image=2, batch_size=2, client_optimizer="sgd",
-      client_lr=0.5, seed=0)
+      embedding_cache=False, prompts_per_image=2, batch_size=2, seed=0)
   with tff.framework.get_context_stack().install(
       execution.build_context(config_lib.TF_EXECUTION)):
     task = tasks.build_task(config=config, bundle=mobile_bundle, client_ids=["site_0"],
                             manifest_dir=tmp_path / "clients")
     result = task.training_process.next(task.initial_state,
                                         [pipeline.round_client_id("site_0", 1)])
+    trainable, non_trainable = processes.weights_from_state(task.training_process,
+                                                            task.initial_state)
+    after, after_non_trainable = processes.weights_from_state(task.training_process,
+                                                              result.state)
     execution.release_computations()
-  trainable, non_trainable = processes.weights_from_state(task.training_process,
-                                                          task.initial_state)
   want_trainable, want_non_trainable = decoder_lib.model_weights_lists(task.model)
   assert _max_change(trainable, want_trainable) == 0.0
   assert _max_change(non_trainable, want_non_trainable) == 0.0
@@ -199,7 +201,5 @@ def test_online_mobile_sam_round(mobile_bundle, reference_data, tmp_path):
   assert _max_change([in_state[n] for n in pretrained], pretrained.values()) == 0.0
   train = result.metrics["client_work"]["train"]
   assert train["num_examples"] == 2 and np.isfinite(train["loss"])
-  after, after_non_trainable = processes.weights_from_state(task.training_process,
-                                                            result.state)
-  assert _max_change(after, trainable) > 1e-3  # The decoder moved,
+  assert _max_change(after, trainable) > 0.1 * config.client_lr  # The decoder moved,
   assert _max_change(after_non_trainable, non_trainable) == 0.0  # the encoder did not.
