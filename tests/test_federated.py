@@ -24,6 +24,8 @@ from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import sam as sam_lib
 
+from conftest import cpp_execution
+
 SITES = ("site_0", "site_1", "site_2")
 ROUNDS = 6
 CLIENT_LR = 1e-3  # Adam; learns steadily on this task (2e-3 does too, more noisily)
@@ -193,12 +195,16 @@ def test_poisoned_client_cannot_change_the_global_model(run):
 
 
 def _aggregate(factory, updates, weights):
+  """The aggregator alone on `updates`; under TFF's C++ worker, because a bare
+  aggregation process `(state, values, weights)` is not a round, the one shape the
+  default `tf` execution runs (the program's rounds run these aggregators under tf)."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   value_type = tff.TensorType(np.float32, [3])
   process = factory.create(value_type, tff.TensorType(np.float32))
-  out = process.next(process.initialize(), [np.asarray(u, np.float32) for u in updates],
-                     [np.float32(w) for w in weights])
+  with cpp_execution():
+    out = process.next(process.initialize(), [np.asarray(u, np.float32) for u in updates],
+                       [np.float32(w) for w in weights])
   return np.asarray(out.result), aggregation.aggregation_metrics(out.measurements)
 
 

@@ -24,6 +24,8 @@ from tff_sam.federated.backends import local_worker
 from tff_sam.federated.backends import remote_workers
 from tff_sam.federated.backends import tf_execution
 
+from conftest import cpp_execution
+
 
 @pytest.fixture(autouse=True)
 def _no_reaping(monkeypatch):
@@ -284,3 +286,20 @@ def test_sigusr1_prints_every_threads_stack_and_the_binary_goes_on():
   assert proc.stdout.strip() == "went on"
   assert "in where_it_waits" in proc.stderr, proc.stderr[-2000:]
   assert "in other_thread_waits" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_local_worker_ended_on_purpose_is_not_a_crash():
+  """`end_local_workers` under the watch (the benchmark ends its side executions' local
+  workers mid-run): no error, no interrupt."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  @tff.tensorflow.computation(np.int32)
+  def add_one(x):
+    return x + 1
+
+  with failures.user_errors({"section": "setup"}, interval=0.05):
+    with cpp_execution():
+      assert add_one(1) == 2  # A real local worker_binary runs it.
+      assert local_worker.end_local_workers() == 1
+      _wait_for_interrupt(1.0)  # The watch looks 20 times.

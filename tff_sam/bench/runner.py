@@ -84,6 +84,7 @@ from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.federated.backends import execution
 from tff_sam.federated.backends import failures
+from tff_sam.federated.backends import local_worker
 from tff_sam.federated.backends import remote_workers
 from tff_sam.federated.backends import tf_execution
 from tff_sam.federated.learning import tasks
@@ -306,6 +307,9 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   rounds = _rounds_section(run, loops)
   workers = _workers_result(run, loops, rounds)
   del loops
+  # The other executions' local workers end here, on purpose (under the watch); left to
+  # TFF's finalizers at garbage collection, they would look like crashed workers.
+  local_worker.end_local_workers()
   gc.collect()
   memory = _memory_section(run, bundle, records)
   throughput = _throughput_section(run, bundle, examples, pre, rounds)
@@ -551,6 +555,7 @@ def _mobile_sam_throughput(run: _Run, examples: Sequence[discovery.Example]
         task.training_process, task.initial_state, clients,
         context=execution.build_context(other))
   times = loops_lib.time_loops(loops, config.rounds, run.log)
+  local_worker.end_local_workers()  # On purpose, under the watch (see `_run_sections`).
   timed = times[name]
   examples_per_round = timed["examples_per_round"]
   executions = {e: times[_loop_name(name, e, config)]["mean_s"] for e in config.executions}

@@ -174,6 +174,10 @@ def _service_managers() -> list:
           and type(o).__module__.endswith("executor_stacks.executor_factory")]
 
 
+# Pids of local workers `end_local_workers` ended: `LocalWorkerWatch` ignores them.
+_ENDED_ON_PURPOSE: set[int] = set()
+
+
 def end_local_workers(timeout: float = 5.0) -> int:
   """Ends the local workers of TFF's local contexts now and disarms their finalizers.
 
@@ -193,6 +197,7 @@ def end_local_workers(timeout: float = 5.0) -> int:
     type(manager).__del__ = lambda self: None
     process = getattr(manager, "_process", None)
     if isinstance(process, subprocess.Popen):
+      _ENDED_ON_PURPOSE.add(process.pid)  # Not a crash for a running watch.
       ended += runtime.stop_process(process, timeout=timeout)
       manager._process = None  # pylint: disable=protected-access
       manager._stub = None  # pylint: disable=protected-access
@@ -281,7 +286,7 @@ class LocalWorkerWatch:
       current, ended_now = self._workers()
       # Also a worker that ended before any look saw it alive (a start-up failure):
       # TFF then waits for it to answer, forever.
-      ended = (seen - current) | (ended_now - earlier)
+      ended = ((seen - current) | (ended_now - earlier)) - _ENDED_ON_PURPOSE
       crashed = sorted(pid for pid in ended if not self._stopped_by_user(pid))
       if crashed:
         self.dead.extend((pid, self._how_ended(pid)) for pid in crashed)
