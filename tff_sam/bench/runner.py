@@ -306,10 +306,10 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   loops, comm = _process_section(run, bundle, records, image_records, params)
   rounds = _rounds_section(run, loops)
   workers = _workers_result(run, loops, rounds)
-  del loops
-  # The other executions' local workers end here, on purpose (under the watch); left to
-  # TFF's finalizers at garbage collection, they would look like crashed workers.
+  # The other executions' local workers end here, on purpose (under the watch), before
+  # their contexts go: TFF's finalizers would end them too, and look like a crash.
   local_worker.end_local_workers()
+  del loops
   gc.collect()
   memory = _memory_section(run, bundle, records)
   throughput = _throughput_section(run, bundle, examples, pre, rounds)
