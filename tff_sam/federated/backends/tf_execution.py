@@ -22,9 +22,11 @@ its id inside the graph, as TFF's worker does; no dataset is serialized.
 With several devices (`devices=["/GPU:0", "/GPU:1"]`), a round's clients are spread
 over them round-robin, each device accumulating its own clients one at a time, and
 the partial aggregates are merged in device order. Memory therefore does not grow
-with the clients per round. A computation this context cannot run (a secure-sum
-intrinsic, another shape of federated computation) raises `errors.ConfigError`
-naming `--execution` when it is first compiled (`compile`), before it runs.
+with the clients per round. Secure sums run as TFF's simulation bodies
+(`with_secure_sum_bodies`), as under the C++ worker. A computation this context
+cannot run (another shape of federated computation, e.g. a bare aggregation process)
+raises `errors.ConfigError` naming `--execution` when it is first compiled
+(`compile`), before it runs.
 """
 
 import concurrent.futures
