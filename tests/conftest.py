@@ -5,6 +5,7 @@ after each test file."""
 
 import contextlib
 import dataclasses
+import faulthandler
 import importlib
 import os
 import signal
@@ -22,6 +23,7 @@ import tensorflow_federated as tff
 import transformers.utils.hub
 from absl import flags
 from absl.testing import flagsaver
+from xdist.scheduler import LoadFileScheduling
 
 from tff_sam import config as config_lib
 from tff_sam import registry
@@ -47,6 +49,32 @@ REPO = Path(__file__).resolve().parents[1]
 CROSS_RUNTIME_RTOL = 1e-5
 
 
+# A test still running after this many seconds is stuck: its process prints every
+# thread's stack to the console and exits, so pytest-xdist reports that test as failed,
+# starts a fresh process and goes on (a hang would otherwise last until CI's own limit).
+TEST_HARD_LIMIT_S = 900
+
+
+@pytest.fixture(name="_console", scope="session")
+def _console_stream(pytestconfig):
+  """The console's stderr as it was before pytest captured it (the stacks must reach
+  the CI log, not a capture file the exiting process drops)."""
+  capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+  fd = 2
+  with contextlib.suppress(AttributeError):
+    fd = capture._global_capturing.err.targetfd_save  # pylint: disable=protected-access
+  with os.fdopen(os.dup(fd), "w") as stream:
+    yield stream
+
+
+@pytest.fixture(autouse=True)
+def _hard_limit_per_test(_console):
+  """Ends a stuck test's process after `TEST_HARD_LIMIT_S`, printing all stacks first."""
+  faulthandler.dump_traceback_later(TEST_HARD_LIMIT_S, exit=True, file=_console)
+  yield
+  faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.fixture(name="bundle", scope="session")
 def _tiny_bundle():
   """The random-init tiny SAM (deterministic, so one instance serves every test)."""
@@ -67,6 +95,38 @@ def _offline(monkeypatch, tmp_path):
   monkeypatch.setattr(transformers.utils.hub, "_is_offline_mode", True)
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
   monkeypatch.setenv("TFF_SAM_CACHE", str(tmp_path / "cache"))
+
+
+class _LoadFileNoRerun(LoadFileScheduling):
+  """pytest-xdist's `--dist loadfile`, except that a test whose process crashed (or was
+  ended by `TEST_HARD_LIMIT_S`) is reported once and not run again.
+
+  xdist's own scheduler puts the crashed test back in the queue with the rest of its
+  file, so a test that crashes its process runs again in every restarted one (8 times
+  with `-n 2`): in CI that turned one crash into a run that hit the 90-minute limit.
+  """
+
+  def remove_node(self, node):  # Same as xdist 3.8's, but the crashed test is done.
+    workload = self.assigned_work.pop(node)
+    if not self._pending_of(workload):
+      return None
+    crashed = next(nodeid for unit in workload.values()
+                   for nodeid, done in unit.items() if not done)
+    for unit in workload.values():
+      if crashed in unit:
+        unit[crashed] = True
+    self.workqueue.update(
+        {scope: unit for scope, unit in workload.items() if not all(unit.values())})
+    for other in self.assigned_work:
+      self._reschedule(other)
+    return crashed
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadfile` without re-running a crashed test (`_LoadFileNoRerun`)."""
+  if config.getvalue("dist") == "loadfile":
+    return _LoadFileNoRerun(config, log)
+  return None
 
 
 def pytest_unconfigure(config):
