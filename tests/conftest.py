@@ -122,6 +122,7 @@ class _LoadFileNoRerun(LoadFileScheduling):
     return crashed
 
 
+@pytest.hookimpl(optionalhook=True)  # Unknown without pytest-xdist (`-p no:xdist`).
 def pytest_xdist_make_scheduler(config, log):
   """`--dist loadfile` without re-running a crashed test (`_LoadFileNoRerun`)."""
   if config.getvalue("dist") == "loadfile":

@@ -1,5 +1,6 @@
-"""The benchmark binary: a smoke run at the smallest sizes (that it works, not that it is
-fast), and one-line errors for bad flags."""
+"""The benchmark binary at the smallest sizes (that it works, not that it is fast):
+sections rounds, bytes and adapters here, memory in `test_bench_memory.py` (a file of
+its own, so the two runs go to both pytest processes); one-line errors for bad flags."""
 
 import json
 import math
@@ -32,72 +33,97 @@ def _positive(value) -> bool:
 
 
 @pytest.mark.slow
-def test_bench_smoke_run_writes_table_and_json(tmp_path, namespace):
-  """Every section, section 7 on two TFF workers in a private network namespace."""
+def test_bench_rounds_bytes_and_adapters(tmp_path, namespace):
+  """Sections rounds (1, 2, 5, 6; 7 on two TFF workers in a private network namespace),
+  bytes (4) and adapters (8), under tf and cpp; no memory section."""
   out = tmp_path / "bench"
   first, second = Worker(namespace, tmp_path / "w1.log"), Worker(namespace, tmp_path / "w2.log")
   proc = _run_bench([f"--output_dir={out}", "--arch=tiny", "--clients=2",
                      "--examples_per_client=2", f"--rounds={ROUNDS}", "--image_size=96",
-                     "--memory_clients=4", "--memory_base_clients=2", "--nomobile_sam",
+                     "--nomobile_sam", "--sections=rounds,bytes,adapters",
                      f"--workers={first.address},{second.address}"],
-                    # 6 minutes alone on a slower 2-core host without section 7, over
-                    # 15 beside the suite's other process: a limit, not a speed check.
-                    tmp_path, timeout=2400, namespace=namespace)
+                    # A limit, not a speed check.
+                    tmp_path, timeout=1200, namespace=namespace)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
 
   # Progress lines as it goes, then the table.
-  for line in ("[1/5] embedding precompute", "[1-2/5] federated rounds", "[3/5] memory"):
+  for line in ("[1/5] embedding precompute", "[1-2/5] federated rounds"):
     assert line in proc.stdout, proc.stdout[-3000:]
+  assert "[3/5] memory" not in proc.stdout
   table = proc.stdout[proc.stdout.index("tff_sam benchmark:"):]
   for row in ("1 cache speed-up", "embedding precompute", "2 TFF overhead",
-              "3 memory 4 vs 2 clients", "4 bytes/client/round", "full-model fine-tuning",
+              "4 bytes/client/round", "full-model fine-tuning",
               "5 throughput, tiny", "5 throughput, mobile_sam", "6 execution tf",
-              "  execution cpp", "tf / cpp cached round time", "tf memory 4 vs 2 clients"):
+              "  execution cpp", "tf / cpp cached round time"):
     assert row in table, table
+  assert "3 memory" not in table and "tf memory" not in table
 
   result = json.loads((out / "bench.json").read_text())
-  for key in ("cache_speedup", "tff_overhead", "memory_ratio_64_vs_4",
-              "memory_ratio_64_vs_4_subrounds"):
+  for key in ("cache_speedup", "tff_overhead"):
     assert isinstance(result[key], float) and _positive(result[key]), (key, result[key])
-  runs = result["memory"]["runs"]
-  for key, run in (("memory_ratio_64_vs_4", "large"),
-                   ("memory_ratio_64_vs_4_subrounds", "large_subrounds")):
-    assert result[key] == pytest.approx(runs[run]["peak_rss_bytes"]
-                                        / runs["small"]["peak_rss_bytes"])
-  assert {n: r["participants"] for n, r in runs.items()} == {
-      "small": 2, "large": 4, "large_sampled": 2, "large_subrounds": 4}
-  assert result["memory"]["subrounds"] == 2
-  assert "all 4 in 2 subrounds" in table
-
-  # Bytes: 4 x the parameter counts, and decoder-only < online < full model.
-  comm = result["bytes_per_client_round"]
-  params = comm["parameters"]
-  assert params["total"] == params["image_encoder"] + params["prompt_decoder"]
-  assert 0 < params["trainable"] <= params["prompt_decoder"] < params["total"]
-  cached, online, full = comm["cached"], comm["online"], comm["full_model"]
-  assert cached["upload_update"] == online["upload_update"] == 4 * params["trainable"]
-  assert cached["broadcast_model"] == 4 * params["prompt_decoder"]
-  assert online["broadcast_model"] == 4 * params["total"]
-  assert full["broadcast_model"] == full["upload_update"] == 4 * params["total"]
-  for mode in (cached, online, full):
-    assert mode["broadcast"] == mode["broadcast_model"] + mode["broadcast_other"]
-    assert mode["upload"] == mode["upload_update"] + mode["upload_other"]
-    assert mode["total"] == mode["broadcast"] + mode["upload"]
-    # Weight + metrics + robust aggregation scalars: small next to the model.
-    assert 0 < mode["upload_other"] < 1024 and 0 <= mode["broadcast_other"] < 1024
-  assert cached["upload"] < online["broadcast"] <= full["broadcast"]
-  assert cached["total"] < online["total"] < full["total"]
-  _check_lora_bytes(result)
+  assert "memory" not in result and "memory_ratio_64_vs_4" not in result
+  assert result["memory_ratio_64_vs_4_tf"] is None
+  _check_bytes(result, online=True)
+  assert result["goals"]["lora_bytes_ratio"]["applicable"] is True  # Rank 4.
 
   # Raw timings, throughput, machine, goals computed from the values.
   rounds = result["timings"]["rounds"]
   assert set(rounds) == {"cached TFF", "plain tf.function", "cached TFF, dataset_reduce",
                          "online TFF", "cached TFF, cpp execution",  # No GPU: no online cpp.
                          "cached TFF, 1 worker", "cached TFF, 2 workers"}
-  # Section 7: one client per worker, both workers computed in every timed round.
+  _check_workers(result, rounds, [first.address, second.address], table)
+  # Section 6: tf (the installed execution, the default) and cpp side by side.
+  executions = result["executions"]
+  assert list(executions) == ["tf", "cpp"]
+  assert executions["tf"]["cached_round_s"] == rounds["cached TFF"]["mean_s"]
+  assert executions["cpp"]["cached_round_s"] == rounds["cached TFF, cpp execution"]["mean_s"]
+  assert "memory_ratio_64_vs_4" not in executions["tf"]
+  assert result["tf_vs_cpp_round_time"] == pytest.approx(
+      executions["tf"]["cached_round_s"] / executions["cpp"]["cached_round_s"])
+  assert result["machine"]["gpus"] == []
+  compared = result["overhead"]["compared"]
+  assert compared["loop_implementation"] == "dataset_reduce"
+  assert _positive(compared["tff_overhead"])
+  for loop in rounds.values():
+    assert len(loop["round_s"]) == ROUNDS and all(_positive(s) for s in loop["round_s"])
+    assert _positive(loop["warmup_s"]) and loop["examples_per_round"] == 4
+  assert _positive(result["timings"]["precompute"]["precompute_s"])
+  tiny = result["throughput"]["tiny"]
+  for key in ("decoder_examples_per_s", "decoder_prompts_per_s", "precompute_images_per_s",
+              "encoder_images_per_s"):
+    assert _positive(tiny[key]), key
+  assert "skipped" in result["throughput"]["mobile_sam"]
+  _check_adapter_cache(result, table, arch="tiny")
+  assert "skipped" in result["adapter_cache"]["mobile_sam"]
+  assert result["machine"]["cores"] == os.cpu_count() and _positive(result["machine"]["ram_bytes"])
+  assert result["config"]["arch"] == "tiny"
+  _check_goals(result)
+  assert result["goals"]["cache_speedup"]["applicable"] is False  # tiny, not ViT-B
+  assert result["goals"]["tf_vs_cpp_round_time"]["applicable"] is True  # CPU, both ran
+  assert result["goals"]["tf_vs_cpp_round_time_gpu"]["applicable"] is False
+  assert result["goals"]["memory_ratio_64_vs_4"]["value"] is None  # Not run.
+  assert not (out / "work").exists()
+
+
+def _check_goals(result) -> None:
+  """Each goal with a value: computed from it; without: not met, not applicable."""
+  for key, goal in result["goals"].items():
+    value = result.get(key.removesuffix("_gpu"))
+    assert goal["value"] == value
+    if value is None:
+      assert not goal["met"] and not goal["applicable"], key
+      continue
+    expected = value >= goal["threshold"] if goal["goal"].startswith(">=") else (
+        value <= goal["threshold"])
+    assert goal["met"] == expected, key
+
+
+def _check_workers(result, rounds, addresses, table: str) -> None:
+  """Section 7: one client per worker, both workers computed in every timed round."""
+  comm = result["bytes_per_client_round"]
   workers = result["workers"]
-  assert workers["workers"] == [first.address, second.address]
+  assert workers["workers"] == addresses
   assert set(workers["runs"]) == {"1", "2"}
   for n, run in workers["runs"].items():
     timed = rounds[f"cached TFF, {n} worker{'s' if n == '2' else ''}"]
@@ -116,45 +142,35 @@ def test_bench_smoke_run_writes_table_and_json(tmp_path, namespace):
   assert workers["speedup"] == pytest.approx(workers["runs"]["1"]["round_s"]
                                              / workers["runs"]["2"]["round_s"])
   assert "7 workers: 1" in table and "1 worker / all workers" in table
-  # Section 6: tf (the installed execution, the default) and cpp side by side.
-  executions = result["executions"]
-  assert list(executions) == ["tf", "cpp"]
-  assert executions["tf"]["cached_round_s"] == rounds["cached TFF"]["mean_s"]
-  assert executions["cpp"]["cached_round_s"] == rounds["cached TFF, cpp execution"]["mean_s"]
-  assert result["tf_vs_cpp_round_time"] == pytest.approx(
-      executions["tf"]["cached_round_s"] / executions["cpp"]["cached_round_s"])
-  cpp_runs = result["memory"]["executions"]["cpp"]["runs"]
-  assert {n: r["participants"] for n, r in cpp_runs.items()} == {"small": 2, "large": 4}
-  assert result["memory_ratio_64_vs_4_tf"] == pytest.approx(result["memory_ratio_64_vs_4"])
-  assert executions["cpp"]["memory_ratio_64_vs_4"] == pytest.approx(
-      cpp_runs["large"]["peak_rss_bytes"] / cpp_runs["small"]["peak_rss_bytes"])
-  assert result["machine"]["gpus"] == []
-  compared = result["overhead"]["compared"]
-  assert compared["loop_implementation"] == "dataset_reduce"
-  assert _positive(compared["tff_overhead"])
-  for loop in rounds.values():
-    assert len(loop["round_s"]) == ROUNDS and all(_positive(s) for s in loop["round_s"])
-    assert _positive(loop["warmup_s"]) and loop["examples_per_round"] == 4
-  assert _positive(result["timings"]["precompute"]["precompute_s"])
-  tiny = result["throughput"]["tiny"]
-  for key in ("decoder_examples_per_s", "decoder_prompts_per_s", "precompute_images_per_s",
-              "encoder_images_per_s"):
-    assert _positive(tiny[key]), key
-  assert "skipped" in result["throughput"]["mobile_sam"]
-  _check_adapter_cache(result, table, arch="tiny")
-  assert "skipped" in result["adapter_cache"]["mobile_sam"]
-  assert result["machine"]["cores"] == os.cpu_count() and _positive(result["machine"]["ram_bytes"])
-  assert result["config"]["arch"] == "tiny"
-  for key, goal in result["goals"].items():
-    value = result[key.removesuffix("_gpu")]
-    assert goal["value"] == value
-    expected = value >= goal["threshold"] if goal["goal"].startswith(">=") else (
-        value <= goal["threshold"])
-    assert goal["met"] == expected, key
-  assert result["goals"]["cache_speedup"]["applicable"] is False  # tiny, not ViT-B
-  assert result["goals"]["tf_vs_cpp_round_time"]["applicable"] is True  # CPU, both ran
-  assert result["goals"]["tf_vs_cpp_round_time_gpu"]["applicable"] is False
-  assert not (out / "work").exists()
+
+
+def _check_bytes(result, *, online: bool) -> None:
+  """Section 4: 4 x the parameter counts, and decoder-only < online < full model."""
+  comm = result["bytes_per_client_round"]
+  params = comm["parameters"]
+  assert params["total"] == params["image_encoder"] + params["prompt_decoder"]
+  assert 0 < params["trainable"] <= params["prompt_decoder"] < params["total"]
+  cached, full = comm["cached"], comm["full_model"]
+  assert cached["upload_update"] == 4 * params["trainable"]
+  assert cached["broadcast_model"] == 4 * params["prompt_decoder"]
+  assert full["broadcast_model"] == full["upload_update"] == 4 * params["total"]
+  modes = [cached, full]
+  if online:
+    on = comm["online"]
+    assert on["upload_update"] == cached["upload_update"]
+    assert on["broadcast_model"] == 4 * params["total"]
+    assert cached["upload"] < on["broadcast"] <= full["broadcast"]
+    assert cached["total"] < on["total"] < full["total"]
+    modes.append(on)
+  else:
+    assert "online" not in comm
+  for mode in modes:
+    assert mode["broadcast"] == mode["broadcast_model"] + mode["broadcast_other"]
+    assert mode["upload"] == mode["upload_update"] + mode["upload_other"]
+    assert mode["total"] == mode["broadcast"] + mode["upload"]
+    # Weight + metrics + robust aggregation scalars: small next to the model.
+    assert 0 < mode["upload_other"] < 1024 and 0 <= mode["broadcast_other"] < 1024
+  _check_lora_bytes(result)
 
 
 def _check_lora_bytes(result) -> None:
@@ -166,7 +182,6 @@ def _check_lora_bytes(result) -> None:
   assert adapters % 4 == 0 and adapters < cached["upload_update"]
   assert lora_mode["total"] == lora_mode["broadcast"] + lora_mode["upload"]
   assert result["lora_bytes_ratio"] == pytest.approx(lora_mode["total"] / cached["total"])
-  assert result["goals"]["lora_bytes_ratio"]["applicable"] is True  # Rank 4.
   # Compressed uploads: smaller uploads of the update, the same downloads.
   int8, int4 = comm["int8"], comm["int4"]
   assert int4["upload_update"] < int8["upload_update"] < cached["upload_update"] / 3
@@ -184,28 +199,6 @@ def _check_adapter_cache(result, table: str, *, arch: str) -> None:
   assert f"8 LoRA feature cache, {arch}" in table
 
 
-@pytest.mark.slow
-def test_bench_adapters_only(tmp_path):
-  """`--adapters_only`: sections 4 and 8 alone."""
-  out = tmp_path / "bench"
-  proc = _run_bench([f"--output_dir={out}", "--arch=tiny", "--clients=1", f"--rounds={ROUNDS}",
-                     "--nomobile_sam", "--adapters_only", "--lora_rank=2"], tmp_path,
-                    timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  table = proc.stdout[proc.stdout.index("tff_sam benchmark:"):]
-  assert "LoRA r2 + decoder" in table and "1 cache speed-up" not in table
-  assert "decoder, int8 uploads" in table and "decoder, int4 uploads" in table
-  result = json.loads((out / "bench.json").read_text())
-  assert "timings" in result and "rounds" not in result["timings"]
-  assert result["goals"]["lora_bytes_ratio"]["applicable"] is False  # Rank 2, not the goal's 4.
-  assert not any(g["applicable"] for g in result["goals"].values())
-  comm = result["bytes_per_client_round"]
-  adapters = comm["lora"]["upload_update"] - comm["cached"]["upload_update"]
-  # Rank 2 on qkv of the tiny ViT's 2 blocks: (32 x 2 + 2 x 96) floats each.
-  assert adapters == 4 * 2 * (32 * 2 + 2 * 96)
-  _check_adapter_cache(result, table, arch="tiny")
-
-
 @pytest.mark.parametrize("args,expected", [
     (["--rounds=1"], "--rounds: must be >= 2"),
     (["--memory_clients=2", "--memory_base_clients=4"], "--memory_clients: must be >"),
@@ -215,6 +208,10 @@ def test_bench_adapters_only(tmp_path):
      "got cpp,gpu"),
     (["--execution=tf,tf"], "--execution: must list distinct"),
     (["--lora_rank=0"], "--lora_rank: must be >= 1"),
+    (["--sections=rounds,speed"], "--sections: must list distinct sections of ('rounds', "
+     "'memory', 'bytes', 'adapters'), got rounds,speed"),
+    (["--sections=memory", "--workers=localhost:1"], "--workers: are timed in the rounds "
+     "section; add it to --sections"),
 ])
 def test_bench_bad_flag_is_one_error_line(tmp_path, run_binary, args, expected):
   result = run_binary("bench", f"--output_dir={tmp_path / 'o'}", "--arch=tiny", *args)

@@ -90,6 +90,13 @@ EXECUTIONS = (CPP_EXECUTION, TF_EXECUTION)
 # random-init SAM, MobileSAM's real weights.
 VIT_B_ARCH = "vit_b"
 ARCHS = (VIT_B_ARCH, TINY_MODEL, MOBILE_SAM_MODEL)
+# The benchmark's sections (`--sections`): `rounds` = sections 1, 2, 5, 6 and 7 (the
+# timed rounds and what is read off them), `memory` = 3, `bytes` = 4, `adapters` = 8.
+ROUNDS_SECTION = "rounds"
+MEMORY_SECTION = "memory"
+BYTES_SECTION = "bytes"
+ADAPTERS_SECTION = "adapters"
+BENCH_SECTIONS = (ROUNDS_SECTION, MEMORY_SECTION, BYTES_SECTION, ADAPTERS_SECTION)
 # Export formats (`python -m tff_sam.experiments.export --format`); a run's `model/`
 # already holds transformers' TF and PyTorch layouts.
 SAM_CHECKPOINT_FORMAT = "sam_checkpoint"
@@ -442,10 +449,9 @@ class BenchConfig:
       the first alone vs on all of them (empty: no section 7).
     lora_rank: Rank of the LoRA adapters (on `qkv`) of section 4's LoRA + decoder
       process and section 8's training steps.
-    adapters_only: Run only what concerns `--adapter=lora`: section 4 (bytes of the
-      decoder-only, LoRA + decoder and full-model processes) and section 8 (a LoRA
-      step from pixels vs from cached features), e.g. at ViT-B size, whose online
-      round does not fit 24 GiB.
+    sections: The sections to run (`BENCH_SECTIONS`), e.g. (`bytes`, `adapters`) for
+      what concerns `--adapter=lora` alone at ViT-B size, whose online round does not
+      fit 24 GiB.
     seed: Seed of the synthetic images and the prompts.
     keep_work: Keep the work folder (images, records, manifests) after the run.
   """
@@ -476,7 +482,7 @@ class BenchConfig:
   loop_implementation: str = "program"
   workers: tuple[str, ...] = ()
   lora_rank: int = 4
-  adapters_only: bool = False
+  sections: tuple[str, ...] = BENCH_SECTIONS
   seed: int = 0
   keep_work: bool = False
 
@@ -508,6 +514,12 @@ class BenchConfig:
                    f"must list distinct executions of {EXECUTIONS}, got "
                    f"{','.join(self.executions) or 'nothing'}")
     validate_workers(self.workers)
+    errors.require(bool(self.sections) and len(set(self.sections)) == len(self.sections)
+                   and all(s in BENCH_SECTIONS for s in self.sections), "sections",
+                   f"must list distinct sections of {BENCH_SECTIONS}, got "
+                   f"{','.join(self.sections) or 'nothing'}")
+    errors.require(not self.workers or ROUNDS_SECTION in self.sections, "workers",
+                   f"are timed in the {ROUNDS_SECTION} section; add it to --sections")
     errors.require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
     errors.require(self.loop_implementation in LOOP_IMPLEMENTATIONS, "loop_implementation",
                    f"must be one of {LOOP_IMPLEMENTATIONS}, got {self.loop_implementation!r}")

@@ -31,7 +31,8 @@ def goal_verdicts(result: dict[str, Any], config: config_lib.BenchConfig
 
   The cache speed-up goal applies to ViT-B only, the memory goals to 64 vs 4 clients,
   the tf-vs-cpp goals when both executions ran (the GPU one on a GPU at ViT-B size,
-  the other on the CPU). A goal without a value is not met and does not apply.
+  the other on the CPU). A goal without a value (its section did not run) is not met
+  and does not apply.
   """
   on_gpu = bool(result["machine"].get("gpus"))
   both = result.get("tf_vs_cpp_round_time") is not None
@@ -45,9 +46,6 @@ def goal_verdicts(result: dict[str, Any], config: config_lib.BenchConfig
       "int8_upload_mb": config.arch != config_lib.TINY_MODEL,
   }
   applicable["memory_ratio_64_vs_4_subrounds"] = applicable["memory_ratio_64_vs_4"]
-  if config.adapters_only:  # Only sections 4 and 8 ran.
-    applicable = {k: k in ("lora_bytes_ratio", "int8_upload_mb") and v
-                  for k, v in applicable.items()}
   applicable["memory_ratio_64_vs_4_tf"] = (applicable["memory_ratio_64_vs_4"]
                                            and result.get("memory_ratio_64_vs_4_tf") is not None)
   out = {}
@@ -178,27 +176,31 @@ def _execution_rows(result: dict[str, Any]) -> list[Row]:
   """Section 6: the cached round, decoder images/s and memory per execution."""
   goals, rows = result["goals"], []
   for i, (name, e) in enumerate(result.get("executions", {}).items()):
-    online = "" if e["online_round_s"] is None else f", online {e['online_round_s']:.2f} s"
-    rows.append((f"6 execution {name}" if i == 0 else f"  execution {name}",
-                 f"cached round {e['cached_round_s']:.3f} s ({e['decoder_examples_per_s']:.2f} "
-                 f"images/s){online}",
-                 f"memory {result['config']['memory_clients']} vs "
-                 f"{result['config']['memory_base_clients']}: {e['memory_ratio_64_vs_4']:.2f}x"))
+    timed = "not timed"
+    if "cached_round_s" in e:
+      online = "" if e["online_round_s"] is None else f", online {e['online_round_s']:.2f} s"
+      timed = (f"cached round {e['cached_round_s']:.3f} s "
+               f"({e['decoder_examples_per_s']:.2f} images/s){online}")
+    memory = ("" if "memory_ratio_64_vs_4" not in e else
+              f"memory {result['config']['memory_clients']} vs "
+              f"{result['config']['memory_base_clients']}: {e['memory_ratio_64_vs_4']:.2f}x")
+    rows.append((f"6 execution {name}" if i == 0 else f"  execution {name}", timed, memory))
   if result.get("tf_vs_cpp_round_time") is not None:
     gpu = goals["tf_vs_cpp_round_time_gpu"]["applicable"]
     key = "tf_vs_cpp_round_time_gpu" if gpu else "tf_vs_cpp_round_time"
     rows.append(("  tf / cpp cached round time", f"{result['tf_vs_cpp_round_time']:.2f}x",
                  _goal(goals, key)))
-    by_execution = result["throughput"].get(config_lib.MOBILE_SAM_MODEL, {}).get(
+    by_execution = result.get("throughput", {}).get(config_lib.MOBILE_SAM_MODEL, {}).get(
         "cached_round_s_by_execution", {})
     if {"cpp", "tf"} <= set(by_execution):
       rows.append(("  mobile_sam cached round", f"tf {by_execution['tf']:.3f} s vs cpp "
                    f"{by_execution['cpp']:.3f} s: {by_execution['tf'] / by_execution['cpp']:.2f}x",
                    "(real decoder weights)"))
-    if result.get("memory_ratio_64_vs_4_tf") is not None:
-      rows.append((f"  tf memory {result['config']['memory_clients']} vs "
-                   f"{result['config']['memory_base_clients']} clients", f"{result['memory_ratio_64_vs_4_tf']:.2f}x",
-                   _goal(goals, "memory_ratio_64_vs_4_tf")))
+  if result.get("memory_ratio_64_vs_4_tf") is not None:
+    cfg = result["config"]
+    rows.append((f"  tf memory {cfg['memory_clients']} vs {cfg['memory_base_clients']} "
+                 f"clients", f"{result['memory_ratio_64_vs_4_tf']:.2f}x",
+                 _goal(goals, "memory_ratio_64_vs_4_tf")))
   return rows
 
 
@@ -224,12 +226,13 @@ def _worker_rows(result: dict[str, Any]) -> list[Row]:
 def format_table(result: dict[str, Any]) -> str:
   """The human-readable summary of a `run_benchmark` result."""
   cfg, params = result["config"], result["model"]["parameters"]
-  if cfg.get("adapters_only"):
-    rows = _communication_rows(result) + _adapter_rows(result)
-  else:
-    rows = (_speed_rows(result) + _memory_rows(result) + _communication_rows(result)
-            + _throughput_rows(result) + _execution_rows(result) + _worker_rows(result)
-            + _adapter_rows(result))
+  rows = []
+  for key, row_fn in (("cache_speedup", _speed_rows), ("memory", _memory_rows),
+                      ("bytes_per_client_round", _communication_rows),
+                      ("throughput", _throughput_rows), ("executions", _execution_rows),
+                      ("workers", _worker_rows), ("adapter_cache", _adapter_rows)):
+    if result.get(key):
+      rows += row_fn(result)
   widths = [max(len(r[i]) for r in rows) for i in range(3)]
   head = (f"tff_sam benchmark: {result['model']['name']}, {params['total'] / 1e6:.1f} M "
           f"parameters; {cfg['clients']} clients x {cfg['examples_per_client']} images, "

@@ -39,7 +39,9 @@ into a fresh work folder (so every embedding is really computed):
    cached features where the first adapted stage starts (`adapters`), for `arch` and
    MobileSAM.
 
-`adapters_only` runs sections 4 and 8 alone (no rounds are timed).
+`config.sections` chooses what runs: `rounds` (sections 1, 2, 5, 6 and 7), `memory`
+(3), `bytes` (4) and `adapters` (8); section 6 reports what ran of `rounds` and
+`memory`.
 
 Wall times exclude the first (tracing) round of every loop and average
 `config.rounds` timed rounds, interleaved round by round across the loops. Every TFF
@@ -168,18 +170,23 @@ def _loop_name(base: str, execution_name: str, config: config_lib.BenchConfig) -
   return base if execution_name == config.executions[0] else f"{base}, {execution_name} execution"
 
 
-def _executions_result(run: _Run, rounds: dict[str, dict[str, Any]],
-                       memory: dict[str, Any]) -> dict[str, Any]:
-  """Section 6: each execution's cached round, decoder images/s and memory ratio."""
+def _executions_result(run: _Run, rounds: Optional[dict[str, dict[str, Any]]],
+                       memory: Optional[dict[str, Any]]) -> dict[str, Any]:
+  """Section 6: each execution's cached round and decoder images/s (with `rounds`) and
+  its memory ratio (with `memory`)."""
   out = {}
   for i, name in enumerate(run.config.executions):
-    cached = rounds[_loop_name("cached TFF", name, run.config)]
-    online = rounds.get(_loop_name("online TFF", name, run.config))
-    ratio = memory["ratio"] if i == 0 else memory["executions"][name]["ratio"]
-    out[name] = {"cached_round_s": cached["mean_s"],
-                 "decoder_examples_per_s": cached["examples_per_round"] / cached["mean_s"],
-                 "online_round_s": None if online is None else online["mean_s"],
-                 "memory_ratio_64_vs_4": ratio}
+    row = {}
+    if rounds is not None:
+      cached = rounds[_loop_name("cached TFF", name, run.config)]
+      online = rounds.get(_loop_name("online TFF", name, run.config))
+      row.update(cached_round_s=cached["mean_s"],
+                 decoder_examples_per_s=cached["examples_per_round"] / cached["mean_s"],
+                 online_round_s=None if online is None else online["mean_s"])
+    if memory is not None:
+      row["memory_ratio_64_vs_4"] = (memory["ratio"] if i == 0
+                                     else memory["executions"][name]["ratio"])
+    out[name] = row
   return out
 
 
@@ -273,70 +280,84 @@ def _adapter_section(run: _Run, bundle: sam_lib.SamBundle) -> dict[str, Any]:
   return out
 
 
-def _run_adapter_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
-  """`adapters_only`: sections 4 and 8; returns the result."""
+def _bytes_alone(run: _Run, bundle: sam_lib.SamBundle, params: dict[str, int]
+                 ) -> dict[str, Any]:
+  """Section 4 without the rounds: builds the cached process (no online one: the
+  decoder-only, LoRA and full-model rows need none)."""
   config = run.config
-  bundle, params = _load_model(run)
   run.section("building the processes")
   clients = [f"client_{i}" for i in range(config.clients)]
   cached = tasks.build_task(config=workload.task_config(config, run.work), bundle=bundle,
                             client_ids=clients, manifest_dir=run.work / "manifests")
-  # No online process: the decoder-only, LoRA and full-model rows need none.
-  comm = _communication_section(run, bundle, params, cached=cached.training_process,
+  return _communication_section(run, bundle, params, cached=cached.training_process,
                                 online=None, clients=clients)
-  del cached
-  gc.collect()
-  result = {"bytes_per_client_round": comm,
-            "lora_bytes_ratio": comm["lora"]["total"] / comm["cached"]["total"],
-            "int8_upload_mb": comm["int8"]["upload_update"] / 1e6,
-            "adapter_cache": _adapter_section(run, bundle), "timings": run.timings,
-            "machine": info, "config": config.to_dict(),
+
+
+def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
+  """The sections of `run_benchmark` that `config.sections` names, in order; returns
+  the result."""
+  config = run.config
+  sections = set(config.sections)
+  bundle, params = _load_model(run)
+  result = {"timings": run.timings, "machine": info, "config": config.to_dict(),
             "model": {"name": bundle.name, "parameters": params}}
+  if sections & {config_lib.ROUNDS_SECTION, config_lib.MEMORY_SECTION}:
+    examples, records, image_records, pre = _precompute_section(run, bundle)
+  rounds = memory = None
+  if config_lib.ROUNDS_SECTION in sections:
+    rounds = _timed_sections(run, bundle, params, records, image_records, result)
+    result.update(_rounds_result(run, rounds, pre))
+    result["throughput"] = _throughput_section(run, bundle, examples, pre, rounds)
+  elif config_lib.BYTES_SECTION in sections:
+    result["bytes_per_client_round"] = _bytes_alone(run, bundle, params)
+  if config_lib.MEMORY_SECTION in sections:
+    memory = _memory_section(run, bundle, records)
+    result.update(memory=memory, memory_ratio_64_vs_4=memory["ratio"],
+                  memory_ratio_64_vs_4_subrounds=memory["ratio_subrounds"])
+  if rounds is not None or memory is not None:
+    _add_executions(run, result, rounds, memory)
+  if "bytes_per_client_round" in result:
+    comm = result["bytes_per_client_round"]
+    result.update(lora_bytes_ratio=comm["lora"]["total"] / comm["cached"]["total"],
+                  int8_upload_mb=comm["int8"]["upload_update"] / 1e6)
+  if config_lib.ADAPTERS_SECTION in sections:
+    result["adapter_cache"] = _adapter_section(run, bundle)
   result["goals"] = report.goal_verdicts(result, config)
   return result
 
 
-def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
-  """The sections of `run_benchmark`, in order; returns the result."""
-  config = run.config
-  if config.adapters_only:
-    return _run_adapter_sections(run, info)
-  bundle, params = _load_model(run)
-  examples, records, image_records, pre = _precompute_section(run, bundle)
-  loops, comm = _process_section(run, bundle, records, image_records, params)
+def _timed_sections(run: _Run, bundle: sam_lib.SamBundle, params: dict[str, int],
+                    records: Sequence[cache.Record], image_records: Sequence[cache.Record],
+                    result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """Builds the loops, sizes their bytes (section 4, when asked for) into `result`,
+  times the rounds and the workers (section 7); returns the rounds' timings."""
+  loops, processes, clients = _process_section(run, bundle, records, image_records)
+  if config_lib.BYTES_SECTION in run.config.sections:
+    result["bytes_per_client_round"] = _communication_section(
+        run, bundle, params, cached=processes["cached"], online=processes["online"],
+        clients=clients)
+  del processes
   rounds = _rounds_section(run, loops)
-  workers = _workers_result(run, loops, rounds)
+  result["workers"] = _workers_result(run, loops, rounds)
   # The other executions' local workers end here, on purpose (under the watch), before
   # their contexts go: TFF's finalizers would end them too, and look like a crash.
   local_worker.end_local_workers()
   del loops
   gc.collect()
-  memory = _memory_section(run, bundle, records)
-  throughput = _throughput_section(run, bundle, examples, pre, rounds)
-  adapter_cache = _adapter_section(run, bundle)
-  executions = _executions_result(run, rounds, memory)
-  tf_vs_cpp = None
-  if {config_lib.CPP_EXECUTION, config_lib.TF_EXECUTION} <= set(executions):
-    tf_vs_cpp = (executions[config_lib.TF_EXECUTION]["cached_round_s"]
-                 / executions[config_lib.CPP_EXECUTION]["cached_round_s"])
+  return rounds
+
+
+def _rounds_result(run: _Run, rounds: dict[str, dict[str, Any]], pre: dict[str, float]
+                   ) -> dict[str, Any]:
+  """Sections 1 and 2 read off the timed rounds: cache speed-up and TFF overhead."""
+  config = run.config
   cached, online, plain = rounds["cached TFF"], rounds["online TFF"], rounds["plain tf.function"]
   other = workload.compared_loop(config.loop_implementation)
   compared = rounds[f"cached TFF, {other}"]
   saved = online["mean_s"] - cached["mean_s"]
-  result = {
+  return {
       "cache_speedup": online["mean_s"] / cached["mean_s"],
       "tff_overhead": cached["mean_s"] / plain["mean_s"],
-      "memory_ratio_64_vs_4": memory["ratio"],
-      "memory_ratio_64_vs_4_subrounds": memory["ratio_subrounds"],
-      "tf_vs_cpp_round_time": tf_vs_cpp,
-      "memory_ratio_64_vs_4_tf": executions.get(config_lib.TF_EXECUTION, {}).get(
-          "memory_ratio_64_vs_4"),
-      "executions": executions,
-      "workers": workers,
-      "bytes_per_client_round": comm,
-      "lora_bytes_ratio": comm["lora"]["total"] / comm["cached"]["total"],
-      "int8_upload_mb": comm["int8"]["upload_update"] / 1e6,
-      "adapter_cache": adapter_cache,
       "cache": {"online_round_s": online["mean_s"], "cached_round_s": cached["mean_s"],
                 "precompute_s": pre["precompute_s"],
                 "break_even_rounds": pre["precompute_s"] / saved if saved > 0 else None},
@@ -345,15 +366,21 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
           "loop_implementation": config.loop_implementation,
           "compared": {"loop_implementation": other, "tff_round_s": compared["mean_s"],
                        "tff_overhead": compared["mean_s"] / plain["mean_s"]}},
-      "memory": memory,
-      "throughput": throughput,
-      "timings": run.timings,
-      "machine": info,
-      "config": config.to_dict(),
-      "model": {"name": bundle.name, "parameters": params},
   }
-  result["goals"] = report.goal_verdicts(result, config)
-  return result
+
+
+def _add_executions(run: _Run, result: dict[str, Any],
+                    rounds: Optional[dict[str, dict[str, Any]]],
+                    memory: Optional[dict[str, Any]]) -> None:
+  """Section 6 into `result`: per execution, and tf against cpp when both ran."""
+  executions = _executions_result(run, rounds, memory)
+  result["executions"] = executions
+  tf_row = executions.get(config_lib.TF_EXECUTION, {})
+  result["memory_ratio_64_vs_4_tf"] = tf_row.get("memory_ratio_64_vs_4")
+  result["tf_vs_cpp_round_time"] = None
+  if rounds is not None and config_lib.CPP_EXECUTION in executions and tf_row:
+    result["tf_vs_cpp_round_time"] = (
+        tf_row["cached_round_s"] / executions[config_lib.CPP_EXECUTION]["cached_round_s"])
 
 
 def _load_model(run: _Run) -> tuple[sam_lib.SamBundle, dict[str, int]]:
@@ -402,14 +429,14 @@ def _precompute_section(run: _Run, bundle: sam_lib.SamBundle
 
 
 def _process_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cache.Record],
-                     image_records: Sequence[cache.Record], params: dict[str, int]
-                     ) -> tuple[dict[str, Loop], dict[str, Any]]:
-  """Builds the loops (`tasks.build_task`, as the program does) and sizes their bytes.
+                     image_records: Sequence[cache.Record]
+                     ) -> tuple[dict[str, Loop], dict[str, Any], list[str]]:
+  """Builds the loops (`tasks.build_task`, as the program does).
 
   Returns:
     The loops to time (cached TFF, plain `tf.function`, cached TFF with the compared
-    client loop, online TFF) and section 4, communication (from the cached and online
-    processes' type signatures).
+    client loop, online TFF, and under the other executions and on the workers), the
+    cached and online training processes (for section 4) and the client ids.
   """
   config = run.config
   run.section("building the processes")
@@ -463,9 +490,7 @@ def _process_section(run: _Run, bundle: sam_lib.SamBundle, records: Sequence[cac
   run.log(f"  processes built: cached {run.timings['build_cached_process_s']:.1f} s, online "
           f"{run.timings['build_online_process_s']:.1f} s (client loop: "
           f"{config.loop_implementation})")
-  comm = _communication_section(run, bundle, params, cached=cached.training_process,
-                                online=online_process, clients=clients)
-  return loops, comm
+  return loops, {"cached": cached.training_process, "online": online_process}, clients
 
 
 def _rounds_section(run: _Run, loops: dict[str, Loop]) -> dict[str, dict[str, Any]]:

@@ -72,10 +72,11 @@ flags.DEFINE_list("workers", [], "host:port,... of running TFF workers (python -
                   "the first worker alone vs on all of them, with each worker's CPU seconds.")
 flags.DEFINE_integer("lora_rank", _F["lora_rank"], "Rank of the LoRA adapters (on qkv) of "
                      "section 4's LoRA + decoder process and section 8's training steps.")
-flags.DEFINE_boolean("adapters_only", _F["adapters_only"],
-                     "Run only section 4 (bytes per client and round: decoder-only, LoRA + "
-                     "decoder, full model) and section 8 (a LoRA training step from pixels vs "
-                     "from cached features), e.g. at --arch=vit_b.")
+flags.DEFINE_list("sections", list(_F["sections"]),
+                  "Sections to run: rounds (1 cache speed-up, 2 TFF overhead, 5 throughput, "
+                  "6 executions, 7 workers), memory (3), bytes (4, bytes per client and "
+                  "round), adapters (8, a LoRA step from pixels vs from cached features). "
+                  "E.g. --sections=bytes,adapters at --arch=vit_b.")
 flags.DEFINE_integer("seed", _F["seed"], "Seed of the synthetic images and the prompts.")
 flags.DEFINE_boolean("keep_work", _F["keep_work"],
                      "Keep OUTPUT_DIR/work (images, records, manifests) after the run.")
@@ -90,6 +91,7 @@ def config_from_flags() -> config_lib.BenchConfig:
             for f in dataclasses.fields(config_lib.BenchConfig)}
   values["executions"] = tuple(values["executions"])
   values["workers"] = tuple(values["workers"])
+  values["sections"] = tuple(values["sections"])
   return config_lib.BenchConfig(**values).validate()
 
 

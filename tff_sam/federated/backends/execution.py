@@ -32,15 +32,18 @@ from tff_sam.federated.backends import tf_execution
 
 def compile_for_cpp_worker(comp: tff.framework.ConcreteComputation
                            ) -> tff.framework.ConcreteComputation:
-  """TFF's compilation for its C++ worker, without its static Grappler pass.
+  """TFF's compilation for its C++ worker, with a lean static Grappler pass.
 
   TFF's own `desugar_and_transform_to_native` runs Grappler (aggressive constant
   folding, arithmetic, loop, memory and function optimization) over every
   TensorFlow graph in Python before the first call of a computation, then disables
   Grappler for the worker. Measured here (BENCHMARKS.md): that pass is most of a
   computation's first call (tiny model 21.4 s -> 6.8 s without it; MobileSAM decoder
-  67 s -> 32 s) and the rounds are no slower without it (19-22 s vs 17-21 s per
-  MobileSAM round; identical losses). Everything else is TFF's pipeline unchanged.
+  67 s -> 32 s). Without any pass, though, no function is inlined and a gradient
+  keeps the whole model's backward pass (an online round at ViT-B size: the worker
+  at 19.6 GB). So the pass runs with `tf_execution.lean_grappler` (function inlining,
+  pruning, dependencies; what the `tf` execution's sessions run). Everything else is
+  TFF's pipeline unchanged.
 
   TFF's runtime has no cryptographic secure-sum protocol: a computation using
   `federated_secure_sum*` (`--secure_aggregation`) first gets TFF's own simulation
@@ -53,7 +56,7 @@ def compile_for_cpp_worker(comp: tff.framework.ConcreteComputation
   return tff.backends.native.transform_to_native_form(
       tff.framework.ConcreteComputation(computation_proto=desugared.proto,
                                         context_stack=tff.framework.get_context_stack()),
-      grappler_config=None)
+      grappler_config=tf_execution.lean_grappler())
 
 
 def _cpp_context(sync: bool, max_concurrent_computation_calls: int):
