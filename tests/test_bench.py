@@ -204,12 +204,13 @@ def _check_adapter_cache(result, table: str, *, arch: str) -> None:
     (["--memory_clients=2", "--memory_base_clients=4"], "--memory_clients: must be >"),
     (["--clients=0"], "--clients: must be >= 1"),
     (["--max_concurrent_computation_calls=0"], "--max_concurrent_computation_calls:"),
-    (["--execution=cpp,gpu"], "--execution: must list distinct executions of ('cpp', 'tf'), "
-     "got cpp,gpu"),
-    (["--execution=tf,tf"], "--execution: must list distinct"),
+    (["--execution=cpp,gpu"], "--execution: must list executions of ('cpp', 'tf'), "
+     "got 'gpu'"),
+    (["--execution=tf,tf"], "--execution: lists tf more than once"),
     (["--lora_rank=0"], "--lora_rank: must be >= 1"),
-    (["--sections=rounds,speed"], "--sections: must list distinct sections of ('rounds', "
-     "'memory', 'bytes', 'adapters'), got rounds,speed"),
+    (["--sections=rounds,speed"], "--sections: must list sections of ('rounds', "
+     "'memory', 'bytes', 'adapters'), got 'speed'"),
+    (["--sections="], "--sections: must list at least one section of ('rounds', "),
     (["--sections=memory", "--workers=localhost:1"], "--workers: are timed in the rounds "
      "section; add it to --sections"),
 ])

@@ -231,7 +231,7 @@ def test_adapter_flags_are_validated_naming_the_flag():
       (dict(adapter="lora", lora_rank=0), "^--lora_rank: must be >= 1"),
       (dict(adapter="lora", lora_alpha=-1.0), "^--lora_alpha: must be > 0"),
       (dict(adapter="lora", lora_targets=("qkv", "ffn")), "^--lora_targets: must list"),
-      (dict(adapter="lora", lora_targets=("qkv", "qkv")), "^--lora_targets: lists a target"),
+      (dict(adapter="lora", lora_targets=("qkv", "qkv")), "^--lora_targets: lists qkv more than once"),
       (dict(adapter="lora", lora_targets=()), "^--lora_targets: must list at least one")):
     with pytest.raises(errors.ConfigError, match=match):
       config_lib.RunConfig(**base, **settings).validate()

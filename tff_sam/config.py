@@ -131,8 +131,7 @@ def validate_workers(workers: tuple[str, ...]) -> None:
       split_address(address)
     except ValueError as e:
       raise errors.ConfigError("workers", str(e)) from None
-  repeated = sorted({a for a in workers if workers.count(a) > 1})
-  errors.require(not repeated, "workers", f"lists {', '.join(repeated)} more than once")
+  _require_distinct(workers, "workers")
 
 
 def default_eval_prompt(prompt: str) -> str:
@@ -150,17 +149,28 @@ def uses_points(prompt: str) -> bool:
   return prompt in (POINTS_PROMPT, BOTH_PROMPTS, ITERATIVE_PROMPT)
 
 
+def _require_distinct(values: tuple[str, ...], flag: str) -> None:
+  """Validates that list flag `flag` names no value twice.
+
+  Raises:
+    errors.ConfigError: naming `flag` and the repeated values.
+  """
+  repeated = sorted({v for v in values if values.count(v) > 1})
+  errors.require(not repeated, flag, f"lists {', '.join(repeated)} more than once")
+
+
 def _require_choices(values: tuple[str, ...], choices: tuple[str, ...], flag: str,
-                     what: str) -> None:
-  """Validates a list flag: each value one of `choices`, none twice.
+                     what: str, *, empty_ok: bool = False) -> None:
+  """Validates a list flag: each value one of `choices`, none twice, at least one
+  unless `empty_ok`.
 
   Raises:
     errors.ConfigError: naming `flag`.
   """
+  errors.require(empty_ok or bool(values), flag, f"must list at least one {what} of {choices}")
   for value in values:
     errors.require(value in choices, flag, f"must list {what}s of {choices}, got {value!r}")
-  errors.require(len(set(values)) == len(values), flag,
-                 f"lists a {what} more than once: {','.join(values)}")
+  _require_distinct(values, flag)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,11 +341,11 @@ class RunConfig:
     errors.require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
     errors.require(self.eval_max_objects >= 0, "eval_max_objects",
                    f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")
-    _require_choices(self.eval_prompt, EVAL_PROMPTS, "eval_prompt", "prompt")
+    _require_choices(self.eval_prompt, EVAL_PROMPTS, "eval_prompt", "prompt",
+                     empty_ok=True)  # Empty: the training prompt's default.
     errors.require(self.eval_corrections >= 1, "eval_corrections",
                    f"must be >= 1 corrective points, got {self.eval_corrections}")
-    repeated = sorted({c for c in self.train_clients if self.train_clients.count(c) > 1})
-    errors.require(not repeated, "train_clients", f"lists {', '.join(repeated)} more than once")
+    _require_distinct(self.train_clients, "train_clients")
     errors.require(not self.pool_clients or self.clients_per_round == 1, "clients_per_round",
                    f"must be 1 with --pool_clients (one pooled client), got {self.clients_per_round}")
     errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
@@ -392,8 +402,6 @@ class RunConfig:
       return
     errors.require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
     errors.require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
-    errors.require(bool(self.lora_targets), "lora_targets",
-                   f"must list at least one of {LORA_TARGETS}")
     _require_choices(self.lora_targets, LORA_TARGETS, "lora_targets", "target")
 
   def to_dict(self) -> dict[str, Any]:
@@ -509,15 +517,9 @@ class BenchConfig:
                    or self.max_concurrent_computation_calls >= 1, "max_concurrent_computation_calls",
                    f"must be -1 (no limit) or >= 1, got {self.max_concurrent_computation_calls}")
     errors.require(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
-    errors.require(bool(self.executions) and len(set(self.executions)) == len(self.executions)
-                   and all(e in EXECUTIONS for e in self.executions), "execution",
-                   f"must list distinct executions of {EXECUTIONS}, got "
-                   f"{','.join(self.executions) or 'nothing'}")
+    _require_choices(self.executions, EXECUTIONS, "execution", "execution")
     validate_workers(self.workers)
-    errors.require(bool(self.sections) and len(set(self.sections)) == len(self.sections)
-                   and all(s in BENCH_SECTIONS for s in self.sections), "sections",
-                   f"must list distinct sections of {BENCH_SECTIONS}, got "
-                   f"{','.join(self.sections) or 'nothing'}")
+    _require_choices(self.sections, BENCH_SECTIONS, "sections", "section")
     errors.require(not self.workers or ROUNDS_SECTION in self.sections, "workers",
                    f"are timed in the {ROUNDS_SECTION} section; add it to --sections")
     errors.require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
