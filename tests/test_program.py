@@ -220,6 +220,16 @@ def test_cli_help_documents_every_flag_by_topic():
   assert "dp_noise_multiplier" in listed[5] and "secure_aggregation" in listed[5]
 
 
+@pytest.mark.parametrize("binary", ["bench", "compare", "evaluate", "export", "predict",
+                                    "prepare_sample_data", "worker"])
+def test_every_binary_answers_help_with_its_flags_and_exit_0(binary):
+  """absl itself exits 1 after `--help`; every binary of this package exits 0."""
+  proc = _run_cli([f"tff_sam.experiments.{binary}", "--help"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"tff_sam/experiments/{binary}.py:" in proc.stdout or binary == "compare"
+  assert re.search(r"^  --\w+:", proc.stdout, re.M), proc.stdout[:500]
+
+
 def test_rounds_report_their_clients_as_they_finish(reference_run, reference_settings):
   """Inside each round: one line per client that finished (the log is not a terminal)."""
   lines = reference_run.lines

@@ -54,6 +54,33 @@ def import_tensorflow_quietly() -> None:
       sys.stderr.flush()
 
 
+# What asks a binary for its usage (absl prints it for these, then exits 1).
+HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
+
+
+def parse_flags(argv: list[str], *, usage: Optional[Callable[[], str]] = None) -> list[str]:
+  """absl's flag parsing (`app.run`'s `flags_parser`), with `--help` exiting 0.
+
+  Args:
+    argv: The command line.
+    usage: Returns the text `--help` prints; default absl's usage of the main module's
+      flags.
+
+  Raises:
+    SystemExit: 0 after `--help`; absl's own on a bad flag.
+  """
+  if any(a in HELP_ARGS for a in argv[1:]):
+    try:
+      if usage is None:
+        app.usage(shorthelp=True, writeto_stdout=True)
+      else:
+        print(usage())
+    except BrokenPipeError:  # `--help | head`
+      pass
+    raise SystemExit(0)
+  return app.parse_flags_with_usage(argv)
+
+
 def begin_binary(argv: list[str], *, warnings_only: bool = True) -> None:
   """The common start of a binary's `main`, after absl parsed its flags.
 

@@ -209,7 +209,6 @@ HELP_GROUPS = (
                     "keep_best")),
     ("output", ("output_dir", "fresh")),
 )
-HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
 
 
 def grouped_help(doc: str = __doc__, extra_groups=()) -> str:
@@ -231,13 +230,7 @@ def grouped_help(doc: str = __doc__, extra_groups=()) -> str:
 
 def parse_flags(argv: list[str], *, doc: str = __doc__, extra_groups=()) -> list[str]:
   """absl's flag parsing, with `--help` answered by `grouped_help(doc, extra_groups)`."""
-  if any(a in HELP_ARGS for a in argv[1:]):
-    try:
-      print(grouped_help(doc, extra_groups))
-    except BrokenPipeError:  # `--help | head`
-      pass
-    raise SystemExit(0)
-  return app.parse_flags_with_usage(argv)
+  return runtime.parse_flags(argv, usage=lambda: grouped_help(doc, extra_groups))
 
 
 def config_from_flags(*, defaults_for: tuple[str, ...] = ()) -> config_lib.RunConfig:
