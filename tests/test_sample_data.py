@@ -217,6 +217,9 @@ def test_binary_fetch_error_is_one_line(tmp_path):
   empty.mkdir()
   env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1",
              PIP_FIND_LINKS=str(empty))
+  # The binary's own TensorFlow log level, not the one an import in this process set
+  # (JAX sets 1, which lets TensorFlow's import warnings through).
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)
   proc = _run_binary("--output_dir", str(tmp_path / "ds"), "--cache_dir",
                      str(tmp_path / "cache"), env=env)
   assert proc.returncode == 1

@@ -7,7 +7,11 @@ Prints the dataset root (usable as `--data_dir`) and the per-site frame/object c
 A complete dataset already at the output directory is reused as is.
 """
 
-from absl import app
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's import: errors only.
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from tff_sam import runtime
@@ -37,4 +41,4 @@ def main(argv: list) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)
