@@ -298,24 +298,37 @@ def convert_stacks(
       "hela": ("hela", hela_images, hela_masks),
       "bacteria": ("bact", bacteria_images, bacteria_masks),
   }
+  summary = {site: _write_site(out_dir, site, frames, movies) for site, frames in plan.items()}
+  info = _dataset_info(out_dir, summary=summary, source=source, num_hela_sites=num_hela_sites,
+                       unused={"hela": hela_split["unused"], "bacteria": bact_split["unused"]})
+  fileio.write_text(out_dir / README_FILE, _readme(info))
+  fileio.write_json(out_dir / MARKER_FILE, info)
+  return summary
 
-  summary: Dict[str, Dict[str, Any]] = {}
-  for site, frames in plan.items():
-    for sub in ("images", "masks"):
-      (out_dir / site / sub).mkdir(parents=True, exist_ok=True)
-    entry: Dict[str, Any] = {"frames": 0, "objects": 0, "stems": [],
-                             "source_frames": {"hela": [], "bacteria": []}}
-    for movie, f in frames:
-      prefix, images, masks = movies[movie]
-      stem = _stem(prefix, f, images.shape[0])
-      entry["objects"] += _write_frame(out_dir, site, stem, images[f], masks[f])
-      entry["frames"] += 1
-      entry["stems"].append(stem)
-      entry["source_frames"][movie].append(f)
-    entry["source_frames"] = {k: v for k, v in entry["source_frames"].items() if v}
-    summary[site] = entry
 
-  info = {
+def _write_site(out_dir: Path, site: str, frames: List[Tuple[str, int]],
+                movies: Mapping[str, Tuple[str, np.ndarray, np.ndarray]]) -> Dict[str, Any]:
+  """Writes a site's `(movie, frame)`s; returns its `convert_stacks` summary entry."""
+  for sub in ("images", "masks"):
+    (out_dir / site / sub).mkdir(parents=True, exist_ok=True)
+  entry: Dict[str, Any] = {"frames": 0, "objects": 0, "stems": [],
+                           "source_frames": {"hela": [], "bacteria": []}}
+  for movie, f in frames:
+    prefix, images, masks = movies[movie]
+    stem = _stem(prefix, f, images.shape[0])
+    entry["objects"] += _write_frame(out_dir, site, stem, images[f], masks[f])
+    entry["frames"] += 1
+    entry["stems"].append(stem)
+    entry["source_frames"][movie].append(f)
+  entry["source_frames"] = {k: v for k, v in entry["source_frames"].items() if v}
+  return entry
+
+
+def _dataset_info(out_dir: Path, *, summary: Dict[str, Dict[str, Any]],
+                  source: Optional[Mapping[str, Any]], num_hela_sites: int,
+                  unused: Dict[str, Any]) -> Dict[str, Any]:
+  """`dataset.json`'s contents: format, provenance, layout, normalization, assignment."""
+  return {
       "format": _FORMAT,
       "format_version": FORMAT_VERSION,
       "name": DATASET_NAME if source else out_dir.name,
@@ -339,12 +352,9 @@ def convert_stacks(
           "them unused; earlier frames train (HeLa: np.array_split into "
           f"{num_hela_sites} contiguous time blocks hela_1..hela_{num_hela_sites}; "
           "bacteria: one site)"),
-      "unused_frames": {"hela": hela_split["unused"], "bacteria": bact_split["unused"]},
+      "unused_frames": unused,
       "sites": summary,
   }
-  fileio.write_text(out_dir / README_FILE, _readme(info))
-  fileio.write_json(out_dir / MARKER_FILE, info)
-  return summary
 
 
 def is_test_site(site: str) -> bool:

@@ -156,15 +156,7 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
   if bundle is None and online:
     raise ValueError("online mode needs the bundle (its encoder weights)")
   arch = bundle.config if bundle is not None else sam_config
-  adapter = None
-  lora = lora_lib.spec_from_config(config)
-  if lora is not None:
-    if site_weights is None:
-      raise ValueError("--adapter=lora needs the site copy of the encoder (site_weights)")
-    adapter = adapted_lib.AdapterSetup(
-        lora=lora, site=site_weights,
-        start=adapted_lib.feature_start(site_weights.image_encoder,
-                                        embedding_cache=config.embedding_cache))
+  adapter = _adapter_setup(config, site_weights)
   shapes = dict(
       sam_config=arch,
       normalization=preprocess.pixel_normalization(bundle.processor) if online else None,
@@ -182,60 +174,85 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
   spec = _spec(config, manifest_dir=manifest_dir, **shapes,
                progress_dir=None if progress_dir is None else str(Path(progress_dir).resolve()))
   model_fn, client_data = model_fn_for(spec, client_ids)
+  training_process = processes.compose_with_client_data(
+      processes.build_training_process(
+          model_fn=model_fn, client_optimizer=config.client_optimizer,
+          client_lr=config.client_lr,
+          server_optimizer=config.server_optimizer, server_lr=config.server_lr,
+          model_aggregator=_model_aggregator(config, num_clients=len(client_ids)),
+          loop_implementation=loop_implementation,
+          algorithm=config.algorithm, proximal_strength=config.proximal_strength),
+      client_data)
+  task = Task(training_process=training_process, initial_state=None, pipeline_spec=spec,
+              evaluation_clients=tuple(evaluation_clients), adapter=adapter)
+  if evaluation_clients:
+    task.evaluation_spec = _spec(
+        config, manifest_dir=evaluation_manifest_dir, **shapes,
+        prompts_per_image=evaluation_chunk, box_jitter=0.0, box_jitter_fraction=0.0,
+        local_epochs=1, batch_size=1, evaluation=True,
+        max_objects_per_image=config.eval_max_objects)
+    eval_model_fn, eval_data = model_fn_for(task.evaluation_spec, evaluation_clients)
+    task.evaluation_process = processes.compose_with_client_data(
+        processes.build_evaluation_process(model_fn=eval_model_fn), eval_data)
+    task.evaluation_state = task.evaluation_process.initialize()
+  # The Keras models come last: TFF builds its models in a legacy graph while tracing,
+  # which invalidates Keras models made before (Keras 2.14, "invalid state").
+  if bundle is None:
+    task.initial_state = training_process.initialize()
+    return task
+  task.model, task.decoder = _keras_models(config, bundle=bundle, adapter=adapter)
+  task.initial_state = processes.initial_state(
+      training_process, *decoder_lib.model_weights_lists(task.model))
+  return task
+
+
+def _adapter_setup(config: config_lib.RunConfig, site_weights: Optional[adapted_lib.SiteWeights]
+                   ) -> Optional[adapted_lib.AdapterSetup]:
+  """With `--adapter=lora`: the adapters, their site copy and where they start; else None."""
+  lora = lora_lib.spec_from_config(config)
+  if lora is None:
+    return None
+  if site_weights is None:
+    raise ValueError("--adapter=lora needs the site copy of the encoder (site_weights)")
+  return adapted_lib.AdapterSetup(
+      lora=lora, site=site_weights,
+      start=adapted_lib.feature_start(site_weights.image_encoder,
+                                      embedding_cache=config.embedding_cache))
+
+
+def _model_aggregator(config: config_lib.RunConfig, *, num_clients: int):
+  """The run's model aggregator (`aggregation.build_model_aggregator`), with client-level
+  differential privacy when `--dp_noise_multiplier` is set."""
   dp_factory = None
   if config.differential_privacy:
     dp_factory = privacy.build_dp_factory(
         noise_multiplier=config.dp_noise_multiplier,
-        clients_per_round=min(config.clients_per_round, len(client_ids)),
+        clients_per_round=min(config.clients_per_round, num_clients),
         clip_norm=config.dp_clip_norm, target_quantile=config.dp_target_quantile,
         initial_norm=config.clipping_initial_norm)
-  aggregator = aggregation.build_model_aggregator(
+  return aggregation.build_model_aggregator(
       zeroing=config.zeroing, zeroing_quantile=config.zeroing_quantile,
       zeroing_multiplier=config.zeroing_multiplier, clipping=config.clipping,
       clipping_quantile=config.clipping_quantile,
       clipping_initial_norm=config.clipping_initial_norm,
       secure_aggregation=config.secure_aggregation,
       update_compression=config.update_compression, dp_factory=dp_factory)
-  training_process = processes.compose_with_client_data(
-      processes.build_training_process(
-          model_fn=model_fn, client_optimizer=config.client_optimizer,
-          client_lr=config.client_lr,
-          server_optimizer=config.server_optimizer, server_lr=config.server_lr,
-          model_aggregator=aggregator, loop_implementation=loop_implementation,
-          algorithm=config.algorithm, proximal_strength=config.proximal_strength),
-      client_data)
-  evaluation_process, eval_spec = None, None
-  if evaluation_clients:
-    eval_spec = _spec(config, manifest_dir=evaluation_manifest_dir, **shapes,
-                      prompts_per_image=evaluation_chunk, box_jitter=0.0,
-                      box_jitter_fraction=0.0, local_epochs=1, batch_size=1,
-                      evaluation=True, max_objects_per_image=config.eval_max_objects)
-    eval_model_fn, eval_data = model_fn_for(eval_spec, evaluation_clients)
-    evaluation_process = processes.compose_with_client_data(
-        processes.build_evaluation_process(model_fn=eval_model_fn), eval_data)
-  task = Task(training_process=training_process, initial_state=None, pipeline_spec=spec,
-              evaluation_process=evaluation_process,
-              evaluation_clients=tuple(evaluation_clients), evaluation_spec=eval_spec,
-              adapter=adapter)
-  if evaluation_process is not None:
-    task.evaluation_state = evaluation_process.initialize()
-  # The Keras models come last: TFF builds its models in a legacy graph while tracing,
-  # which invalidates Keras models made before (Keras 2.14, "invalid state").
-  if bundle is None:
-    task.initial_state = training_process.initialize()
-    return task
+
+
+def _keras_models(config: config_lib.RunConfig, *, bundle: sam_lib.SamBundle,
+                  adapter: Optional[adapted_lib.AdapterSetup]
+                  ) -> tuple[tf.keras.Model, tf.keras.Model]:
+  """(model, decoder): the Keras model with the TFF model's weight structure, and its
+  `PromptMaskDecoder` part (the same object in cached mode)."""
   if adapter is not None:
-    task.model = build.build_adapted_model(
+    model = build.build_adapted_model(
         bundle, site=adapter.site, lora=adapter.lora, start=adapter.start,
         prompt=config.prompt, train_iou_head=config.train_iou_head, seed=config.seed)
-    task.decoder = task.model.decoder
-  elif online:
-    task.model = build.build_online_model(bundle, prompt=config.prompt,
+    return model, model.decoder
+  if not config.embedding_cache:
+    model = build.build_online_model(bundle, prompt=config.prompt,
+                                     train_iou_head=config.train_iou_head)
+    return model, model.decoder
+  model = build.build_prompt_mask_decoder(bundle, prompt=config.prompt,
                                           train_iou_head=config.train_iou_head)
-    task.decoder = task.model.decoder
-  else:
-    task.model = task.decoder = build.build_prompt_mask_decoder(
-        bundle, prompt=config.prompt, train_iou_head=config.train_iou_head)
-  task.initial_state = processes.initial_state(
-      training_process, *decoder_lib.model_weights_lists(task.model))
-  return task
+  return model, model
