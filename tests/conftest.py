@@ -442,6 +442,15 @@ def _stacks_then_kill(pid: int) -> None:
       p.kill()
 
 
+def binary_env(env=None) -> dict:
+  """The environment for a binary a test starts: `env` (default this process's) without
+  `TF_CPP_MIN_LOG_LEVEL`, which JAX, imported with TFF, sets to 1 in this process (the
+  binaries' own default, errors only, applies, as in a user's shell)."""
+  env = dict(os.environ if env is None else env)
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+  return env
+
+
 def run_cli(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
   """`subprocess.run(cmd)` (text, captured, from the repository root) that, on timeout,
   fails with where the binary was stuck.
@@ -450,6 +459,7 @@ def run_cli(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.Completed
   the failure shows those stacks, the live processes under the binary and the tail of
   its output, instead of a bare `TimeoutExpired`.
   """
+  kwargs["env"] = binary_env(kwargs.get("env"))
   process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, **kwargs)  # pylint: disable=consider-using-with
   try:
@@ -479,7 +489,7 @@ class BackgroundCli:
     self.stderr_path = Path(stderr_path)
     with open(self.stderr_path, "wb") as err:
       self.process = subprocess.Popen(  # pylint: disable=consider-using-with
-          cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+          cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=binary_env())
 
   def stderr(self) -> str:
     return self.stderr_path.read_text(errors="replace")

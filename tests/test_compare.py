@@ -153,6 +153,11 @@ def test_summary_rows_gains_table_and_plot(tmp_path):
   assert image is not None and image.shape[0] > 200 and image.std() > 5
 
 
+def test_the_flags_arm_names_are_the_planners():
+  assert compare.ARM_KINDS == (compare.ZERO_SHOT, compare.LOCAL, compare.CENTRALIZED,
+                               compare.FEDERATED, compare.FED_LORA)
+
+
 def test_selecting_and_pooling_clients_keeps_the_test_set():
   splits = _splits({"a": 2, "b": 3, "c": 1})
   only = discovery.select_clients(splits, train_clients=("c", "a"))

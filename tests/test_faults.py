@@ -22,6 +22,8 @@ from tff_sam.data import discovery
 from tff_sam.data import preprocess
 from tff_sam.data import reading
 from tff_sam import errors
+from tff_sam.evaluation import heldout
+from tff_sam.evaluation import inference
 from tff_sam.models import sam as sam_lib
 
 H, W = 24, 32
@@ -610,3 +612,59 @@ def test_large_image_builds_a_record(tmp_path, bundle):
   # The box is mapped into SAM's input frame.
   np.testing.assert_allclose(rec["boxes"][0], np.array([2000, 1000, 4999, 2999]) * size / w,
                              atol=0.5)
+
+
+def _thin_folder(root: Path) -> None:
+  """3x96 and 96x3 images, each with one object at one end (its orientation shows)."""
+  images, masks = _dirs(root)
+  for stem, shape, obj in (("wide", (3, 96), np.s_[:, 80:90]), ("tall", (96, 3), np.s_[80:90, :])):
+    Image.fromarray(_image(5, (*shape, 3))).save(images / f"{stem}.png")
+    mask = np.zeros(shape, np.uint8)
+    mask[obj] = 1
+    Image.fromarray(mask).save(masks / f"{stem}.png")
+
+
+def test_thin_images_keep_their_orientation_in_run_evaluate_and_predict(tmp_path, bundle):
+  """The records `run` and `evaluate` build, `evaluate` itself and `predict`."""
+  _thin_folder(tmp_path / "thin")
+  examples = discovery.list_examples(tmp_path / "thin")
+  records, stats = _build(bundle, examples, tmp_path / "cache")
+  assert stats.encoded == 2 and [r.num_objects for r in records] == [1, 1]
+  size = sam_lib.image_size(bundle.config)
+  for record in records:
+    rec = cache.read_record(record.path, embedding_shape=sam_lib.embedding_shape(bundle.config),
+                            input_size=size)
+    wide = record.example.stem == "wide"
+    assert tuple(rec["original_size"]) == ((3, 96) if wide else (96, 3))
+    box = np.asarray(rec["boxes"][0]) * 96 / size  # Back to pixels: the object's end.
+    np.testing.assert_allclose(box, [80, 0, 89, 2] if wide else [0, 80, 2, 89], atol=0.5)
+  result = heldout.evaluate_folder(model="tiny", data_dir=str(tmp_path / "thin"), split="all",
+                                   prompts=("box",), cache_dir=str(tmp_path / "cache"))
+  assert result["results"]["box"]["num_objects"] == 2
+  for example in examples:
+    mask = tmp_path / f"{example.stem}_mask.png"
+    inference.predict_paths(model="tiny", image=str(example.image_path),
+                            boxes=[[0, 0, 3, 3]], points=[], output=str(tmp_path / "o.png"),
+                            mask_out=str(mask))
+    assert cv2.imread(str(mask), cv2.IMREAD_UNCHANGED).shape == reading.read_image(
+        example.image_path).shape[:2]
+
+
+def test_too_thin_image_is_one_line_or_skipped(tmp_path, bundle, caplog):
+  images, masks = _dirs(tmp_path / "data")
+  _pair(tmp_path / "data", "good", seed=1)
+  Image.fromarray(_image(6, (1, 3000, 3))).save(images / "line.png")
+  Image.fromarray(np.ones((1, 3000), np.uint8)).save(masks / "line.png")
+  examples = discovery.list_examples(tmp_path / "data")
+  with pytest.raises(errors.DataError) as info:
+    _build(bundle, examples, tmp_path / "cache")
+  _assert_one_line_error(info.value, images / "line.png")
+  assert "is 3000x1 pixels: too thin for SAM" in str(info.value)
+  with caplog.at_level(logging.WARNING, logger="tff_sam.data"):
+    records, stats = _build(bundle, examples, tmp_path / "cache", skip_bad_examples=True)
+  assert [r.example.stem for r in records] == ["good"]
+  assert stats.skipped == {discovery.TOO_THIN: 1}
+  _assert_warned(caplog, {images / "line.png": discovery.TOO_THIN})
+  with pytest.raises(errors.DataError, match=f"^{images / 'line.png'}: is 3000x1 pixels"):
+    inference.predict_paths(model="tiny", image=str(images / "line.png"), boxes=[[0, 0, 9, 1]],
+                            points=[], output=str(tmp_path / "o.png"))

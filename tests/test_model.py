@@ -2,6 +2,7 @@
 
 import logging
 
+import huggingface_hub
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -286,6 +287,7 @@ def test_unknown_hub_name(offline, name):
     ("zzzz", None)])
 def test_unknown_name_suggests_nearest_and_never_asks_hub(name, suggestion, monkeypatch):
   asked = []
+  monkeypatch.setattr(build, "_hub_reachable", lambda: True)
   monkeypatch.setattr(build.TFSamModel, "from_pretrained",
                       lambda *a, **k: asked.append(a) or (_ for _ in ()).throw(OSError("offline")))
   with pytest.raises(errors.ModelError) as e:
@@ -301,6 +303,34 @@ def test_unknown_name_suggests_nearest_and_never_asks_hub(name, suggestion, monk
     assert f"did you mean --model {suggestion}?" in msg
   else:
     assert "did you mean" not in msg
+
+
+def test_an_unreachable_hub_is_one_line_without_asking_it(monkeypatch, tmp_path):
+  """Offline, huggingface_hub would retry every file for about 30 s before failing."""
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://127.0.0.1:9")  # Closed.
+  monkeypatch.setattr(build.TFSamModel, "from_pretrained",
+                      lambda *a, **k: pytest.fail("the hub was asked"))
+  with pytest.raises(errors.ModelError) as e:
+    build.load_sam("someone/some-sam")
+  assert str(e.value) == (
+      "--model someone/some-sam: the Hugging Face Hub (https://127.0.0.1:9) cannot be reached "
+      "and the model is not in its cache; offline, pass a local directory written by "
+      "save_pretrained (e.g. a run's model/) or --model mobile_sam")
+
+
+def test_a_folder_without_tensorflow_weights_says_what_to_pass(tmp_path):
+  folder = tmp_path / "pt_only"
+  folder.mkdir()
+  (folder / "config.json").write_text("{}")
+  (folder / "model.safetensors").write_bytes(b"x")
+  with pytest.raises(errors.ModelError) as e:
+    build.load_sam(str(folder))
+  assert str(e.value) == (
+      f"--model {folder}: no TensorFlow weights (tf_model.h5) in that directory, only PyTorch "
+      "ones (model.safetensors); this project reads TensorFlow weights: pass a directory this "
+      "project wrote (a run's model/), --model mobile_sam, or a hub id such as "
+      "facebook/sam-vit-base")
 
 
 def test_a_file_is_not_a_model(tmp_path):

@@ -76,6 +76,18 @@ def test_bad_prompts_are_refused(tmp_path, images, boxes, points, flag):
   assert not (tmp_path / "o.png").exists()
 
 
+def test_a_box_may_end_at_the_image_edge(tmp_path, images):
+  """SAM's own coordinates allow x1 == width: the whole image is a valid box."""
+  h, w = reading.read_image(images[0]).shape[:2]
+  inference.predict_paths(model="tiny", image=str(images[0]), boxes=[[0, 0, w, h]], points=[],
+                          output=str(tmp_path / "o.png"))
+  assert (tmp_path / "o.png").is_file()
+  with pytest.raises(errors.ConfigError, match=rf"^--box: coordinate \({w + 1}, {h}\) is "
+                     rf"outside the {w}x{h} image \(0..{w}, 0..{h}\)$"):
+    inference.predict_paths(model="tiny", image=str(images[0]), boxes=[[0, 0, w + 1, h]],
+                            points=[], output=str(tmp_path / "o2.png"))
+
+
 def test_cli_errors_are_one_line(tmp_path, images, run_binary):
   bad = tmp_path / "bad.png"
   bad.write_bytes(b"\x89PNG\r\n\x1a\ngarbage")

@@ -19,6 +19,8 @@ from tff_sam.data import cache
 from tff_sam.data import synthetic
 from tff_sam import errors
 from tff_sam.evaluation import heldout
+from tff_sam.export import formats
+from tff_sam.export import pretrained
 from tff_sam.federated.program import program
 from tff_sam.federated.program import run_data
 from tff_sam.models import build
@@ -230,13 +232,50 @@ def test_every_binary_answers_help_with_its_flags_and_exit_0(binary):
   assert re.search(r"^  --\w+:", proc.stdout, re.M), proc.stdout[:500]
 
 
+def test_export_help_names_the_files_it_writes():
+  proc = _run_cli(["tff_sam.experiments.export", "--help"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for name in (formats.SAM_CHECKPOINT, formats.ONNX_ENCODER, formats.ONNX_DECODER,
+               formats.SAVED_MODEL, pretrained.TORCH_WEIGHTS, build.TF_WEIGHTS):
+    assert name in proc.stdout, name
+  assert "model.safetensors" not in proc.stdout  # Not written (`export.pretrained`).
+
+
+_PROBE = ("import atexit, runpy, sys\n"
+          "atexit.register(lambda: print('tensorflow loaded:', 'tensorflow' in sys.modules))\n"
+          "sys.argv = sys.argv[1:]\n"
+          "runpy.run_module(sys.argv[0], run_name='__main__')\n")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["run", "--rounds=-1"], "error: --rounds: must be >= 0"),
+    (["run", "--batch_size", "0"], "error: --batch_size: must be >= 1"),
+    (["run", "--execution=tf", "--workers=a:1"], "error: --workers: runs the rounds on TFF"),
+    (["compare", "--seeds=0"], "error: --seeds: must be >= 1, got 0"),
+    (["compare", "--arms=solo"], "error: --arms: must list arms of"),
+    (["bench", "--rounds=1"], "error: --rounds: must be >= 2"),
+    (["export", "--model=m", "--format=pt"], "error: --format: must be one of"),
+    (["predict"], "error: --image: is required"),
+    (["run", "runs/x"], "error: unexpected arguments: runs/x (flags are written --name=value"),
+])
+def test_flag_mistakes_are_answered_before_tensorflow_loads(args, line):
+  """One line, exit 1, and TensorFlow never imported (it takes seconds to load)."""
+  binary, *flags_ = args
+  proc = run_cli([sys.executable, "-c", _PROBE, f"tff_sam.experiments.{binary}", *flags_],
+                 timeout=120)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+  assert proc.stderr.startswith(line), proc.stderr
+  assert proc.stdout.strip().splitlines()[-1] == "tensorflow loaded: False", proc.stdout
+
+
 def test_rounds_report_their_clients_as_they_finish(reference_run, reference_settings):
   """Inside each round: one line per client that finished (the log is not a terminal)."""
   lines = reference_run.lines
   for r in range(1, reference_settings["rounds"] + 1):
     mine = [line for line in lines if line.startswith(f"  round {r}: ") and "finished" in line]
     assert len(mine) == 2, lines  # clients_per_round
-    assert "1/2 clients done" in mine[0] or "2/2 clients done" in mine[0]
+    assert mine[0].startswith(f"  round {r}: 1/2 clients done")  # Even if both at once.
     assert mine[1].startswith(f"  round {r}: 2/2 clients done")
     total = int(re.search(r"/(\d+) images trained", mine[1]).group(1))
     assert f"{total}/{total} images trained" in mine[1]
@@ -260,7 +299,7 @@ def test_defaults_are_real_models():
     (["--model=/nonexistent/model_dir"], "--model /nonexistent/model_dir: not found"),
     (["--model=mobilesam"], "did you mean --model mobile_sam?"),
     (["--model=runs/demo/modle"], "--model runs/demo/modle: not found"),
-    (["--model=facebook/sam-vit-base"], "cannot load it"),
+    (["--model=facebook/sam-vit-base"], "Hub (https://huggingface.co) cannot be reached"),
     (["--rounds=-3"], "--rounds: must be >= 0"),
     (["--clients_per_round=9"], "--clients_per_round: is 9 but there are only 3 clients"),
 ])

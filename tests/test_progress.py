@@ -1,6 +1,7 @@
 """Progress inside a round (`federated.progress`), from the files the pipeline writes."""
 
 import io
+import os
 
 from tff_sam.federated.program import progress
 
@@ -54,6 +55,25 @@ def test_one_line_per_finished_client_when_not_a_terminal(tmp_path):
   assert len(lines) == 2 and lines[1].startswith("  round 4: 2/2 clients done, 10/10 images")
   assert lines[1].endswith("(b finished)")
   assert not list(tmp_path.iterdir())
+
+
+def test_clients_finishing_between_two_looks_count_up_in_their_order(tmp_path):
+  """Both done at one look: 1/2 for the one that finished first (its file's last write),
+  then 2/2; never 2/2 for the first."""
+  lines = []
+  reporter = progress.RoundProgress(
+      progress_dir=tmp_path, round_num=2, expected={"a@2": 1, "b@2": 1},
+      images={"a@2": 2, "b@2": 2}, batch_size=2, log=lines.append, stream=io.StringIO(),
+      interval=3600)
+  with reporter:
+    _write(tmp_path, "b@2", 1)
+    _write(tmp_path, "a@2", 1)
+    os.utime(tmp_path / "b@2", (1000, 1000))  # b finished first.
+    os.utime(tmp_path / "a@2", (2000, 2000))
+    reporter.poll()
+  assert [line.split(", ")[0] for line in lines] == ["  round 2: 1/2 clients done",
+                                                     "  round 2: 2/2 clients done"]
+  assert lines[0].endswith("(b finished)") and lines[1].endswith("(a finished)")
 
 
 def test_terminal_gets_one_updating_line_cleared_at_the_end(tmp_path):

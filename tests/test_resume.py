@@ -19,6 +19,7 @@ import pytest
 
 from tff_sam import config as config_lib
 from tff_sam import errors
+from tff_sam import output_folder
 from tff_sam.federated.program import program
 from tff_sam.federated.program import run_folder
 from tff_sam.models import build
@@ -96,7 +97,9 @@ def test_rerun_of_a_finished_run_is_a_no_op(tmp_path, reference, reference_setti
                                             monkeypatch):
   out = tmp_path / "done"
   shutil.copytree(reference[0], out)
-  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  # Untouched but its lock file (which names the command that last held the folder).
+  before = {p: p.read_bytes() for p in out.rglob("*")
+            if p.is_file() and p.name != output_folder.LOCK_FILE}
   monkeypatch.setattr(build, "load_sam", lambda *a, **k: pytest.fail("model loaded"))
   lines = []
   config = config_lib.RunConfig(output_dir=str(out), **reference_settings)
@@ -104,7 +107,8 @@ def test_rerun_of_a_finished_run_is_a_no_op(tmp_path, reference, reference_setti
   assert len(lines) == 1 and "this run is complete (4 rounds" in lines[0], lines
   assert "nothing to do" in lines[0]
   assert summary == json.loads((out / "summary.json").read_text())
-  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # Untouched.
+  assert {p: p.read_bytes() for p in out.rglob("*")
+          if p.is_file() and p.name != output_folder.LOCK_FILE} == before
   # Other settings are still refused, not mistaken for a finished run.
   with pytest.raises(errors.ConfigError, match="^--seed"):
     program.run_experiment(dataclasses.replace(config, seed=99), log=lines.append)
@@ -130,12 +134,20 @@ def test_other_execution_and_settings_older_runs_lack_resume(tmp_path, reference
 
 @pytest.mark.slow
 def test_more_rounds_continue_a_finished_run(tmp_path, reference, reference_settings):
+  """Also: a round released twice in `metrics.csv` (e.g. by two runs sharing the folder
+  before folders were locked) does not survive the resume."""
   out = tmp_path / "longer"
   shutil.copytree(reference[0], out)
+  with open(out / "metrics.csv") as f:
+    text = f.read()
+  header, *rows = text.splitlines(keepends=True)
+  (out / "metrics.csv").write_text(header + rows[0] + "".join(rows))  # Round 0 twice.
+  assert _rounds(out) == [0, 0, 1, 2, 3, 4]
   lines = []
   config = config_lib.RunConfig(output_dir=str(out), **{**reference_settings, "rounds": 5})
   summary = program.run_experiment(config, log=lines.append)
   assert any(line.startswith("resuming") and "after round 4/5" in line for line in lines)
+  assert "  metrics.csv had round(s) 0 more than once; kept the last row of each" in lines
   assert _rounds(out) == list(range(6))
   assert summary["rounds"] == 5
   runs = summary["invocations"]  # The reference run's, then this one's.
@@ -146,6 +158,16 @@ def test_more_rounds_continue_a_finished_run(tmp_path, reference, reference_sett
   assert json.loads((out / run_folder.INVOCATIONS_FILE).read_text()) == runs
   with pytest.raises(errors.ConfigError, match="^--rounds: .* already 5 rounds long"):
     program.run_experiment(dataclasses.replace(config, rounds=3), log=lines.append)
+
+
+def _invocations_agree_with_the_state(out: Path) -> list[dict]:
+  """Each entry of `invocations.json` ends where the next one resumed; the last one at
+  the newest saved round."""
+  runs = json.loads((out / run_folder.INVOCATIONS_FILE).read_text())
+  for before, after in zip(runs, runs[1:]):
+    assert before["rounds_done"] == after["resumed_after_round"], runs
+  assert runs[-1]["rounds_done"] == max(run_folder.saved_versions(out), default=0), runs
+  return runs
 
 
 def _cli(out, settings):
@@ -183,6 +205,8 @@ def test_kill_9_under_cpp_ends_its_worker_and_resumes(tmp_path, reference, refer
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming" in again.stdout
   assert _rounds(out) == list(range(reference_settings["rounds"] + 1))
+  runs = _invocations_agree_with_the_state(out)  # The killed command's entry included.
+  assert [r["finished"] for r in runs] == [False, True]
   summary = json.loads((out / "summary.json").read_text())
   ref = reference[1]
   for key in ("baseline", "final"):
@@ -217,6 +241,7 @@ def test_kill_9_then_same_command_equals_uninterrupted(tmp_path, reference, refe
   with open(out / "metrics.csv") as f:
     got = list(csv.DictReader(f))
   assert [r["round"] for r in got] == ["0", "1", "2"]
+  _invocations_agree_with_the_state(out)
   for g, w in zip(got, want):
     for key, value in w.items():
       if key != "seconds" and value:
@@ -226,11 +251,13 @@ def test_kill_9_then_same_command_equals_uninterrupted(tmp_path, reference, refe
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_ends_run_and_its_worker(tmp_path, reference_settings, sig):
-  """Ctrl-C or SIGTERM while TFF works (its worker is running) ends run and worker."""
+  """Ctrl-C or SIGTERM while TFF works (its worker is running), after round 1 was saved,
+  ends run and worker, and `invocations.json` says how far it got."""
   out = tmp_path / f"sig{int(sig)}"
   cli = BackgroundCli([*_cli(out, reference_settings), "--execution=cpp"],
                       tmp_path / "stderr.txt")
   proc = cli.process
+  cli.wait_until((out / "state" / "round_1").exists)
   workers = cli.wait_until(lambda: live_worker_binaries(proc.pid))
   proc.send_signal(sig)
   proc.wait(timeout=120)
@@ -238,6 +265,9 @@ def test_signal_ends_run_and_its_worker(tmp_path, reference_settings, sig):
   assert "Traceback" not in cli.stderr()
   _, alive = psutil.wait_procs(workers, timeout=10)
   assert not alive, "TFF worker_binary outlived the run"
+  last = _invocations_agree_with_the_state(out)[-1]  # Its bookkeeping was done.
+  assert last["interrupted"] is True and last["finished"] is False
+  assert last["rounds_done"] >= 1
 
 
 @pytest.mark.slow
@@ -295,3 +325,15 @@ def test_subrounds_give_the_same_rounds(tmp_path, reference, reference_settings)
     for key in ("train_loss", "test_dice", "test_iou", "fed_eval_dice"):
       if w[key]:
         assert float(g[key]) == pytest.approx(float(w[key]), rel=1e-4, abs=1e-6), (g["round"], key)
+
+
+def test_metrics_are_rewritten_to_the_saved_rounds_and_a_missing_one_is_refused(tmp_path):
+  path = tmp_path / "metrics.csv"
+  path.write_text("round,train_loss\n0,\n1,0.5\n1,0.4\n2,0.3\n3,0.2\n")
+  assert run_folder.rewrite_saved_metrics(tmp_path, 2) == [1]
+  assert path.read_text() == "round,train_loss\n0,\n1,0.4\n2,0.3\n"  # Last row kept; 3 gone.
+  assert run_folder.rewrite_saved_metrics(tmp_path, 2) == []
+  path.write_text("round,train_loss\n0,\n2,0.3\n")
+  with pytest.raises(errors.DataError, match=r"metrics.csv: lacks round\(s\) 1 of the saved "
+                     r"state \(round 2\); pass --fresh to start over$"):
+    run_folder.rewrite_saved_metrics(tmp_path, 2)

@@ -17,6 +17,8 @@ from tff_sam.data import sample as sample_data
 from tff_sam import errors
 from tff_sam import registry
 
+from conftest import binary_env
+
 _REPO = Path(__file__).resolve().parents[1]
 _STEM = re.compile(r"^(hela|bact)_t(\d+)$")
 
@@ -215,11 +217,8 @@ def test_binary_reuses_complete_dataset(tmp_path, stacks):
 def test_binary_fetch_error_is_one_line(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
-  env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1",
-             PIP_FIND_LINKS=str(empty))
-  # The binary's own TensorFlow log level, not the one an import in this process set
-  # (JAX sets 1, which lets TensorFlow's import warnings through).
-  env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+  env = binary_env(dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1",
+                        PIP_FIND_LINKS=str(empty)))
   proc = _run_binary("--output_dir", str(tmp_path / "ds"), "--cache_dir",
                      str(tmp_path / "cache"), env=env)
   assert proc.returncode == 1

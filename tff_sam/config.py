@@ -59,6 +59,9 @@ ADAPTERS = (NO_ADAPTER, LORA_ADAPTER)
 LORA_TARGETS = ("qkv", "proj", "mlp")
 # The settings of the adapters themselves (meaningful with `adapter=lora` only).
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets")
+# The arms of `compare` (`--arms`; `tff_sam.federated.program.compare`): `local` is every
+# site alone.
+COMPARE_ARMS = ("zero_shot", "local", "centralized", "federated", "fed_lora")
 # Federated algorithms (`--algorithm`): FedAvg, or FedProx (a proximal term
 # `proximal_strength / 2 * ||w - w_global||^2` in each client's loss).
 FEDAVG = "fedavg"

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from absl import app
 from absl import logging as absl_logging
@@ -54,6 +54,7 @@ def import_tensorflow_quietly() -> None:
       sys.stderr.flush()
 
 
+_LOCAL_WORKER_MODULE = "tff_sam.federated.backends.local_worker"
 # What asks a binary for its usage (absl prints it for these, then exits 1).
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
 
@@ -84,23 +85,24 @@ def parse_flags(argv: list[str], *, usage: Optional[Callable[[], str]] = None) -
 def begin_binary(argv: list[str], *, warnings_only: bool = True) -> None:
   """The common start of a binary's `main`, after absl parsed its flags.
 
-  Refuses stray positional arguments, shows only warnings and errors of absl's log
-  (unless `warnings_only` is False, e.g. the user passed `-v`), makes SIGUSR1 print
-  every thread's Python stack to stderr (`kill -USR1 PID` on a run that seems stuck;
-  the run goes on), and imports TensorFlow without its import noise
-  (`import_tensorflow_quietly`).
+  Refuses stray positional arguments with one `error:` line (exit 1), shows only
+  warnings and errors of absl's log (unless `warnings_only` is False, e.g. the user
+  passed `-v`) and makes SIGUSR1 print every thread's Python stack to stderr
+  (`kill -USR1 PID` on a run that seems stuck; the run goes on). TensorFlow is not
+  loaded yet: `run_job` loads it after the flags are checked.
 
   Raises:
-    app.UsageError: `argv` holds more than the program name.
+    SystemExit: 1, `argv` holds more than the program name.
   """
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    print(f"error: unexpected arguments: {' '.join(argv[1:])} (flags are written "
+          "--name=value; --help lists them)", file=sys.stderr)
+    raise SystemExit(1)
   if warnings_only:
     absl_logging.set_verbosity(absl_logging.WARNING)
   if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:
     with contextlib.suppress(AttributeError, OSError, ValueError):  # stderr without a file
       faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
-  import_tensorflow_quietly()
 
 
 def _end_progress_bars() -> None:
@@ -160,21 +162,38 @@ def child_processes_reaped() -> Iterator[None]:
     terminate_children()
 
 
-def run_job(job: Callable[[], object], *,
-            cleanup: Optional[Callable[[], object]] = None) -> int:
+def end_local_workers_if_loaded() -> None:
+  """Ends this process's local TFF workers if TFF's execution was loaded: the clean-up
+  of the binaries that run TFF (`tff_sam.federated.backends.local_worker`, looked up,
+  not imported: a binary that stopped at its flags never loaded TensorFlow)."""
+  module = sys.modules.get(_LOCAL_WORKER_MODULE)
+  if module is not None:
+    module.end_local_workers()
+
+
+def run_job(job: Callable[..., object], *, settings: Optional[Callable[[], Any]] = None,
+            cleanup: Optional[Callable[[], object]] = None, tensorflow: bool = True) -> int:
   """Runs a binary's work with its children reaped; returns the exit code.
 
-  `job` builds its validated config and does the work (including installing TFF's
-  execution context, `tff_sam.federated.backends.execution`). A `errors.UserError` is
-  printed as one `error:` line (exit 1); Ctrl-C and SIGTERM print `interrupted` (exit
-  130); success is 0. `cleanup` runs after the job however it ended, before the
-  children are reaped (binaries that load TFF pass
-  `tff_sam.federated.backends.local_worker.end_local_workers`).
+  `settings` (optional) reads and validates the flags and returns them; it runs first,
+  before TensorFlow is imported, so a flag mistake is answered at once (TensorFlow
+  takes seconds to load), and `job` then gets its result as its one argument (without
+  `settings`, `job` takes none). With `tensorflow`, TensorFlow is imported next
+  (`import_tensorflow_quietly`). `job` does the work (including installing TFF's
+  execution context, `tff_sam.federated.backends.execution`).
+
+  A `errors.UserError` is printed as one `error:` line (exit 1); Ctrl-C and SIGTERM
+  print `interrupted` (exit 130); success is 0. `cleanup` runs after the job however
+  it ended, before the children are reaped (binaries that run TFF pass
+  `end_local_workers_if_loaded`).
   """
   try:
+    args = () if settings is None else (settings(),)
+    if tensorflow:
+      import_tensorflow_quietly()
     with child_processes_reaped():
       try:
-        job()
+        job(*args)
       finally:
         if cleanup is not None:
           cleanup()

@@ -75,6 +75,7 @@ import numpy as np
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import fileio
+from tff_sam import output_folder
 from tff_sam.bench import adapters as adapters_lib
 from tff_sam.bench import communication
 from tff_sam.bench import loops as loops_lib
@@ -136,14 +137,20 @@ def run_benchmark(config: config_lib.BenchConfig, *, log: Callable[[str], None] 
     The result (also written to `bench.json`).
 
   Raises:
-    errors.UserError: A bad setting, `arch=mobile_sam` without its weights, or a
+    errors.UserError: A bad setting, `arch=mobile_sam` without its weights, a
       backend failure (`failures.user_errors`: the local worker killed, out of
-      memory; a remote worker lost or failed; out of device memory).
+      memory; a remote worker lost or failed; out of device memory), or `output_dir`
+      cannot be written or another command holds it.
   """
   config.validate()
+  with output_folder.claim(config.output_dir) as out:
+    return _run_benchmark(config, out=out, log=log)
+
+
+def _run_benchmark(config: config_lib.BenchConfig, *, out: Path,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+  """`run_benchmark` in its claimed folder `out`."""
   start = time.perf_counter()
-  out = Path(config.output_dir).expanduser()
-  out.mkdir(parents=True, exist_ok=True)
   work = out / "work"
   shutil.rmtree(work, ignore_errors=True)
   info = machine.machine_info()

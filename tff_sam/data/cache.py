@@ -270,8 +270,7 @@ def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamB
   """
   if online and feature_start is not None:
     raise ValueError("online records hold images, not features")
-  config = bundle.config
-  input_size = sam_lib.image_size(config)
+  input_size = sam_lib.image_size(bundle.config)
   out_dir = Path(cache_root) / ("images" if online else "embeddings") / bundle.fingerprint
   if feature_start is not None:
     out_dir = Path(cache_root) / "features" / f"{bundle.fingerprint}-from{feature_start}"
@@ -288,7 +287,6 @@ def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamB
       stats.reused += 1
     else:
       todo.append((i, ex, path))
-
   skipped: collections.Counter = collections.Counter()
   encode = None
   if todo and feature_start is not None:
@@ -299,23 +297,12 @@ def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamB
   if todo and show_progress:
     progress = tqdm(total=len(todo), desc=desc, unit="img", file=sys.stderr, leave=False)
   for start in range(0, len(todo), batch_size):
-    chunk, prepared = [], []
-    for item in todo[start:start + batch_size]:
-      try:
-        image, labels = reading.load_example(item[1], binary_components=binary_components)
-      except discovery.ExampleError as e:
-        if not skip_bad_examples:
-          raise
-        discovery.skip_example(e, skipped)
-        continue
-      chunk.append(item)
-      # Online records keep the resized 8-bit image, not the float pixel values.
-      prep = preprocess.preprocess(bundle.processor, image, labels, input_size=input_size,
-                                   resized_only=online)
-      prepared.append((labels, prep))
-      del image
+    batch = todo[start:start + batch_size]
+    chunk, prepared = _read_chunk(batch, bundle=bundle, input_size=input_size, online=online,
+                                  binary_components=binary_components,
+                                  skipped=skipped if skip_bad_examples else None)
     if progress is not None:
-      progress.update(len(todo[start:start + batch_size]) - len(chunk))
+      progress.update(len(batch) - len(chunk))
     if not chunk:
       continue
     if online:
@@ -323,22 +310,9 @@ def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamB
     else:
       embeddings = encode(tf.constant(np.stack([p.pixel_values for _, p in prepared]))).numpy()
     for (i, ex, path), (labels, prep), emb in zip(chunk, prepared, embeddings):
-      ids = reading.object_ids(labels)
-      visible = np.isin(ids, np.unique(prep.input_labels))
-      stats.objects_too_small += int((~visible).sum())
-      ids = ids[visible]
-      boxes = preprocess.to_input_frame(
-          preprocess.boxes_from_labels(labels, ids).reshape(-1, 2, 2),
-          prep.original_size, input_size).reshape(-1, 4)
-      _write_record(path, serialize_record(
-          embedding=emb if feature_start is None else None,
-          features=emb if feature_start is not None else None,
-          image=prep.pixel_values if online else None,
-          input_labels=renumber(prep.input_labels, ids),
-          object_ids=np.arange(1, len(ids) + 1), boxes=boxes,
-          original_size=prep.original_size, reshaped_size=prep.reshaped_size, stem=ex.stem))
-      records[i] = Record(path, len(ids), ex)
-      stats.encoded += 1
+      records[i] = _write_example_record(path, ex, labels=labels, prep=prep, output=emb,
+                                         online=online, features=feature_start is not None,
+                                         input_size=input_size, stats=stats)
     if progress is not None:
       progress.update(len(chunk))
   if progress is not None:
@@ -349,6 +323,56 @@ def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamB
     stats.images_without_objects += int(r.num_objects == 0)
   stats.skipped = dict(sorted(skipped.items()))
   return kept, stats
+
+
+def _read_chunk(batch: list, *, bundle: sam_lib.SamBundle, input_size: int, online: bool,
+                binary_components: bool, skipped: Optional[collections.Counter]
+                ) -> tuple[list, list]:
+  """Reads and preprocesses a batch of `(index, example, path)`; returns the items read
+  and their `(labels, preprocessed)`.
+
+  An unreadable example raises `discovery.ExampleError`, or is skipped and counted in
+  `skipped` when that is given.
+  """
+  chunk, prepared = [], []
+  for item in batch:
+    try:
+      image, labels = reading.load_example(item[1], binary_components=binary_components)
+      preprocess.require_resizable(item[1].image_path, image.shape[:2], input_size)
+    except discovery.ExampleError as e:
+      if skipped is None:
+        raise
+      discovery.skip_example(e, skipped)
+      continue
+    chunk.append(item)
+    # Online records keep the resized 8-bit image, not the float pixel values.
+    prepared.append((labels, preprocess.preprocess(bundle.processor, image, labels,
+                                                   input_size=input_size, resized_only=online)))
+  return chunk, prepared
+
+
+def _write_example_record(path: Path, example: discovery.Example, *, labels: np.ndarray,
+                          prep: preprocess.Preprocessed, output: Optional[np.ndarray],
+                          online: bool, features: bool, input_size: int,
+                          stats: CacheStats) -> Record:
+  """Writes one example's record: its objects still visible at the encoder's input size,
+  their boxes, and the encoder's `output` (embedding, or `features`) or, `online`, the
+  resized image. Counts it (and the objects too small to keep) in `stats`."""
+  ids = reading.object_ids(labels)
+  visible = np.isin(ids, np.unique(prep.input_labels))
+  stats.objects_too_small += int((~visible).sum())
+  ids = ids[visible]
+  boxes = preprocess.to_input_frame(
+      preprocess.boxes_from_labels(labels, ids).reshape(-1, 2, 2),
+      prep.original_size, input_size).reshape(-1, 4)
+  _write_record(path, serialize_record(
+      embedding=None if features else output, features=output if features else None,
+      image=prep.pixel_values if online else None,
+      input_labels=renumber(prep.input_labels, ids),
+      object_ids=np.arange(1, len(ids) + 1), boxes=boxes,
+      original_size=prep.original_size, reshaped_size=prep.reshaped_size, stem=example.stem))
+  stats.encoded += 1
+  return Record(path, len(ids), example)
 
 
 def _write_record(path: Path, example_bytes: bytes) -> None:

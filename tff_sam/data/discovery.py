@@ -50,8 +50,9 @@ UNPAIRED = "unpaired"                  # image without mask, or mask without ima
 DUPLICATE_STEM = "duplicate_stem"      # two files with one stem in images/ or masks/
 LOSSY_MASK = "lossy_mask"              # a JPEG or WebP mask (compression alters labels)
 COLOUR_MASK = "colour_mask"            # RGB(A) mask with differing channels or alpha
+TOO_THIN = "too_thin"                  # a side that SAM's resize would make 0 pixels
 SKIP_REASONS = (UNREADABLE, UNSUPPORTED_SHAPE, SIZE_MISMATCH, BAD_MASK_VALUES, UNPAIRED,
-                DUPLICATE_STEM, LOSSY_MASK, COLOUR_MASK)
+                DUPLICATE_STEM, LOSSY_MASK, COLOUR_MASK, TOO_THIN)
 
 
 class ExampleError(errors.DataError):

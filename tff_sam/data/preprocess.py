@@ -21,7 +21,12 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from tff_sam.data import discovery
+
 PAD_LABEL = -1
+# How every image reaches the processor, (H, W, 3), said explicitly: left to guess,
+# transformers takes a 3-pixel-high (3, W, 3) image for channels-first.
+CHANNELS_LAST = "channels_last"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +52,25 @@ def resized_shape(original_size: tuple[int, int], longest_edge: int) -> tuple[in
   h, w = original_size
   scale = longest_edge / max(h, w)
   return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def require_resizable(path: object, size: tuple[int, int], longest_edge: int) -> None:
+  """Refuses an image whose short side SAM's resize would make 0 pixels.
+
+  Args:
+    path: The image file (named in the error).
+    size: Its (height, width).
+    longest_edge: SAM's input size.
+
+  Raises:
+    discovery.ExampleError: `TOO_THIN` (skipped under `--skip_bad_examples`).
+  """
+  if min(resized_shape(size, longest_edge)) < 1:
+    h, w = size
+    raise discovery.ExampleError(
+        path, f"is {w}x{h} pixels: too thin for SAM, which resizes the long side to "
+        f"{longest_edge} pixels and the short side to 0; crop or pad it to at most "
+        f"{2 * longest_edge}:1", reason=discovery.TOO_THIN)
 
 
 def resize_labels(labels: np.ndarray, *, longest_edge: int, pad_to: int) -> np.ndarray:
@@ -79,7 +103,7 @@ def preprocess(processor, image: np.ndarray, labels: np.ndarray, *,
     feats = _resized_features(processor, image)
     pixels = _channels_last(feats["pixel_values"][0])
   else:
-    feats = processor(images=image, return_tensors="np")
+    feats = processor(images=image, return_tensors="np", input_data_format=CHANNELS_LAST)
     pixels = feats["pixel_values"][0].astype(np.float32)
   return Preprocessed(
       pixel_values=pixels,
@@ -144,7 +168,7 @@ def pixel_normalization(processor) -> PixelNormalization:
 
 def _resized_features(processor, image: np.ndarray):
   return processor(images=image, do_rescale=False, do_normalize=False, do_pad=False,
-                   return_tensors="np")
+                   return_tensors="np", input_data_format=CHANNELS_LAST)
 
 
 def _channels_last(pixels: np.ndarray) -> np.ndarray:

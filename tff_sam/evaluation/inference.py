@@ -117,7 +117,7 @@ class Predictor:
     self._forward = tf.function(lambda x: self._model(x, training=False)["masks"],
                                 reduce_retracing=True)  # Any number of prompts.
     self._encode = bundle.encoder_fn()
-    self._input_size = sam_lib.image_size(bundle.config)
+    self.input_size = sam_lib.image_size(bundle.config)
 
   def __call__(self, image: np.ndarray, *, boxes: Optional[np.ndarray] = None,
                points: Optional[np.ndarray] = None,
@@ -139,19 +139,21 @@ class Predictor:
       if arr is None:
         continue
       xy = np.asarray(arr, np.float64).reshape(-1, 2)
-      bad = (xy[:, 0] < 0) | (xy[:, 0] > w - 1) | (xy[:, 1] < 0) | (xy[:, 1] > h - 1)
+      # SAM's coordinates run over the pixels' edges: 0..w, 0..h (a box may end there).
+      bad = (xy[:, 0] < 0) | (xy[:, 0] > w) | (xy[:, 1] < 0) | (xy[:, 1] > h)
       if bad.any():
         x, y = xy[np.argmax(bad)]
         raise errors.ConfigError(name, f"coordinate ({x:g}, {y:g}) is outside the "
-                                 f"{w}x{h} image")
-    feats = self.bundle.processor(images=image, return_tensors="np")
+                                 f"{w}x{h} image (0..{w}, 0..{h})")
+    feats = self.bundle.processor(images=image, return_tensors="np",
+                                  input_data_format=preprocess.CHANNELS_LAST)
     embedding = self._encode(tf.constant(feats["pixel_values"].astype(np.float32))).numpy()[0]
     size = (h, w)
     in_boxes = (preprocess.to_input_frame(np.asarray(boxes, np.float32).reshape(-1, 2, 2), size,
-                                          self._input_size).reshape(-1, 4)
+                                          self.input_size).reshape(-1, 4)
                 if boxes is not None else np.zeros((k, 4), np.float32))
     if points is not None:
-      in_points = preprocess.to_input_frame(np.asarray(points, np.float32), size, self._input_size)
+      in_points = preprocess.to_input_frame(np.asarray(points, np.float32), size, self.input_size)
       labels = np.asarray(point_labels, np.int32)
     else:
       in_points, labels = np.zeros((k, 1, 2), np.float32), -np.ones((k, 1), np.int32)
@@ -218,6 +220,7 @@ def predict_paths(*, model: str, image: str, boxes, points, output: str,
   written = []
   for i, path in enumerate(images):
     img = reading.read_image(path)
+    preprocess.require_resizable(path, img.shape[:2], predictor.input_size)
     masks = predictor(img, boxes=box_arr, points=pts, point_labels=labels)
     drawn = plots.draw_prediction(img, masks, boxes=box_arr, points=pts, point_labels=labels)
     ok, png = cv2.imencode(".png", drawn[..., ::-1])

@@ -101,19 +101,17 @@ def _log(line: str) -> None:
 
 def main(argv):
   runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
-  # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
-  from tff_sam.bench import runner  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated.backends import local_worker  # pylint: disable=g-import-not-at-top
 
-  def job():
-    config = config_from_flags()
+  def job(config: config_lib.BenchConfig):
+    # lazy: TensorFlow and TFF load only after the flags are checked.
+    from tff_sam.bench import runner  # pylint: disable=g-import-not-at-top
+    from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
     execution.configure_tff_execution(
         execution=config.executions[0],
         max_concurrent_computation_calls=config.max_concurrent_computation_calls)
     runner.run_benchmark(config, log=_log)
 
-  return runtime.run_job(job, cleanup=local_worker.end_local_workers)
+  return runtime.run_job(job, settings=config_from_flags, cleanup=runtime.end_local_workers_if_loaded)
 
 
 if __name__ == "__main__":

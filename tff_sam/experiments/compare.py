@@ -13,7 +13,9 @@ each a complete run folder; a re-run resumes or skips them. Writes `compare.json
 `compare.md` (the table, also printed) and `compare.png` into `<--output_dir>/compare/`.
 """
 
-from absl import app  # pylint: disable=g-import-not-at-top
+from pathlib import Path
+
+from absl import app
 from absl import flags
 
 from tff_sam import config as config_lib
@@ -25,7 +27,7 @@ flags.DEFINE_integer("seeds", 1, "Seeds per arm: --seed, --seed + 1, ... (mean Â
 flags.DEFINE_boolean("leave_one_site_out", False,
                      "Also train federated without each training site in turn, evaluated on "
                      "every held-out client (generalization to an unseen site).")
-flags.DEFINE_list("arms", ["zero_shot", "local", "centralized", "federated", "fed_lora"],
+flags.DEFINE_list("arms", list(config_lib.COMPARE_ARMS),
                   "Arms to run: zero_shot, local (each site alone), centralized, federated, "
                   "fed_lora (federated with --adapter=lora; skipped when the settings already "
                   "have an adapter).")
@@ -34,25 +36,30 @@ FLAGS = flags.FLAGS
 COMPARE_DIR = "compare"
 
 
+def _settings() -> tuple[config_lib.RunConfig, dict]:
+  """The federated arm's validated settings and the `fed_lora` arm's adapter settings."""
+  adapted = FLAGS.adapter != config_lib.NO_ADAPTER
+  config = run_binary.config_from_flags(
+      defaults_for=() if adapted else config_lib.LORA_SETTINGS)
+  lora = {} if adapted else run_binary.flag_values(config_lib.LORA_SETTINGS)
+  errors.require(FLAGS.seeds >= 1, "seeds", f"must be >= 1, got {FLAGS.seeds}")
+  unknown = [a for a in FLAGS.arms if a not in config_lib.COMPARE_ARMS]
+  errors.require(not unknown and bool(FLAGS.arms), "arms",
+                 f"must list arms of {config_lib.COMPARE_ARMS}, got "
+                 f"{','.join(FLAGS.arms) or 'none'}")
+  errors.require(not config.train_clients and not config.pool_clients, "train_clients",
+                 "and --pool_clients choose the arms' clients themselves; drop them")
+  return config, lora
+
+
 def main(argv):
   runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
-  # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated.backends import local_worker  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated.program import compare  # pylint: disable=g-import-not-at-top
 
-  def job():
-    adapted = FLAGS.adapter != config_lib.NO_ADAPTER
-    config = run_binary.config_from_flags(
-        defaults_for=() if adapted else compare.LORA_SETTINGS)
-    lora = {} if adapted else run_binary.flag_values(compare.LORA_SETTINGS)
-    errors.require(FLAGS.seeds >= 1, "seeds", f"must be >= 1, got {FLAGS.seeds}")
-    unknown = [a for a in FLAGS.arms if a not in compare.ARM_KINDS]
-    errors.require(not unknown and bool(FLAGS.arms), "arms",
-                   f"must list arms of {compare.ARM_KINDS}, got {','.join(FLAGS.arms) or 'none'}")
-    errors.require(not config.train_clients and not config.pool_clients, "train_clients",
-                   "and --pool_clients choose the arms' clients themselves; drop them")
+  def job(settings: tuple[config_lib.RunConfig, dict]):
+    # lazy: TensorFlow and TFF load only after the flags are checked.
+    from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
+    from tff_sam.federated.program import compare  # pylint: disable=g-import-not-at-top
+    config, lora = settings
     execution.configure_tff_execution(execution=config.execution,
                                       num_subrounds=config.num_subrounds,
                                       workers=config.workers,
@@ -63,7 +70,7 @@ def main(argv):
                            arms=tuple(FLAGS.arms), lora=lora,
                            fresh=FLAGS.fresh)
 
-  return runtime.run_job(job, cleanup=local_worker.end_local_workers)
+  return runtime.run_job(job, settings=_settings, cleanup=runtime.end_local_workers_if_loaded)
 
 
 if __name__ == "__main__":

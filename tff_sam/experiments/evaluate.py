@@ -42,11 +42,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   runtime.begin_binary(argv)
-  # lazy: TensorFlow loads only after the flags parsed (a fast --help).
-  from tff_sam import fileio  # pylint: disable=g-import-not-at-top
-  from tff_sam.evaluation import heldout  # pylint: disable=g-import-not-at-top
 
   def job():
+    # lazy: TensorFlow loads only after the flags are parsed.
+    from tff_sam import fileio  # pylint: disable=g-import-not-at-top
+    from tff_sam.evaluation import heldout  # pylint: disable=g-import-not-at-top
     result = heldout.evaluate_folder(
         model=FLAGS.model, data_dir=FLAGS.data_dir, data_name=FLAGS.data, split=FLAGS.split,
         prompts=FLAGS.prompt, binary_components=FLAGS.binary_components,

@@ -45,23 +45,28 @@ def _numbers(text: str, flag: str, counts: tuple[int, ...]) -> list[float]:
   return values
 
 
+def _settings() -> tuple[list, list]:
+  """(boxes, points) parsed from their flags, `--image` checked."""
+  if not FLAGS.image:
+    raise errors.ConfigError("image", "is required")
+  return ([_numbers(b, "box", (4,)) for b in FLAGS.box],
+          [_numbers(p, "point", (2, 3)) for p in FLAGS.point])
+
+
 def main(argv):
   runtime.begin_binary(argv)
-  # lazy: TensorFlow loads only after the flags parsed (a fast --help).
-  from tff_sam.evaluation import inference  # pylint: disable=g-import-not-at-top
 
-  def job():
-    if not FLAGS.image:
-      raise errors.ConfigError("image", "is required")
-    boxes = [_numbers(b, "box", (4,)) for b in FLAGS.box]
-    points = [_numbers(p, "point", (2, 3)) for p in FLAGS.point]
+  def job(prompts: tuple[list, list]):
+    # lazy: TensorFlow loads only after the flags are checked.
+    from tff_sam.evaluation import inference  # pylint: disable=g-import-not-at-top
+    boxes, points = prompts
     written = inference.predict_paths(
         model=FLAGS.model, image=FLAGS.image, boxes=boxes, points=points,
         output=FLAGS.output, mask_out=FLAGS.mask_out, cache_dir=FLAGS.cache_dir)
     for path in written:
       print(path)
 
-  return runtime.run_job(job)
+  return runtime.run_job(job, settings=_settings)
 
 
 if __name__ == "__main__":

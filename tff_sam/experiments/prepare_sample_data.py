@@ -9,7 +9,7 @@ A complete dataset already at the output directory is reused as is.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's import: errors only.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # If anything loads TensorFlow: errors only.
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -37,7 +37,7 @@ def main(argv: list) -> int:
       role = "held-out" if sample_data.is_test_site(site) else "client"
       print(f"  {site:<14} {role:<8} {entry['frames']:>3} frames {entry['objects']:>6} objects")
 
-  return runtime.run_job(job)
+  return runtime.run_job(job, tensorflow=False)  # Reads and writes files only.
 
 
 if __name__ == "__main__":

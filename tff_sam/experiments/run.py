@@ -261,20 +261,18 @@ def flag_values(names: tuple[str, ...]) -> dict:
 def main(argv):
   # -v 0 shows the per-round release log.
   runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
-  # lazy: TensorFlow and TFF load only after the flags parsed (a fast --help).
-  from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated.backends import local_worker  # pylint: disable=g-import-not-at-top
-  from tff_sam.federated.program import program  # pylint: disable=g-import-not-at-top
 
-  def job():
-    config = config_from_flags()
+  def job(config: config_lib.RunConfig):
+    # lazy: TensorFlow and TFF load only after the flags are checked.
+    from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
+    from tff_sam.federated.program import program  # pylint: disable=g-import-not-at-top
     execution.configure_tff_execution(execution=config.execution,
                                       num_subrounds=config.num_subrounds,
                                       workers=config.workers,
                                       worker_timeout=config.worker_timeout)
     program.run_experiment(config, fresh=FLAGS.fresh)
 
-  return runtime.run_job(job, cleanup=local_worker.end_local_workers)
+  return runtime.run_job(job, settings=config_from_flags, cleanup=runtime.end_local_workers_if_loaded)
 
 
 if __name__ == "__main__":

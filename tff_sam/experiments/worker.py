@@ -32,8 +32,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  runtime.begin_binary(argv)
   # lazy: keeps `--help` fast; this binary never imports TensorFlow.
   from tff_sam.federated.backends import worker_server  # pylint: disable=g-import-not-at-top
 
@@ -68,7 +67,7 @@ def main(argv):
                            + (" (killed by a signal; the kernel's out-of-memory killer? see "
                               "`dmesg`)" if code < 0 else ""))
 
-  return runtime.run_job(job)
+  return runtime.run_job(job, tensorflow=False)
 
 
 if __name__ == "__main__":

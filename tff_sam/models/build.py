@@ -14,9 +14,12 @@ import hashlib
 import json
 import logging
 import re
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Optional
 
+import huggingface_hub
 import numpy as np
 import tensorflow as tf
 from transformers import TFSamModel
@@ -77,8 +80,28 @@ def _build_tiny() -> tf.keras.Model:
 
 
 # Hub ids of SAM checkpoints transformers can load; the nearest-name suggestions.
+TF_WEIGHTS = "tf_model.h5"  # What `TFSamModel.from_pretrained` reads from a directory.
 KNOWN_HUB_IDS = ("facebook/sam-vit-base", "facebook/sam-vit-large", "facebook/sam-vit-huge")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+  """Whether the Hugging Face Hub answers a TCP connection within `timeout` seconds
+  (and `HF_HUB_OFFLINE` is not set)."""
+  if huggingface_hub.constants.HF_HUB_OFFLINE:
+    return False
+  url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+  try:
+    with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
+def _hub_cached(name: str) -> Optional[str]:
+  """The cached `config.json` of hub id `name`, None if it was never downloaded."""
+  found = huggingface_hub.try_to_load_from_cache(name, "config.json")
+  return found if isinstance(found, str) else None
 
 
 def _unknown_model_error(name: str) -> errors.ModelError:
@@ -103,11 +126,28 @@ def _from_pretrained(name: str) -> tf.keras.Model:
       raise errors.ModelError(
           f"--model {name}: no config.json in that directory (expected a folder written by "
           "save_pretrained, e.g. a run's model/)")
+    if not (local / TF_WEIGHTS).is_file():
+      found = sorted(p.name for p in local.glob("*") if p.suffix in (".bin", ".safetensors"))
+      raise errors.ModelError(
+          f"--model {name}: no TensorFlow weights ({TF_WEIGHTS}) in that directory"
+          + (f", only PyTorch ones ({', '.join(found)})" if found else "")
+          + "; this project reads TensorFlow weights: pass a directory this project wrote "
+          f"(a run's model/), --model {config_lib.MOBILE_SAM_MODEL}, or a hub id such as "
+          f"{KNOWN_HUB_IDS[0]}")
   elif name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
     # Not a directory and not shaped like a hub id: never ask the hub (it would retry).
     raise _unknown_model_error(name)
+  offline = not local.exists() and not _hub_reachable()
+  if offline and _hub_cached(name) is None:
+    # Offline: huggingface_hub would retry each file for half a minute, then fail.
+    raise errors.ModelError(
+        f"--model {name}: the Hugging Face Hub ({huggingface_hub.constants.ENDPOINT}) cannot "
+        "be reached and the model is not in its cache; offline, pass a local directory "
+        f"written by save_pretrained (e.g. a run's model/) or --model "
+        f"{config_lib.MOBILE_SAM_MODEL}")
   try:
-    return TFSamModel.from_pretrained(str(local) if local.exists() else name)
+    return TFSamModel.from_pretrained(str(local) if local.exists() else name,
+                                      local_files_only=offline)  # Offline: its cached copy.
   except (OSError, ValueError, EnvironmentError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise errors.ModelError(

@@ -41,6 +41,7 @@ import numpy as np
 
 from tff_sam import config as config_lib
 from tff_sam import fileio
+from tff_sam import output_folder
 from tff_sam.data import discovery
 from tff_sam.evaluation import plots
 from tff_sam.federated.program import program
@@ -54,7 +55,7 @@ FEDERATED = "federated"
 FED_LORA = "fed_lora"
 WITHOUT = "without"
 # The arms `plan_arms` can make (`local` stands for every `local/<site>`).
-ARM_KINDS = (ZERO_SHOT, LOCAL, CENTRALIZED, FEDERATED, FED_LORA)
+ARM_KINDS = config_lib.COMPARE_ARMS  # (ZERO_SHOT, LOCAL, CENTRALIZED, FEDERATED, FED_LORA)
 LORA_SETTINGS = config_lib.LORA_SETTINGS  # What `plan_arms(lora=...)` may set.
 METRICS = ("dice", "iou", "msa", "sa50")
 COMPARE_FILE = "compare.json"
@@ -332,10 +333,19 @@ def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
     The contents of `compare.json`.
 
   Raises:
-    errors.UserError: Bad data or settings (one line), as the program raises them.
+    errors.UserError: Bad data or settings (one line), as the program raises them;
+      `root` cannot be written or another command holds it.
   """
   base.validate()
-  root = Path(root or base.output_dir).expanduser()
+  with output_folder.claim(root or base.output_dir) as root:
+    return _run_comparison(base, root=root, seeds=seeds, leave_one_site_out=leave_one_site_out,
+                           arms=arms, lora=lora, fresh=fresh, log=log)
+
+
+def _run_comparison(base: config_lib.RunConfig, *, root: Path, seeds: int,
+                    leave_one_site_out: bool, arms: Sequence[str], lora: Optional[dict],
+                    fresh: bool, log: Callable[[str], None]) -> dict:
+  """`run_comparison` in its claimed folder `root`."""
   cache_root = Path(base.cache_dir).expanduser() if base.cache_dir else fileio.default_cache_dir()
   splits = run_data.prepare_data(base, cache_root)
   planned = plan_arms(base, splits=splits, seeds=seeds, root=root,

@@ -29,8 +29,8 @@ No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
 """
 
 import collections
+import contextlib
 import dataclasses
-import datetime
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -43,6 +43,7 @@ from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.data import pipeline
 from tff_sam import errors
+from tff_sam import output_folder
 from tff_sam.evaluation import heldout
 from tff_sam.evaluation import plots
 from tff_sam.export import pretrained
@@ -138,11 +139,17 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
     errors.UserError: Bad data, model or settings (one-line message), or a backend
       failure (`failures.user_errors`): the local worker died (e.g. out of memory;
       TFF itself would retry the round forever), a remote worker was lost or failed,
-      or the device ran out of memory.
+      or the device ran out of memory; `output_dir` cannot be written or another
+      command holds it (`output_folder.claim`).
   """
   config.validate()
-  out = Path(config.output_dir).expanduser()
-  out.mkdir(parents=True, exist_ok=True)
+  with output_folder.claim(config.output_dir) as out, output_folder.writing_errors():
+    return _run_in_folder(config, out, fresh=fresh, log=log)
+
+
+def _run_in_folder(config: config_lib.RunConfig, out: Path, *, fresh: bool,
+                   log: Callable[[str], None]) -> dict:
+  """`run_experiment` in its claimed folder `out`: resume, report complete, or run."""
   local_worker.end_orphaned_local_workers(out / run_folder.WORKERS_FILE)
   versions = [] if fresh else run_folder.saved_versions(out)
   if versions or (config.rounds == 0 and not fresh):
@@ -278,6 +285,20 @@ def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
   run = _Run(config=config, out=Path(config.output_dir).expanduser(), versions=versions,
              progress=progress, log=log)
   _start_invocation(run)
+  try:
+    return _run_phases(run)
+  except BaseException as e:  # Ctrl-C, SIGTERM (`runtime.run_job`), an error: how far it got.
+    how = ({"interrupted": True} if isinstance(e, KeyboardInterrupt) else
+           {"error": str(e) if isinstance(e, errors.UserError) else type(e).__name__})
+    with contextlib.suppress(OSError):  # E.g. the disk is full: the error says so.
+      run.record_invocation(rounds_done=max(run_folder.saved_versions(run.out), default=0),
+                            **how)
+    raise
+
+
+def _run_phases(run: _Run) -> dict:
+  """Data, task, rounds, evaluation, export and summary of a started invocation."""
+  config = run.config
   data = _prepare_training_data(run)
   held_out = _prepare_held_out(run, data)
   task = _build_task(run, data, held_out)
@@ -298,17 +319,16 @@ def _start_invocation(run: _Run) -> None:
   config, out, versions = run.config, run.out, run.versions
   if not versions:
     run_folder.start_fresh(out)
+  elif duplicated := run_folder.rewrite_saved_metrics(out, max(versions)):  # As saved.
+    run.log(f"  metrics.csv had round(s) {', '.join(map(str, duplicated))} more than once; "
+            "kept the last row of each")
   fileio.write_text(out / "config.json", config.to_json() + "\n")
   run.log(remote_workers.describe_workers(config.workers, config.num_subrounds)
           if config.workers else execution.describe_execution(config.execution))
   if config.execution == config_lib.TF_EXECUTION and config.clients_per_subround:
     run.log(f"  --clients_per_subround={config.clients_per_subround} has no effect under "
             "--execution=tf: its clients are accumulated one at a time anyway")
-  run.invocations = run_folder.read_invocations(out) if versions else []
-  run.invocations.append({
-      "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-      "resumed_after_round": max(versions) if versions else None,
-      "rounds_done": max(versions) if versions else 0, "wall_time_s": 0.0, "finished": False})
+  run.invocations = run_folder.begin_invocation(out, versions)
   run.record_invocation()
 
 
@@ -380,8 +400,6 @@ def _build_task(run: _Run, data: _TrainingData, held_out: _HeldOut) -> tasks.Tas
       progress_dir=out / run_folder.PROGRESS_DIR, site_weights=data.site)
   if task.adapter is not None:
     run.log(adapted.describe_adapters(task.model, task.adapter.site))
-  if run.versions:
-    run_folder.check_saved_metrics(out, max(run.versions))
   tf_execution.compile_computations(
       task.training_process.next,
       *([task.evaluation_process.next] if task.evaluation_process is not None else []))

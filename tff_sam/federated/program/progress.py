@@ -27,9 +27,12 @@ def read_batches(path: Path) -> int:
 
 
 def describe(done: Mapping[str, int], *, expected: Mapping[str, int], batch_size: int,
-             images: Mapping[str, int], elapsed: float, round_num: int) -> str:
-  """The progress line: clients finished, images trained, seconds elapsed."""
-  finished = sum(done.get(c, 0) >= n for c, n in expected.items())
+             images: Mapping[str, int], elapsed: float, round_num: int,
+             finished: Optional[int] = None) -> str:
+  """The progress line: clients finished (default: counted from `done`), images
+  trained, seconds elapsed."""
+  if finished is None:
+    finished = sum(done.get(c, 0) >= n for c, n in expected.items())
   trained = sum(min(done.get(c, 0) * batch_size, images[c]) for c in expected)
   return (f"  round {round_num}: {finished}/{len(expected)} clients done, "
           f"{trained}/{sum(images.values())} images trained, {elapsed:.0f} s")
@@ -92,18 +95,28 @@ class RoundProgress:
     """Looks at the files once; reports newly finished clients; returns batches done."""
     done = {c: read_batches(self.progress_dir / c) for c in self.expected}
     elapsed = time.monotonic() - self._start
-    line = describe(done, expected=self.expected, batch_size=self.batch_size,
-                    images=self.images, elapsed=elapsed, round_num=self.round_num)
+    args = dict(expected=self.expected, batch_size=self.batch_size, images=self.images,
+                elapsed=elapsed, round_num=self.round_num)
     if self.tty:
-      self.stream.write("\r\033[K" + line)
+      self.stream.write("\r\033[K" + describe(done, **args))
       self.stream.flush()
       self._shown = True
       return done
-    for client, n in self.expected.items():
-      if done[client] >= n and client not in self.reported:
-        self.reported.add(client)
-        self.log(f"{line}  ({client.rsplit('@', 1)[0]} finished)")
+    # Clients that finished since the last look, in the order they did (their files'
+    # last writes): the k-th says k clients done, even when several finished at once.
+    newly = sorted((c for c, n in self.expected.items()
+                    if done[c] >= n and c not in self.reported), key=self._finished_at)
+    for client in newly:
+      self.reported.add(client)
+      line = describe(done, finished=len(self.reported), **args)
+      self.log(f"{line}  ({client.rsplit('@', 1)[0]} finished)")
     return done
+
+  def _finished_at(self, client: str) -> float:
+    try:
+      return (self.progress_dir / client).stat().st_mtime
+    except OSError:
+      return float("inf")
 
   def _run(self) -> None:
     while not self._stop.wait(self.interval):

@@ -8,6 +8,7 @@ complete (`completed_summary`), or start it afresh (`start_fresh`).
 import asyncio
 import csv
 import dataclasses
+import datetime
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ import tensorflow_federated as tff
 
 from tff_sam import config as config_lib
 from tff_sam import errors
+from tff_sam import fileio
 from tff_sam.federated.program import best_model
 from tff_sam.federated.program import releases
 
@@ -134,6 +136,23 @@ def read_invocations(out: Path) -> list[dict]:
   return entries if isinstance(entries, list) else []
 
 
+def begin_invocation(out: Path, versions: list[int]) -> list[dict]:
+  """`invocations.json`'s entries with a new one for this command, which starts fresh
+  (no `versions`) or resumes after the newest of `versions`.
+
+  An earlier command that ended without its bookkeeping (`kill -9` between a round's
+  saved state and its entry) gets the rounds its saved states show.
+  """
+  entries = read_invocations(out) if versions else []
+  if entries and not entries[-1].get("finished"):
+    entries[-1]["rounds_done"] = max(versions)
+  entries.append({
+      "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "resumed_after_round": max(versions) if versions else None,
+      "rounds_done": max(versions) if versions else 0, "wall_time_s": 0.0, "finished": False})
+  return entries
+
+
 def parse_metric(value: Optional[str]) -> Optional[float]:
   """A `metrics.csv` cell as a number (None if empty)."""
   return float(value) if value not in (None, "") else None
@@ -159,9 +178,41 @@ def summarize_metrics(rows: list[dict]) -> dict:
   return {"baseline": scores(rows[0]), "final": scores(evaluated[-1]), "aggregation": totals}
 
 
-def check_saved_metrics(out: Path, version: int) -> None:
-  """A saved state needs `metrics.csv` rows from round 0 on (they are released first)."""
-  rows = [r for r in read_metrics_csv(out / "metrics.csv") if int(r["round"]) <= version]
-  if not rows or rows[0]["round"] != "0":
-    raise errors.DataError(out / STATE_DIR, "saved state is unreadable or metrics.csv lacks "
-                           "its rounds; pass --fresh to start over")
+def rewrite_saved_metrics(out: Path, version: int) -> list[int]:
+  """Rewrites `metrics.csv` to hold exactly rounds 0..`version`, the saved state's.
+
+  A resumed run continues from its saved state, so the file must agree with it: a row
+  released twice for one round (the later one kept), or rows of rounds past the saved
+  state, are dropped. A missing round cannot be recomputed, so it is refused.
+
+  Returns:
+    The rounds whose duplicate rows were dropped.
+
+  Raises:
+    errors.DataError: `metrics.csv` lacks a round of the saved state.
+  """
+  path = out / "metrics.csv"
+  if path.exists():
+    with open(path, newline="") as f:
+      reader = csv.DictReader(f)
+      fields, rows = reader.fieldnames or [], list(reader)
+  else:
+    fields, rows = [], []
+  by_round: dict[int, dict] = {}
+  duplicated = []
+  for row in rows:
+    r = int(row[releases.ROUND_KEY])
+    if r <= version:
+      if r in by_round:
+        duplicated.append(r)
+      by_round[r] = row
+  missing = sorted(set(range(version + 1)) - set(by_round))
+  if missing:
+    raise errors.DataError(path, f"lacks round(s) {', '.join(map(str, missing))} of the saved "
+                           f"state (round {version}); pass --fresh to start over")
+  if duplicated or len(by_round) != len(rows):
+    with fileio.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=fields)
+      writer.writeheader()
+      writer.writerows(by_round[r] for r in range(version + 1))
+  return sorted(set(duplicated))
