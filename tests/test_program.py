@@ -257,6 +257,9 @@ _PROBE = ("import atexit, runpy, sys\n"
     (["export", "--model=m", "--format=pt"], "error: --format: must be one of"),
     (["predict"], "error: --image: is required"),
     (["run", "runs/x"], "error: unexpected arguments: runs/x (flags are written --name=value"),
+    (["run", "--nosuchflag"], "error: Unknown command line flag 'nosuchflag' (--help lists"),
+    (["run", "--flagfile=/nonexistent/f"], "error: Unable to open flagfile: [Errno 2] No such"),
+    (["bench", "--rounds=abc"], "error: flag --rounds=abc: invalid literal for int()"),
 ])
 def test_flag_mistakes_are_answered_before_tensorflow_loads(args, line):
   """One line, exit 1, and TensorFlow never imported (it takes seconds to load)."""

@@ -20,6 +20,7 @@ import tempfile
 from typing import Any, Callable, Iterator, Optional
 
 from absl import app
+from absl import flags
 from absl import logging as absl_logging
 import psutil
 
@@ -60,7 +61,8 @@ HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
 
 
 def parse_flags(argv: list[str], *, usage: Optional[Callable[[], str]] = None) -> list[str]:
-  """absl's flag parsing (`app.run`'s `flags_parser`), with `--help` exiting 0.
+  """absl's flag parsing (`app.run`'s `flags_parser`), with `--help` exiting 0 and a
+  flag mistake absl finds (unknown flag, bad value, missing flag file) one `error:` line.
 
   Args:
     argv: The command line.
@@ -68,7 +70,7 @@ def parse_flags(argv: list[str], *, usage: Optional[Callable[[], str]] = None) -
       flags.
 
   Raises:
-    SystemExit: 0 after `--help`; absl's own on a bad flag.
+    SystemExit: 0 after `--help`; 1 on a flag mistake.
   """
   if any(a in HELP_ARGS for a in argv[1:]):
     try:
@@ -79,7 +81,12 @@ def parse_flags(argv: list[str], *, usage: Optional[Callable[[], str]] = None) -
     except BrokenPipeError:  # `--help | head`
       pass
     raise SystemExit(0)
-  return app.parse_flags_with_usage(argv)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # An unknown flag, a bad value, a missing --flagfile.
+    message = " ".join(str(e).split()).removeprefix("ERROR:: ")
+    print(f"error: {message} (--help lists the flags)", file=sys.stderr)
+    raise SystemExit(1) from None
 
 
 def begin_binary(argv: list[str], *, warnings_only: bool = True) -> None:
