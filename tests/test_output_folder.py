@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 
 from tff_sam import errors
 from tff_sam import output_folder
@@ -150,9 +151,23 @@ def test_an_unwritable_folder_is_one_line_and_leaves_nothing(tmp_path, monkeypat
 def test_writing_errors_name_the_file_and_pass_other_errors_on(tmp_path):
   path = tmp_path / "metrics.csv"
   with pytest.raises(errors.DataError) as info:
-    with output_folder.writing_errors():
+    with output_folder.writing_errors(tmp_path):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
   assert str(info.value).startswith(f"{path}: cannot be written (No space left on device); ")
   with pytest.raises(FileNotFoundError):
-    with output_folder.writing_errors():
+    with output_folder.writing_errors(tmp_path):
       raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+
+def test_tensorflow_failing_to_write_a_full_disk_is_one_line(tmp_path):
+  """TF's checkpoint writer (the saved state) reports ENOSPC as its own error."""
+  tf_error = tf.errors.ResourceExhaustedError(
+      None, None, f"{tmp_path}/state/round_1_temp2/variables/x.tempstate1; No space left on "
+      "device [Op:SaveV2]")
+  with pytest.raises(errors.DataError) as info:
+    with output_folder.writing_errors(tmp_path):
+      raise tf_error
+  assert str(info.value).startswith(f"{tmp_path}: cannot be written (No space left on device)")
+  with pytest.raises(tf.errors.ResourceExhaustedError):  # Out of memory is not a disk.
+    with output_folder.writing_errors(tmp_path):
+      raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")

@@ -14,8 +14,9 @@ other's results, so every command that writes a folder of results (`run` and eac
 * the lock file holds that process's pid and command line (what the second
   command reports). Writing it also proves the folder writable, with space left.
 
-`writing_errors` turns the `OSError`s of writing results later on (no space left,
-the disk turned read-only) into one `UserError` naming the file.
+`writing_errors` turns the errors of writing results later on (no space left, the
+disk turned read-only), Python's or TensorFlow's, into one `UserError` naming the
+file or folder.
 """
 
 import contextlib
@@ -128,15 +129,28 @@ def claim(folder: Union[str, os.PathLike]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def writing_errors() -> Iterator[None]:
-  """Turns an `OSError` of `WRITE_ERRNOS` raised in the body into one `UserError`
-  naming the file (no space left, a read-only disk, no permission)."""
+def writing_errors(folder: Union[str, os.PathLike]) -> Iterator[None]:
+  """Turns a failed write in the body into one `UserError`: an `OSError` of
+  `WRITE_ERRNOS` (naming its file), or TensorFlow's error for the same causes (its
+  checkpoint writer reports a full disk as `ResourceExhaustedError`; naming `folder`).
+  """
   try:
     yield
   except OSError as e:
     if e.errno not in WRITE_ERRNOS:
       raise
-    where = e.filename or "an output file"
-    raise errors.DataError(where, f"cannot be written ({e.strerror}); what was saved is "
-                           "kept: free space or fix the folder, then run the same command "
-                           "again (a run resumes from its last saved round)") from None
+    raise _cannot_write(e.filename or folder, e.strerror) from None
+  except Exception as e:  # pylint: disable=broad-except  # Only TensorFlow's, by cause.
+    reason = next((r for r in _WRITE_REASONS if r in str(e)), None)
+    if reason is None or not type(e).__module__.startswith("tensorflow"):
+      raise
+    raise _cannot_write(folder, reason) from None
+
+
+_WRITE_REASONS = tuple(os.strerror(n) for n in WRITE_ERRNOS)  # "No space left on device", ...
+
+
+def _cannot_write(path: object, reason: str) -> errors.DataError:
+  return errors.DataError(path, f"cannot be written ({reason}); what was saved is kept: free "
+                          "space or fix the folder, then run the same command again (a run "
+                          "resumes from its last saved round)")

@@ -143,7 +143,7 @@ def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
       command holds it (`output_folder.claim`).
   """
   config.validate()
-  with output_folder.claim(config.output_dir) as out, output_folder.writing_errors():
+  with output_folder.claim(config.output_dir) as out, output_folder.writing_errors(out):
     return _run_in_folder(config, out, fresh=fresh, log=log)
 
 
