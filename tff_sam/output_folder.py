@@ -45,13 +45,11 @@ def _create(folder: Path) -> list[Path]:
     made.append(path)
   try:
     folder.mkdir(parents=True, exist_ok=True)
-  except FileExistsError:
+  except FileExistsError:  # `exist_ok` covers folders only: a file is in the way.
     raise errors.DataError(folder, "is a file, not a folder; choose another output "
                            "folder") from None
   except OSError as e:
     raise errors.DataError(folder, f"cannot be created ({e.strerror})") from None
-  if not folder.is_dir():
-    raise errors.DataError(folder, "is a file, not a folder; choose another output folder")
   return made
 
 

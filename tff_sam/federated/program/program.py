@@ -164,7 +164,7 @@ def _run_in_folder(config: config_lib.RunConfig, out: Path, *, fresh: bool,
   progress = {"section": "setup"}
   with failures.user_errors(progress, pid_file=out / run_folder.WORKERS_FILE):
     try:
-      return _run_experiment(config, versions=versions, log=log, progress=progress)
+      return _run_experiment(config, out=out, versions=versions, log=log, progress=progress)
     finally:  # Its graphs and sessions (`tf`): a process may run more programs (compare).
       execution.release_computations()
 
@@ -276,14 +276,13 @@ class _HeldOut:
   last_eval: dict[int, heldout.EvalResult] = dataclasses.field(default_factory=dict)
 
 
-def _run_experiment(config: config_lib.RunConfig, *, versions: list[int],
+def _run_experiment(config: config_lib.RunConfig, *, out: Path, versions: list[int],
                     log: Callable[[str], None], progress: dict[str, str]) -> dict:
   """`run_experiment`'s body, phase by phase; keeps `progress["section"]` up to date.
 
   `versions` are the saved rounds to resume from (empty: start fresh).
   """
-  run = _Run(config=config, out=Path(config.output_dir).expanduser(), versions=versions,
-             progress=progress, log=log)
+  run = _Run(config=config, out=out, versions=versions, progress=progress, log=log)
   _start_invocation(run)
   try:
     return _run_phases(run)

@@ -210,7 +210,7 @@ def rewrite_saved_metrics(out: Path, version: int) -> list[int]:
   if missing:
     raise errors.DataError(path, f"lacks round(s) {', '.join(map(str, missing))} of the saved "
                            f"state (round {version}); pass --fresh to start over")
-  if duplicated or len(by_round) != len(rows):
+  if len(by_round) != len(rows):  # A duplicate, or rows past the saved state.
     with fileio.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=fields)
       writer.writeheader()
