@@ -315,8 +315,8 @@ def test_out_of_memory_becomes_its_own_error(monkeypatch):
 
 
 def test_program_turns_out_of_memory_into_one_line_naming_the_round(tmp_path, monkeypatch):
-  def out_of_memory(config, *, versions, log, progress):
-    del config, versions, log
+  def out_of_memory(config, *, out, versions, log, progress):
+    del config, out, versions, log
     progress["section"] = "round 2"
     raise tf_execution.OutOfDeviceMemory("OOM when allocating tensor with shape[4,256,64,64]")
 
