@@ -81,7 +81,15 @@ UPLOAD_SETTINGS = ("dp_noise_multiplier", *DP_SETTINGS, "secure_aggregation",
                    "update_compression")
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("dice_ce", "bce", "focal_dice")
-SERVER_OPTIMIZERS = ("sgd", "adam")
+# The server's optimizer of the averaged update (TFF's `tff.learning.optimizers`) and
+# the settings each one reads (a setting given for another optimizer is refused).
+SERVER_OPTIMIZER_SETTINGS = {
+    "sgd": (),
+    "sgdm": ("server_momentum",),
+    "adam": ("server_beta_1", "server_beta_2", "server_epsilon"),
+    "yogi": ("server_beta_1", "server_beta_2", "server_epsilon"),
+}
+SERVER_OPTIMIZERS = tuple(SERVER_OPTIMIZER_SETTINGS)
 CLIENT_OPTIMIZERS = ("adam", "sgd")
 # Where TFF runs the rounds (`--execution`): TensorFlow in this process from TFF's
 # compiled forms (`federated.tf_execution`; CPU or GPUs; the default) or TFF's C++
@@ -235,6 +243,12 @@ class RunConfig:
   client_lr: float = 1e-5
   server_optimizer: str = "sgd"
   server_lr: float = 1.0
+  # `sgdm`'s momentum; `adam`'s and `yogi`'s decay rates and epsilon (1e-3, the
+  # adaptivity of "Adaptive Federated Optimization", not Keras' 1e-7).
+  server_momentum: float = 0.9
+  server_beta_1: float = 0.9
+  server_beta_2: float = 0.99
+  server_epsilon: float = 1e-3
   loss: str = "dice_ce"
   # Robust aggregation (see `tff_sam.federated`).
   zeroing: bool = True
@@ -330,9 +344,7 @@ class RunConfig:
     errors.require(not self.workers or self.execution == CPP_EXECUTION, "workers",
                    "runs the rounds on TFF's C++ workers; it cannot be combined with "
                    f"--execution={self.execution} (drop one)")
-    errors.require(self.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer",
-                   f"must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
-    errors.require(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
+    self._validate_server_optimizer()
     errors.require(self.loss in LOSSES, "loss", f"must be one of {LOSSES}, got {self.loss!r}")
     for flag in ("zeroing_quantile", "clipping_quantile"):
       value = getattr(self, flag)
@@ -392,6 +404,23 @@ class RunConfig:
     errors.require(self.update_compression == NO_COMPRESSION or not self.differential_privacy,
                    "update_compression", "cannot be combined with --dp_noise_multiplier here "
                    "(the DP sum is of float clipped updates; compressing them is not built)")
+
+  def _validate_server_optimizer(self) -> None:
+    errors.require(self.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer",
+                   f"must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+    errors.require(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    used = SERVER_OPTIMIZER_SETTINGS[self.server_optimizer]
+    for flag in sorted({f for fs in SERVER_OPTIMIZER_SETTINGS.values() for f in fs} - set(used)):
+      readers = " or ".join(n for n, fs in SERVER_OPTIMIZER_SETTINGS.items() if flag in fs)
+      errors.require(getattr(self, flag) == defaults[flag], flag,
+                     f"is set but --server_optimizer={self.server_optimizer} does not use it; "
+                     f"drop it or pass --server_optimizer={readers}")
+    for flag in ("server_momentum", "server_beta_1", "server_beta_2"):
+      value = getattr(self, flag)
+      errors.require(0.0 <= value < 1.0, flag, f"must be in [0, 1), got {value}")
+    errors.require(self.server_epsilon > 0, "server_epsilon",
+                   f"must be > 0, got {self.server_epsilon}")
 
   def _validate_adapter(self) -> None:
     errors.require(self.adapter in ADAPTERS, "adapter",

@@ -104,8 +104,18 @@ flags.DEFINE_enum("client_optimizer", _F["client_optimizer"], config_lib.CLIENT_
                   "Optimizer of the clients' local steps (sgd = plain, no momentum).")
 flags.DEFINE_float("client_lr", _F["client_lr"], "Client learning rate.")
 flags.DEFINE_enum("server_optimizer", _F["server_optimizer"], config_lib.SERVER_OPTIMIZERS,
-                  "Server optimizer applied to the averaged update.")
+                  "Server optimizer applied to the averaged update (TFF's own): sgd (FedAvg "
+                  "with --server_lr=1), sgdm (with --server_momentum), adam or yogi (FedAdam, "
+                  "FedYogi: --server_beta_1, --server_beta_2, --server_epsilon).")
 flags.DEFINE_float("server_lr", _F["server_lr"], "Server learning rate.")
+flags.DEFINE_float("server_momentum", _F["server_momentum"], "--server_optimizer=sgdm: momentum.")
+flags.DEFINE_float("server_beta_1", _F["server_beta_1"],
+                   "--server_optimizer=adam|yogi: decay rate of the first moment.")
+flags.DEFINE_float("server_beta_2", _F["server_beta_2"],
+                   "--server_optimizer=adam|yogi: decay rate of the second moment.")
+flags.DEFINE_float("server_epsilon", _F["server_epsilon"],
+                   "--server_optimizer=adam|yogi: epsilon, the degree of adaptivity (1e-3 as "
+                   "in 'Adaptive Federated Optimization'; smaller is more adaptive).")
 flags.DEFINE_enum("loss", _F["loss"], config_lib.LOSSES, "Mask loss.")
 # Robust aggregation.
 flags.DEFINE_boolean("zeroing", _F["zeroing"],
@@ -200,6 +210,7 @@ HELP_GROUPS = (
                                    "client_lr", "loss", "seed")),
     ("federated (rounds and aggregation)", (
         "rounds", "clients_per_round", "clients_per_subround", "server_optimizer", "server_lr",
+        "server_momentum", "server_beta_1", "server_beta_2", "server_epsilon",
         "zeroing", "zeroing_quantile", "zeroing_multiplier", "clipping", "clipping_quantile",
         "clipping_initial_norm", "execution", "workers", "worker_timeout")),
     ("privacy and communication", ("algorithm", "proximal_strength", "dp_noise_multiplier",

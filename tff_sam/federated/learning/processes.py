@@ -69,7 +69,7 @@ def build_model_fn(*, sam_config, input_spec, prompt: str, loss: str,
 
 
 def build_optimizer(name: str, learning_rate: float):
-  """A `tff.learning.optimizers` optimizer: `sgd` (plain, no momentum) or `adam`."""
+  """A client's `tff.learning.optimizers` optimizer: `sgd` (plain, no momentum) or `adam`."""
   if name == "sgd":
     return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
   if name == "adam":
@@ -77,16 +77,42 @@ def build_optimizer(name: str, learning_rate: float):
   raise ValueError(f"unknown optimizer {name!r}")
 
 
-def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
-                           server_lr: float, client_optimizer: str = "adam",
+def build_server_optimizer(*, name: str, learning_rate: float, momentum: float = 0.9,
+                           beta_1: float = 0.9, beta_2: float = 0.99, epsilon: float = 1e-3):
+  """The server's `tff.learning.optimizers` optimizer of the averaged update.
+
+  Args:
+    name: `sgd` (FedAvg at learning rate 1), `sgdm` (with `momentum`), `adam` or
+      `yogi` (FedAdam, FedYogi of "Adaptive Federated Optimization", with `beta_1`,
+      `beta_2` and `epsilon`, the adaptivity).
+    learning_rate: The server learning rate.
+    momentum: `sgdm`'s momentum.
+    beta_1: `adam`'s and `yogi`'s first-moment decay.
+    beta_2: Their second-moment decay.
+    epsilon: Their epsilon.
+  """
+  optimizers = tff.learning.optimizers
+  if name == "sgd":
+    return optimizers.build_sgdm(learning_rate=learning_rate)
+  if name == "sgdm":
+    return optimizers.build_sgdm(learning_rate=learning_rate, momentum=momentum)
+  moments = dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+  if name == "adam":
+    return optimizers.build_adam(**moments)
+  if name == "yogi":
+    return optimizers.build_yogi(**moments)
+  raise ValueError(f"unknown server optimizer {name!r}")
+
+
+def build_training_process(*, model_fn, client_lr: float, server_optimizer,
+                           client_optimizer: str = "adam",
                            model_aggregator=None,
                            loop_implementation: str = "dataset_iterator",
                            algorithm: str = "fedavg", proximal_strength: float = 0.0):
   """FedAvg or FedProx (`tff.learning.algorithms.build_{weighted,unweighted}_fed_{avg,prox}`).
 
   Clients run `client_optimizer` (Adam by default) at `client_lr` for their local
-  epochs; the server applies the mean update with `server_optimizer` at
-  `server_lr`. The mean is example-weighted, unless `model_aggregator` is an
+  epochs; the server applies the mean update with `server_optimizer`. The mean is example-weighted, unless `model_aggregator` is an
   unweighted factory (differential privacy): then every client counts once.
   FedProx adds `proximal_strength / 2 * ||w - w_global||^2` to each client's loss. The client loop iterates the dataset
   (`LoopImplementation.DATASET_ITERATOR`): TFF's default `dataset.reduce` loop
@@ -96,8 +122,7 @@ def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
   Args:
     model_fn: See `build_model_fn`.
     client_lr: Client learning rate.
-    server_optimizer: `sgd` or `adam`.
-    server_lr: Server learning rate.
+    server_optimizer: The server's optimizer (`build_server_optimizer`).
     client_optimizer: `adam` or `sgd` (plain, no momentum).
     model_aggregator: Aggregation factory (default
       `aggregation.build_model_aggregator()`).
@@ -111,7 +136,7 @@ def build_training_process(*, model_fn, client_lr: float, server_optimizer: str,
   weighted = not isinstance(aggregator, tff.aggregators.UnweightedAggregationFactory)
   algorithms = tff.learning.algorithms
   common = dict(client_optimizer_fn=build_optimizer(client_optimizer, client_lr),
-                server_optimizer_fn=build_optimizer(server_optimizer, server_lr),
+                server_optimizer_fn=server_optimizer,
                 model_aggregator=aggregator,
                 loop_implementation=tff.learning.LoopImplementation[loop_implementation.upper()])
   if algorithm == "fedprox":

@@ -178,7 +178,10 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
       processes.build_training_process(
           model_fn=model_fn, client_optimizer=config.client_optimizer,
           client_lr=config.client_lr,
-          server_optimizer=config.server_optimizer, server_lr=config.server_lr,
+          server_optimizer=processes.build_server_optimizer(
+              name=config.server_optimizer, learning_rate=config.server_lr,
+              momentum=config.server_momentum, beta_1=config.server_beta_1,
+              beta_2=config.server_beta_2, epsilon=config.server_epsilon),
           model_aggregator=_model_aggregator(config, num_clients=len(client_ids)),
           loop_implementation=loop_implementation,
           algorithm=config.algorithm, proximal_strength=config.proximal_strength),
