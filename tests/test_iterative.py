@@ -1,4 +1,5 @@
-"""Iterative prompting (`--prompt=iterative`) and mask prompts, on the tiny config."""
+"""Mixed and iterative prompting (`--prompt=mixed`, `iterative`) and mask prompts, on
+the tiny config."""
 
 import numpy as np
 import pytest
@@ -137,3 +138,52 @@ def test_corrective_clicks_at_original_resolution():
   _, none = inference.correction_clicks(truth, truth)
   assert none.tolist() == [-10, -10]
 
+
+
+def _mixed_example(bundle, seed):
+  spec = pipeline.build_pipeline_spec(
+      sam_config=bundle.config, manifest_dir=".", prompt=config_lib.MIXED_PROMPT,
+      prompts_per_image=2)
+  size = spec.input_size
+  labels = -np.ones((size, size), np.int32)
+  labels[: size * 3 // 4, : size * 3 // 4] = 0
+  labels[4:20, 4:20] = 1
+  labels[30:44, 24:40] = 2
+  record = {"object_ids": tf.constant([1, 2]), "labels": tf.constant(labels),
+            "boxes": tf.constant([[4, 4, 19, 19], [24, 30, 39, 43]], tf.float32),
+            "embedding": tf.zeros(sam_lib.embedding_shape(bundle.config))}
+  return pipeline.make_example(record, tf.constant([seed, 4]), spec)
+
+
+def test_mixed_examples_draw_boxes_and_points_per_object(bundle):
+  """`--prompt=mixed`: one positive point and the box per object, and which one the
+  model gets drawn per object and step (both kinds, about half each)."""
+  draws = [_mixed_example(bundle, seed)["x"] for seed in range(40)]
+  x = draws[0]
+  assert x["points"].shape == (2, 1, 2) and x["boxes"].shape == (2, 4)
+  assert set(x["point_labels"].numpy().ravel()) == {point_prompts.POSITIVE}
+  assert "target" not in x and "seed" not in x  # No corrections.
+  use_box = np.stack([d["use_box"].numpy() for d in draws])
+  assert set(use_box.ravel()) == {0, 1} and 0.3 < use_box.mean() < 0.7
+  assert set(use_box[:, 0]) == {0, 1} and set(use_box[:, 1]) == {0, 1}  # Per object.
+
+
+def test_mixed_model_prompts_each_object_with_its_box_or_its_point(bundle):
+  """Where `use_box` is 1 the mask is the box-prompted one, else the point-prompted one."""
+  rng = np.random.default_rng(0)
+  shape = sam_lib.embedding_shape(bundle.config)
+  x = {"image_embeddings": rng.normal(size=(1,) + shape).astype(np.float32),
+       "boxes": np.array([[[2, 2, 20, 20], [10, 10, 40, 30]]], np.float32),
+       "points": np.array([[[[8, 8]], [[20, 20]]]], np.float32),
+       "point_labels": np.ones((1, 2, 1), np.int32),
+       "use_box": np.array([[1, 0]], np.int32)}
+  models = {mode: build.build_prompt_mask_decoder(bundle, prompt=mode) for mode in (
+      config_lib.MIXED_PROMPT, config_lib.BOX_PROMPT, config_lib.POINTS_PROMPT)}
+  for model in models.values():
+    model.set_weights(models[config_lib.MIXED_PROMPT].get_weights())
+  mixed = models[config_lib.MIXED_PROMPT](x)["masks"].numpy()
+  boxed = models[config_lib.BOX_PROMPT](x)["masks"].numpy()
+  pointed = models[config_lib.POINTS_PROMPT](x)["masks"].numpy()
+  np.testing.assert_allclose(mixed[0, 0], boxed[0, 0], atol=1e-5)
+  np.testing.assert_allclose(mixed[0, 1], pointed[0, 1], atol=1e-5)
+  assert not np.allclose(boxed[0, 1], pointed[0, 1], atol=1e-3)

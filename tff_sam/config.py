@@ -21,12 +21,17 @@ from tff_sam import errors
 BOX_PROMPT = "box"
 POINTS_PROMPT = "points"
 BOTH_PROMPTS = "both"
-# micro-sam's iterative prompting in training: each step starts from a box or a point
-# (one or the other at random per prompt), then `sub_iterations - 1` corrections, each
-# a point sampled where the previous mask is wrong, the previous mask fed back.
+# A box or one positive point, drawn at random per object every step (micro-sam's
+# mixed prompts: training on clicks does not cost boxes).
+MIXED_PROMPT = "mixed"
+# micro-sam's iterative prompting in training: each step starts as `mixed` (a box or a
+# point per prompt), then `sub_iterations - 1` corrections, each a point sampled where
+# the previous mask is wrong, the previous mask fed back.
 ITERATIVE_PROMPT = "iterative"
-SINGLE_PASS_PROMPTS = (BOX_PROMPT, POINTS_PROMPT, BOTH_PROMPTS)
+SINGLE_PASS_PROMPTS = (BOX_PROMPT, POINTS_PROMPT, BOTH_PROMPTS, MIXED_PROMPT)
 PROMPT_MODES = SINGLE_PASS_PROMPTS + (ITERATIVE_PROMPT,)
+# The modes that start each prompt from a box or a point drawn at random.
+BOX_OR_POINT_PROMPTS = (MIXED_PROMPT, ITERATIVE_PROMPT)
 # Held-out evaluation prompts (`--eval_prompt`), each reported separately: the tight
 # box; one positive point (the object's most interior pixel); the box, then
 # `eval_corrections` corrective points, each placed where the previous mask was most
@@ -152,12 +157,12 @@ def default_eval_prompt(prompt: str) -> str:
 
 def uses_boxes(prompt: str) -> bool:
   """Whether prompt mode `prompt` gives the model boxes."""
-  return prompt in (BOX_PROMPT, BOTH_PROMPTS, ITERATIVE_PROMPT)
+  return prompt in (BOX_PROMPT, BOTH_PROMPTS, *BOX_OR_POINT_PROMPTS)
 
 
 def uses_points(prompt: str) -> bool:
   """Whether prompt mode `prompt` gives the model points."""
-  return prompt in (POINTS_PROMPT, BOTH_PROMPTS, ITERATIVE_PROMPT)
+  return prompt in (POINTS_PROMPT, BOTH_PROMPTS, *BOX_OR_POINT_PROMPTS)
 
 
 def _require_distinct(values: tuple[str, ...], flag: str) -> None:

@@ -166,13 +166,14 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
   target = tf.where(ignore, -1.0, coverage)
   objects = tf.cast(coverage >= 0.5, tf.float32)
   n_pts = spec.num_points + spec.num_negative_points
+  box_or_point = spec.prompt in config_lib.BOX_OR_POINT_PROMPTS
   iterative = spec.prompt == config_lib.ITERATIVE_PROMPT
-  if iterative:
+  if box_or_point:
     more = tf.random.experimental.stateless_split(seeds[2], 3)
     first, first_labels = prompts_lib.sample_points(
         objects, inside, num_positive=1, num_negative=0, input_size=spec.input_size,
         seed=more[0])
-    n_pts = spec.sub_iterations
+    n_pts = spec.sub_iterations if iterative else 1
     points = tf.concat([first, tf.zeros([p, n_pts - 1, 2], tf.float32)], axis=1)
     point_labels = tf.concat(
         [first_labels, tf.fill([p, n_pts - 1], point_prompts.NO_TOKEN)], axis=1)
@@ -191,10 +192,11 @@ def make_example(record: dict[str, tf.Tensor], seed: tf.Tensor, spec: PipelineSp
       boxes=tf.ensure_shape(chosen_boxes, [p, 4]),
       points=tf.ensure_shape(points, [p, n_pts, 2]),
       point_labels=tf.ensure_shape(point_labels, [p, n_pts]))
-  if iterative:
+  if box_or_point:
     use_box = (tf.ones([p], tf.int32) if spec.evaluation else tf.cast(
         tf.random.stateless_uniform([p], more[1]) < 0.5, tf.int32))
     x["use_box"] = use_box
+  if iterative:
     x["target"] = tf.ensure_shape(target, [p, spec.low_res, spec.low_res])
     x["seed"] = tf.random.stateless_uniform([2], more[2], 0, 2**31 - 1, dtype=tf.int32)
   return collections.OrderedDict(x=x, y=tf.ensure_shape(target, [p, spec.low_res, spec.low_res]))

@@ -48,8 +48,9 @@ flags.DEFINE_boolean("pool_clients", _F["pool_clients"],
                      "the same process; needs --clients_per_round=1).")
 # Prompts.
 flags.DEFINE_enum("prompt", _F["prompt"], config_lib.PROMPT_MODES,
-                  "Prompt type for training: box, points, both, or iterative (micro-sam's "
-                  "iterative prompting, --sub_iterations).")
+                  "Prompt type for training: box, points, both, mixed (a box or a point "
+                  "at random per object every step), or iterative (mixed, then "
+                  "corrective points: micro-sam's iterative prompting, --sub_iterations).")
 flags.DEFINE_float("box_jitter", _F["box_jitter"],
                    "Max random shift of each box coordinate, in pixels of SAM's 1024 frame.")
 flags.DEFINE_float("box_jitter_fraction", _F["box_jitter_fraction"],

@@ -74,6 +74,8 @@ class PromptMaskDecoder(tf.keras.Model):
     points: (B, P, N, 2) float32, XY in SAM's input frame (used for `points`/`both`).
     point_labels: (B, P, N) int32: 1 positive, 0 negative, -1 padding (-10: no
       token at all, transformers' padding value).
+    use_box (`mixed`, `iterative`): (B, P) int32: 1 prompts with the box, 0 with the
+      first point.
     mask_inputs (optional): (B, P, L, L) float32 mask logits of a previous prediction,
       SAM's mask prompt (iterative refinement: corrections and `--prompt=iterative`).
 
@@ -115,9 +117,10 @@ class PromptMaskDecoder(tf.keras.Model):
 
   def call(self, inputs, training=False):
     embeddings = tf.convert_to_tensor(inputs["image_embeddings"], tf.float32)
+    if self.prompt_mode == config_lib.MIXED_PROMPT:
+      return self._call_mixed(embeddings, inputs)
     if self.prompt_mode == config_lib.ITERATIVE_PROMPT:
       return self._call_iterative(embeddings, inputs, training=training)
-    batch = tf.shape(embeddings)[0]
     boxes = points = labels = None
     if config_lib.uses_boxes(self.prompt_mode):
       boxes = tf.cast(inputs["boxes"], tf.float32)
@@ -128,6 +131,12 @@ class PromptMaskDecoder(tf.keras.Model):
       masks, iou = self._decode(embeddings, boxes, points, labels, None,
                                 tf.cast(inputs["mask_inputs"], tf.float32))
       return {"masks": masks, "iou": iou}
+    return self._single_pass(embeddings, boxes, points, labels)
+
+  def _single_pass(self, embeddings, boxes, points, labels):
+    """One pass of the prompts of each image together; `boxes` or `points`/`labels`
+    may be None (not prompted)."""
+    batch = tf.shape(embeddings)[0]
     positional = tf.repeat(self.image_positional_embeddings(), batch, axis=0)
     sparse, dense = self.prompt_encoder(
         batch_size=batch, input_points=points, input_labels=labels, input_boxes=boxes,
@@ -137,6 +146,20 @@ class PromptMaskDecoder(tf.keras.Model):
         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
         multimask_output=False)
     return {"masks": masks[:, :, 0], "iou": iou[:, :, 0]}
+
+  def _call_mixed(self, embeddings, inputs):
+    """`--prompt=mixed`: each prompt's box where `use_box` is 1, else its first point.
+
+    Both passes run and each prompt keeps one (the other gets no gradient), so a
+    box-prompted mask is exactly what `box` mode predicts and a point-prompted one
+    what `points` mode predicts with that point: the prompts evaluation uses.
+    """
+    boxed = self._single_pass(embeddings, tf.cast(inputs["boxes"], tf.float32), None, None)
+    pointed = self._single_pass(embeddings, None, tf.cast(inputs["points"][:, :, :1], tf.float32),
+                                tf.cast(inputs["point_labels"][:, :, :1], tf.int32))
+    use_box = tf.cast(inputs["use_box"], tf.int32) > 0
+    return {"masks": tf.where(use_box[..., None, None], boxed["masks"], pointed["masks"]),
+            "iou": tf.where(use_box, boxed["iou"], pointed["iou"])}
 
   def _decode(self, embeddings, boxes, points, labels, use_box, mask_inputs):
     """One pass with every prompt as its own batch entry (B*P).
