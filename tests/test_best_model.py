@@ -1,12 +1,17 @@
-"""`--keep_best`: the best evaluated round's weights, kept across resumption."""
+"""`--keep_best`: the best evaluated round's weights, kept across resumption; chosen on
+validation images (`--validation_fraction`) in a tiny run."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tff_sam import config as config_lib
 from tff_sam import errors
+from tff_sam.data import cache
 from tff_sam.federated.program import best_model
+from tff_sam.federated.program import program
+from tff_sam.federated.program import run_folder
 
 
 def _weights(value: float):
@@ -56,3 +61,35 @@ def test_unreadable_best_file_is_one_error(tmp_path):
   with pytest.raises(errors.DataError, match=r"round_1\.npz: unreadable best-round weights"):
     keeper.weights()
 
+
+
+@pytest.mark.slow
+def test_keep_best_chooses_on_validation_and_the_test_set_is_scored_three_times(
+    tmp_path, reference_settings):
+  """Half of each site's images validate (federated evaluation every round); the test
+  set is scored at round 0, the last round and on the exported model only."""
+  out = tmp_path / "val"
+  config = config_lib.RunConfig(output_dir=str(out), **{**reference_settings, "rounds": 3},
+                                validation_fraction=0.5, keep_best=True).validate()
+  lines = []
+  summary = program.run_experiment(config, log=lines.append)
+  rows = run_folder.read_metrics_csv(out / "metrics.csv")
+  val = [run_folder.parse_metric(r["val_dice"]) for r in rows]
+  tested = [int(r["round"]) for r in rows if run_folder.parse_metric(r["test_dice"]) is not None]
+  assert all(v is not None for v in val) and tested == [0, 3]
+  assert sum(line.startswith("  round") and "held-out evaluation" in line for line in lines) == 2
+  best = int(np.argmax(val))  # Ties: the first, as the keeper keeps only improvements.
+  assert summary["best"] == {"round": best, "dice": pytest.approx(val[best]),
+                             "metric": "val_dice"}
+  assert summary["evaluation"]["model_round"] == best
+  assert summary["final"]["validation"]["dice"] == pytest.approx(val[-1])
+  # The validation images are neither trained on nor tested: one per site here.
+  training = {p for c in ("site_0", "site_1", "site_2")
+              for p in cache.manifest_records(out / "clients" / f"{c}.txt")}
+  validation = {c: cache.manifest_records(out / "eval_clients" / f"val.{c}.txt")
+                for c in ("site_0", "site_1", "site_2")}
+  test = {p for c in ("site_0", "site_1", "site_2")
+          for p in cache.manifest_records(out / "eval_clients" / f"{c}.txt")}
+  assert [len(v) for v in validation.values()] == [1, 1, 1] and len(training) == 3
+  held = {p for v in validation.values() for p in v}
+  assert not held & training and not held & test

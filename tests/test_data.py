@@ -222,6 +222,32 @@ def test_natural_layout_holdout_from_every_site(tmp_path):
     assert sorted(train + [t for t in test if t.startswith(site + "_")]) == stems
 
 
+def test_validation_holds_out_of_each_site_apart_from_test_and_training(tmp_path):
+  """`--validation_fraction`: each site's share, never its only image, disjoint from
+  its training and the test images; the test split does not move; same seed, same
+  split; the chosen clients and the pooled client keep their validation images."""
+  site_stems = {site: _flat(tmp_path / site, n, prefix=site)
+                for site, n in (("s0", 10), ("s1", 5), ("s2", 3), ("s3", 1))}
+  plain = _split(tmp_path, test_fraction=0.2, seed=1)
+  s = discovery.hold_out_validation(plain, fraction=0.25, seed=1)
+  assert s.test_clients == plain.test_clients
+  assert {c: len(v) for c, v in s.validation.items()} == {"s0": 2, "s1": 1, "s2": 1}
+  test = set(_stems(s.test))
+  for site, stems in site_stems.items():
+    train, val = set(_stems(s.clients[site])), set(_stems(s.validation.get(site, ())))
+    assert not train & val and not val & test and train
+    assert sorted(train | val | {t for t in test if t.startswith(site + "_")}) == stems
+  assert s == discovery.hold_out_validation(plain, fraction=0.25, seed=1)
+  assert s.validation != discovery.hold_out_validation(plain, fraction=0.25, seed=2).validation
+  assert discovery.hold_out_validation(plain, fraction=0.0, seed=1) is plain
+  chosen = discovery.select_clients(s, train_clients=("s1", "s3"))
+  assert list(chosen.validation) == ["s1"] and chosen.validation["s1"] == s.validation["s1"]
+  pooled = discovery.select_clients(s, pool=True)
+  assert list(pooled.validation) == [discovery.POOLED_CLIENT]
+  assert set(pooled.validation[discovery.POOLED_CLIENT]) == {
+      e for v in s.validation.values() for e in v}
+
+
 @pytest.mark.parametrize("partition", ["iid", "dirichlet"])
 def test_too_many_clients_is_config_error(tmp_path, partition):
   _flat(tmp_path, 5)

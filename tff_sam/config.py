@@ -205,6 +205,9 @@ class RunConfig:
   num_clients: int = 4
   dirichlet_alpha: float = 0.5
   test_fraction: float = 0.2
+  # Share of every training client's images held out of training for model selection
+  # (federated evaluation every `eval_every` rounds; `keep_best` chooses on it); 0 = none.
+  validation_fraction: float = 0.0
   binary_components: bool = False
   skip_bad_examples: bool = False
   # Which training clients take part (empty = all), and whether their images are
@@ -290,9 +293,18 @@ class RunConfig:
   # the first is also the per-round held-out evaluation.
   eval_prompt: tuple[str, ...] = ()
   eval_corrections: int = 3
-  # Export (and report) the round with the best held-out Dice instead of the last.
+  # Export (and report) the round with the best validation Dice (without validation:
+  # held-out test Dice, an optimistic choice) instead of the last.
   keep_best: bool = False
+  # With validation, the test set is scored at round 0, the last round and on the
+  # exported model only; True scores it at every evaluation round as well.
+  test_every_eval: bool = False
   seed: int = 0
+
+  @property
+  def validation(self) -> bool:
+    """Whether training clients hold images out for validation."""
+    return self.validation_fraction > 0
 
   @property
   def eval_prompt_list(self) -> tuple[str, ...]:
@@ -359,6 +371,11 @@ class RunConfig:
     errors.require(self.clipping_initial_norm > 0, "clipping_initial_norm",
                    f"must be > 0, got {self.clipping_initial_norm}")
     errors.require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+    errors.require(0.0 <= self.validation_fraction < 1.0, "validation_fraction",
+                   f"must be in [0, 1), got {self.validation_fraction}")
+    errors.require(not self.test_every_eval or self.validation, "test_every_eval",
+                   "is set but there is no validation set (the test set is scored at every "
+                   "evaluation round already); add --validation_fraction or drop it")
     errors.require(self.eval_max_objects >= 0, "eval_max_objects",
                    f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")
     _require_choices(self.eval_prompt, EVAL_PROMPTS, "eval_prompt", "prompt",

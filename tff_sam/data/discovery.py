@@ -6,6 +6,10 @@ Layout of `--data_dir`:
 * natural: one sub-folder per site, each with `images/` and `masks/`; each site is
   one federated client.
 
+With a validation fraction (`hold_out_validation`), that share of every training
+client's images is held out of training for model selection
+(`DatasetSplits.validation`), chosen by seed apart from the test split.
+
 Either may have a `test/` sub-folder that is held out: flat (`test/images/` +
 `test/masks/`) or one sub-folder per held-out site (`test/<site>/images/` + `masks/`).
 Without it, `--test_fraction` of the images (from every site) is held out. The held-out
@@ -36,6 +40,8 @@ from tff_sam import errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TEST_DIR = "test"
+# Seeds `hold_out_validation`'s random stream next to the run's seed.
+_VALIDATION_STREAM = 1
 # The one client `select_clients(pool=True)` puts every training image into.
 POOLED_CLIENT = "pooled"
 
@@ -92,11 +98,14 @@ class DatasetSplits:
     test_clients: Evaluation client id -> its held-out examples (no client trains on
       them); see the module docstring for how they are grouped.
     natural: True when clients are the data's own site folders.
+    validation: Training client -> its validation examples, held out of its training
+      examples (`hold_out_validation`); empty without validation.
   """
 
   clients: dict[str, tuple[Example, ...]]
   test_clients: dict[str, tuple[Example, ...]]
   natural: bool
+  validation: dict[str, tuple[Example, ...]] = dataclasses.field(default_factory=dict)
 
   @property
   def test(self) -> tuple[Example, ...]:
@@ -319,12 +328,31 @@ def list_test_clients(folder: Path, *, skip_bad_examples: bool = False,
   return {site.name: tuple(list_examples(site, **listing)) for site in sites}
 
 
+def hold_out_validation(splits: DatasetSplits, *, fraction: float, seed: int) -> DatasetSplits:
+  """Holds out `fraction` of every training client's examples for validation.
+
+  At least one example per client when `fraction` > 0, and never all: a client with
+  a single example keeps it for training and has none. Chosen by `seed` with its own
+  random stream, so the test split and the partition do not change with it.
+  """
+  if fraction <= 0:
+    return splits
+  rng = np.random.default_rng([seed, _VALIDATION_STREAM])
+  clients, validation = {}, {}
+  for client, examples in splits.clients.items():
+    train, held = _hold_out(list(examples), fraction, rng)
+    clients[client] = tuple(train)
+    if held:
+      validation[client] = tuple(held)
+  return dataclasses.replace(splits, clients=clients, validation=validation)
+
+
 def select_clients(splits: DatasetSplits, *, train_clients: tuple[str, ...] = (),
                    pool: bool = False) -> DatasetSplits:
   """The training clients a run uses: those named (all when empty), pooled if asked.
 
-  Held-out examples are never touched, so every selection is evaluated on the same
-  test set.
+  Held-out test examples are never touched, so every selection is evaluated on the
+  same test set; validation examples follow their clients (pooled with them).
 
   Raises:
     errors.ConfigError: A named client is not in the data.
@@ -334,8 +362,12 @@ def select_clients(splits: DatasetSplits, *, train_clients: tuple[str, ...] = ()
   errors.require(not unknown, "train_clients",
                  f"names {', '.join(unknown)}, not a training client of the data (its "
                  f"clients: {', '.join(clients)})")
+  validation = splits.validation
   if train_clients:
     clients = {c: clients[c] for c in train_clients}
+    validation = {c: v for c, v in validation.items() if c in train_clients}
   if pool:
     clients = {POOLED_CLIENT: tuple(e for exs in clients.values() for e in exs)}
-  return dataclasses.replace(splits, clients=clients)
+    pooled = tuple(e for exs in validation.values() for e in exs)
+    validation = {POOLED_CLIENT: pooled} if pooled else {}
+  return dataclasses.replace(splits, clients=clients, validation=validation)

@@ -57,11 +57,11 @@ def _series(rows: Sequence[Mapping], key: str) -> list[tuple[int, float]]:
 
 def build_metrics_figure(rows: Sequence[Mapping]) -> Figure:
   """The metrics figure: training loss (left; with DP, epsilon on its right axis) and
-  held-out Dice (right) per round.
+  held-out Dice (right; with validation, its Dice too) per round.
 
   Args:
     rows: `metrics.csv` rows (dicts with `round` and optional `train_loss`,
-      `test_dice`, `dp_epsilon`; empty strings or missing keys are skipped).
+      `test_dice`, `val_dice`, `dp_epsilon`; empty strings or missing keys are skipped).
 
   Returns:
     A 10 x 3.6 inch figure whose round axes show integer ticks only, over the same
@@ -79,6 +79,11 @@ def build_metrics_figure(rows: Sequence[Mapping]) -> Figure:
     zero = [d for r, d in dice if r == 0]
     if zero:
       ax2.axhline(zero[0], ls="--", color="gray", label=f"zero-shot {zero[0]:.3f}")
+  validation = _series(rows, "val_dice")
+  if validation:  # --validation_fraction: what --keep_best chooses on.
+    ax2.plot(*zip(*validation), marker="^", color="tab:orange",
+             label="validation Dice (federated, low resolution)")
+  if dice or validation:
     ax2.legend(loc="best")
   ax2.set(title="held-out Dice (original resolution)", xlabel="round", ylabel="Dice")
   epsilon = _series(rows, "dp_epsilon")

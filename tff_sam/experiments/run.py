@@ -36,6 +36,10 @@ flags.DEFINE_float("dirichlet_alpha", _F["dirichlet_alpha"],
                    "Dirichlet concentration for --partition=dirichlet (smaller = more skewed).")
 flags.DEFINE_float("test_fraction", _F["test_fraction"],
                    "Fraction of images held out for testing when there is no test/ folder.")
+flags.DEFINE_float("validation_fraction", _F["validation_fraction"],
+                   "Share of every training site's images held out of training for model "
+                   "selection: scored by federated evaluation every --eval_every rounds "
+                   "(val_dice), and what --keep_best chooses on. 0 = no validation.")
 flags.DEFINE_boolean("binary_components", _F["binary_components"],
                      "Binary masks: one object per connected component instead of one object.")
 flags.DEFINE_boolean("skip_bad_examples", _F["skip_bad_examples"],
@@ -187,9 +191,14 @@ flags.DEFINE_list("eval_prompt", [], "Held-out evaluation prompts, each reported
 flags.DEFINE_integer("eval_corrections", _F["eval_corrections"],
                      "Corrective points of --eval_prompt=box_corrections.")
 flags.DEFINE_boolean("keep_best", _F["keep_best"],
-                     "Export the evaluated round with the best held-out Dice (round 0, the "
+                     "Export the evaluated round with the best validation Dice (round 0, the "
                      "zero-shot model, included) instead of the last round; a guard against "
-                     "decoder collapse. Its score is optimistic (chosen on the held-out set).")
+                     "decoder collapse. Without --validation_fraction it chooses on the "
+                     "held-out test Dice, so its test score is optimistic.")
+flags.DEFINE_boolean("test_every_eval", _F["test_every_eval"],
+                     "With --validation_fraction: score the held-out test set at every "
+                     "evaluation round too (by default only at round 0, the last round and "
+                     "on the exported model).")
 flags.DEFINE_integer("seed", _F["seed"], "Seed for splits, client sampling and prompts.")
 flags.DEFINE_string("output_dir", "runs/latest", "Where outputs are written. A run already "
                     "there with the same settings is resumed from its last saved round.")
@@ -201,7 +210,8 @@ FLAGS = flags.FLAGS
 # `--help` lists the flags by topic, in this order (`--helpfull`: absl's full list).
 HELP_GROUPS = (
     ("data", ("data_dir", "data", "partition", "num_clients", "dirichlet_alpha",
-              "test_fraction", "binary_components", "skip_bad_examples", "train_clients",
+              "test_fraction", "validation_fraction", "binary_components", "skip_bad_examples",
+              "train_clients",
               "pool_clients")),
     ("model", ("model", "train_iou_head", "embedding_cache", "cache_dir", "encode_batch_size",
                "adapter", "lora_rank", "lora_alpha", "lora_targets")),
@@ -218,7 +228,7 @@ HELP_GROUPS = (
                                    "dp_clip_norm", "dp_target_quantile", "dp_delta",
                                    "secure_aggregation", "update_compression")),
     ("evaluation", ("eval_every", "eval_max_objects", "eval_prompt", "eval_corrections",
-                    "keep_best")),
+                    "keep_best", "test_every_eval")),
     ("output", ("output_dir", "fresh")),
 )
 

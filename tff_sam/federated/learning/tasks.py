@@ -64,6 +64,8 @@ class Task:
     evaluation_process: The composed federated evaluation process, or None.
     evaluation_state: Its initial state.
     evaluation_clients: Ids of the federated evaluation clients.
+    validation_clients: Ids of the validation clients (their manifests next to the
+      evaluation clients'; evaluated by the same process).
     evaluation_spec: Their pipeline.
     adapter: With `--adapter=lora`: the adapters' setup (`model` is then an
       `AdaptedSamModel`); else None.
@@ -77,6 +79,7 @@ class Task:
   evaluation_process: Any = None
   evaluation_state: Any = None
   evaluation_clients: tuple[str, ...] = ()
+  validation_clients: tuple[str, ...] = ()
   evaluation_spec: Optional[pipeline.PipelineSpec] = None
   adapter: Optional[adapted_lib.AdapterSetup] = None
 
@@ -86,19 +89,28 @@ class Task:
     decoder_lib.assign_model_weights(self.model, trainable, non_trainable)
     return self.decoder
 
-  def federated_evaluation(self, state: Any) -> dict[str, Optional[float]]:
-    """`fed_eval_loss` and `fed_eval_dice` of the global model in a training `state`.
+  def federated_evaluation(self, state: Any, clients: Optional[Sequence[str]] = None,
+                           prefix: str = "fed_eval") -> dict[str, Optional[float]]:
+    """`<prefix>_loss` and `<prefix>_dice` of the global model in a training `state`.
 
-    Both None when there are no federated evaluation clients.
+    Args:
+      state: A training process state.
+      clients: Evaluation clients with a manifest in the evaluation manifest folder
+        (default `evaluation_clients`): the held-out test clients, or validation
+        clients.
+      prefix: The metrics' name prefix.
+
+    Both None when there are no such clients.
     """
-    if self.evaluation_process is None:
-      return {"fed_eval_loss": None, "fed_eval_dice": None}
+    clients = self.evaluation_clients if clients is None else clients
+    if self.evaluation_process is None or not clients:
+      return {f"{prefix}_loss": None, f"{prefix}_dice": None}
     eval_state = processes.with_model_weights(self.evaluation_process, self.evaluation_state,
                                               self.training_process, state)
     result = self.evaluation_process.next(
-        eval_state, [pipeline.round_client_id(c, 0) for c in self.evaluation_clients])
+        eval_state, [pipeline.round_client_id(c, 0) for c in clients])
     m = processes.evaluation_metrics(result)
-    return {"fed_eval_loss": m["loss"], "fed_eval_dice": m["dice"]}
+    return {f"{prefix}_loss": m["loss"], f"{prefix}_dice": m["dice"]}
 
 
 def _spec(config: config_lib.RunConfig, *, sam_config: Any, manifest_dir: Path,
@@ -118,6 +130,7 @@ def _spec(config: config_lib.RunConfig, *, sam_config: Any, manifest_dir: Path,
 def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
                manifest_dir: Path, bundle: Optional[sam_lib.SamBundle] = None,
                sam_config: Any = None, evaluation_clients: Sequence[str] = (),
+               validation_clients: Sequence[str] = (),
                evaluation_manifest_dir: Optional[Path] = None,
                evaluation_chunk: int = EVAL_CHUNK,
                loop_implementation: str = LOOP_IMPLEMENTATION,
@@ -135,7 +148,9 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
       initial state then holds TFF's random initialization and `model` is None (the
       benchmark's memory runs need nothing more).
     evaluation_clients: Federated evaluation clients (manifests in
-      `evaluation_manifest_dir`); none = no evaluation process.
+      `evaluation_manifest_dir`); none, and no validation clients = no evaluation
+      process.
+    validation_clients: Validation clients (manifests in the same folder).
     evaluation_manifest_dir: Folder of their manifests.
     evaluation_chunk: Prompts per federated evaluation example.
     loop_implementation: The client loop of the training process
@@ -187,14 +202,16 @@ def build_task(*, config: config_lib.RunConfig, client_ids: Sequence[str],
           algorithm=config.algorithm, proximal_strength=config.proximal_strength),
       client_data)
   task = Task(training_process=training_process, initial_state=None, pipeline_spec=spec,
-              evaluation_clients=tuple(evaluation_clients), adapter=adapter)
-  if evaluation_clients:
+              evaluation_clients=tuple(evaluation_clients),
+              validation_clients=tuple(validation_clients), adapter=adapter)
+  if evaluation_clients or validation_clients:
     task.evaluation_spec = _spec(
         config, manifest_dir=evaluation_manifest_dir, **shapes,
         prompts_per_image=evaluation_chunk, box_jitter=0.0, box_jitter_fraction=0.0,
         local_epochs=1, batch_size=1, evaluation=True,
         max_objects_per_image=config.eval_max_objects)
-    eval_model_fn, eval_data = model_fn_for(task.evaluation_spec, evaluation_clients)
+    eval_model_fn, eval_data = model_fn_for(task.evaluation_spec,
+                                            [*evaluation_clients, *validation_clients])
     task.evaluation_process = processes.compose_with_client_data(
         processes.build_evaluation_process(model_fn=eval_model_fn), eval_data)
     task.evaluation_state = task.evaluation_process.initialize()

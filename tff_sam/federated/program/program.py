@@ -68,29 +68,6 @@ from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import sam as sam_lib
 
-# Columns of metrics.csv ("<name>/<client>" columns are per evaluation client).
-METRIC_DOCS = {
-    "train_loss": "clients' mean training loss (example-weighted)",
-    "train_dice": "clients' mean training Dice (low resolution, jittered prompts)",
-    "test_dice": "central held-out Dice at the original resolution (all test objects)",
-    "test_iou": "central held-out IoU",
-    "test_msa": "central held-out mSA (micro-sam's segmentation accuracy, IoU 0.5:0.95), "
-                "mean over images",
-    "test_sa50": "central held-out segmentation accuracy at IoU 0.5",
-    "test_dice/<client>": "the same over one evaluation client's images",
-    "fed_eval_loss": "federated evaluation (build_fed_eval) on the held-out clients: loss",
-    "fed_eval_dice": "federated evaluation: Dice at low resolution, exact prompts",
-    "nonfinite_clients": "clients whose update held NaN/Inf (weight 0, ignored)",
-    "zeroed_clients": "clients whose update exceeded the zeroing threshold (zeroed)",
-    "clipped_clients": "clients whose update was clipped to the clipping norm",
-    "zeroing_norm": "zeroing threshold (max-abs) used this round",
-    "clipping_norm": "L2 clipping norm used this round",
-    "dp_epsilon": "with --dp_noise_multiplier: the privacy spent so far, epsilon at "
-                  "summary.json's privacy.delta (RDP accountant)",
-    "seconds": "wall time of the round, evaluation included",
-}
-
-
 def sample_clients(client_ids: list[str], *, round_num: int, clients_per_round: int,
                    seed: int) -> list[str]:
   """Clients of one round: uniform without replacement, a function of (seed, round)."""
@@ -107,14 +84,6 @@ def _central_metrics(result: heldout.EvalResult, eval_clients: list[str]
     for c in eval_clients:
       out[f"test_dice/{c}"] = result.by_client.get(c, {}).get("dice")
   return out
-
-
-def _empty_row(eval_clients: list[str]) -> dict[str, Optional[float]]:
-  """A `metrics.csv` row with every column of `METRIC_DOCS` (per client if several)."""
-  keys = [k for k in METRIC_DOCS if not k.endswith("/<client>")]
-  if len(eval_clients) > 1:
-    keys += [f"test_dice/{c}" for c in eval_clients]
-  return dict.fromkeys(keys)
 
 
 def run_experiment(config: config_lib.RunConfig, *, fresh: bool = False,
@@ -262,6 +231,8 @@ class _HeldOut:
     eval_prompt: The prompts of every round's evaluation (the first `--eval_prompts`).
     eval_clients: The evaluation clients with held-out records.
     fed_clients: Those with objects: the federated evaluation's clients.
+    val_clients: With validation: the validation clients with objects (manifests
+      `eval_clients/val.<client>.txt`).
     chunk: The federated evaluation's objects per chunk.
     keeper: With `--keep_best`, the best evaluated round's weights.
     last_eval: The newest evaluated round's result, reused at the end.
@@ -271,6 +242,7 @@ class _HeldOut:
   eval_prompt: str
   eval_clients: list[str]
   fed_clients: list[str]
+  val_clients: list[str]
   chunk: int
   keeper: Optional[best_model.BestModelKeeper]
   last_eval: dict[int, heldout.EvalResult] = dataclasses.field(default_factory=dict)
@@ -370,7 +342,10 @@ def _prepare_held_out(run: _Run, data: _TrainingData) -> _HeldOut:
   fed_records = {c: [r for r, rc in zip(records.federated_test, test_clients) if rc == c]
                  for c in eval_clients}
   fed_counts = cache.write_manifests(out / "eval_clients", fed_records)
-  objects = [r.num_objects for recs in fed_records.values() for r in recs]
+  val_records = {f"{run_folder.VALIDATION_PREFIX}.{c}": recs for c, recs in records.validation.items()}
+  val_counts = cache.write_manifests(out / "eval_clients", val_records)
+  objects = [r.num_objects for recs in (*fed_records.values(), *val_records.values())
+             for r in recs]
   evaluator = heldout.Evaluator(
       examples=[r.example for r in records.test], records=records.test, bundle=data.bundle,
       binary_components=config.binary_components,
@@ -378,13 +353,14 @@ def _prepare_held_out(run: _Run, data: _TrainingData) -> _HeldOut:
       corrections=config.eval_corrections)
   keeper = best_model.BestModelKeeper(out) if config.keep_best else None
   if keeper is not None and run.versions:
-    rows = run_folder.read_metrics_csv(out / "metrics.csv")
+    rows, column = run_folder.read_metrics_csv(out / "metrics.csv"), run_folder.selection_column(config)
     keeper.restore(saved_round=max(run.versions), scores={
-        int(r["round"]): run_folder.parse_metric(r.get("test_dice")) for r in rows
-        if run_folder.parse_metric(r.get("test_dice")) is not None})
+        int(r["round"]): run_folder.parse_metric(r.get(column)) for r in rows
+        if run_folder.parse_metric(r.get(column)) is not None})
   return _HeldOut(evaluator=evaluator, eval_prompt=config.eval_prompt_list[0],
                   eval_clients=eval_clients,
                   fed_clients=[c for c, n in fed_counts.items() if n > 0],
+                  val_clients=[c for c, n in val_counts.items() if n > 0],
                   chunk=min(tasks.EVAL_CHUNK, max(objects, default=1)), keeper=keeper)
 
 
@@ -395,6 +371,7 @@ def _build_task(run: _Run, data: _TrainingData, held_out: _HeldOut) -> tasks.Tas
   task = tasks.build_task(
       config=run.config, bundle=data.bundle, client_ids=data.client_ids,
       manifest_dir=out / "clients", evaluation_clients=held_out.fed_clients,
+      validation_clients=held_out.val_clients,
       evaluation_manifest_dir=out / "eval_clients", evaluation_chunk=held_out.chunk,
       progress_dir=out / run_folder.PROGRESS_DIR, site_weights=data.site)
   if task.adapter is not None:
@@ -466,7 +443,8 @@ class _Rounds:
         metrics_release_manager=releases.build_release_manager(
             metrics_csv=run.out / "metrics.csv",
             tensorboard_dir=run.out / releases.TENSORBOARD_DIR),
-        columns=list(_empty_row(self.held_out.eval_clients)),
+        columns=run_folder.metric_columns(self.held_out.eval_clients,
+                                          validation=config.validation),
         on_round=self.on_round,
         on_resume=lambda v: run.log(f"resuming {run.out} after round {v}/{config.rounds}"))
     return state
@@ -490,9 +468,30 @@ class _Rounds:
     return row
 
   def evaluate(self, state, round_num: int) -> dict:
-    held_out, task = self.held_out, self.task
+    """The round's validation (with `--validation_fraction`) and held-out test scores;
+    offers the round to `--keep_best`."""
+    config, held_out, task = self.run.config, self.held_out, self.task
     self.run.progress["section"] = (f"round {round_num}" if round_num
                                     else "round 0 (zero-shot evaluation)")
+    row = {}
+    if config.validation:
+      self.run.log(f"  round {round_num}: validation (federated evaluation on "
+                   f"{len(held_out.val_clients)} client(s))")
+      row.update(task.federated_evaluation(state, held_out.val_clients,
+                                           prefix=run_folder.VALIDATION_PREFIX))
+    if (not config.validation or config.test_every_eval
+        or round_num in (0, config.rounds)):
+      row.update(self._evaluate_test(state, round_num))
+    score = row.get(run_folder.selection_column(config))
+    if held_out.keeper is not None and held_out.keeper.consider(
+        round_num, score, processes.weights_from_state(task.training_process, state)):
+      self.run.log(f"  round {round_num}: best {run_folder.selection_column(config)} so far "
+                   f"({score:.4f}), kept (--keep_best)")
+    return row
+
+  def _evaluate_test(self, state, round_num: int) -> dict:
+    """The held-out test set: central (original resolution) and federated."""
+    held_out, task = self.held_out, self.task
     self.run.log(f"  round {round_num}: held-out evaluation ({held_out.evaluator.num_objects} "
                  f"objects, {held_out.eval_prompt} prompts; federated evaluation on "
                  f"{len(held_out.fed_clients)} client(s))")
@@ -501,12 +500,8 @@ class _Rounds:
     result = held_out.evaluator(decoder, eval_prompt=held_out.eval_prompt)
     held_out.last_eval.clear()
     held_out.last_eval[round_num] = result
-    if held_out.keeper is not None and held_out.keeper.consider(
-        round_num, result.dice, processes.weights_from_state(task.training_process, state)):
-      self.run.log(f"  round {round_num}: best held-out dice so far ({result.dice:.4f}), kept "
-                   "(--keep_best)")
     return {**_central_metrics(result, held_out.eval_clients),
-            **task.federated_evaluation(state)}
+            **task.federated_evaluation(state, held_out.fed_clients)}
 
   def on_round(self, round_num: int, row: dict) -> None:
     self.run.log(progress_lib.round_line(round_num, row, total=self.run.config.rounds,
@@ -528,12 +523,15 @@ def _evaluate_exported(run: _Run, *, state, data: _TrainingData, held_out: _Held
   fine_tuned = task.load_state(state)
   model_round = config.rounds
   if keeper is not None:  # --keep_best: the best evaluated round (round 0 included).
-    results["best"] = {"round": keeper.round, "dice": keeper.score}
+    results["best"] = {"round": keeper.round, "dice": keeper.score,
+                       "metric": run_folder.selection_column(config)}
     if keeper.round != config.rounds:
       decoder_lib.assign_model_weights(task.model, *keeper.weights())
       model_round = keeper.round
-      log(f"--keep_best: exporting round {keeper.round} (held-out dice {keeper.score:.4f}; "
-          f"the last round, {config.rounds}, scored {results['final']['dice']:.4f})")
+      final = results["final"]["validation"] if config.validation else results["final"]
+      log(f"--keep_best: exporting round {keeper.round} "
+          f"({'validation' if config.validation else 'held-out'} dice {keeper.score:.4f}; "
+          f"the last round, {config.rounds}, scored {final['dice']:.4f})")
   fine_tuned = _with_embeddings(fine_tuned, task=task, data=data, held_out=held_out)
   by_prompt = {}  # The exported model on every evaluation prompt.
   for mode in config.eval_prompt_list:

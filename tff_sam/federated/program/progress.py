@@ -130,15 +130,20 @@ def _fmt(value: Optional[float], digits: int = 4) -> str:
 def round_line(round_num: int, row: dict, *, total: int, num_objects: int) -> str:
   """The line printed after round `round_num` from its `metrics.csv` row."""
   if round_num == 0:
+    validation = (f"  val dice {_fmt(row['val_dice'])}" if row.get("val_dice") is not None
+                  else "")
     return (f"round 0/{total}  zero-shot test dice {row['test_dice']:.4f}  "
             f"iou {row['test_iou']:.4f}  mSA {_fmt(row.get('test_msa'))}  ({num_objects} objects)  "
-            f"federated eval dice {_fmt(row['fed_eval_dice'])}")
+            f"federated eval dice {_fmt(row['fed_eval_dice'])}{validation}")
   robust = "  ".join(f"{k.split('_')[0]} {row[k]}" for k in
                      ("nonfinite_clients", "zeroed_clients", "clipped_clients") if row.get(k))
   epsilon = row.get("dp_epsilon")
-  return (f"round {round_num}/{total}  loss {row['train_loss']:.4f}  "
-          f"test dice {_fmt(row['test_dice'])}  iou {_fmt(row['test_iou'])}  "
-          f"mSA {_fmt(row.get('test_msa'))}  "
-          f"fed eval dice {_fmt(row['fed_eval_dice'])}  ({row['seconds']:.1f} s)"
+  validation = (f"val dice {_fmt(row['val_dice'])}  " if row.get("val_dice") is not None
+                else "")
+  test = (f"test dice {_fmt(row['test_dice'])}  iou {_fmt(row['test_iou'])}  "
+          f"mSA {_fmt(row.get('test_msa'))}  fed eval dice {_fmt(row['fed_eval_dice'])}  "
+          if row.get("test_dice") is not None or not validation else "")
+  return (f"round {round_num}/{total}  loss {row['train_loss']:.4f}  {validation}{test}"
+          f"({row['seconds']:.1f} s)"
           + (f"  DP epsilon {epsilon:.3g}" if epsilon is not None else "")
           + (f"  robust aggregation: {robust}" if robust else ""))

@@ -37,6 +37,12 @@ def prepare_data(config: config_lib.RunConfig, cache_root: Path,
     raise errors.ConfigError(
         "test_fraction", f"no held-out test images in {root} (add a test/ folder or set "
         "--test_fraction > 0 with at least 2 images)")
+  splits = discovery.hold_out_validation(splits, fraction=config.validation_fraction,
+                                         seed=config.seed)
+  if config.validation_fraction > 0 and not splits.validation:
+    raise errors.ConfigError(
+        "validation_fraction", f"no training client of {root} has 2 or more images, so "
+        "none can spare one for validation (drop --validation_fraction)")
   return discovery.select_clients(splits, train_clients=config.train_clients,
                                   pool=config.pool_clients)
 
@@ -52,12 +58,15 @@ class RunRecords:
       evaluation, and an adapted encoder's central evaluation): image records in
       online mode, feature records with an adapter and the cache, else `test`.
     stats: The cache's counts.
+    validation: Training client -> its validation records, in the TFF model's input
+      format (federated evaluation only).
   """
 
   clients: dict[str, list[cache.Record]]
   test: list[cache.Record]
   federated_test: list[cache.Record]
   stats: cache.CacheStats
+  validation: dict[str, list[cache.Record]]
 
 
 def cache_records(config: config_lib.RunConfig, splits: discovery.DatasetSplits,
@@ -79,6 +88,11 @@ def cache_records(config: config_lib.RunConfig, splits: discovery.DatasetSplits,
     client_records[client], s = cache.build_records(
         examples, desc=f"encoding {client}", **model_input, **encode)
     stats.add(s)
+  validation_records = {}
+  for client, examples in splits.validation.items():
+    validation_records[client], s = cache.build_records(
+        examples, desc=f"encoding {client} (validation)", **model_input, **encode)
+    stats.add(s)
   test_records, s = cache.build_records(list(splits.test), desc="encoding test", **encode)
   stats.add(s)
   fed_test_records = test_records
@@ -94,4 +108,5 @@ def cache_records(config: config_lib.RunConfig, splits: discovery.DatasetSplits,
       f"{stats.objects} objects, {stats.images_without_objects} images without objects, "
       f"{stats.num_skipped} bad examples skipped")
   return RunRecords(clients=client_records, test=test_records,
-                  federated_test=fed_test_records, stats=stats)
+                    federated_test=fed_test_records, stats=stats,
+                    validation=validation_records)

@@ -36,6 +36,50 @@ RESUMABLE_DIFFERENCES = ("output_dir", "clients_per_subround", "execution", "rou
                          "worker_timeout")
 
 
+# Columns of metrics.csv ("<name>/<client>" columns are per evaluation client).
+METRIC_DOCS = {
+    "train_loss": "clients' mean training loss (example-weighted)",
+    "train_dice": "clients' mean training Dice (low resolution, jittered prompts)",
+    "test_dice": "central held-out Dice at the original resolution (all test objects)",
+    "test_iou": "central held-out IoU",
+    "test_msa": "central held-out mSA (micro-sam's segmentation accuracy, IoU 0.5:0.95), "
+                "mean over images",
+    "test_sa50": "central held-out segmentation accuracy at IoU 0.5",
+    "test_dice/<client>": "the same over one evaluation client's images",
+    "fed_eval_loss": "federated evaluation (build_fed_eval) on the held-out clients: loss",
+    "fed_eval_dice": "federated evaluation: Dice at low resolution, exact prompts",
+    "val_loss": "with --validation_fraction: federated evaluation on the training clients' "
+                "validation images: loss",
+    "val_dice": "the same: Dice (what --keep_best chooses on)",
+    "nonfinite_clients": "clients whose update held NaN/Inf (weight 0, ignored)",
+    "zeroed_clients": "clients whose update exceeded the zeroing threshold (zeroed)",
+    "clipped_clients": "clients whose update was clipped to the clipping norm",
+    "zeroing_norm": "zeroing threshold (max-abs) used this round",
+    "clipping_norm": "L2 clipping norm used this round",
+    "dp_epsilon": "with --dp_noise_multiplier: the privacy spent so far, epsilon at "
+                  "summary.json's privacy.delta (RDP accountant)",
+    "seconds": "wall time of the round, evaluation included",
+}
+# The validation columns' prefix, and that of the validation clients' manifests in
+# `eval_clients/` (`val.<client>.txt`, next to the held-out test clients').
+VALIDATION_PREFIX = "val"
+
+
+def selection_column(config: config_lib.RunConfig) -> str:
+  """The `metrics.csv` column `--keep_best` chooses on: validation Dice, else test Dice."""
+  return f"{VALIDATION_PREFIX}_dice" if config.validation else "test_dice"
+
+
+def metric_columns(eval_clients: list[str], *, validation: bool) -> list[str]:
+  """The columns of `metrics.csv`: every one of `METRIC_DOCS` (per client if several;
+  `val_*` only with validation, so that older runs keep their columns)."""
+  keys = [k for k in METRIC_DOCS if not k.endswith("/<client>")
+          and (validation or not k.startswith(VALIDATION_PREFIX))]
+  if len(eval_clients) > 1:
+    keys += [f"test_dice/{c}" for c in eval_clients]
+  return keys
+
+
 def read_metrics_csv(path: Path) -> list[dict]:
   """The rows of `metrics.csv` at `path` (none if it does not exist)."""
   if not path.exists():
@@ -167,6 +211,9 @@ def summarize_metrics(rows: list[dict]) -> dict:
            "msa": parse_metric(row.get("test_msa")), "sa50": parse_metric(row.get("test_sa50")),
            "federated_eval": {"loss": parse_metric(row.get("fed_eval_loss")),
                               "dice": parse_metric(row.get("fed_eval_dice"))}}
+    if "val_dice" in row:  # With --validation_fraction.
+      out["validation"] = {"loss": parse_metric(row.get("val_loss")),
+                           "dice": parse_metric(row["val_dice"])}
     per_client = {k.split("/", 1)[1]: parse_metric(v) for k, v in row.items()
                   if k.startswith("test_dice/")}
     if per_client:
