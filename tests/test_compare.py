@@ -153,6 +153,50 @@ def test_summary_rows_gains_table_and_plot(tmp_path):
   assert image is not None and image.shape[0] > 200 and image.std() > 5
 
 
+def test_own_site_view_scores_each_site_where_it_works_with_its_personalized_model(tmp_path):
+  """Sites a and b use held-out clients x and y. Local-only: each site's own model on its
+  own client; personalized: the federated run's per-site copies; the rest: one model
+  on each site's client; "all" is the mean over sites. Only the federated arm
+  personalizes."""
+  base = _base(tmp_path, eval_prompt=("box",), personalize_steps=3)
+  arms = compare.plan_arms(base, splits=_splits({"a": 2, "b": 2}), seeds=2,
+                           root=tmp_path / "cmp", arms=("zero_shot", "local", "federated"))
+  assert {a.name: a.config.personalize_steps for a in arms if a.seed == 7} == {
+      "zero_shot": 0, "local/a": 0, "local/b": 0, "federated": 3}
+  on = {"zero_shot": (0.5, 0.5), "local/a": (0.7, 0.3), "local/b": (0.2, 0.6),
+        "federated": (0.6, 0.62)}
+  summaries = []
+  for a in arms:
+    x, y = on[a.name]
+    summary = _summary((x + y) / 2 + 0.01 * (a.seed - 7), {"x": x, "y": y + 0.01 * (a.seed - 7)})
+    if a.name == "federated":
+      summary["personalized"] = {"steps": 3, "sites": {
+          site: {"test_client": c, "by_prompt": {"box": {"personalized": {
+              "dice": d, "iou": d / 2, "msa": d / 4, "sa50": d / 3}}}}
+          for site, c, d in (("a", "x", 0.75), ("b", "y", 0.65 + 0.01 * (a.seed - 7)))}}
+    summaries.append(summary)
+  table = compare.summarize(arms, summaries, eval_prompt=("box",),
+                            site_clients={"a": "x", "b": "y"})["box"]
+  assert "personalized" not in table["rows"]  # The all-clients view is unchanged.
+  own = table["own_site"]
+  assert own["sites"] == {"a": "x", "b": "y"}
+  assert list(own["rows"]) == ["zero_shot", "local_only", "federated", "personalized"]
+  local = own["rows"]["local_only"]["dice"]
+  assert local["a"]["mean"] == pytest.approx(0.7) and local["b"]["mean"] == pytest.approx(0.605)
+  assert local["all"]["mean"] == pytest.approx(np.mean([(0.7 + 0.6) / 2, (0.7 + 0.61) / 2]))
+  assert own["rows"]["federated"]["dice"]["a"]["mean"] == pytest.approx(0.6)
+  assert own["rows"]["personalized"]["dice"]["all"]["mean"] == pytest.approx(0.7025)
+  gain = own["gains"]["personalized-local_only"]["dice"]["all"]
+  assert gain["mean"] == pytest.approx(0.7025 - 0.6525)
+  assert own["gains"]["personalized-federated"]["dice"]["b"]["mean"] == pytest.approx(0.03)
+  compare.write_outputs(tmp_path / "cmp", base=base, arms=arms, summaries=summaries, seeds=2,
+                        leave_one_site_out=False, site_clients={"a": "x", "b": "y"})
+  md = (tmp_path / "cmp" / compare.TABLE_FILE).read_text()
+  assert "**box prompts, each site on its own held-out client**" in md
+  assert "| Dice a (on x) | Dice b (on y) |" in md
+  assert "| personalized | 70.2 ± 0.4 |" in md and "| gain personalized-local_only | 5.0" in md
+
+
 def test_the_flags_arm_names_are_the_planners():
   assert compare.ARM_KINDS == (compare.ZERO_SHOT, compare.LOCAL, compare.CENTRALIZED,
                                compare.FEDERATED, compare.FED_LORA)
@@ -206,7 +250,9 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
           # Each arm also trains with iterative prompting in TFF and keeps its best round.
           "--prompt=iterative", "--sub_iterations=2", "--keep_best", "--eval_every=1",
           # The fed_lora arm's adapters (the federated arm has none).
-          "--lora_alpha=8"]
+          "--lora_alpha=8",
+          # The federated arm's sites personalize (each site_k is scored on test/site_k).
+          "--personalize_steps=2"]
   # A fresh process, so its peak memory is the arms' own.
   result = run_cli([sys.executable, "-m", "tff_sam.experiments.compare", *args], timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -254,6 +300,16 @@ def test_compare_end_to_end_on_two_tiny_sites(tmp_path, reference_data, referenc
     assert set(a["results"]["box"]["by_client"]) == {"site_0", "site_1"}
   md = (root / compare.TABLE_FILE).read_text()
   assert "**box_corrections prompts**" in md and "| local_only |" in md
+  # The own-site view: each site's model on its own held-out client, personalized too.
+  own = saved["table"]["box"]["own_site"]
+  assert own["sites"] == {"site_0": "site_0", "site_1": "site_1"}
+  assert list(own["rows"]) == ["zero_shot", "local_only", "centralized", "federated",
+                               "personalized", "fed_lora"]
+  personalized = summaries["federated"]["personalized"]["sites"]
+  assert own["rows"]["personalized"]["dice"]["site_1"]["mean"] == pytest.approx(
+      personalized["site_1"]["by_prompt"]["box"]["personalized"]["dice"])
+  assert "personalized" not in summaries["local/site_0"]
+  assert "**box prompts, each site on its own held-out client**" in md
   assert md.strip() in result.stdout
   assert (root / compare.PLOT_FILE).stat().st_size > 10_000
   # A second run skips every completed arm, the zero-shot one included.

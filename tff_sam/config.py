@@ -13,7 +13,7 @@ datasets, built-in models, losses, optimizers, benchmark architectures, export f
 import dataclasses
 import json
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from tff_sam import errors
 
@@ -41,7 +41,7 @@ POINT_EVAL = "point"
 CORRECTIONS_EVAL = "box_corrections"
 EVAL_PROMPTS = (BOX_EVAL, POINT_EVAL, CORRECTIONS_EVAL)
 # Settings held as tuples (JSON lists in `config.json`).
-TUPLE_SETTINGS = ("workers", "train_clients", "eval_prompt", "lora_targets")
+TUPLE_SETTINGS = ("workers", "train_clients", "eval_prompt", "lora_targets", "site_test_clients")
 # Embedded datasets (`--data`, used without `--data_dir`).
 SAMPLE_DATASET = "sample"
 SYNTHETIC_DATASET = "synthetic"
@@ -163,6 +163,13 @@ def uses_boxes(prompt: str) -> bool:
 def uses_points(prompt: str) -> bool:
   """Whether prompt mode `prompt` gives the model points."""
   return prompt in (POINTS_PROMPT, BOTH_PROMPTS, *BOX_OR_POINT_PROMPTS)
+
+
+def _require_at_least(config: Any, minimum: int, flags: Sequence[str]) -> None:
+  """Validates that each of `config`'s integer settings `flags` is >= `minimum`."""
+  for flag in flags:
+    value = getattr(config, flag)
+    errors.require(value >= minimum, flag, f"must be >= {minimum}, got {value}")
 
 
 def _require_distinct(values: tuple[str, ...], flag: str) -> None:
@@ -293,12 +300,14 @@ class RunConfig:
   # the first is also the per-round held-out evaluation.
   eval_prompt: tuple[str, ...] = ()
   eval_corrections: int = 3
-  # Export (and report) the round with the best validation Dice (without validation:
-  # held-out test Dice, an optimistic choice) instead of the last.
+  # Export the round with the best validation Dice (without validation: test Dice).
   keep_best: bool = False
-  # With validation, the test set is scored at round 0, the last round and on the
-  # exported model only; True scores it at every evaluation round as well.
+  # With validation, also score the test set at every evaluation round (not only 0 and last).
   test_every_eval: bool = False
+  # Personalization (`federated.program.personalization`): local steps per site from the
+  # exported model (0 = none); `site_test_clients`: "site:client" scoring pairs.
+  personalize_steps: int = 0
+  site_test_clients: tuple[str, ...] = ()
   seed: int = 0
 
   @property
@@ -325,31 +334,26 @@ class RunConfig:
       errors.ConfigError: naming the first invalid flag.
     """
     errors.require(bool(self.output_dir), "output_dir", "must be set")
+    _require_at_least(self, 1, ("num_clients", "num_points", "prompts_per_image",
+                                "encode_batch_size", "clients_per_round", "local_epochs",
+                                "batch_size", "eval_every"))
+    _require_at_least(self, 0, ("num_negative_points", "rounds", "seed", "personalize_steps"))
     errors.require(self.data in NAMED_DATASETS, "data", f"must be one of {NAMED_DATASETS}, got {self.data!r}")
     errors.require(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}, got {self.partition!r}")
-    errors.require(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
     errors.require(self.dirichlet_alpha > 0, "dirichlet_alpha", f"must be > 0, got {self.dirichlet_alpha}")
     errors.require(0.0 <= self.test_fraction < 1.0, "test_fraction", f"must be in [0, 1), got {self.test_fraction}")
     errors.require(self.prompt in PROMPT_MODES, "prompt", f"must be one of {PROMPT_MODES}, got {self.prompt!r}")
     errors.require(self.box_jitter >= 0, "box_jitter", f"must be >= 0 pixels, got {self.box_jitter}")
     errors.require(self.box_jitter_fraction >= 0, "box_jitter_fraction",
                    f"must be >= 0, got {self.box_jitter_fraction}")
-    errors.require(self.num_points >= 1, "num_points", f"must be >= 1, got {self.num_points}")
-    errors.require(self.num_negative_points >= 0, "num_negative_points", f"must be >= 0, got {self.num_negative_points}")
     errors.require(self.sub_iterations >= 2, "sub_iterations",
                    f"must be >= 2 (the first prompt and at least one correction), got "
                    f"{self.sub_iterations}")
-    errors.require(self.prompts_per_image >= 1, "prompts_per_image", f"must be >= 1, got {self.prompts_per_image}")
     errors.require(bool(self.model), "model", "must be set (mobile_sam, a hub id or a local directory)")
     self._validate_adapter()
     self._validate_privacy()
-    errors.require(self.encode_batch_size >= 1, "encode_batch_size", f"must be >= 1, got {self.encode_batch_size}")
-    errors.require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
-    errors.require(self.clients_per_round >= 1, "clients_per_round", f"must be >= 1, got {self.clients_per_round}")
     errors.require(self.clients_per_subround >= 0, "clients_per_subround",
                    f"must be >= 0 (0 = all at once), got {self.clients_per_subround}")
-    errors.require(self.local_epochs >= 1, "local_epochs", f"must be >= 1, got {self.local_epochs}")
-    errors.require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
     errors.require(self.client_optimizer in CLIENT_OPTIMIZERS, "client_optimizer",
                    f"must be one of {CLIENT_OPTIMIZERS}, got {self.client_optimizer!r}")
     errors.require(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
@@ -370,12 +374,13 @@ class RunConfig:
                    f"must be > 0, got {self.zeroing_multiplier}")
     errors.require(self.clipping_initial_norm > 0, "clipping_initial_norm",
                    f"must be > 0, got {self.clipping_initial_norm}")
-    errors.require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+    self._validate_personalization()
     errors.require(0.0 <= self.validation_fraction < 1.0, "validation_fraction",
                    f"must be in [0, 1), got {self.validation_fraction}")
-    errors.require(not self.test_every_eval or self.validation, "test_every_eval",
-                   "is set but there is no validation set (the test set is scored at every "
-                   "evaluation round already); add --validation_fraction or drop it")
+    if not self.validation:
+      self._require_unset(("test_every_eval",), lambda _: "is set but there is no validation "
+                          "set (the test set is scored at every evaluation round already); "
+                          "add --validation_fraction or drop it")
     errors.require(self.eval_max_objects >= 0, "eval_max_objects",
                    f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")
     _require_choices(self.eval_prompt, EVAL_PROMPTS, "eval_prompt", "prompt",
@@ -385,7 +390,6 @@ class RunConfig:
     _require_distinct(self.train_clients, "train_clients")
     errors.require(not self.pool_clients or self.clients_per_round == 1, "clients_per_round",
                    f"must be 1 with --pool_clients (one pooled client), got {self.clients_per_round}")
-    errors.require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
     return self
 
   @property
@@ -409,11 +413,8 @@ class RunConfig:
     errors.require(0 <= self.dp_delta < 1, "dp_delta",
                    f"must be in [0, 1) (0 = 1 / N^1.1), got {self.dp_delta:g}")
     if not self.differential_privacy:
-      defaults = {f.name: f.default for f in dataclasses.fields(self)}
-      for flag in DP_SETTINGS:
-        errors.require(getattr(self, flag) == defaults[flag], flag,
-                       "is set but differential privacy is off; add --dp_noise_multiplier=Z "
-                       f"(Z > 0) or drop --{flag}")
+      self._require_unset(DP_SETTINGS, lambda flag: "is set but differential privacy is off; "
+                          f"add --dp_noise_multiplier=Z (Z > 0) or drop --{flag}")
     errors.require(self.update_compression in UPDATE_COMPRESSIONS, "update_compression",
                    f"must be one of {UPDATE_COMPRESSIONS}, got {self.update_compression!r}")
     errors.require(not (self.secure_aggregation and self.differential_privacy),
@@ -427,32 +428,47 @@ class RunConfig:
                    "update_compression", "cannot be combined with --dp_noise_multiplier here "
                    "(the DP sum is of float clipped updates; compressing them is not built)")
 
+  def _require_unset(self, flags: Sequence[str], why: Callable[[str], str]) -> None:
+    """Refuses each of `flags` set off its default where it has no effect (`why(flag)`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for flag in flags:
+      errors.require(getattr(self, flag) == defaults[flag], flag, why(flag))
+
+  def _validate_personalization(self) -> None:
+    if not self.personalize_steps:
+      self._require_unset(("site_test_clients",), lambda _: "is set but nothing is "
+                          "personalized; add --personalize_steps=N or drop it")
+    else:
+      errors.require(self.adapter == NO_ADAPTER and self.embedding_cache, "personalize_steps",
+                     "personalizes the mask decoder on cached embeddings; it cannot be "
+                     "combined with --adapter=lora or --noembedding_cache (drop one)")
+    for entry in self.site_test_clients:
+      errors.require(len(entry.split(":")) == 2 and all(entry.split(":")), "site_test_clients",
+                     f"entries are site:client (a training site and the held-out client its "
+                     f"personalized model is scored on), got {entry!r}")
+    _require_distinct(tuple(e.split(":")[0] for e in self.site_test_clients),
+                      "site_test_clients")
+
   def _validate_server_optimizer(self) -> None:
     errors.require(self.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer",
                    f"must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
     errors.require(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
-    defaults = {f.name: f.default for f in dataclasses.fields(self)}
     used = SERVER_OPTIMIZER_SETTINGS[self.server_optimizer]
-    for flag in sorted({f for fs in SERVER_OPTIMIZER_SETTINGS.values() for f in fs} - set(used)):
-      readers = " or ".join(n for n, fs in SERVER_OPTIMIZER_SETTINGS.items() if flag in fs)
-      errors.require(getattr(self, flag) == defaults[flag], flag,
-                     f"is set but --server_optimizer={self.server_optimizer} does not use it; "
-                     f"drop it or pass --server_optimizer={readers}")
+    self._require_unset(
+        sorted({f for fs in SERVER_OPTIMIZER_SETTINGS.values() for f in fs} - set(used)),
+        lambda flag: f"is set but --server_optimizer={self.server_optimizer} does not use it; "
+        "drop it or pass --server_optimizer="
+        + " or ".join(n for n, fs in SERVER_OPTIMIZER_SETTINGS.items() if flag in fs))
     for flag in ("server_momentum", "server_beta_1", "server_beta_2"):
-      value = getattr(self, flag)
-      errors.require(0.0 <= value < 1.0, flag, f"must be in [0, 1), got {value}")
-    errors.require(self.server_epsilon > 0, "server_epsilon",
-                   f"must be > 0, got {self.server_epsilon}")
+      errors.require(0.0 <= getattr(self, flag) < 1.0, flag, f"must be in [0, 1), got {getattr(self, flag)}")
+    errors.require(self.server_epsilon > 0, "server_epsilon", f"must be > 0, got {self.server_epsilon}")
 
   def _validate_adapter(self) -> None:
     errors.require(self.adapter in ADAPTERS, "adapter",
                    f"must be one of {ADAPTERS}, got {self.adapter!r}")
     if self.adapter == NO_ADAPTER:
-      defaults = {f.name: f.default for f in dataclasses.fields(self)}
-      for flag in LORA_SETTINGS:
-        errors.require(getattr(self, flag) == defaults[flag], flag,
-                       f"is set but there is no adapter; add --adapter={LORA_ADAPTER} (or drop "
-                       f"--{flag})")
+      self._require_unset(LORA_SETTINGS, lambda flag: "is set but there is no adapter; add "
+                          f"--adapter={LORA_ADAPTER} (or drop --{flag})")
       return
     errors.require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
     errors.require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
@@ -556,10 +572,8 @@ class BenchConfig:
     """
     errors.require(bool(self.output_dir), "output_dir", "must be set")
     errors.require(self.arch in ARCHS, "arch", f"must be one of {ARCHS}, got {self.arch!r}")
-    for flag in ("clients", "examples_per_client", "batch_size", "prompts_per_image",
-                 "encode_batch_size", "memory_base_clients"):
-      value = getattr(self, flag)
-      errors.require(value >= 1, flag, f"must be >= 1, got {value}")
+    _require_at_least(self, 1, ("clients", "examples_per_client", "batch_size",
+                                "prompts_per_image", "encode_batch_size", "memory_base_clients"))
     errors.require(self.rounds >= 2, "rounds", f"must be >= 2 timed rounds, got {self.rounds}")
     errors.require(self.image_size >= 32, "image_size", f"must be >= 32 pixels, got {self.image_size}")
     errors.require(self.memory_clients > self.memory_base_clients, "memory_clients",

@@ -30,3 +30,10 @@ def dataset_root(*, data_dir: Optional[str], data: str, cache_root: Path) -> Pat
   if data_dir:
     return Path(data_dir).expanduser()
   return named_dataset(data, cache_root=cache_root)
+
+
+def declared_site_test_clients(*, data_dir: Optional[str], data: str) -> dict[str, str]:
+  """The embedded dataset's own site -> held-out client map (`sample`'s), else none."""
+  if not data_dir and data == config_lib.SAMPLE_DATASET:
+    return dict(sample.SITE_TEST_CLIENTS)
+  return {}

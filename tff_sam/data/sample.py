@@ -92,6 +92,10 @@ HIGH_PERCENTILE = 99.8
 NUM_HELA_SITES = 3
 TEST_SITE = "test"
 BACTERIA_SITE = "bacteria"
+# Which held-out client each training site's own images resemble (`--site_test_clients`'
+# default for this data): its personalized model is scored there.
+SITE_TEST_CLIENTS = {**{f"hela_{i}": "hela" for i in range(1, NUM_HELA_SITES + 1)},
+                     BACTERIA_SITE: "bacteria"}
 MARKER_FILE = "dataset.json"
 README_FILE = "README.txt"
 FORMAT_VERSION = 2

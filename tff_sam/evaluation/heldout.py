@@ -233,26 +233,31 @@ class Evaluator:
                                 mask_inputs=logits)
     return masks
 
-  def __call__(self, model: tf.keras.Model, *, eval_prompt: Optional[str] = None
-               ) -> EvalResult:
+  def __call__(self, model: tf.keras.Model, *, eval_prompt: Optional[str] = None,
+               client: Optional[str] = None) -> EvalResult:
     """Dice, IoU (per object) and mSA/SA50/SA75 (per image) of `model` on the test set.
 
     `eval_prompt` as in `predict`; None counts as `box` or `point` by the model's mode.
+    `client`: only that evaluation client's images (the evaluator's `clients`).
     Objects left out by `max_objects_per_image` are left out of the ground-truth label
     image too, so the instance metrics judge the prompted objects only.
     """
+    if client is not None and (self.clients is None or client not in self.clients):
+      raise ValueError(f"{client!r} is not an evaluation client of this evaluator")
     everything, scores, per_image = [], {}, {}
     for index, image in enumerate(self.images):
+      owner = self.clients[index] if self.clients is not None else None
+      if client is not None and owner != client:
+        continue
       pred = self.predict(model, image, eval_prompt)
-      client = self.clients[index] if self.clients is not None else None
       for k, obj in enumerate(image.ids):
         pair = losses.dice_iou(pred[k], image.labels == obj)
         everything.append(pair)
-        scores.setdefault(client, []).append(pair)
+        scores.setdefault(owner, []).append(pair)
       truth = np.where(np.isin(image.labels, image.ids), image.labels, 0)
       sa = instance_metrics.segmentation_accuracy(
           truth, instance_metrics.stitch_masks(list(pred), shape=image.original_size))
-      per_image.setdefault(client, []).append(sa)
+      per_image.setdefault(owner, []).append(sa)
 
     def mean(values):
       return float(np.mean(values)) if len(values) else float("nan")
@@ -273,7 +278,8 @@ class Evaluator:
     if eval_prompt is None:
       eval_prompt = config_lib.default_eval_prompt(getattr(model, "prompt_mode",
                                                            config_lib.BOX_PROMPT))
-    return EvalResult(num_objects=len(everything), num_images=len(self.images),
+    return EvalResult(num_objects=len(everything),
+                      num_images=sum(len(sas) for sas in per_image.values()),
                       eval_prompt=eval_prompt, by_client=by_client,
                       **summary(everything, all_sas))
 

@@ -195,6 +195,15 @@ flags.DEFINE_boolean("keep_best", _F["keep_best"],
                      "zero-shot model, included) instead of the last round; a guard against "
                      "decoder collapse. Without --validation_fraction it chooses on the "
                      "held-out test Dice, so its test score is optimistic.")
+flags.DEFINE_integer("personalize_steps", _F["personalize_steps"],
+                     "After training: fine-tune the exported global model for this many local "
+                     "steps on each training site's own images, score each site's model on "
+                     "its held-out client and write it to personalized/<site>/ (0 = no "
+                     "personalization).")
+flags.DEFINE_list("site_test_clients", list(_F["site_test_clients"]),
+                  "--personalize_steps: site:client pairs naming the held-out client each "
+                  "site's personalized model is scored on (default: the embedded data's own "
+                  "map, else the client of the site's own name).")
 flags.DEFINE_boolean("test_every_eval", _F["test_every_eval"],
                      "With --validation_fraction: score the held-out test set at every "
                      "evaluation round too (by default only at round 0, the last round and "
@@ -229,6 +238,7 @@ HELP_GROUPS = (
                                    "secure_aggregation", "update_compression")),
     ("evaluation", ("eval_every", "eval_max_objects", "eval_prompt", "eval_corrections",
                     "keep_best", "test_every_eval")),
+    ("personalization", ("personalize_steps", "site_test_clients")),
     ("output", ("output_dir", "fresh")),
 )
 

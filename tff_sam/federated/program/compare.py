@@ -44,6 +44,7 @@ from tff_sam import fileio
 from tff_sam import output_folder
 from tff_sam.data import discovery
 from tff_sam.evaluation import plots
+from tff_sam.federated.program import personalization
 from tff_sam.federated.program import program
 from tff_sam.federated.program import run_data
 
@@ -54,6 +55,12 @@ CENTRALIZED = "centralized"
 FEDERATED = "federated"
 FED_LORA = "fed_lora"
 WITHOUT = "without"
+# The federated arm's sites after `--personalize_steps` local steps each (a row of the
+# "own site" view, computed by the federated run itself).
+PERSONALIZED = "personalized"
+# The own-site view's gains: (arm, other row).
+OWN_SITE_GAINS = ((FEDERATED, LOCAL_MEAN), (PERSONALIZED, LOCAL_MEAN), (PERSONALIZED, FEDERATED),
+                  (FEDERATED, CENTRALIZED), (PERSONALIZED, CENTRALIZED))
 # The arms `plan_arms` can make (`local` stands for every `local/<site>`).
 ARM_KINDS = config_lib.COMPARE_ARMS  # (ZERO_SHOT, LOCAL, CENTRALIZED, FEDERATED, FED_LORA)
 LORA_SETTINGS = config_lib.LORA_SETTINGS  # What `plan_arms(lora=...)` may set.
@@ -121,11 +128,14 @@ def plan_arms(base: config_lib.RunConfig, *, splits: discovery.DatasetSplits, se
   # Arms without a server train and upload nothing privately: plain settings.
   defaults = {f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)}
   serverless = {name: defaults[name] for name in config_lib.UPLOAD_SETTINGS}
+  # Only the federated arm personalizes (the `personalized` row).
+  unpersonalized = {name: defaults[name] for name in ("personalize_steps", "site_test_clients")}
   planned = []
   for seed in range(base.seed, base.seed + seeds):
     def arm(name, server=True, **changes):
       config = dataclasses.replace(
-          base, **({} if server else serverless), seed=seed,
+          base, **({} if server else serverless),
+          **({} if name == FEDERATED else unpersonalized), seed=seed,
           output_dir=str(root / f"seed{seed}" / name.replace("/", "_")), **changes).validate()
       sampled = {c: 0 for c in (config.train_clients or sites)}
       if config.pool_clients:
@@ -205,9 +215,67 @@ def _scores(summary: dict, prompt: str) -> dict:
           for m in METRICS}
 
 
+def _gains(per_seed: dict, pairs: Sequence[tuple[str, str]]) -> dict:
+  """`<arm>-<other>` -> metric -> column -> stats over seeds of the paired differences."""
+  gains = {}
+  for arm_name, other in pairs:
+    if arm_name not in per_seed or other not in per_seed:
+      continue
+    mine, theirs = per_seed[arm_name], per_seed[other]
+    seeds = sorted(s for s in mine if s in theirs)
+    if not seeds:
+      continue
+    gains[f"{arm_name}-{other}"] = {
+        m: {c: _stats([mine[s][m][c] - theirs[s][m][c] for s in seeds
+                       if mine[s][m][c] is not None and theirs[s][m][c] is not None])
+            for c in mine[seeds[0]][m]} for m in METRICS}
+  return gains
+
+
+def _own_site(per_seed: dict, summaries: dict, *, prompt: str,
+              site_clients: dict[str, str]) -> dict:
+  """The own-site view of one prompt: each site's model scored on its own held-out
+  client (`site_clients`), rows arm -> metric -> "all" (mean over sites) / site -> stats.
+
+  `local_only` is each site's own `local/<site>` model there; `personalized` each
+  site's personalized copy of the federated model (`summaries`: seed -> the federated
+  arm's summary); the other rows are one model scored on every site's client.
+  """
+  own: dict[str, dict[int, dict]] = {}
+  for name in (ZERO_SHOT, CENTRALIZED, FEDERATED, FED_LORA):
+    for seed, scores in per_seed.get(name, {}).items():
+      own.setdefault(name, {})[seed] = {
+          m: {site: scores[m][c] for site, c in site_clients.items()} for m in METRICS}
+  for seed in sorted({s for n, runs in per_seed.items() if n.startswith(LOCAL + "/")
+                      for s in runs}):
+    if all(seed in per_seed.get(f"{LOCAL}/{site}", {}) for site in site_clients):
+      own.setdefault(LOCAL_MEAN, {})[seed] = {
+          m: {site: per_seed[f"{LOCAL}/{site}"][seed][m][c] for site, c in site_clients.items()}
+          for m in METRICS}
+  for seed, summary in summaries.items():
+    sites = summary.get("personalized", {}).get("sites", {})
+    if sites:
+      own.setdefault(PERSONALIZED, {})[seed] = {m: {
+          site: (sites[site]["by_prompt"][prompt]["personalized"][m] if site in sites else None)
+          for site in site_clients} for m in METRICS}
+  for runs in own.values():
+    for scores in runs.values():
+      for m in METRICS:
+        values = [v for v in scores[m].values() if v is not None]
+        scores[m] = {"all": float(np.mean(values)) if values else None, **scores[m]}
+  order = (ZERO_SHOT, LOCAL_MEAN, CENTRALIZED, FEDERATED, PERSONALIZED, FED_LORA)
+  rows = {name: {m: {c: _stats([own[name][s][m][c] for s in own[name]])
+                     for c in ("all", *site_clients)} for m in METRICS}
+          for name in order if name in own}
+  return {"sites": dict(site_clients), "rows": rows, "gains": _gains(own, OWN_SITE_GAINS)}
+
+
 def summarize(arms: Sequence[Arm], summaries: Sequence[dict], *,
-              eval_prompt: Sequence[str]) -> dict:
-  """Per evaluation prompt: rows (arm -> metric -> client -> stats over seeds) and gains.
+              eval_prompt: Sequence[str], site_clients: Optional[dict[str, str]] = None
+              ) -> dict:
+  """Per evaluation prompt: rows (arm -> metric -> client -> stats over seeds) and gains,
+  and with `site_clients` (site -> its own held-out client) the own-site view
+  (`own_site`, see `_own_site`).
 
   The `local_only` row is, per seed, the mean over the `local/<site>` arms; gains are
   federated minus the other row, per seed, then mean ± std over seeds.
@@ -231,19 +299,14 @@ def summarize(arms: Sequence[Arm], summaries: Sequence[dict], *,
       first = next(iter(runs.values()))
       rows[name] = {m: {c: _stats([runs[s][m][c] for s in runs]) for c in first[m]}
                     for m in METRICS}
-    gains = {}
-    for arm_name, others in ((FEDERATED, (ZERO_SHOT, LOCAL_MEAN, CENTRALIZED)),
-                             (FED_LORA, (ZERO_SHOT, FEDERATED))):
-      if arm_name not in per_seed:
-        continue
-      fed = per_seed[arm_name]
-      for other in others:
-        if other in per_seed:
-          gains[f"{arm_name}-{other}"] = {
-              m: {c: _stats([fed[s][m][c] - per_seed[other][s][m][c] for s in seeds
-                             if s in per_seed[other]]) for c in fed[seeds[0]][m]}
-              for m in METRICS}
+    gains = _gains(per_seed, [(FEDERATED, ZERO_SHOT), (FEDERATED, LOCAL_MEAN),
+                              (FEDERATED, CENTRALIZED), (FED_LORA, ZERO_SHOT),
+                              (FED_LORA, FEDERATED)])
     out[prompt] = {"rows": rows, "gains": gains}
+    if site_clients:
+      federated = {a.seed: s for a, s in zip(arms, summaries) if a.name == FEDERATED}
+      out[prompt]["own_site"] = _own_site(per_seed, federated, prompt=prompt,
+                                          site_clients=site_clients)
   return out
 
 
@@ -280,18 +343,39 @@ def markdown_table(table: dict, *, steps: dict, seeds: int) -> str:
       lines.append(f"| gain {name} | " + " | ".join(_cell(g[m]["all"]) for m in METRICS)
                    + " | " + " | ".join(_cell(g["dice"][c]) for c in clients) + " | |")
     lines.append("")
+    if part.get("own_site", {}).get("rows"):
+      lines += _own_site_table(prompt, part["own_site"], seeds=seeds)
   return "\n".join(lines)
+
+
+def _own_site_table(prompt: str, own: dict, *, seeds: int) -> list[str]:
+  """The own-site view as markdown lines (`summarize`'s `own_site`)."""
+  sites = list(own["sites"])
+  head = ["arm", "Dice", "IoU", "mSA", "SA50"] + [
+      f"Dice {s} (on {c})" for s, c in own["sites"].items()]
+  lines = [f"**{prompt} prompts, each site on its own held-out client** (x100; mean over "
+           "sites, " + (f"mean ± std over {seeds} seeds)" if seeds > 1 else "1 seed)"), "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, r in own["rows"].items():
+    lines.append("| " + " | ".join([name] + [_cell(r[m]["all"]) for m in METRICS]
+                                   + [_cell(r["dice"][s]) for s in sites]) + " |")
+  for name, g in own["gains"].items():
+    lines.append(f"| gain {name} | " + " | ".join(
+        [_cell(g[m]["all"]) for m in METRICS] + [_cell(g["dice"][s]) for s in sites]) + " |")
+  return lines + [""]
 
 
 def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm],
                   summaries: Sequence[dict], seeds: int, leave_one_site_out: bool,
-                  memory: Sequence[dict] = ()) -> dict:
+                  memory: Sequence[dict] = (),
+                  site_clients: Optional[dict[str, str]] = None) -> dict:
   """Writes `compare.json`, `compare.md` and `compare.png` into `root`; returns the JSON.
 
   `memory`: the process's peak RSS after each arm (`run_arms`), kept in the JSON.
+  `site_clients`: site -> its own held-out client, for the own-site view.
   """
   prompts = base.eval_prompt_list
-  table = summarize(arms, summaries, eval_prompt=prompts)
+  table = summarize(arms, summaries, eval_prompt=prompts, site_clients=site_clients)
   first = min(a.seed for a in arms)
   steps = {a.name: sum(a.steps.values()) for a in arms if a.seed == first}
   result = {
@@ -352,10 +436,14 @@ def _run_comparison(base: config_lib.RunConfig, *, root: Path, seeds: int,
                       leave_one_site_out=leave_one_site_out, arms=arms, lora=lora)
   log(f"compare: {len(planned)} runs ({seeds} seed(s): "
       f"{', '.join(a.name for a in planned if a.seed == base.seed)}) in {root}")
+  site_clients = personalization.site_test_clients(
+      base, sites=sorted(c for c, exs in splits.clients.items() if exs),
+      test_clients=sorted(splits.test_clients))
   memory: list[dict] = []
   summaries = run_arms(planned, fresh=fresh, log=log, memory=memory)
   result = write_outputs(root, base=base, arms=planned, summaries=summaries, seeds=seeds,
-                         leave_one_site_out=leave_one_site_out, memory=memory)
+                         leave_one_site_out=leave_one_site_out, memory=memory,
+                         site_clients=site_clients)
   log((root / TABLE_FILE).read_text().rstrip("\n"))  # The table `write_outputs` wrote.
   log(f"outputs in {root}: {COMPARE_FILE}, {TABLE_FILE}, {PLOT_FILE}")
   return result

@@ -25,7 +25,9 @@ No flags here: `run_experiment` takes one validated `RunConfig` (the binary in
   its image encoder carries the merged adapters and `model/adapter/` holds them alone;
 * `metrics.png`: loss and held-out Dice per round;
 * `overlays/`: image | ground truth | zero-shot | fine-tuned, for fixed test objects
-  (also as TensorBoard images).
+  (also as TensorBoard images);
+* with `--personalize_steps`: `personalized/<site>/`, each site's fine-tuned model
+  (`personalization`), and its scores in `summary.json` (`personalized`).
 """
 
 import collections
@@ -57,6 +59,7 @@ from tff_sam.federated.learning import privacy
 from tff_sam.federated.learning import processes
 from tff_sam.federated.learning import tasks
 from tff_sam.federated.program import best_model
+from tff_sam.federated.program import personalization
 from tff_sam.federated.program import program_logic
 from tff_sam.federated.program import progress as progress_lib
 from tff_sam.federated.program import releases
@@ -144,27 +147,6 @@ def _check_clients_per_round(config: config_lib.RunConfig, available: int, what:
       f"is {config.clients_per_round} but there are only {available} {what} (pass "
       f"--clients_per_round={available} or fewer; with a flat --data_dir, --num_clients "
       "sets how many clients it is split into)")
-
-
-class _ReportingProcess:
-  """The training process, reporting each round's progress while it runs."""
-
-  def __init__(self, process, *, progress_dir: Path, images: dict[str, int],
-               spec, log: Callable[[str], None]):
-    self.process = process
-    self.progress_dir = progress_dir
-    self.images = images
-    self.spec = spec
-    self.log = log
-
-  def next(self, state, client_ids: list[str]):
-    per_round = {c: self.images[c.rsplit(pipeline.ROUND_SEPARATOR, 1)[0]] for c in client_ids}
-    round_num = int(client_ids[0].rsplit(pipeline.ROUND_SEPARATOR, 1)[1]) if client_ids else 0
-    with progress_lib.RoundProgress(
-        progress_dir=self.progress_dir, round_num=round_num, batch_size=self.spec.batch_size,
-        expected={c: pipeline.expected_batches(n, self.spec) for c, n in per_round.items()},
-        images={c: n * self.spec.local_epochs for c, n in per_round.items()}, log=self.log):
-      return self.process.next(state, client_ids)
 
 
 @dataclasses.dataclass
@@ -278,10 +260,19 @@ def _run_phases(run: _Run) -> dict:
   results, fine_tuned = _evaluate_exported(run, state=state, data=data, held_out=held_out,
                                            task=task)
   overlays = _export(run, fine_tuned=fine_tuned, data=data, held_out=held_out, task=task)
-  privacy_summary = ({"privacy": {**privacy_setup, "epsilon": epsilon_of(config.rounds)}}
-                     if epsilon_of is not None else {})
+  extra = ({"privacy": {**privacy_setup, "epsilon": epsilon_of(config.rounds)}}
+           if epsilon_of is not None else {})
+  if config.personalize_steps:
+    run.progress["section"] = "personalization"
+    extra["personalized"] = personalization.personalize_sites(
+        config, global_model=fine_tuned, global_scores=results["evaluation"]["by_prompt"],
+        data=personalization.SiteData(
+            sites=data.client_ids, counts=data.counts, spec=task.pipeline_spec,
+            bundle=data.bundle, evaluator=held_out.evaluator,
+            test_clients=held_out.eval_clients),
+        out=run.out, cache_dir=run.cache_root, log=run.log)
   return _write_summary(run, results=results, overlays=overlays, data=data, held_out=held_out,
-                        privacy_summary=privacy_summary)
+                        extra=extra)
 
 
 def _start_invocation(run: _Run) -> None:
@@ -432,7 +423,7 @@ class _Rounds:
     """Trains (or resumes) up to `config.rounds`; returns the last round's state."""
     run, config, task = self.run, self.run.config, self.task
     state, _ = program_logic.train_model(
-        train_process=_ReportingProcess(
+        train_process=progress_lib.ReportingProcess(
             task.training_process, progress_dir=run.out / run_folder.PROGRESS_DIR,
             images=self.data.counts, spec=task.pipeline_spec, log=run.log),
         initial_state=task.initial_state,
@@ -564,7 +555,7 @@ def _export(run: _Run, *, fine_tuned: tf.keras.Model, data: _TrainingData,
 
 
 def _write_summary(run: _Run, *, results: dict, overlays: list[Path], data: _TrainingData,
-                   held_out: _HeldOut, privacy_summary: dict) -> dict:
+                   held_out: _HeldOut, extra: dict) -> dict:
   """Finishes this command's invocation and writes `summary.json`; returns the summary."""
   config, out, evaluator = run.config, run.out, held_out.evaluator
   run.record_invocation(finished=True)
@@ -575,7 +566,7 @@ def _write_summary(run: _Run, *, results: dict, overlays: list[Path], data: _Tra
       "evaluation_clients": held_out.eval_clients,
       "federated_evaluation_clients": held_out.fed_clients,
       "rounds": config.rounds,
-      **privacy_summary,
+      **extra,
       "clients": data.counts,
       "cache": vars(data.records.stats),
       "overlays": [str(p.relative_to(out)) for p in overlays],
@@ -592,5 +583,6 @@ def _write_summary(run: _Run, *, results: dict, overlays: list[Path], data: _Tra
           + (f"; round {model_round} kept by --keep_best" if model_round != config.rounds
              else "") + ")")
   run.log(f"outputs in {out}: metrics.csv, metrics.png, summary.json, model/, overlays/, "
-          f"{releases.TENSORBOARD_DIR}/")
+          f"{releases.TENSORBOARD_DIR}/"
+          + (f", {personalization.PERSONALIZED_DIR}/" if "personalized" in extra else ""))
   return summary

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional, TextIO
 
+from tff_sam.data import pipeline
+
 
 def read_batches(path: Path) -> int:
   """Batches a client reported in `path` (0 if not yet written or mid-write)."""
@@ -147,3 +149,32 @@ def round_line(round_num: int, row: dict, *, total: int, num_objects: int) -> st
           f"({row['seconds']:.1f} s)"
           + (f"  DP epsilon {epsilon:.3g}" if epsilon is not None else "")
           + (f"  robust aggregation: {robust}" if robust else ""))
+
+
+class ReportingProcess:
+  """A training process whose `next` reports the round's progress while it runs.
+
+  Args:
+    process: The composed training process (`next(state, client_ids)`).
+    progress_dir: Where the clients' pipelines report (`PipelineSpec.progress_dir`).
+    images: Each client's training images.
+    spec: The clients' `pipeline.PipelineSpec`.
+    log: Where lines go when not on a terminal.
+  """
+
+  def __init__(self, process, *, progress_dir: Path, images: dict[str, int],
+               spec, log: Callable[[str], None]):
+    self.process = process
+    self.progress_dir = progress_dir
+    self.images = images
+    self.spec = spec
+    self.log = log
+
+  def next(self, state, client_ids: list[str]):
+    per_round = {c: self.images[c.rsplit(pipeline.ROUND_SEPARATOR, 1)[0]] for c in client_ids}
+    round_num = int(client_ids[0].rsplit(pipeline.ROUND_SEPARATOR, 1)[1]) if client_ids else 0
+    with RoundProgress(
+        progress_dir=self.progress_dir, round_num=round_num, batch_size=self.spec.batch_size,
+        expected={c: pipeline.expected_batches(n, self.spec) for c, n in per_round.items()},
+        images={c: n * self.spec.local_epochs for c, n in per_round.items()}, log=self.log):
+      return self.process.next(state, client_ids)
