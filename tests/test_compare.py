@@ -13,6 +13,7 @@ import pytest
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.data import discovery
+from tff_sam.evaluation import plots
 from tff_sam.federated.program import compare
 from tff_sam.federated.program import run_folder
 
@@ -195,6 +196,44 @@ def test_own_site_view_scores_each_site_where_it_works_with_its_personalized_mod
   assert "**box prompts, each site on its own held-out client**" in md
   assert "| Dice a (on x) | Dice b (on y) |" in md
   assert "| personalized | 70.2 ± 0.4 |" in md and "| gain personalized-local_only | 5.0" in md
+
+
+def test_label_levels_plan_arms_per_count_and_the_curve_reads_each_level(
+    tmp_path, reference_data, reference_cache):
+  """`--labels_per_site=1,all`: every arm at each count (zero-shot once, with all
+  images, in the main folder), and the curve row by row from each level's own table."""
+  base = _base(tmp_path, data_dir=str(reference_data), cache_dir=str(reference_cache),
+               eval_prompt=("box",), rounds=2, batch_size=1)
+  levels = compare._plan_levels(base, root=tmp_path / "cmp", seeds=1, labels=(1, 0),
+                                cache_root=Path(reference_cache), arms=compare.ARM_KINDS,
+                                leave_one_site_out=False, lora=None)
+  assert list(levels) == [0, 1]
+  names = {n: [a.name for a in arms] for n, arms in levels.items()}
+  assert names[0][0] == "zero_shot" and names[1] == names[0][1:]
+  assert {a.config.labels_per_site for a in levels[1]} == {1}
+  assert all(Path(a.config.output_dir).parent.parent == tmp_path / "cmp" / "labels1"
+             for a in levels[1])
+  # One image per site instead of two: half the local steps, the same sampling.
+  assert levels[1][-2].name == levels[0][-2].name == "federated"
+  assert {c: 2 * n for c, n in levels[1][-2].steps.items()} == levels[0][-2].steps
+
+  def summaries(arms, dice):
+    return [_summary(dice[a.name], {c: dice[a.name] for c in ("site_0", "site_1", "site_2")})
+            for a in arms]
+
+  zero = levels[0][:1]
+  dice_all = {a.name: 0.5 + 0.05 * i for i, a in enumerate(levels[0])}
+  dice_one = {a.name: 0.4 + 0.05 * i for i, a in enumerate(levels[1])}
+  curve = compare.label_curve({
+      0: (levels[0], summaries(levels[0], dice_all)),
+      1: ([*zero, *levels[1]], summaries(zero, dice_all) + summaries(levels[1], dice_one))},
+      prompts=("box",), site_clients=None)["box"]
+  assert list(curve) == ["zero_shot", "local_only", "centralized", "federated"]
+  assert curve["zero_shot"]["1"]["mean"] == curve["zero_shot"]["all"]["mean"] == 0.5
+  assert curve["federated"]["1"]["mean"] == pytest.approx(dice_one["federated"])
+  assert curve["federated"]["all"]["mean"] == pytest.approx(dice_all["federated"])
+  image = plots.plot_label_curve({"box": curve}, tmp_path / "labels.png")
+  assert cv2.imread(str(image)).std() > 5
 
 
 def test_the_flags_arm_names_are_the_planners():

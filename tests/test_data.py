@@ -248,6 +248,26 @@ def test_validation_holds_out_of_each_site_apart_from_test_and_training(tmp_path
       e for v in s.validation.values() for e in v}
 
 
+def test_label_scarcity_keeps_nested_seeded_subsets_of_training_images_only(tmp_path):
+  """`--labels_per_site=N`: N training images per site (all when it has fewer); a
+  smaller N keeps a subset of a larger one's; the seed chooses; validation and test
+  images stay."""
+  for site, n in (("s0", 9), ("s1", 4), ("s2", 1)):
+    _flat(tmp_path / site, n, prefix=site)
+  full = discovery.hold_out_validation(_split(tmp_path, test_fraction=0.2, seed=3),
+                                       fraction=0.2, seed=3)
+  kept = {n: discovery.limit_labels(full, per_client=n, seed=3) for n in (1, 2, 4)}
+  assert {c: len(v) for c, v in kept[2].clients.items()} == {"s0": 2, "s1": 2, "s2": 1}
+  for small, large in ((1, 2), (2, 4)):
+    for c in full.clients:
+      assert set(kept[small].clients[c]) <= set(kept[large].clients[c]) <= set(full.clients[c])
+  assert all(k.test_clients == full.test_clients and k.validation == full.validation
+             for k in kept.values())
+  assert discovery.limit_labels(full, per_client=0, seed=3) is full
+  others = [discovery.limit_labels(full, per_client=2, seed=s).clients["s0"] for s in range(4, 9)]
+  assert any(o != kept[2].clients["s0"] for o in others)
+
+
 @pytest.mark.parametrize("partition", ["iid", "dirichlet"])
 def test_too_many_clients_is_config_error(tmp_path, partition):
   _flat(tmp_path, 5)

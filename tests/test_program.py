@@ -255,6 +255,9 @@ _PROBE = ("import atexit, runpy, sys\n"
     (["run", "--execution=tf", "--workers=a:1"], "error: --workers: runs the rounds on TFF"),
     (["compare", "--seeds=0"], "error: --seeds: must be >= 1, got 0"),
     (["compare", "--arms=solo"], "error: --arms: must list arms of"),
+    (["run", "--labels_per_site=1,2"], "error: --labels_per_site: takes one count for a run"),
+    (["compare", "--labels_per_site=0,all"], "error: --labels_per_site: takes counts >= 1 or "
+     "all, got '0'"),
     (["bench", "--rounds=1"], "error: --rounds: must be >= 2"),
     (["export", "--model=m", "--format=pt"], "error: --format: must be one of"),
     (["predict"], "error: --image: is required"),

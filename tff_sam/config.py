@@ -173,11 +173,7 @@ def _require_at_least(config: Any, minimum: int, flags: Sequence[str]) -> None:
 
 
 def _require_distinct(values: tuple[str, ...], flag: str) -> None:
-  """Validates that list flag `flag` names no value twice.
-
-  Raises:
-    errors.ConfigError: naming `flag` and the repeated values.
-  """
+  """Validates that list flag `flag` names no value twice (else names the repeats)."""
   repeated = sorted({v for v in values if values.count(v) > 1})
   errors.require(not repeated, flag, f"lists {', '.join(repeated)} more than once")
 
@@ -215,6 +211,8 @@ class RunConfig:
   # Share of every training client's images held out of training for model selection
   # (federated evaluation every `eval_every` rounds; `keep_best` chooses on it); 0 = none.
   validation_fraction: float = 0.0
+  # Labelled training images kept per client, the same in every run (0 = all).
+  labels_per_site: int = 0
   binary_components: bool = False
   skip_bad_examples: bool = False
   # Which training clients take part (empty = all), and whether their images are
@@ -337,7 +335,8 @@ class RunConfig:
     _require_at_least(self, 1, ("num_clients", "num_points", "prompts_per_image",
                                 "encode_batch_size", "clients_per_round", "local_epochs",
                                 "batch_size", "eval_every"))
-    _require_at_least(self, 0, ("num_negative_points", "rounds", "seed", "personalize_steps"))
+    _require_at_least(self, 0, ("num_negative_points", "rounds", "seed", "personalize_steps",
+                                "labels_per_site"))
     errors.require(self.data in NAMED_DATASETS, "data", f"must be one of {NAMED_DATASETS}, got {self.data!r}")
     errors.require(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}, got {self.partition!r}")
     errors.require(self.dirichlet_alpha > 0, "dirichlet_alpha", f"must be > 0, got {self.dirichlet_alpha}")

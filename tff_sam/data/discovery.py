@@ -42,6 +42,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TEST_DIR = "test"
 # Seeds `hold_out_validation`'s random stream next to the run's seed.
 _VALIDATION_STREAM = 1
+_LABELS_STREAM = 2  # And `limit_labels`'s.
 # The one client `select_clients(pool=True)` puts every training image into.
 POOLED_CLIENT = "pooled"
 
@@ -345,6 +346,25 @@ def hold_out_validation(splits: DatasetSplits, *, fraction: float, seed: int) ->
     if held:
       validation[client] = tuple(held)
   return dataclasses.replace(splits, clients=clients, validation=validation)
+
+
+def limit_labels(splits: DatasetSplits, *, per_client: int, seed: int) -> DatasetSplits:
+  """Keeps `per_client` of every training client's examples (0 = all): label scarcity.
+
+  Chosen by `seed` with their own random stream, the first `per_client` of a fixed
+  order per client, so a smaller count keeps a subset of a larger one's images and
+  every run with the same seed (every `compare` arm) trains on the same ones.
+  Validation and test examples are untouched.
+  """
+  if per_client <= 0:
+    return splits
+  rng = np.random.default_rng([seed, _LABELS_STREAM])
+  clients = {}
+  for client, examples in splits.clients.items():
+    order = rng.permutation(len(examples))
+    clients[client] = tuple(sorted((examples[i] for i in order[:per_client]),
+                                   key=lambda e: e.stem))
+  return dataclasses.replace(splits, clients=clients)
 
 
 def select_clients(splits: DatasetSplits, *, train_clients: tuple[str, ...] = (),

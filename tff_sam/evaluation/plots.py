@@ -167,6 +167,31 @@ def plot_comparison(table: Mapping, out_png: Path, metric: str = "dice") -> Path
   return Path(out_png)
 
 
+def plot_label_curve(curve: Mapping, out_png: Path) -> Path:
+  """Held-out Dice against labelled images per site, one line per arm (error bars: std
+  over seeds), one panel per evaluation prompt (`compare.label_curve`'s result), drawn
+  into `out_png` atomically; returns the path."""
+  prompts = list(curve)
+  fig = Figure(figsize=(6.5, 3.6 * len(prompts)))
+  for ax, prompt in zip(fig.subplots(len(prompts), 1, squeeze=False)[:, 0], prompts):
+    counts = sorted({c for rows in curve[prompt].values() for c in rows},
+                    key=lambda c: float("inf") if c == "all" else int(c))
+    for name, by_count in curve[prompt].items():
+      xs = [i for i, c in enumerate(counts) if by_count.get(c, {}).get("mean") is not None]
+      ax.errorbar(xs, [by_count[counts[i]]["mean"] for i in xs],
+                  yerr=[by_count[counts[i]]["std"] or 0.0 for i in xs], marker="o",
+                  capsize=3, label=name, ls="--" if name == "zero_shot" else "-")
+    ax.set_xticks(range(len(counts)), counts)
+    ax.set(title=f"{prompt} prompts", xlabel="labelled training images per site",
+           ylabel="held-out Dice")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+  fig.tight_layout()
+  with fileio.atomic_path(out_png, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=100, format="png")
+  return Path(out_png)
+
+
 def object_dice(pred: np.ndarray, gt: np.ndarray) -> float:
   """Dice 2|A∩B| / (|A| + |B|) of two boolean masks of the same shape (1.0 if both empty)."""
   pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)

@@ -36,12 +36,14 @@ FLAGS = flags.FLAGS
 COMPARE_DIR = "compare"
 
 
-def _settings() -> tuple[config_lib.RunConfig, dict]:
-  """The federated arm's validated settings and the `fed_lora` arm's adapter settings."""
+def _settings() -> tuple[config_lib.RunConfig, dict, tuple[int, ...]]:
+  """The federated arm's validated settings, the `fed_lora` arm's adapter settings and
+  the labelled images per site of each comparison (`--labels_per_site`, 0 = all)."""
   adapted = FLAGS.adapter != config_lib.NO_ADAPTER
   config = run_binary.config_from_flags(
-      defaults_for=() if adapted else config_lib.LORA_SETTINGS)
+      defaults_for=("labels_per_site",) + (() if adapted else config_lib.LORA_SETTINGS))
   lora = {} if adapted else run_binary.flag_values(config_lib.LORA_SETTINGS)
+  labels = run_binary.label_counts()
   errors.require(FLAGS.seeds >= 1, "seeds", f"must be >= 1, got {FLAGS.seeds}")
   unknown = [a for a in FLAGS.arms if a not in config_lib.COMPARE_ARMS]
   errors.require(not unknown and bool(FLAGS.arms), "arms",
@@ -49,17 +51,17 @@ def _settings() -> tuple[config_lib.RunConfig, dict]:
                  f"{','.join(FLAGS.arms) or 'none'}")
   errors.require(not config.train_clients and not config.pool_clients, "train_clients",
                  "and --pool_clients choose the arms' clients themselves; drop them")
-  return config, lora
+  return config, lora, labels
 
 
 def main(argv):
   runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
 
-  def job(settings: tuple[config_lib.RunConfig, dict]):
+  def job(settings: tuple[config_lib.RunConfig, dict, tuple[int, ...]]):
     # lazy: TensorFlow and TFF load only after the flags are checked.
     from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
     from tff_sam.federated.program import compare  # pylint: disable=g-import-not-at-top
-    config, lora = settings
+    config, lora, labels = settings
     execution.configure_tff_execution(execution=config.execution,
                                       num_subrounds=config.num_subrounds,
                                       workers=config.workers,
@@ -67,7 +69,7 @@ def main(argv):
     compare.run_comparison(config, seeds=FLAGS.seeds,
                            leave_one_site_out=FLAGS.leave_one_site_out,
                            root=Path(config.output_dir).expanduser() / COMPARE_DIR,
-                           arms=tuple(FLAGS.arms), lora=lora,
+                           arms=tuple(FLAGS.arms), lora=lora, labels=labels,
                            fresh=FLAGS.fresh)
 
   return runtime.run_job(job, settings=_settings, cleanup=runtime.end_local_workers_if_loaded)

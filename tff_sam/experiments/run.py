@@ -18,6 +18,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from tff_sam import config as config_lib
+from tff_sam import errors
 from tff_sam import runtime
 
 # Defaults live in one place: the dataclass.
@@ -40,6 +41,10 @@ flags.DEFINE_float("validation_fraction", _F["validation_fraction"],
                    "Share of every training site's images held out of training for model "
                    "selection: scored by federated evaluation every --eval_every rounds "
                    "(val_dice), and what --keep_best chooses on. 0 = no validation.")
+flags.DEFINE_string("labels_per_site", "all",
+                   "Labelled training images kept per site (a number, or all), the same "
+                   "images whatever else changes (chosen by --seed); the label-scarcity "
+                   "setting. compare takes a list (e.g. 1,2,4,all) and draws the curve.")
 flags.DEFINE_boolean("binary_components", _F["binary_components"],
                      "Binary masks: one object per connected component instead of one object.")
 flags.DEFINE_boolean("skip_bad_examples", _F["skip_bad_examples"],
@@ -219,8 +224,8 @@ FLAGS = flags.FLAGS
 # `--help` lists the flags by topic, in this order (`--helpfull`: absl's full list).
 HELP_GROUPS = (
     ("data", ("data_dir", "data", "partition", "num_clients", "dirichlet_alpha",
-              "test_fraction", "validation_fraction", "binary_components", "skip_bad_examples",
-              "train_clients",
+              "test_fraction", "validation_fraction", "labels_per_site", "binary_components",
+              "skip_bad_examples", "train_clients",
               "pool_clients")),
     ("model", ("model", "train_iou_head", "embedding_cache", "cache_dir", "encode_batch_size",
                "adapter", "lora_rank", "lora_alpha", "lora_targets")),
@@ -275,13 +280,31 @@ def config_from_flags(*, defaults_for: tuple[str, ...] = ()) -> config_lib.RunCo
     defaults_for: Settings left at their defaults whatever their flags say (a binary
       that uses those flags otherwise reads them with `flag_values`).
   """
-  values = flag_values(tuple(f.name for f in dataclasses.fields(config_lib.RunConfig)))
+  values = flag_values(tuple(f.name for f in dataclasses.fields(config_lib.RunConfig)
+                            if f.name != "labels_per_site"))
+  if "labels_per_site" not in defaults_for:
+    counts = label_counts()
+    errors.require(len(counts) == 1, "labels_per_site",
+                   "takes one count for a run (compare takes a list)")
+    values["labels_per_site"] = counts[0]
   values.update({f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)
                  if f.name in defaults_for})
   if values["execution"] == "auto":
     values["execution"] = (config_lib.CPP_EXECUTION if values["workers"]
                            else config_lib.TF_EXECUTION)
   return config_lib.RunConfig(**values).validate()
+
+
+def label_counts() -> tuple[int, ...]:
+  """`--labels_per_site` as counts (`all` = 0, every image), in the order given."""
+  counts = []
+  for value in FLAGS.labels_per_site.split(","):
+    value = value.strip()
+    if value != "all" and not (value.isdigit() and int(value) >= 1):
+      raise errors.ConfigError("labels_per_site", f"takes counts >= 1 or all, got {value!r}")
+    counts.append(0 if value == "all" else int(value))
+  errors.require(len(set(counts)) == len(counts), "labels_per_site", "lists a count twice")
+  return tuple(counts)
 
 
 def flag_values(names: tuple[str, ...]) -> dict:

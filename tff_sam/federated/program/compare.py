@@ -68,6 +68,7 @@ METRICS = ("dice", "iou", "msa", "sa50")
 COMPARE_FILE = "compare.json"
 TABLE_FILE = "compare.md"
 PLOT_FILE = "compare.png"
+LABELS_PLOT_FILE = "compare_labels.png"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,10 +397,53 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
   return result
 
 
+def label_curve(levels: dict[int, tuple[Sequence[Arm], Sequence[dict]]], *,
+                prompts: Sequence[str], site_clients: Optional[dict[str, str]]) -> dict:
+  """Prompt -> row -> label count ("all" for 0) -> Dice stats over seeds ("all" column).
+
+  Each site's model on its own held-out client (the own-site view, with `personalized`)
+  when sites are matched to clients, else every held-out client.
+  """
+  curve: dict[str, dict] = {p: {} for p in prompts}
+  for count, (arms, summaries) in levels.items():
+    table = summarize(arms, summaries, eval_prompt=prompts, site_clients=site_clients)
+    for prompt in prompts:
+      rows = table[prompt].get("own_site", table[prompt])["rows"]
+      for name in (ZERO_SHOT, LOCAL_MEAN, CENTRALIZED, FEDERATED, PERSONALIZED):
+        if name in rows:
+          curve[prompt].setdefault(name, {})[str(count or "all")] = rows[name]["dice"]["all"]
+  return curve
+
+
+def write_label_curve(root: Path, result: dict, *, levels: dict, prompts: Sequence[str],
+                      seeds: int, site_clients: Optional[dict[str, str]]) -> dict:
+  """Adds `label_curve` (`label_curve`) to `compare.json` and `compare.md`, and draws
+  `compare_labels.png`; returns the updated JSON."""
+  curve = label_curve(levels, prompts=prompts, site_clients=site_clients)
+  result = {**result, "label_curve": curve,
+            "label_curve_view": "own_site" if site_clients else "all"}
+  fileio.write_json(root / COMPARE_FILE, result)
+  counts = [str(c or "all") for c in levels]
+  lines = [(root / TABLE_FILE).read_text().rstrip("\n"), ""]
+  for prompt, rows in curve.items():
+    lines += [f"**{prompt} prompts: Dice by labelled training images per site** (x100; "
+              + ("each site on its own held-out client" if site_clients else "all held-out "
+                 "clients") + (f"; mean ± std over {seeds} seeds)" if seeds > 1 else ")"), "",
+              "| arm | " + " | ".join(counts) + " |", "|" + "---|" * (len(counts) + 1)]
+    for name, by_count in rows.items():
+      lines.append(f"| {name} | " + " | ".join(
+          _cell(by_count[c]) if c in by_count else "-" for c in counts) + " |")
+    lines.append("")
+  fileio.write_text(root / TABLE_FILE, "\n".join(lines))
+  plots.plot_label_curve(curve, root / LABELS_PLOT_FILE)
+  return result
+
+
 def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
                    leave_one_site_out: bool = False, root: Optional[Path] = None,
                    arms: Sequence[str] = ARM_KINDS, lora: Optional[dict] = None,
-                   fresh: bool = False, log: Callable[[str], None] = print) -> dict:
+                   labels: Sequence[int] = (0,), fresh: bool = False,
+                   log: Callable[[str], None] = print) -> dict:
   """Plans, runs and summarizes a comparison; what `experiments.compare` does.
 
   Args:
@@ -410,6 +454,9 @@ def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
     root: Folder of the arms and the outputs.
     arms: Which of `ARM_KINDS` to run.
     lora: The `fed_lora` arm's adapter settings (`plan_arms`).
+    labels: Labelled training images per site of each comparison (0 = all): with
+      several, the arms run at each count (`labels<N>/`; zero-shot once) and the
+      label curve is drawn (`label_curve`); the tables are those of the largest.
     fresh: Redo every arm.
     log: Where progress lines go.
 
@@ -423,17 +470,33 @@ def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
   base.validate()
   with output_folder.claim(root or base.output_dir) as root:
     return _run_comparison(base, root=root, seeds=seeds, leave_one_site_out=leave_one_site_out,
-                           arms=arms, lora=lora, fresh=fresh, log=log)
+                           arms=arms, lora=lora, labels=labels, fresh=fresh, log=log)
+
+
+def _plan_levels(base: config_lib.RunConfig, *, root: Path, seeds: int, labels: Sequence[int],
+                 cache_root: Path, arms: Sequence[str], leave_one_site_out: bool,
+                 lora: Optional[dict]) -> dict[int, list[Arm]]:
+  """Label count -> its arms (`plan_arms`), the largest count first (0 = all images,
+  in `root` itself; the others in `root/labels<N>/`); zero-shot with the first only."""
+  levels = {}
+  for i, count in enumerate(sorted(labels, key=lambda n: -(n or math.inf))):
+    config = dataclasses.replace(base, labels_per_site=count)
+    levels[count] = plan_arms(
+        config, splits=run_data.prepare_data(config, cache_root), seeds=seeds,
+        root=root / f"labels{count}" if count else root, leave_one_site_out=leave_one_site_out,
+        arms=arms if i == 0 else tuple(a for a in arms if a != ZERO_SHOT), lora=lora)
+  return levels
 
 
 def _run_comparison(base: config_lib.RunConfig, *, root: Path, seeds: int,
                     leave_one_site_out: bool, arms: Sequence[str], lora: Optional[dict],
-                    fresh: bool, log: Callable[[str], None]) -> dict:
+                    labels: Sequence[int], fresh: bool, log: Callable[[str], None]) -> dict:
   """`run_comparison` in its claimed folder `root`."""
   cache_root = Path(base.cache_dir).expanduser() if base.cache_dir else fileio.default_cache_dir()
   splits = run_data.prepare_data(base, cache_root)
-  planned = plan_arms(base, splits=splits, seeds=seeds, root=root,
-                      leave_one_site_out=leave_one_site_out, arms=arms, lora=lora)
+  levels = _plan_levels(base, root=root, seeds=seeds, labels=labels, cache_root=cache_root,
+                        arms=arms, leave_one_site_out=leave_one_site_out, lora=lora)
+  planned = [a for level in levels.values() for a in level]
   log(f"compare: {len(planned)} runs ({seeds} seed(s): "
       f"{', '.join(a.name for a in planned if a.seed == base.seed)}) in {root}")
   site_clients = personalization.site_test_clients(
@@ -441,9 +504,19 @@ def _run_comparison(base: config_lib.RunConfig, *, root: Path, seeds: int,
       test_clients=sorted(splits.test_clients))
   memory: list[dict] = []
   summaries = run_arms(planned, fresh=fresh, log=log, memory=memory)
-  result = write_outputs(root, base=base, arms=planned, summaries=summaries, seeds=seeds,
-                         leave_one_site_out=leave_one_site_out, memory=memory,
+  by_arm = dict(zip((id(a) for a in planned), summaries))
+  zero = [a for a in planned if a.name == ZERO_SHOT]
+  per_level = {count: ([*zero, *(a for a in arms_ if a.name != ZERO_SHOT)])
+               for count, arms_ in levels.items()}
+  main = per_level[next(iter(levels))]
+  result = write_outputs(root, base=base, arms=main, summaries=[by_arm[id(a)] for a in main],
+                         seeds=seeds, leave_one_site_out=leave_one_site_out, memory=memory,
                          site_clients=site_clients)
+  if len(levels) > 1:
+    result = write_label_curve(root, result, prompts=base.eval_prompt_list, seeds=seeds,
+                               site_clients=site_clients, levels={
+        count: (arms_, [by_arm[id(a)] for a in arms_]) for count, arms_ in per_level.items()})
   log((root / TABLE_FILE).read_text().rstrip("\n"))  # The table `write_outputs` wrote.
-  log(f"outputs in {root}: {COMPARE_FILE}, {TABLE_FILE}, {PLOT_FILE}")
+  log(f"outputs in {root}: {COMPARE_FILE}, {TABLE_FILE}, {PLOT_FILE}"
+      + (f", {LABELS_PLOT_FILE}" if len(levels) > 1 else ""))
   return result

@@ -43,6 +43,7 @@ def prepare_data(config: config_lib.RunConfig, cache_root: Path,
     raise errors.ConfigError(
         "validation_fraction", f"no training client of {root} has 2 or more images, so "
         "none can spare one for validation (drop --validation_fraction)")
+  splits = discovery.limit_labels(splits, per_client=config.labels_per_site, seed=config.seed)
   return discovery.select_clients(splits, train_clients=config.train_clients,
                                   pool=config.pool_clients)
 
