@@ -51,9 +51,11 @@ def test_no_corrective_point_when_the_mask_is_right():
   assert int(label[0, 0]) == point_prompts.NO_TOKEN
 
 
-def _example(bundle, sub_iterations=3, evaluation=False):
+def _example(bundle, sub_iterations=3, evaluation=False, prompt=config_lib.ITERATIVE_PROMPT,
+             seed=3):
+  """(spec, example, low-res side) of one image with two objects."""
   spec = pipeline.build_pipeline_spec(
-      sam_config=bundle.config, manifest_dir=".", prompt=config_lib.ITERATIVE_PROMPT,
+      sam_config=bundle.config, manifest_dir=".", prompt=prompt,
       prompts_per_image=2, sub_iterations=sub_iterations, evaluation=evaluation)
   size, low = spec.input_size, spec.low_res
   labels = -np.ones((size, size), np.int32)
@@ -63,7 +65,7 @@ def _example(bundle, sub_iterations=3, evaluation=False):
   record = {"object_ids": tf.constant([1, 2]), "labels": tf.constant(labels),
             "boxes": tf.constant([[4, 4, 19, 19], [24, 30, 39, 43]], tf.float32),
             "embedding": tf.zeros(sam_lib.embedding_shape(bundle.config))}
-  ex = pipeline.make_example(record, tf.constant([3, 4]), spec)
+  ex = pipeline.make_example(record, tf.constant([seed, 4]), spec)
   return spec, ex, low
 
 
@@ -140,25 +142,11 @@ def test_corrective_clicks_at_original_resolution():
 
 
 
-def _mixed_example(bundle, seed):
-  spec = pipeline.build_pipeline_spec(
-      sam_config=bundle.config, manifest_dir=".", prompt=config_lib.MIXED_PROMPT,
-      prompts_per_image=2)
-  size = spec.input_size
-  labels = -np.ones((size, size), np.int32)
-  labels[: size * 3 // 4, : size * 3 // 4] = 0
-  labels[4:20, 4:20] = 1
-  labels[30:44, 24:40] = 2
-  record = {"object_ids": tf.constant([1, 2]), "labels": tf.constant(labels),
-            "boxes": tf.constant([[4, 4, 19, 19], [24, 30, 39, 43]], tf.float32),
-            "embedding": tf.zeros(sam_lib.embedding_shape(bundle.config))}
-  return pipeline.make_example(record, tf.constant([seed, 4]), spec)
-
-
 def test_mixed_examples_draw_boxes_and_points_per_object(bundle):
   """`--prompt=mixed`: one positive point and the box per object, and which one the
   model gets drawn per object and step (both kinds, about half each)."""
-  draws = [_mixed_example(bundle, seed)["x"] for seed in range(40)]
+  draws = [_example(bundle, prompt=config_lib.MIXED_PROMPT, seed=seed)[1]["x"]
+           for seed in range(40)]
   x = draws[0]
   assert x["points"].shape == (2, 1, 2) and x["boxes"].shape == (2, 4)
   assert set(x["point_labels"].numpy().ravel()) == {point_prompts.POSITIVE}
