@@ -71,12 +71,19 @@ def test_fine_tune_trains_the_decoder_only_and_lowers_the_loss(bundle):
                  "points": np.zeros((1, 2, 1, 2), np.float32),
                  "point_labels": -np.ones((1, 2, 1), np.int32)},
            "y": target}
-  trace = personalization.fine_tune(
-      model, tf.data.Dataset.from_tensors(batch), steps=20,
-      optimizer=personalization.keras_optimizer("adam", 1e-3), loss_fn=losses.MaskLoss())
+  source = build.build_prompt_mask_decoder(bundle)
+  tuner = personalization.FineTuner(
+      model=model, optimizer=personalization.keras_optimizer("adam", 1e-3),
+      loss_fn=losses.MaskLoss())
+  trace = tuner.train(tf.data.Dataset.from_tensors(batch), steps=20)
   assert len(trace) == 20 and trace[-1] < 0.9 * trace[0]
   for before, after in zip(frozen, model.non_trainable_weights):
     np.testing.assert_array_equal(before, after.numpy())
+  # The next site starts from the source model with a fresh optimizer: the same losses.
+  tuner.reset(source)
+  assert int(tuner.optimizer.iterations) == 0
+  assert tuner.train(tf.data.Dataset.from_tensors(batch), steps=20) == pytest.approx(
+      trace, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -423,7 +423,7 @@ def write_label_curve(root: Path, result: dict, *, levels: dict, prompts: Sequen
   result = {**result, "label_curve": curve,
             "label_curve_view": "own_site" if site_clients else "all"}
   fileio.write_json(root / COMPARE_FILE, result)
-  counts = [str(c or "all") for c in levels]
+  counts = [str(c or "all") for c in sorted(levels, key=lambda n: n or math.inf)]
   lines = [(root / TABLE_FILE).read_text().rstrip("\n"), ""]
   for prompt, rows in curve.items():
     lines += [f"**{prompt} prompts: Dice by labelled training images per site** (x100; "

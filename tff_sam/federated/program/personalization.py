@@ -68,22 +68,40 @@ def keras_optimizer(name: str, learning_rate: float) -> tf.keras.optimizers.Opti
   raise ValueError(f"unknown client optimizer {name!r}")
 
 
-def fine_tune(model: tf.keras.Model, dataset: tf.data.Dataset, *, steps: int,
-              optimizer: tf.keras.optimizers.Optimizer,
-              loss_fn: Callable[[tf.Tensor, dict], tf.Tensor]) -> list[float]:
-  """`steps` optimizer steps of `model`'s trainable weights on `dataset`'s batches
-  (repeated as needed); returns each step's loss."""
-  optimizer.build(model.trainable_weights)  # Eagerly: its slots next to the weights.
+class FineTuner:
+  """Local fine-tuning of one Keras model, reused site after site: one optimizer and
+  one compiled step (so nothing is traced, built or cached again per site).
 
-  @tf.function(reduce_retracing=True)
-  def step(x, y):
-    with tf.GradientTape() as tape:
-      loss = loss_fn(y, model(x, training=True))
-    grads = tape.gradient(loss, model.trainable_weights)
-    optimizer.apply_gradients(zip(grads, model.trainable_weights))
-    return loss
+  Args:
+    model: The model to train (its trainable weights).
+    optimizer: A Keras optimizer; its variables are reset with the weights.
+    loss_fn: (targets, model outputs) -> scalar loss.
+  """
 
-  return [float(step(batch["x"], batch["y"])) for batch in dataset.repeat().take(steps)]
+  def __init__(self, *, model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
+               loss_fn: Callable[[tf.Tensor, dict], tf.Tensor]):
+    self.model, self.optimizer = model, optimizer
+    optimizer.build(model.trainable_weights)  # Eagerly: its slots next to the weights.
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y):
+      with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True))
+      grads = tape.gradient(loss, model.trainable_weights)
+      optimizer.apply_gradients(zip(grads, model.trainable_weights))
+      return loss
+
+    self._step = step
+
+  def reset(self, source: tf.keras.Model) -> None:
+    """Starts over from `source`'s prompt-encoder/decoder weights, optimizer state zero."""
+    decoder_lib.copy_prompt_decoder_weights(source, self.model)
+    for variable in self.optimizer.variables:
+      variable.assign(tf.zeros_like(variable))
+
+  def train(self, dataset: tf.data.Dataset, *, steps: int) -> list[float]:
+    """`steps` optimizer steps on `dataset`'s batches (repeated as needed); each loss."""
+    return [float(self._step(b["x"], b["y"])) for b in dataset.repeat().take(steps)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,17 +150,19 @@ def personalize_sites(config: config_lib.RunConfig, *, global_model: tf.keras.Mo
     log(f"  personalization: {site} has no held-out client of its own (pass "
         f"--site_test_clients={site}:<client>); left out")
   spec = dataclasses.replace(data.spec, progress_dir=None)
+  model = decoder_lib.PromptMaskDecoder(data.bundle.config, prompt=config.prompt,
+                                        train_iou_head=config.train_iou_head,
+                                        sub_iterations=config.sub_iterations)
+  tuner = FineTuner(model=model, optimizer=keras_optimizer(config.client_optimizer,
+                                                           config.client_lr),
+                    loss_fn=losses.MaskLoss(config.loss,
+                                            iou_weight=1.0 if config.train_iou_head else 0.0))
   sites = {}
   for site, client in matched.items():
-    model = decoder_lib.PromptMaskDecoder(data.bundle.config, prompt=config.prompt,
-                                          train_iou_head=config.train_iou_head,
-                                          sub_iterations=config.sub_iterations)
-    decoder_lib.copy_prompt_decoder_weights(global_model, model)
-    dataset = pipeline.client_dataset(
-        tf.constant(pipeline.round_client_id(site, config.rounds + 1)), spec)
-    loss = losses.MaskLoss(config.loss, iou_weight=1.0 if config.train_iou_head else 0.0)
-    trace = fine_tune(model, dataset, steps=config.personalize_steps, loss_fn=loss,
-                      optimizer=keras_optimizer(config.client_optimizer, config.client_lr))
+    tuner.reset(global_model)
+    trace = tuner.train(pipeline.client_dataset(
+        tf.constant(pipeline.round_client_id(site, config.rounds + 1)), spec),
+                        steps=config.personalize_steps)
     by_prompt = {}
     for mode in config.eval_prompt_list:
       mine = data.evaluator(model, eval_prompt=mode, client=client)
