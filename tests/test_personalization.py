@@ -128,3 +128,13 @@ def test_personalized_models_are_exported_and_scored_on_their_own_sites(tmp_path
              for a, b in zip(mine.mask_decoder.weights, shared.mask_decoder.weights))
   for a, b in zip(mine.vision_encoder.weights, shared.vision_encoder.weights):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_wrong_site_test_client_is_one_line_before_round_0(tmp_path, reference_settings):
+  config = config_lib.RunConfig(output_dir=str(tmp_path / "run"), **reference_settings,
+                                personalize_steps=2, site_test_clients=("site_0:hela",)
+                                ).validate()
+  with pytest.raises(errors.ConfigError, match="^--site_test_clients: names 'hela', not a "
+                     "held-out client of this run \\(site_0, site_1, site_2\\)$"):
+    program.run_experiment(config, log=lambda _: None)
+  assert not (tmp_path / "run" / "metrics.csv").exists()  # No round ran.

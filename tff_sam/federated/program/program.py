@@ -342,6 +342,8 @@ def _prepare_held_out(run: _Run, data: _TrainingData) -> _HeldOut:
       binary_components=config.binary_components,
       max_objects_per_image=config.eval_max_objects, clients=test_clients,
       corrections=config.eval_corrections)
+  if config.personalize_steps:  # `--site_test_clients` mistakes before round 0, not after.
+    personalization.site_test_clients(config, sites=data.client_ids, test_clients=eval_clients)
   keeper = best_model.BestModelKeeper(out) if config.keep_best else None
   if keeper is not None and run.versions:
     rows, column = run_folder.read_metrics_csv(out / "metrics.csv"), run_folder.selection_column(config)
