@@ -1,7 +1,8 @@
 """`--keep_best`: the best evaluated round's weights, kept across resumption; chosen on
-validation images (`--validation_fraction`) in a tiny run."""
+validation images (`--validation_fraction`) in a tiny run; a `val/` folder instead."""
 
 from pathlib import Path
+import shutil
 
 import numpy as np
 import pytest
@@ -9,8 +10,10 @@ import pytest
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam.data import cache
+from tff_sam.data import synthetic
 from tff_sam.federated.program import best_model
 from tff_sam.federated.program import program
+from tff_sam.federated.program import run_data
 from tff_sam.federated.program import run_folder
 
 
@@ -93,3 +96,28 @@ def test_keep_best_chooses_on_validation_and_the_test_set_is_scored_three_times(
   assert [len(v) for v in validation.values()] == [1, 1, 1] and len(training) == 3
   held = {p for v in validation.values() for p in v}
   assert not held & training and not held & test
+
+
+def test_val_folder_and_validation_flags_meet_in_one_line(tmp_path):
+  """A `val/` folder is the validation set: `--validation_fraction` with it is one
+  line naming the folder; `--test_every_eval` without any validation is one line;
+  `val/<name>/` of no training site is one line naming it."""
+  root = synthetic.generate(tmp_path / "syn", images_per_site=2, test_per_site=1)
+  other = synthetic.generate(tmp_path / "other", images_per_site=1, test_per_site=0, seed=9)
+  config = lambda **kw: config_lib.RunConfig(  # pylint: disable=g-long-lambda
+      data_dir=str(root), output_dir=str(tmp_path / "o"), test_fraction=0.0, **kw).validate()
+  cache_root = tmp_path / "cache"
+  with pytest.raises(errors.ConfigError) as e:
+    run_data.prepare_data(config(test_every_eval=True), cache_root)
+  assert e.value.flag == "test_every_eval" and "no validation" in str(e.value)
+  shutil.copytree(other / "site_0", root / "val" / "site_9")
+  with pytest.raises(errors.DataError) as d:
+    run_data.prepare_data(config(), cache_root)
+  assert str(root / "val" / "site_9") in str(d.value)
+  (root / "val" / "site_9").rename(root / "val" / "site_0")
+  splits = run_data.prepare_data(config(test_every_eval=True), cache_root)
+  assert {c: [x.stem for x in v] for c, v in splits.validation.items()} == {
+      "site_0": sorted(p.stem for p in (other / "site_0" / "images").iterdir())}
+  with pytest.raises(errors.ConfigError) as e:
+    run_data.prepare_data(config(validation_fraction=0.5), cache_root)
+  assert e.value.flag == "validation_fraction" and str(root / "val") in str(e.value)

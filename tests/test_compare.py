@@ -196,6 +196,9 @@ def test_own_site_view_scores_each_site_where_it_works_with_its_personalized_mod
   assert "**box prompts, each site on its own held-out client**" in md
   assert "| Dice a (on x) | Dice b (on y) |" in md
   assert "| personalized | 70.2 ± 0.4 |" in md and "| gain personalized-local_only | 5.0" in md
+  # The plot has a panel for each view: every held-out client, each site on its own.
+  height = cv2.imread(str(tmp_path / "cmp" / compare.PLOT_FILE)).shape[0]
+  assert height == 2 * 380, height  # 3.8 inches at 100 dpi per panel.
 
 
 def test_label_levels_plan_arms_per_count_and_the_curve_reads_each_level(
@@ -234,6 +237,20 @@ def test_label_levels_plan_arms_per_count_and_the_curve_reads_each_level(
   assert curve["federated"]["all"]["mean"] == pytest.approx(dice_all["federated"])
   image = plots.plot_label_curve({"box": curve}, tmp_path / "labels.png")
   assert cv2.imread(str(image)).std() > 5
+  # write_outputs writes the tables of all images and the curve in one go.
+  (tmp_path / "out").mkdir()
+  result = compare.write_outputs(
+      tmp_path / "out", base=base, arms=levels[0], summaries=summaries(levels[0], dice_all),
+      seeds=1, leave_one_site_out=False, label_levels={
+          0: (levels[0], summaries(levels[0], dice_all)),
+          1: ([*zero, *levels[1]], summaries(zero, dice_all) + summaries(levels[1], dice_one))})
+  assert result["label_curve"]["box"] == curve and result["label_curve_view"] == "all"
+  assert json.loads((tmp_path / "out" / compare.COMPARE_FILE).read_text()) == json.loads(
+      json.dumps(result))
+  md = (tmp_path / "out" / compare.TABLE_FILE).read_text()
+  assert md.index("**box prompts** (held-out") < md.index("| arm | 1 | all |")
+  assert f"| federated | {100 * dice_one['federated']:.1f} | {100 * dice_all['federated']:.1f} |" in md
+  assert cv2.imread(str(tmp_path / "out" / compare.LABELS_PLOT_FILE)).std() > 5
 
 
 def test_the_flags_arm_names_are_the_planners():

@@ -248,6 +248,50 @@ def test_validation_holds_out_of_each_site_apart_from_test_and_training(tmp_path
       e for v in s.validation.values() for e in v}
 
 
+def test_val_folder_is_each_sites_validation_and_never_trained_or_tested(tmp_path):
+  """A `val/` folder: `val/<site>/` validates that site (not every site needs one);
+  its images are not training sites, not held out for testing, and `select_clients`
+  keeps them with their site."""
+  for site, n in (("s0", 4), ("s1", 3)):
+    _flat(tmp_path / site, n, prefix=site)
+  val = {"s0": _flat(tmp_path / "val" / "s0", 2, prefix="v0")}
+  s = _split(tmp_path, test_fraction=0.25, seed=1)
+  assert list(s.clients) == ["s0", "s1"]  # val/ is no site.
+  assert {c: _stems(v) for c, v in s.validation.items()} == val
+  assert not set(val["s0"]) & (set(_stems(s.test)) | set(_all_client_stems(s)))
+  assert len(s.test) == 2 and len(_all_client_stems(s)) == 5  # All 7 site images.
+  assert discovery.hold_out_validation(s, fraction=0.0, seed=1) == s
+  assert discovery.select_clients(s, train_clients=("s1",)).validation == {}
+
+
+def test_flat_val_folder_is_split_over_the_flat_clients_by_seed(tmp_path):
+  _flat(tmp_path, 9)
+  val = _flat(tmp_path / "val", 5, prefix="v")
+  s = _split(tmp_path, num_clients=3, seed=4)
+  assert sorted(len(v) for v in s.validation.values()) == [1, 2, 2]
+  assert sorted(e for v in s.validation.values() for e in _stems(v)) == val
+  assert s == _split(tmp_path, num_clients=3, seed=4)
+  assert any(_split(tmp_path, num_clients=3, seed=k).validation != s.validation
+             for k in range(5, 9))
+
+
+@pytest.mark.parametrize("layout", ["unknown_site", "flat_in_natural", "natural_in_flat"])
+def test_val_folder_that_does_not_match_the_layout_is_one_error(tmp_path, layout):
+  if layout == "natural_in_flat":
+    _flat(tmp_path, 4)
+    _flat(tmp_path / "val" / "s0", 1)
+    bad = tmp_path / "val"
+  else:
+    _flat(tmp_path / "s0", 3)
+    bad = tmp_path / "val" / ("s9" if layout == "unknown_site" else "")
+    _flat(bad, 1)
+    bad = bad if layout == "unknown_site" else tmp_path / "val"
+  with pytest.raises(errors.DataError) as e:
+    _split(tmp_path)
+  _assert_data_error(e, bad)
+  assert "\n" not in str(e.value) and "val/" in str(e.value)
+
+
 def test_label_scarcity_keeps_nested_seeded_subsets_of_training_images_only(tmp_path):
   """`--labels_per_site=N`: N training images per site (all when it has fewer); a
   smaller N keeps a subset of a larger one's; the seed chooses; validation and test

@@ -300,18 +300,14 @@ class RunConfig:
   eval_corrections: int = 3
   # Export the round with the best validation Dice (without validation: test Dice).
   keep_best: bool = False
-  # With validation, also score the test set at every evaluation round (not only 0 and last).
+  # With validation (`--validation_fraction` or a val/ folder), also score the test set
+  # at every evaluation round (not only 0 and last).
   test_every_eval: bool = False
   # Personalization (`federated.program.personalization`): local steps per site from the
   # exported model (0 = none); `site_test_clients`: "site:client" scoring pairs.
   personalize_steps: int = 0
   site_test_clients: tuple[str, ...] = ()
   seed: int = 0
-
-  @property
-  def validation(self) -> bool:
-    """Whether training clients hold images out for validation."""
-    return self.validation_fraction > 0
 
   @property
   def eval_prompt_list(self) -> tuple[str, ...]:
@@ -376,10 +372,6 @@ class RunConfig:
     self._validate_personalization()
     errors.require(0.0 <= self.validation_fraction < 1.0, "validation_fraction",
                    f"must be in [0, 1), got {self.validation_fraction}")
-    if not self.validation:
-      self._require_unset(("test_every_eval",), lambda _: "is set but there is no validation "
-                          "set (the test set is scored at every evaluation round already); "
-                          "add --validation_fraction or drop it")
     errors.require(self.eval_max_objects >= 0, "eval_max_objects",
                    f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")
     _require_choices(self.eval_prompt, EVAL_PROMPTS, "eval_prompt", "prompt",

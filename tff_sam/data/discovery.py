@@ -6,9 +6,12 @@ Layout of `--data_dir`:
 * natural: one sub-folder per site, each with `images/` and `masks/`; each site is
   one federated client.
 
-With a validation fraction (`hold_out_validation`), that share of every training
-client's images is held out of training for model selection
-(`DatasetSplits.validation`), chosen by seed apart from the test split.
+Validation images, for model selection (`DatasetSplits.validation`), come from a
+`val/` sub-folder when there is one: `val/<site>/` (images/ + masks/) per training
+site of the natural layout, or a flat `val/` (images/ + masks/) split evenly over the
+flat layout's clients by seed. Without it, a validation fraction
+(`hold_out_validation`) holds that share of every training client's images out of
+training, chosen by seed apart from the test split.
 
 Either may have a `test/` sub-folder that is held out: flat (`test/images/` +
 `test/masks/`) or one sub-folder per held-out site (`test/<site>/images/` + `masks/`).
@@ -40,6 +43,7 @@ from tff_sam import errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TEST_DIR = "test"
+VALIDATION_DIR = "val"
 # Seeds `hold_out_validation`'s random stream next to the run's seed.
 _VALIDATION_STREAM = 1
 _LABELS_STREAM = 2  # And `limit_labels`'s.
@@ -99,8 +103,9 @@ class DatasetSplits:
     test_clients: Evaluation client id -> its held-out examples (no client trains on
       them); see the module docstring for how they are grouped.
     natural: True when clients are the data's own site folders.
-    validation: Training client -> its validation examples, held out of its training
-      examples (`hold_out_validation`); empty without validation.
+    validation: Training client -> its validation examples: its `val/` folder's, or
+      held out of its training examples (`hold_out_validation`); empty without
+      validation.
   """
 
   clients: dict[str, tuple[Example, ...]]
@@ -277,7 +282,9 @@ def discover_splits(data_dir: Path, *, partition: str, num_clients: int,
       shards = partition_dirichlet(train, num_clients=num_clients, alpha=dirichlet_alpha, rng=rng)
     clients = {f"client_{i:03d}": tuple(sorted(s, key=lambda e: e.stem))
                for i, s in enumerate(shards)}
-    return DatasetSplits(clients=clients, test_clients=test_clients, natural=False)
+    return _with_validation_folder(
+        DatasetSplits(clients=clients, test_clients=test_clients, natural=False),
+        root / VALIDATION_DIR, seed=seed, listing=listing)
 
   sites = _site_folders(root)
   if not sites:
@@ -292,12 +299,50 @@ def discover_splits(data_dir: Path, *, partition: str, num_clients: int,
       if held:
         test_clients[site.name] = tuple(held)
     clients[site.name] = tuple(examples)
-  return DatasetSplits(clients=clients, test_clients=test_clients, natural=True)
+  return _with_validation_folder(
+      DatasetSplits(clients=clients, test_clients=test_clients, natural=True),
+      root / VALIDATION_DIR, seed=seed, listing=listing)
+
+
+def _with_validation_folder(splits: DatasetSplits, folder: Path, *, seed: int,
+                            listing: dict) -> DatasetSplits:
+  """`splits` with the validation examples of `folder` (`val/`), if it exists.
+
+  Natural layout: `val/<site>/` per training site (not every site needs one); flat:
+  `val/images/` + `val/masks/`, split evenly over the clients by seed.
+
+  Raises:
+    errors.DataError: `val/<name>/` names no training site, or a layout mismatch.
+  """
+  if not folder.is_dir():
+    return splits
+  if not splits.natural:
+    if not (folder / "images").is_dir():
+      raise errors.DataError(folder, "with flat training data (images/ + masks/) the "
+                             "validation folder is flat too: val/images/ + val/masks/")
+    examples = list_examples(folder, **listing)
+    rng = np.random.default_rng([seed, _VALIDATION_STREAM])
+    order = rng.permutation(len(examples))
+    shards = np.array_split(order, len(splits.clients))
+    validation = {c: tuple(sorted((examples[i] for i in shard), key=lambda e: e.stem))
+                  for c, shard in zip(splits.clients, shards) if len(shard)}
+    return dataclasses.replace(splits, validation=validation)
+  if (folder / "images").is_dir():
+    raise errors.DataError(folder, "with one training folder per site, validation images "
+                           f"go in {VALIDATION_DIR}/<site>/images/ + masks/, per site")
+  by_site = list_test_clients(folder, **listing)
+  for name in by_site:
+    if name not in splits.clients:
+      raise errors.DataError(folder / name, "no training site of that name (validation "
+                             f"images belong to a training site: {VALIDATION_DIR}/<site>/ "
+                             f"with one of {', '.join(sorted(splits.clients))})")
+  return dataclasses.replace(splits, validation={c: v for c, v in by_site.items() if v})
 
 
 def _site_folders(root: Path) -> list[Path]:
   return sorted(d for d in root.iterdir()
-                if d.is_dir() and d.name != TEST_DIR and not d.name.startswith(".")
+                if d.is_dir() and d.name not in (TEST_DIR, VALIDATION_DIR)
+                and not d.name.startswith(".")
                 and ((d / "images").is_dir() or (d / "masks").is_dir()))
 
 

@@ -118,43 +118,60 @@ def plot_metrics(metrics_csv: Path, out_png: Path) -> Path:
   return Path(out_png)
 
 
+def _comparison_panels(table: Mapping, metric: str) -> list[tuple[str, Mapping]]:
+  """(title, rows) of each panel: per prompt, every held-out client, then the own-site
+  view when the table has one."""
+  panels = []
+  for prompt, part in table.items():
+    panels.append((f"held-out {metric} ({prompt} prompts; every held-out client)", part["rows"]))
+    own = part.get("own_site", {}).get("rows")
+    if own:
+      panels.append((f"held-out {metric} ({prompt} prompts; each site on its own client)", own))
+  return panels
+
+
+def _draw_bars(ax, rows: Mapping, metric: str, title: str) -> None:
+  """One bar per row (x axis) and column ("all" first), the zero-shot "all" dashed."""
+  names = list(rows)
+  clients = list(rows[names[0]][metric])
+  width = 0.8 / max(1, len(clients))
+  for j, client in enumerate(clients):
+    means = [rows[n][metric][client]["mean"] or 0.0 for n in names]
+    stds = [rows[n][metric][client]["std"] or 0.0 for n in names]
+    ax.bar(np.arange(len(names)) + (j - (len(clients) - 1) / 2) * width, means, width,
+           yerr=stds, capsize=3, label=client)
+  zero = rows.get("zero_shot", {}).get(metric, {}).get("all", {}).get("mean")
+  if zero is not None:
+    ax.axhline(zero, ls="--", color="gray", lw=1)
+  values = [rows[n][metric][c]["mean"] for n in names for c in clients
+            if rows[n][metric][c]["mean"] is not None]
+  if values:
+    lo = min(values)
+    ax.set_ylim(max(0.0, lo - 0.15 * (1.0 - lo) - 0.02), 1.0)
+  ax.set_xticks(np.arange(len(names)), [n.replace("/", "\n") for n in names], fontsize=8)
+  ax.set(title=title, ylabel=metric)
+  ax.grid(alpha=0.3, axis="y")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # Beside the bars.
+
+
 def build_comparison_figure(table: Mapping, metric: str = "dice") -> Figure:
   """Bars of `metric` per arm and evaluation client (error bars: std over seeds).
 
   Args:
-    table: `federated.compare.summarize`'s result (evaluation prompt -> rows).
+    table: `federated.compare.summarize`'s result (evaluation prompt -> rows, and the
+      own-site view when sites were matched to held-out clients).
     metric: `dice`, `iou`, `msa` or `sa50`.
 
   Returns:
-    One panel per evaluation prompt, arms on the x axis, one bar per evaluation
-    client ("all" first), the zero-shot mean of "all" as a dashed line.
+    Per evaluation prompt a panel of every held-out client and, with an own-site
+    view, a panel of each site's model on its own client: arms on the x axis, one
+    bar per column ("all" first), the zero-shot mean of "all" as a dashed line.
   """
-  prompts = list(table)
-  fig = Figure(figsize=(max(6.0, 1.3 * max(len(p["rows"]) for p in table.values()) + 2),
-                        3.8 * len(prompts)))
-  axes = fig.subplots(len(prompts), 1, squeeze=False)[:, 0]
-  for ax, prompt in zip(axes, prompts):
-    rows = table[prompt]["rows"]
-    names = list(rows)
-    clients = list(rows[names[0]][metric])
-    width = 0.8 / max(1, len(clients))
-    for j, client in enumerate(clients):
-      means = [rows[n][metric][client]["mean"] or 0.0 for n in names]
-      stds = [rows[n][metric][client]["std"] or 0.0 for n in names]
-      ax.bar(np.arange(len(names)) + (j - (len(clients) - 1) / 2) * width, means, width,
-             yerr=stds, capsize=3, label=client)
-    zero = rows.get("zero_shot", {}).get(metric, {}).get("all", {}).get("mean")
-    if zero is not None:
-      ax.axhline(zero, ls="--", color="gray", lw=1)
-    values = [rows[n][metric][c]["mean"] for n in names for c in clients
-              if rows[n][metric][c]["mean"] is not None]
-    if values:
-      lo = min(values)
-      ax.set_ylim(max(0.0, lo - 0.15 * (1.0 - lo) - 0.02), 1.0)
-    ax.set_xticks(np.arange(len(names)), [n.replace("/", "\n") for n in names], fontsize=8)
-    ax.set(title=f"held-out {metric} ({prompt} prompts)", ylabel=metric)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8, loc="lower right", ncol=len(clients))
+  panels = _comparison_panels(table, metric)
+  fig = Figure(figsize=(max(6.0, 1.3 * max(len(rows) for _, rows in panels) + 2),
+                        3.8 * len(panels)))
+  for ax, (title, rows) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+    _draw_bars(ax, rows, metric, title)
   fig.tight_layout()
   return fig
 

@@ -40,7 +40,8 @@ flags.DEFINE_float("test_fraction", _F["test_fraction"],
 flags.DEFINE_float("validation_fraction", _F["validation_fraction"],
                    "Share of every training site's images held out of training for model "
                    "selection: scored by federated evaluation every --eval_every rounds "
-                   "(val_dice), and what --keep_best chooses on. 0 = no validation.")
+                   "(val_dice), and what --keep_best chooses on. 0 = no validation, or the "
+                   "data's own val/ folder when it has one (val/<site>/images + masks).")
 flags.DEFINE_string("labels_per_site", "all",
                    "Labelled training images kept per site (a number, or all), the same "
                    "images whatever else changes (chosen by --seed); the label-scarcity "
@@ -198,8 +199,9 @@ flags.DEFINE_integer("eval_corrections", _F["eval_corrections"],
 flags.DEFINE_boolean("keep_best", _F["keep_best"],
                      "Export the evaluated round with the best validation Dice (round 0, the "
                      "zero-shot model, included) instead of the last round; a guard against "
-                     "decoder collapse. Without --validation_fraction it chooses on the "
-                     "held-out test Dice, so its test score is optimistic.")
+                     "decoder collapse. Without validation (--validation_fraction or a val/ "
+                     "folder) it chooses on the held-out test Dice, so its test score is "
+                     "optimistic.")
 flags.DEFINE_integer("personalize_steps", _F["personalize_steps"],
                      "After training: fine-tune the exported global model for this many local "
                      "steps on each training site's own images, score each site's model on "
@@ -210,7 +212,8 @@ flags.DEFINE_list("site_test_clients", list(_F["site_test_clients"]),
                   "site's personalized model is scored on (default: the embedded data's own "
                   "map, else the client of the site's own name).")
 flags.DEFINE_boolean("test_every_eval", _F["test_every_eval"],
-                     "With --validation_fraction: score the held-out test set at every "
+                     "With validation (--validation_fraction or a val/ folder): score the "
+                     "held-out test set at every "
                      "evaluation round too (by default only at round 0, the last round and "
                      "on the exported model).")
 flags.DEFINE_integer("seed", _F["seed"], "Seed for splits, client sampling and prompts.")

@@ -369,11 +369,14 @@ def _own_site_table(prompt: str, own: dict, *, seeds: int) -> list[str]:
 def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm],
                   summaries: Sequence[dict], seeds: int, leave_one_site_out: bool,
                   memory: Sequence[dict] = (),
-                  site_clients: Optional[dict[str, str]] = None) -> dict:
+                  site_clients: Optional[dict[str, str]] = None,
+                  label_levels: Optional[dict] = None) -> dict:
   """Writes `compare.json`, `compare.md` and `compare.png` into `root`; returns the JSON.
 
   `memory`: the process's peak RSS after each arm (`run_arms`), kept in the JSON.
   `site_clients`: site -> its own held-out client, for the own-site view.
+  `label_levels`: with more than one label count (`label_curve`'s `levels`), the
+  label curve too: `label_curve` in the JSON, its table and `compare_labels.png`.
   """
   prompts = base.eval_prompt_list
   table = summarize(arms, summaries, eval_prompt=prompts, site_clients=site_clients)
@@ -391,8 +394,16 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
       "table": table,
       "memory": list(memory),
   }
+  markdown = markdown_table(table, steps=steps, seeds=seeds)
+  if label_levels and len(label_levels) > 1:
+    curve = label_curve(label_levels, prompts=prompts, site_clients=site_clients)
+    result.update(label_curve=curve, label_curve_view="own_site" if site_clients else "all")
+    counts = [str(c or "all") for c in sorted(label_levels, key=lambda n: n or math.inf)]
+    markdown += "\n" + _label_curve_table(curve, counts=counts, seeds=seeds,
+                                           own_site=bool(site_clients))
+    plots.plot_label_curve(curve, root / LABELS_PLOT_FILE)
   fileio.write_json(root / COMPARE_FILE, result)
-  fileio.write_text(root / TABLE_FILE, markdown_table(table, steps=steps, seeds=seeds) + "\n")
+  fileio.write_text(root / TABLE_FILE, markdown.rstrip("\n") + "\n")
   plots.plot_comparison(table, root / PLOT_FILE)
   return result
 
@@ -415,28 +426,20 @@ def label_curve(levels: dict[int, tuple[Sequence[Arm], Sequence[dict]]], *,
   return curve
 
 
-def write_label_curve(root: Path, result: dict, *, levels: dict, prompts: Sequence[str],
-                      seeds: int, site_clients: Optional[dict[str, str]]) -> dict:
-  """Adds `label_curve` (`label_curve`) to `compare.json` and `compare.md`, and draws
-  `compare_labels.png`; returns the updated JSON."""
-  curve = label_curve(levels, prompts=prompts, site_clients=site_clients)
-  result = {**result, "label_curve": curve,
-            "label_curve_view": "own_site" if site_clients else "all"}
-  fileio.write_json(root / COMPARE_FILE, result)
-  counts = [str(c or "all") for c in sorted(levels, key=lambda n: n or math.inf)]
-  lines = [(root / TABLE_FILE).read_text().rstrip("\n"), ""]
+def _label_curve_table(curve: dict, *, counts: Sequence[str], seeds: int,
+                       own_site: bool) -> str:
+  """The label curve as markdown: per prompt, rows by arm, a column per label count."""
+  lines = []
   for prompt, rows in curve.items():
     lines += [f"**{prompt} prompts: Dice by labelled training images per site** (x100; "
-              + ("each site on its own held-out client" if site_clients else "all held-out "
+              + ("each site on its own held-out client" if own_site else "all held-out "
                  "clients") + (f"; mean ± std over {seeds} seeds)" if seeds > 1 else ")"), "",
               "| arm | " + " | ".join(counts) + " |", "|" + "---|" * (len(counts) + 1)]
     for name, by_count in rows.items():
       lines.append(f"| {name} | " + " | ".join(
           _cell(by_count[c]) if c in by_count else "-" for c in counts) + " |")
     lines.append("")
-  fileio.write_text(root / TABLE_FILE, "\n".join(lines))
-  plots.plot_label_curve(curve, root / LABELS_PLOT_FILE)
-  return result
+  return "\n".join(lines)
 
 
 def run_comparison(base: config_lib.RunConfig, *, seeds: int = 1,
@@ -509,13 +512,11 @@ def _run_comparison(base: config_lib.RunConfig, *, root: Path, seeds: int,
   per_level = {count: ([*zero, *(a for a in arms_ if a.name != ZERO_SHOT)])
                for count, arms_ in levels.items()}
   main = per_level[next(iter(levels))]
-  result = write_outputs(root, base=base, arms=main, summaries=[by_arm[id(a)] for a in main],
-                         seeds=seeds, leave_one_site_out=leave_one_site_out, memory=memory,
-                         site_clients=site_clients)
-  if len(levels) > 1:
-    result = write_label_curve(root, result, prompts=base.eval_prompt_list, seeds=seeds,
-                               site_clients=site_clients, levels={
-        count: (arms_, [by_arm[id(a)] for a in arms_]) for count, arms_ in per_level.items()})
+  result = write_outputs(
+      root, base=base, arms=main, summaries=[by_arm[id(a)] for a in main], seeds=seeds,
+      leave_one_site_out=leave_one_site_out, memory=memory, site_clients=site_clients,
+      label_levels={count: (arms_, [by_arm[id(a)] for a in arms_])
+                    for count, arms_ in per_level.items()})
   log((root / TABLE_FILE).read_text().rstrip("\n"))  # The table `write_outputs` wrote.
   log(f"outputs in {root}: {COMPARE_FILE}, {TABLE_FILE}, {PLOT_FILE}"
       + (f", {LABELS_PLOT_FILE}" if len(levels) > 1 else ""))

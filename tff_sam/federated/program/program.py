@@ -215,6 +215,8 @@ class _HeldOut:
     fed_clients: Those with objects: the federated evaluation's clients.
     val_clients: With validation: the validation clients with objects (manifests
       `eval_clients/val.<client>.txt`).
+    validation: Whether the run has validation images (`--validation_fraction` or
+      the data's `val/` folder): validated every evaluation round, chosen on.
     chunk: The federated evaluation's objects per chunk.
     keeper: With `--keep_best`, the best evaluated round's weights.
     last_eval: The newest evaluated round's result, reused at the end.
@@ -225,6 +227,7 @@ class _HeldOut:
   eval_clients: list[str]
   fed_clients: list[str]
   val_clients: list[str]
+  validation: bool
   chunk: int
   keeper: Optional[best_model.BestModelKeeper]
   last_eval: dict[int, heldout.EvalResult] = dataclasses.field(default_factory=dict)
@@ -302,7 +305,9 @@ def _prepare_training_data(run: _Run) -> _TrainingData:
   splits = run_data.prepare_data(config, cache_root, skipped)
   log(f"data: {len(splits.clients)} clients ({'sites' if splits.natural else config.partition}), "
       f"{splits.num_train_examples} training images, {len(splits.test)} test images in "
-      f"{len(splits.test_clients)} held-out evaluation client(s)")
+      f"{len(splits.test_clients)} held-out evaluation client(s)" + (
+          f", {sum(map(len, splits.validation.values()))} validation images"
+          if splits.validation else ""))
   _check_clients_per_round(config, len(splits.clients), "clients in the data")
   bundle = build.load_sam(config.model, cache_dir=cache_root)
   log(f"model: {config.model} (encoder fingerprint {bundle.fingerprint})")
@@ -346,7 +351,8 @@ def _prepare_held_out(run: _Run, data: _TrainingData) -> _HeldOut:
     personalization.site_test_clients(config, sites=data.client_ids, test_clients=eval_clients)
   keeper = best_model.BestModelKeeper(out) if config.keep_best else None
   if keeper is not None and run.versions:
-    rows, column = run_folder.read_metrics_csv(out / "metrics.csv"), run_folder.selection_column(config)
+    rows = run_folder.read_metrics_csv(out / "metrics.csv")
+    column = run_folder.selection_column(validation=bool(records.validation))
     keeper.restore(saved_round=max(run.versions), scores={
         int(r["round"]): run_folder.parse_metric(r.get(column)) for r in rows
         if run_folder.parse_metric(r.get(column)) is not None})
@@ -354,6 +360,7 @@ def _prepare_held_out(run: _Run, data: _TrainingData) -> _HeldOut:
                   eval_clients=eval_clients,
                   fed_clients=[c for c, n in fed_counts.items() if n > 0],
                   val_clients=[c for c, n in val_counts.items() if n > 0],
+                  validation=bool(records.validation),
                   chunk=min(tasks.EVAL_CHUNK, max(objects, default=1)), keeper=keeper)
 
 
@@ -437,7 +444,7 @@ class _Rounds:
             metrics_csv=run.out / "metrics.csv",
             tensorboard_dir=run.out / releases.TENSORBOARD_DIR),
         columns=run_folder.metric_columns(self.held_out.eval_clients,
-                                          validation=config.validation),
+                                          validation=self.held_out.validation),
         on_round=self.on_round,
         on_resume=lambda v: run.log(f"resuming {run.out} after round {v}/{config.rounds}"))
     return state
@@ -461,24 +468,25 @@ class _Rounds:
     return row
 
   def evaluate(self, state, round_num: int) -> dict:
-    """The round's validation (with `--validation_fraction`) and held-out test scores;
+    """The round's validation (with validation images) and held-out test scores;
     offers the round to `--keep_best`."""
     config, held_out, task = self.run.config, self.held_out, self.task
     self.run.progress["section"] = (f"round {round_num}" if round_num
                                     else "round 0 (zero-shot evaluation)")
     row = {}
-    if config.validation:
+    if held_out.validation:
       self.run.log(f"  round {round_num}: validation (federated evaluation on "
                    f"{len(held_out.val_clients)} client(s))")
       row.update(task.federated_evaluation(state, held_out.val_clients,
                                            prefix=run_folder.VALIDATION_PREFIX))
-    if (not config.validation or config.test_every_eval
+    if (not held_out.validation or config.test_every_eval
         or round_num in (0, config.rounds)):
       row.update(self._evaluate_test(state, round_num))
-    score = row.get(run_folder.selection_column(config))
+    column = run_folder.selection_column(validation=held_out.validation)
+    score = row.get(column)
     if held_out.keeper is not None and held_out.keeper.consider(
         round_num, score, processes.weights_from_state(task.training_process, state)):
-      self.run.log(f"  round {round_num}: best {run_folder.selection_column(config)} so far "
+      self.run.log(f"  round {round_num}: best {column} so far "
                    f"({score:.4f}), kept (--keep_best)")
     return row
 
@@ -517,13 +525,13 @@ def _evaluate_exported(run: _Run, *, state, data: _TrainingData, held_out: _Held
   model_round = config.rounds
   if keeper is not None:  # --keep_best: the best evaluated round (round 0 included).
     results["best"] = {"round": keeper.round, "dice": keeper.score,
-                       "metric": run_folder.selection_column(config)}
+                       "metric": run_folder.selection_column(validation=held_out.validation)}
     if keeper.round != config.rounds:
       decoder_lib.assign_model_weights(task.model, *keeper.weights())
       model_round = keeper.round
-      final = results["final"]["validation"] if config.validation else results["final"]
+      final = results["final"]["validation"] if held_out.validation else results["final"]
       log(f"--keep_best: exporting round {keeper.round} "
-          f"({'validation' if config.validation else 'held-out'} dice {keeper.score:.4f}; "
+          f"({'validation' if held_out.validation else 'held-out'} dice {keeper.score:.4f}; "
           f"the last round, {config.rounds}, scored {final['dice']:.4f})")
   fine_tuned = _with_embeddings(fine_tuned, task=task, data=data, held_out=held_out)
   by_prompt = {}  # The exported model on every evaluation prompt.

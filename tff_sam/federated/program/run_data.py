@@ -37,12 +37,20 @@ def prepare_data(config: config_lib.RunConfig, cache_root: Path,
     raise errors.ConfigError(
         "test_fraction", f"no held-out test images in {root} (add a test/ folder or set "
         "--test_fraction > 0 with at least 2 images)")
+  if splits.validation and config.validation_fraction > 0:
+    raise errors.ConfigError(
+        "validation_fraction", f"{root / discovery.VALIDATION_DIR} holds the validation "
+        "images; drop --validation_fraction (or that folder)")
   splits = discovery.hold_out_validation(splits, fraction=config.validation_fraction,
                                          seed=config.seed)
   if config.validation_fraction > 0 and not splits.validation:
     raise errors.ConfigError(
         "validation_fraction", f"no training client of {root} has 2 or more images, so "
         "none can spare one for validation (drop --validation_fraction)")
+  if config.test_every_eval and not splits.validation:
+    raise errors.ConfigError(
+        "test_every_eval", "is set but there is no validation (no --validation_fraction "
+        f"and no {discovery.VALIDATION_DIR}/ folder in {root}): drop it")
   splits = discovery.limit_labels(splits, per_client=config.labels_per_site, seed=config.seed)
   return discovery.select_clients(splits, train_clients=config.train_clients,
                                   pool=config.pool_clients)

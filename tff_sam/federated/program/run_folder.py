@@ -65,9 +65,10 @@ METRIC_DOCS = {
 VALIDATION_PREFIX = "val"
 
 
-def selection_column(config: config_lib.RunConfig) -> str:
-  """The `metrics.csv` column `--keep_best` chooses on: validation Dice, else test Dice."""
-  return f"{VALIDATION_PREFIX}_dice" if config.validation else "test_dice"
+def selection_column(*, validation: bool) -> str:
+  """The `metrics.csv` column `--keep_best` chooses on: validation Dice (when the run
+  has validation images), else test Dice."""
+  return f"{VALIDATION_PREFIX}_dice" if validation else "test_dice"
 
 
 def metric_columns(eval_clients: list[str], *, validation: bool) -> list[str]:
