@@ -48,8 +48,8 @@ METRIC_DOCS = {
     "test_dice/<client>": "the same over one evaluation client's images",
     "fed_eval_loss": "federated evaluation (build_fed_eval) on the held-out clients: loss",
     "fed_eval_dice": "federated evaluation: Dice at low resolution, exact prompts",
-    "val_loss": "with --validation_fraction: federated evaluation on the training clients' "
-                "validation images: loss",
+    "val_loss": "with validation images (--validation_fraction or val/): federated "
+                "evaluation on the training clients' validation images: loss",
     "val_dice": "the same: Dice (what --keep_best chooses on)",
     "nonfinite_clients": "clients whose update held NaN/Inf (weight 0, ignored)",
     "zeroed_clients": "clients whose update exceeded the zeroing threshold (zeroed)",
