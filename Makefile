@@ -54,8 +54,11 @@ $(TORCH_STAMP):
 	@touch $(TORCH_STAMP)
 	@echo "PyTorch environment ready: $(TORCH_VENV) ($(TORCH_HASH))"
 
+# The demo, then its numbers next to the committed comparison's (README's tables).
+DEMO_COMPARE := docs/demo_compare.json
 demo: install
 	$(VPY) -m tff_sam.experiments.run --flagfile=experiments/demo.flags
+	@if [ -f $(DEMO_COMPARE) ]; then $(VPY) tools/demo_check.py runs/demo $(DEMO_COMPARE); fi
 
 test: install install-torch
 	TFF_SAM_TORCH_PYTHON=$(CURDIR)/$(TORCH_VENV)/bin/python $(VPY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tff_sam.evaluation import plots
 from tff_sam.federated.program import compare
 from tff_sam.federated.program import run_folder
 
+from conftest import REPO
 from conftest import run_cli
 
 
@@ -154,28 +156,36 @@ def test_summary_rows_gains_table_and_plot(tmp_path):
   assert image is not None and image.shape[0] > 200 and image.std() > 5
 
 
-def test_own_site_view_scores_each_site_where_it_works_with_its_personalized_model(tmp_path):
-  """Sites a and b use held-out clients x and y. Local-only: each site's own model on its
-  own client; personalized: the federated run's per-site copies; the rest: one model
-  on each site's client; "all" is the mean over sites. Only the federated arm
-  personalizes."""
+def _personalized_comparison(tmp_path):
+  """A comparison of sites a and b (held-out clients x and y) over 2 seeds, whose
+  federated arm personalized: (base, arms, summaries)."""
   base = _base(tmp_path, eval_prompt=("box",), personalize_steps=3)
   arms = compare.plan_arms(base, splits=_splits({"a": 2, "b": 2}), seeds=2,
                            root=tmp_path / "cmp", arms=("zero_shot", "local", "federated"))
-  assert {a.name: a.config.personalize_steps for a in arms if a.seed == 7} == {
-      "zero_shot": 0, "local/a": 0, "local/b": 0, "federated": 3}
   on = {"zero_shot": (0.5, 0.5), "local/a": (0.7, 0.3), "local/b": (0.2, 0.6),
         "federated": (0.6, 0.62)}
   summaries = []
   for a in arms:
     x, y = on[a.name]
     summary = _summary((x + y) / 2 + 0.01 * (a.seed - 7), {"x": x, "y": y + 0.01 * (a.seed - 7)})
+    summary["config"] = a.config.to_dict()
     if a.name == "federated":
       summary["personalized"] = {"steps": 3, "sites": {
           site: {"test_client": c, "by_prompt": {"box": {"personalized": {
               "dice": d, "iou": d / 2, "msa": d / 4, "sa50": d / 3}}}}
           for site, c, d in (("a", "x", 0.75), ("b", "y", 0.65 + 0.01 * (a.seed - 7)))}}
     summaries.append(summary)
+  return base, arms, summaries
+
+
+def test_own_site_view_scores_each_site_where_it_works_with_its_personalized_model(tmp_path):
+  """Sites a and b use held-out clients x and y. Local-only: each site's own model on its
+  own client; personalized: the federated run's per-site copies; the rest: one model
+  on each site's client; "all" is the mean over sites. Only the federated arm
+  personalizes."""
+  base, arms, summaries = _personalized_comparison(tmp_path)
+  assert {a.name: a.config.personalize_steps for a in arms if a.seed == 7} == {
+      "zero_shot": 0, "local/a": 0, "local/b": 0, "federated": 3}
   table = compare.summarize(arms, summaries, eval_prompt=("box",),
                             site_clients={"a": "x", "b": "y"})["box"]
   assert "personalized" not in table["rows"]  # The all-clients view is unchanged.
@@ -199,6 +209,38 @@ def test_own_site_view_scores_each_site_where_it_works_with_its_personalized_mod
   # The plot has a panel for each view: every held-out client, each site on its own.
   height = cv2.imread(str(tmp_path / "cmp" / compare.PLOT_FILE)).shape[0]
   assert height == 2 * 380, height  # 3.8 inches at 100 dpi per panel.
+
+
+def test_demo_check_puts_a_run_next_to_its_arm_and_seed_of_the_comparison(tmp_path):
+  """tools/demo_check.py (what `make demo` ends with): the run's Dice next to the same
+  seed of the comparison's federated arm and its mean over seeds, the personalized
+  sites' mean too; a different number or setting is said, not hidden."""
+  base, arms, summaries = _personalized_comparison(tmp_path)
+  (tmp_path / "cmp").mkdir()
+  compare.write_outputs(tmp_path / "cmp", base=base, arms=arms, summaries=summaries, seeds=2,
+                        leave_one_site_out=False, site_clients={"a": "x", "b": "y"})
+  run = tmp_path / "run"
+  run.mkdir()
+  federated = next(s for a, s in zip(arms, summaries) if (a.name, a.seed) == ("federated", 7))
+  tool = [sys.executable, str(REPO / "tools" / "demo_check.py"), str(run),
+          str(tmp_path / "cmp" / compare.COMPARE_FILE)]
+
+  def check(summary):
+    (run / "summary.json").write_text(json.dumps(summary))
+    done = subprocess.run(tool, capture_output=True, text=True, check=True, timeout=60)
+    return done.stdout.splitlines()
+
+  lines = check(federated)
+  assert lines[1] == ("  federated, box prompts, every held-out client: this run 61.00, "
+                      "comparison 61.00 (the same); 2 seed(s): 61.5 ± 0.7")
+  assert lines[2] == ("  personalized, box prompts, each site on its own client (mean over 2 "
+                      "sites): this run 70.00, comparison 70.00 (the same); 2 seed(s): 70.2 ± 0.4")
+  changed = json.loads(json.dumps(federated))
+  changed["evaluation"]["by_prompt"]["box"]["dice"] = 0.63
+  changed["config"]["rounds"] += 1
+  lines = check(changed)
+  assert lines[1] == "  note: this run's settings differ from the comparison's: rounds"
+  assert "comparison 61.00 (DIFFERS by +2.00)" in lines[2]
 
 
 def test_label_levels_plan_arms_per_count_and_the_curve_reads_each_level(

@@ -389,7 +389,8 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
                 "rounds": a.config.rounds, "planned_steps": a.steps,
                 "wall_time_s": s.get("wall_time_s"),
                 "model_round": s["evaluation"]["model_round"],
-                "results": {p: s["evaluation"]["by_prompt"][p] for p in prompts}}
+                "results": {p: s["evaluation"]["by_prompt"][p] for p in prompts},
+                **_personalized_results(s, prompts)}
                for a, s in zip(arms, summaries, strict=True)],
       "table": table,
       "memory": list(memory),
@@ -406,6 +407,13 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
   fileio.write_text(root / TABLE_FILE, markdown.rstrip("\n") + "\n")
   plots.plot_comparison(table, root / PLOT_FILE)
   return result
+
+
+def _personalized_results(summary: dict, prompts: Sequence[str]) -> dict:
+  """`{"personalized": site -> prompt -> scores}` of a personalized arm, else `{}`."""
+  sites = summary.get("personalized", {}).get("sites", {})
+  return {"personalized": {site: {p: r["by_prompt"][p]["personalized"] for p in prompts}
+                           for site, r in sites.items()}} if sites else {}
 
 
 def label_curve(levels: dict[int, tuple[Sequence[Arm], Sequence[dict]]], *,
