@@ -1,24 +1,31 @@
-"""Prompted segmentation with a (fine-tuned) SAM: masks at the original resolution.
+"""Segmentation of users' images with a (fine-tuned) SAM: masks at the original resolution.
 
 `masks_at_original_size` turns prompts in SAM's input frame into boolean masks of the
 original image size (SAM's `post_process_masks`); evaluation and `Predictor` share it.
 `Predictor` takes an image and prompts in original pixel coordinates, as users give
-them (`python -m tff_sam.experiments.predict`).
+them (`predict_paths`: `python -m tff_sam.experiments.predict`); `segment_paths`
+segments images without prompts (`automatic`; `python -m tff_sam.experiments.segment`).
 """
 
 from pathlib import Path
+import sys
+import time
 from typing import Callable, Optional
 
 import cv2
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import fileio
+from tff_sam import output_folder
 from tff_sam.data import discovery
 from tff_sam.data import preprocess
 from tff_sam.data import reading
+from tff_sam.evaluation import automatic
+from tff_sam.evaluation import automatic_settings
 from tff_sam.evaluation import plots
 from tff_sam.models import build
 from tff_sam.models import sam as sam_lib
@@ -236,3 +243,80 @@ def predict_paths(*, model: str, image: str, boxes, points, output: str,
       fileio.write_bytes(mask_paths[i], png.tobytes())
       written.append(mask_paths[i])
   return written
+
+
+def image_files(source: Path) -> list[Path]:
+  """The image file `source`, or the images of the folder `source` (sorted).
+
+  Raises:
+    errors.DataError: It does not exist, the folder has no image, or two of its
+      images share a stem (their outputs would overwrite each other).
+  """
+  source = Path(source).expanduser()
+  if source.is_file():
+    return [source]
+  if not source.is_dir():
+    raise errors.DataError(source, "image or folder not found")
+  images = sorted(p for p in source.iterdir()
+                  if p.is_file() and p.suffix.lower() in discovery.IMAGE_SUFFIXES)
+  if not images:
+    raise errors.DataError(source, "no images found (" + ", ".join(discovery.IMAGE_SUFFIXES)
+                           + ")")
+  stems = {}
+  for path in images:
+    if path.stem in stems:
+      raise errors.DataError(path, f"has the stem of {stems[path.stem].name}: their outputs "
+                             "would overwrite each other; rename one")
+    stems[path.stem] = path
+  return images
+
+
+def segment_paths(*, model: str, source: str, output_dir: str,
+                  settings: Optional[automatic_settings.AutomaticSettings] = None,
+                  cache_dir: Optional[str] = None,
+                  log: Callable[[str], None] = print) -> list[dict]:
+  """What `python -m tff_sam.experiments.segment` does: automatic segmentation of an
+  image or a folder of images into `output_dir`.
+
+  Writes, per image, `<stem>_labels.png` (uint16 instance labels of the image's size)
+  and `<stem>_overlay.png` (objects tinted and outlined, the count above), and logs a
+  line with its object count and seconds (a progress bar on stderr for folders).
+
+  Returns:
+    Per image: {"image", "objects", "seconds", "labels", "overlay"}.
+
+  Raises:
+    errors.UserError: Bad model, image, folder or output folder (one line).
+  """
+  images = image_files(Path(source))
+  cache = Path(cache_dir).expanduser() if cache_dir else None
+  bundle = build.load_sam(model, cache_dir=cache)
+  generator = automatic.AutomaticMaskGenerator(bundle, settings=settings)
+  done = []
+  with output_folder.claim(output_dir) as out:
+    bar = tqdm(images, desc="segmenting", unit="img", file=sys.stderr, leave=False,
+               disable=len(images) == 1)
+    for path in bar:
+      start = time.monotonic()
+      image = reading.read_image(path)
+      preprocess.require_resizable(path, image.shape[:2], generator.input_size)
+      labels = automatic.label_image(generator(image), image.shape[:2])
+      count = int(labels.max())
+      files = {"labels": out / f"{path.stem}_labels.png",
+               "overlay": out / f"{path.stem}_overlay.png"}
+      _write_png(files["labels"], labels)
+      _write_png(files["overlay"], plots.draw_labels(
+          image, labels, caption=f"{path.name}: {count} objects (automatic, {model})")[..., ::-1])
+      done.append({"image": str(path), "objects": count,
+                   "seconds": time.monotonic() - start, **{k: str(v) for k, v in files.items()}})
+      with tqdm.external_write_mode():
+        log(f"{path.name}: {count} objects, {done[-1]['seconds']:.1f} s -> {files['labels']}")
+  return done
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+  """Writes a PNG atomically (uint8 RGB/BGR as given, or uint16 gray)."""
+  ok, png = cv2.imencode(".png", array)
+  if not ok:
+    raise errors.DataError(path, "could not be encoded as PNG")
+  fileio.write_bytes(path, png.tobytes())

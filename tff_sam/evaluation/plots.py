@@ -439,3 +439,29 @@ def draw_prediction(image: np.ndarray, masks: np.ndarray, *, boxes=None, points=
       colour = (0, 255, 0) if label == 1 else (255, 0, 0)
       cv2.circle(out, (int(round(x)), int(round(y))), 3, colour, -1)
   return out
+
+
+def label_colours(count: int) -> np.ndarray:
+  """(count + 1, 3) uint8 RGB: black for label 0, then hues a golden ratio apart, so
+  neighbouring labels differ."""
+  if count == 0:
+    return np.zeros((1, 3), np.uint8)
+  hues = (np.arange(count) * 0.618034) % 1.0
+  hsv = np.stack([hues * 179, np.full(count, 210), np.full(count, 255)], -1)
+  rgb = cv2.cvtColor(hsv.astype(np.uint8)[None], cv2.COLOR_HSV2RGB)[0]
+  return np.concatenate([np.zeros((1, 3), np.uint8), rgb.reshape(-1, 3)])
+
+
+def draw_labels(image: np.ndarray, labels: np.ndarray, *, caption: str) -> np.ndarray:
+  """The image with each object of a label image tinted in its colour and outlined,
+  under a band with `caption` (e.g. the object count)."""
+  colours = label_colours(int(labels.max()))
+  out = image.astype(np.float32)
+  inside = labels > 0
+  out[inside] = 0.6 * out[inside] + 0.4 * colours[labels[inside]]
+  padded = np.pad(labels, 1, mode="edge")
+  edge = inside & ((padded[:-2, 1:-1] != labels) | (padded[2:, 1:-1] != labels)
+                   | (padded[1:-1, :-2] != labels) | (padded[1:-1, 2:] != labels))
+  out[edge] = colours[labels[edge]]
+  band = _legend_band(image.shape[1], [], caption)
+  return np.concatenate([band, out.astype(np.uint8)], axis=0)

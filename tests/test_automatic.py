@@ -1,0 +1,192 @@
+"""Automatic segmentation (`tff_sam.evaluation.automatic`): the grid, the filters, NMS
+and the label image by hand; the whole generator on the tiny SAM, once with planted
+decoder outputs (three known objects) and once with its own random weights; the
+`segment` binary on files, and its bad inputs."""
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+import tifffile
+
+from tff_sam.data import preprocess
+from tff_sam.evaluation import automatic
+from tff_sam.evaluation import automatic_settings
+from tff_sam.models import sam as sam_lib
+
+
+def test_point_grid_centres_points_in_equal_cells():
+  np.testing.assert_allclose(automatic.point_grid(2),
+                             [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+  assert automatic.point_grid(32).shape == (1024, 2)
+
+
+def test_crop_boxes_cover_the_image_with_overlap():
+  crops = automatic.crop_boxes((100, 150), n_layers=1, overlap_ratio=0.2)
+  assert crops[0] == ((0, 0, 150, 100), 0) and len(crops) == 5
+  layer = [c for c, i in crops if i == 1]
+  cover = np.zeros((100, 150), int)
+  for x0, y0, x1, y1 in layer:
+    cover[y0:y1, x0:x1] += 1
+  assert cover.min() == 1 and cover.max() == 4  # All covered; the middle by all four.
+
+
+def test_stability_score_by_hand():
+  logits = np.full((2, 4, 4), -5.0, np.float32)
+  logits[0, :2, :2] = 5.0  # Sharp: the same mask at -1 and +1.
+  logits[1, :2, :2] = 0.5  # Soft: 4 pixels above -1, none above +1 ...
+  logits[1, 0, 0] = 2.0    # ... but one.
+  np.testing.assert_allclose(
+      automatic.stability_score(logits, threshold=0.0, offset=1.0), [1.0, 0.25])
+
+
+def test_box_nms_drops_the_lower_scored_overlapping_box():
+  boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], np.float32)
+  keep = automatic.box_nms(boxes, np.array([0.5, 0.9, 0.1]), threshold=0.7)
+  assert sorted(keep.tolist()) == [1, 2]
+  assert automatic.box_nms(np.zeros((0, 4)), np.zeros((0,)), threshold=0.7).size == 0
+
+
+def test_near_crop_edge_ignores_edges_of_the_image():
+  boxes = np.array([[0, 10, 20, 20], [40, 10, 49, 20], [30, 30, 35, 35]], np.float32)
+  # Crop (0, 0)-(50, 50) of a 100x100 image: x=49 is the crop's edge, x=0 the image's.
+  assert automatic.near_crop_edge(boxes, (0, 0, 50, 50), (100, 100), atol=2).tolist() == [
+      False, True, False]
+
+
+def test_remove_small_regions_fills_holes_and_drops_islands():
+  mask = np.zeros((20, 20), bool)
+  mask[2:12, 2:12] = True
+  mask[5, 5] = False        # A hole of 1 pixel.
+  mask[16:18, 16:18] = True  # An island of 4.
+  out = automatic.remove_small_regions(mask, 5)
+  assert out[5, 5] and not out[16:18, 16:18].any() and out[2:12, 2:12].all()
+  only_small = np.zeros((20, 20), bool)
+  only_small[1:3, 1:3] = True
+  assert automatic.remove_small_regions(only_small, 5).sum() == 4  # Not emptied.
+
+
+def test_label_image_paints_large_first_and_renumbers():
+  masks = np.zeros((3, 9, 11), bool)
+  masks[0, 2:4, 2:4] = True  # Small, on top of the large one.
+  masks[1, :, :6] = True     # Large.
+  masks[2, 2:4, 2:4] = True  # Exactly under the small one, painted before it: vanishes.
+  found = automatic.Proposals(masks, automatic.mask_boxes(masks), np.ones(3), np.ones(3),
+                              np.zeros((3, 2)), np.zeros((3, 4), np.int64))
+  labels = automatic.label_image(found, (9, 11))
+  assert labels.dtype == np.uint16 and labels.shape == (9, 11)
+  assert sorted(np.unique(labels).tolist()) == [0, 1, 2]
+  assert (labels[2:4, 2:4] == 2).all() and labels[0, 0] == 1 and labels[0, 10] == 0
+
+
+def test_settings_name_the_flag_they_refuse():
+  with pytest.raises(Exception) as e:
+    automatic_settings.AutomaticSettings(pred_iou_thresh=1.5).validate()
+  assert e.value.flag == "pred_iou_thresh" and "[0, 1]" in str(e.value)
+  assert automatic_settings.AutomaticSettings().validate().points_per_side == 32
+
+
+# Three planted discs (centre x, y, radius) in a 70 x 90 image.
+OBJECTS = ((20, 20, 8), (60, 45, 12), (30, 55, 6))
+
+
+def _planted_forward(bundle, size):
+  """A decoder stand-in: a point inside planted disc k gives that disc's mask (sharp
+  logits, predicted IoU 0.95); a point elsewhere a faint blob with IoU 0.3."""
+  side, low = sam_lib.image_size(bundle.config), sam_lib.low_res_size(bundle.config)
+  yy, xx = np.mgrid[:low, :low] + 0.5
+  scale = low / side
+
+  def disc(cx, cy, r):
+    (cx, cy), = preprocess.to_input_frame(np.array([[cx, cy]], np.float32), size, side) * scale
+    r = r * preprocess.resized_shape(size, side)[0] / size[0] * scale
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+  discs = [disc(*o) for o in OBJECTS]
+
+  def forward(x):
+    points = np.asarray(x["points"])[0, :, 0] * scale
+    masks, iou = [], []
+    for px, py in points:
+      hit = [d for d in discs if d[min(int(py), low - 1), min(int(px), low - 1)]]
+      masks.append(np.where(hit[0], 100.0, -100.0) if hit else np.full((low, low), 0.2))
+      iou.append(0.95 if hit else 0.3)
+    return {"masks": tf.constant(np.array(masks, np.float32)[None]),
+            "iou": tf.constant(np.array(iou, np.float32)[None])}
+  return forward
+
+
+def _image(size=(70, 90)):
+  rng = np.random.default_rng(0)
+  return rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+
+
+def test_generator_finds_each_planted_object_once(bundle):
+  """Many grid points fall in each disc: NMS keeps one mask per disc; points in the
+  background are filtered by their predicted IoU; crops find the same objects."""
+  image = _image()
+  for layers in (0, 1):
+    generator = automatic.AutomaticMaskGenerator(
+        bundle, settings=automatic_settings.AutomaticSettings(
+            points_per_side=16, points_per_batch=32, crop_n_layers=layers))
+    generator._forward = _planted_forward(bundle, image.shape[:2])  # pylint: disable=protected-access
+    if layers:  # Crops are encoded apart, but planted outputs are in the whole frame.
+      generator._crop_proposals = _whole_frame_only(generator)  # pylint: disable=protected-access
+    found = generator(image)
+    assert len(found.iou) == len(OBJECTS) and (found.iou == 0.95).all(), layers
+    labels = automatic.label_image(found, image.shape[:2])
+    assert labels.max() == len(OBJECTS), layers
+    for cx, cy, r in OBJECTS:
+      truth = (np.mgrid[:70, :90][1] + 0.5 - cx) ** 2 + (np.mgrid[:70, :90][0] + 0.5 - cy) ** 2 <= r * r
+      inside = labels[truth]
+      assert np.bincount(inside).argmax() > 0 and (inside > 0).mean() > 0.8, (layers, cx, cy)
+
+
+def _whole_frame_only(generator):
+  original = generator._crop_proposals  # pylint: disable=protected-access
+
+  def crop_proposals(image, crop, layer):
+    found = original(image, (0, 0, image.shape[1], image.shape[0]), 0)
+    return found if layer == 0 else found.take(np.zeros(len(found.iou), bool))
+  return crop_proposals
+
+
+@pytest.mark.parametrize("size", [(37, 53), (64, 64)])
+def test_tiny_model_label_image_has_the_input_size(bundle, size):
+  """The tiny SAM's own (random) outputs, thresholds at 0: whatever it finds, the label
+  image is the image's size (odd sizes too) and every label is one kept mask."""
+  generator = automatic.AutomaticMaskGenerator(
+      bundle, settings=automatic_settings.AutomaticSettings(
+          points_per_side=4, points_per_batch=8, pred_iou_thresh=0.0,
+          stability_score_thresh=0.0, crop_n_layers=1, max_mask_fraction=1.0))
+  found = generator(_image(size))
+  assert found.masks.shape[1:] == size and len(found.points) == len(found.iou)
+  labels = automatic.label_image(found, size)
+  assert labels.shape == size and labels.max() <= len(found.iou)
+
+
+def test_segment_binary_writes_labels_and_overlays(tmp_path, run_binary):
+  """Two images of a folder (one with an odd size); its line per image; a second
+  command on an image that is not one is one line naming it."""
+  folder = tmp_path / "in"
+  folder.mkdir()
+  cv2.imwrite(str(folder / "a.png"), _image((41, 57)))
+  tifffile.imwrite(folder / "b.tif", _image((64, 48)))
+  out = tmp_path / "out"
+  done = run_binary("segment", "--model=tiny", f"--input={folder}", f"--output_dir={out}",
+                 "--points_per_side=4", "--pred_iou_thresh=0", "--stability_score_thresh=0",
+                 "--max_mask_fraction=1")
+  assert done.code == 0, done.stderr[-2000:]
+  for stem, size in (("a", (41, 57)), ("b", (64, 48))):
+    labels = cv2.imread(str(out / f"{stem}_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.dtype == np.uint16 and labels.shape == size
+    overlay = cv2.imread(str(out / f"{stem}_overlay.png"))
+    assert overlay.shape[1] == size[1] and overlay.shape[0] > size[0]
+  lines = [line for line in done.stdout.splitlines() if " objects, " in line]
+  assert [line.split(":")[0] for line in lines[:2]] == ["a.png", "b.tif"]
+  assert lines[-1].startswith("segmented 2 image(s), ")
+  (folder / "c.png").write_bytes(b"not an image")
+  bad = run_binary("segment", "--model=tiny", f"--input={folder / 'c.png'}",
+                f"--output_dir={tmp_path / 'out2'}")
+  assert bad.code == 1 and len(bad.error_lines()) == 1 and "c.png" in bad.error_lines()[0]
+  assert "Traceback" not in bad.stderr
