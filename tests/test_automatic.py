@@ -1,7 +1,10 @@
 """Automatic segmentation (`tff_sam.evaluation.automatic`): the grid, the filters, NMS
 and the label image by hand; the whole generator on the tiny SAM, once with planted
 decoder outputs (three known objects) and once with its own random weights; the
-`segment` binary on files, and its bad inputs."""
+`segment` binary on files, and its bad inputs; the `automatic` evaluation prompt
+(cached embeddings, scored against hand-computed label images)."""
+
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,6 +13,7 @@ import tensorflow as tf
 import tifffile
 
 from tff_sam.data import preprocess
+from tff_sam.data import reading
 from tff_sam.evaluation import automatic
 from tff_sam.evaluation import automatic_settings
 from tff_sam.models import sam as sam_lib
@@ -190,3 +194,57 @@ def test_segment_binary_writes_labels_and_overlays(tmp_path, run_binary):
                 f"--output_dir={tmp_path / 'out2'}")
   assert bad.code == 1 and len(bad.error_lines()) == 1 and "c.png" in bad.error_lines()[0]
   assert "Traceback" not in bad.stderr
+
+
+def test_from_embedding_equals_the_whole_image_run(bundle):
+  """The evaluation's path (a cached embedding) finds what `segment`'s does without crops."""
+  image = _image((50, 66))
+  generator = automatic.AutomaticMaskGenerator(
+      bundle, settings=automatic_settings.AutomaticSettings(
+          points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+          max_mask_fraction=1.0))
+  direct = generator(image)
+  feats = bundle.processor(images=image, return_tensors="np",
+                           input_data_format=preprocess.CHANNELS_LAST)
+  embedding = bundle.encoder_fn()(tf.constant(feats["pixel_values"].astype(np.float32)))
+  cached = generator.from_embedding(embedding.numpy()[0], original_size=(50, 66),
+                                    reshaped_size=tuple(feats["reshaped_input_sizes"][0]))
+  assert len(direct.iou) == len(cached.iou) > 0
+  np.testing.assert_array_equal(direct.masks, cached.masks)
+
+
+def test_automatic_evaluation_scores_label_images_by_hand(reference_data, reference_cache,
+                                                          monkeypatch):
+  """`evaluate --eval_prompt=automatic`: mSA/SA50/SA75 of the label image against every
+  true object, and objects found / true, per client; no Dice. Planted label images:
+  the truth itself (SA 1) and the truth with half its objects erased."""
+  from tff_sam.evaluation import heldout  # pylint: disable=import-outside-toplevel
+  settings = automatic_settings.AutomaticSettings(points_per_side=2)
+  real = heldout.evaluate_folder(model="tiny", data_dir=str(reference_data),
+                                 cache_dir=str(reference_cache), max_objects_per_image=1,
+                                 eval_prompts=("box", "automatic"), automatic_settings=settings)
+  auto = real["results"]["automatic"]
+  assert np.isnan(auto["dice"]) and 0 <= auto["msa"] <= 1 and auto["objects_found"] >= 0
+  assert auto["num_objects"] > real["results"]["box"]["num_objects"]  # Every object counts.
+  assert set(auto["by_client"]) == {"site_0", "site_1", "site_2"}
+  assert sum(c["objects_found"] for c in auto["by_client"].values()) == auto["objects_found"]
+
+  def halved(unused_self, unused_model, image):
+    ids = np.unique(image.labels[image.labels > 0])
+    return np.where(np.isin(image.labels, ids[: (len(ids) + 1) // 2]), image.labels, 0)
+
+  for segment, expected in ((lambda unused_self, unused_model, image: image.labels, 1.0),
+                            (halved, None)):
+    monkeypatch.setattr(heldout.Evaluator, "segment", segment)
+    result = heldout.evaluate_folder(model="tiny", data_dir=str(reference_data),
+                                     cache_dir=str(reference_cache),
+                                     eval_prompts=("automatic",))["results"]["automatic"]
+    if expected is not None:
+      assert result["msa"] == result["sa50"] == 1.0
+      assert result["objects_found"] == result["num_objects"]
+    else:  # TP = kept, FN = erased, FP = 0 at every threshold: SA = kept / all.
+      counts = [len(reading.object_ids(reading.read_mask(m)))
+                for m in sorted((Path(reference_data) / "test").glob("*/masks/*"))]
+      expected = np.mean([((n + 1) // 2) / n for n in counts])
+      assert result["objects_found"] == sum((n + 1) // 2 for n in counts)
+      assert result["sa50"] == pytest.approx(expected) and result["msa"] == pytest.approx(expected)

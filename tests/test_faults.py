@@ -639,7 +639,7 @@ def test_thin_images_keep_their_orientation_in_run_evaluate_and_predict(tmp_path
     box = np.asarray(rec["boxes"][0]) * 96 / size  # Back to pixels: the object's end.
     np.testing.assert_allclose(box, [80, 0, 89, 2] if wide else [0, 80, 2, 89], atol=0.5)
   result = heldout.evaluate_folder(model="tiny", data_dir=str(tmp_path / "thin"), split="all",
-                                   prompts=("box",), cache_dir=str(tmp_path / "cache"))
+                                   eval_prompts=("box",), cache_dir=str(tmp_path / "cache"))
   assert result["results"]["box"]["num_objects"] == 2
   for example in examples:
     mask = tmp_path / f"{example.stem}_mask.png"

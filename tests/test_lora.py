@@ -327,7 +327,7 @@ def test_lora_run_exports_merged_model_every_loader_reads(lora_run, bundle):
                              exported.encoder_fn()(px).numpy(), atol=1e-5)
   from tff_sam.evaluation import heldout  # pylint: disable=g-import-not-at-top
   result = heldout.evaluate_folder(model=str(model_dir), data_dir=config.data_dir,
-                                   cache_dir=config.cache_dir, prompts=("box",))
+                                   cache_dir=config.cache_dir, eval_prompts=("box",))
   assert result["dice"] == pytest.approx(summary["final"]["dice"], abs=2e-3)
 
 

@@ -25,10 +25,10 @@ def bundle():
 def test_zero_shot_dice_on_held_out_sample_frames(bundle):
   """Reference MobileSAM with ground-truth boxes reaches Dice ~0.90 on real nuclei."""
   result = heldout.evaluate_folder(model="mobile_sam", data_dir=None, data_name="sample",
-                                      prompts=("box", "points"), max_objects_per_image=12)
+                                      eval_prompts=("box", "point"), max_objects_per_image=12)
   assert result["split"] == "test" and result["num_objects"] >= 40
   assert result["results"]["box"]["dice"] >= 0.80, result
-  assert result["results"]["points"]["dice"] >= 0.60, result
+  assert result["results"]["point"]["dice"] >= 0.60, result
 
 
 def test_exported_mobile_sam_directory_is_a_model(bundle, tmp_path):

@@ -351,10 +351,16 @@ def test_cli_flagfile_run_and_evaluate(tmp_path, reference_data, reference_cache
   report = tmp_path / "eval.json"
   proc = _run_cli(["tff_sam.experiments.evaluate", f"--model={out / 'model'}",
                    f"--data_dir={reference_data}", f"--cache_dir={reference_cache}",
-                   f"--output_json={report}", "--prompt=box", "--prompt=points"])
+                   f"--output_json={report}", "--eval_prompt=box,point"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(report.read_text())
   assert {"dice", "iou", "num_objects"} <= set(result)
-  assert set(result["results"]) == {"box", "points"}
+  assert set(result["results"]) == {"box", "point"}
   assert result["split"] == "test" and result["num_objects"] == summary["num_test_objects"]
   assert 0 <= result["dice"] <= 1
+  # The run's own numbers, client by client: evaluate speaks run's language.
+  run_box = summary["evaluation"]["by_prompt"]["box"]
+  assert result["results"]["box"]["dice"] == pytest.approx(run_box["dice"], abs=1e-6)
+  assert result["results"]["box"]["by_client"].keys() == run_box["by_client"].keys()
+  for client, scores in run_box["by_client"].items():
+    assert result["results"]["box"]["by_client"][client] == pytest.approx(scores, abs=1e-6)

@@ -39,7 +39,9 @@ BOX_OR_POINT_PROMPTS = (MIXED_PROMPT, ITERATIVE_PROMPT)
 BOX_EVAL = "box"
 POINT_EVAL = "point"
 CORRECTIONS_EVAL = "box_corrections"
-EVAL_PROMPTS = (BOX_EVAL, POINT_EVAL, CORRECTIONS_EVAL)
+# No prompt: SAM's automatic mask generation, scored by mSA/SA50/SA75 only.
+AUTOMATIC_EVAL = "automatic"
+EVAL_PROMPTS = (BOX_EVAL, POINT_EVAL, CORRECTIONS_EVAL, AUTOMATIC_EVAL)
 # Settings held as tuples (JSON lists in `config.json`).
 TUPLE_SETTINGS = ("workers", "train_clients", "eval_prompt", "lora_targets", "site_test_clients")
 # Embedded datasets (`--data`, used without `--data_dir`).
@@ -178,7 +180,7 @@ def _require_distinct(values: tuple[str, ...], flag: str) -> None:
   errors.require(not repeated, flag, f"lists {', '.join(repeated)} more than once")
 
 
-def _require_choices(values: tuple[str, ...], choices: tuple[str, ...], flag: str,
+def require_choices(values: tuple[str, ...], choices: tuple[str, ...], flag: str,
                      what: str, *, empty_ok: bool = False) -> None:
   """Validates a list flag: each value one of `choices`, none twice, at least one
   unless `empty_ok`.
@@ -374,8 +376,10 @@ class RunConfig:
                    f"must be in [0, 1), got {self.validation_fraction}")
     errors.require(self.eval_max_objects >= 0, "eval_max_objects",
                    f"must be >= 0 (0 = all objects), got {self.eval_max_objects}")
-    _require_choices(self.eval_prompt, EVAL_PROMPTS, "eval_prompt", "prompt",
+    require_choices(self.eval_prompt, EVAL_PROMPTS, "eval_prompt", "prompt",
                      empty_ok=True)  # Empty: the training prompt's default.
+    errors.require(tuple(self.eval_prompt[:1]) != (AUTOMATIC_EVAL,), "eval_prompt", "automatic "
+                   "cannot come first: the first is every round's evaluation, by Dice")
     errors.require(self.eval_corrections >= 1, "eval_corrections",
                    f"must be >= 1 corrective points, got {self.eval_corrections}")
     _require_distinct(self.train_clients, "train_clients")
@@ -463,7 +467,7 @@ class RunConfig:
       return
     errors.require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
     errors.require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
-    _require_choices(self.lora_targets, LORA_TARGETS, "lora_targets", "target")
+    require_choices(self.lora_targets, LORA_TARGETS, "lora_targets", "target")
 
   def to_dict(self) -> dict[str, Any]:
     """The settings as JSON values (tuples as lists), as `config.json` holds them."""
@@ -576,9 +580,9 @@ class BenchConfig:
                    or self.max_concurrent_computation_calls >= 1, "max_concurrent_computation_calls",
                    f"must be -1 (no limit) or >= 1, got {self.max_concurrent_computation_calls}")
     errors.require(self.client_lr > 0, "client_lr", f"must be > 0, got {self.client_lr}")
-    _require_choices(self.executions, EXECUTIONS, "execution", "execution")
+    require_choices(self.executions, EXECUTIONS, "execution", "execution")
     validate_workers(self.workers)
-    _require_choices(self.sections, BENCH_SECTIONS, "sections", "section")
+    require_choices(self.sections, BENCH_SECTIONS, "sections", "section")
     errors.require(not self.workers or ROUNDS_SECTION in self.sections, "workers",
                    f"are timed in the {ROUNDS_SECTION} section; add it to --sections")
     errors.require(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")

@@ -165,15 +165,19 @@ class AutomaticMaskGenerator:
   """Every object of an image, from a grid of point prompts (module docstring)."""
 
   def __init__(self, bundle: sam_lib.SamBundle, *,
-               settings: Optional[automatic_settings.AutomaticSettings] = None):
-    """Builds the point-prompt decoder of `bundle` (a pretrained or fine-tuned SAM);
-    `settings` default to SAM's."""
+               settings: Optional[automatic_settings.AutomaticSettings] = None,
+               decoder: Optional[tf.keras.Model] = None):
+    """Args:
+      bundle: A pretrained or fine-tuned SAM (its encoder, processor and config).
+      settings: Default: SAM's.
+      decoder: A point-prompt `PromptMaskDecoder` to decode with (e.g. one whose
+        weights are being evaluated); default: `bundle`'s own.
+    """
     self.bundle = bundle
     self.settings = settings or automatic_settings.AutomaticSettings()
-    self._model = build.build_prompt_mask_decoder(bundle, prompt="points")
+    self._model = decoder or build.build_prompt_mask_decoder(bundle, prompt="points")
     self._forward = tf.function(lambda x: self._model(x, training=False),
                                 reduce_retracing=True)
-    self._encode = bundle.encoder_fn()
     self.input_size = sam_lib.image_size(bundle.config)
 
   def __call__(self, image: np.ndarray) -> Proposals:
@@ -182,39 +186,57 @@ class AutomaticMaskGenerator:
     parts = []
     for crop, layer in crop_boxes(size, n_layers=s.crop_n_layers,
                                   overlap_ratio=s.crop_overlap_ratio):
-      found = self._crop_proposals(image, crop, layer)
-      parts.append(found.take(box_nms(found.boxes, found.iou, threshold=s.box_nms_thresh)))
+      parts.append(self._crop_proposals(image, crop, layer))
     found = Proposals.concat(parts, size)
     if s.crop_n_layers:  # Across crops: prefer the mask of the smaller crop.
       crop_area = (found.crop[:, 2] - found.crop[:, 0]) * (found.crop[:, 3] - found.crop[:, 1])
       found = found.take(box_nms(found.boxes, 1.0 / np.maximum(crop_area, 1),
                                  threshold=s.crop_nms_thresh))
-    if s.min_mask_region_area:
+    return self._finished(found, size)
+
+  def from_embedding(self, embedding: np.ndarray, *, original_size: tuple[int, int],
+                     reshaped_size: tuple[int, int]) -> Proposals:
+    """The kept masks of an image whose embedding ((C, s, s)) is known, e.g. cached:
+    the whole image only (no crops)."""
+    found = self._candidates(tf.constant(np.asarray(embedding, np.float32)[None]),
+                             size=original_size, reshaped=reshaped_size, layer=0)
+    found.crop[:] = (0, 0, original_size[1], original_size[0])
+    found = found.take(box_nms(found.boxes, found.iou, threshold=self.settings.box_nms_thresh))
+    return self._finished(found, original_size)
+
+  def _finished(self, found: Proposals, size: tuple[int, int]) -> Proposals:
+    """Cleaned (`min_mask_region_area`) and without background-sized masks."""
+    if self.settings.min_mask_region_area:
       found = self._cleaned(found)
     area = found.masks.sum(axis=(1, 2), dtype=np.int64)
-    return found.take(area <= s.max_mask_fraction * size[0] * size[1])
+    return found.take(area <= self.settings.max_mask_fraction * size[0] * size[1])
 
   def _crop_proposals(self, image: np.ndarray, crop: tuple[int, int, int, int],
                       layer: int) -> Proposals:
-    """The masks of one crop that pass both thresholds, in the image's frame."""
-    s = self.settings
+    """The kept masks of one crop (encoded here), in the image's frame: in a crop of
+    a layer > 0, none touching an edge of the crop inside the image; then NMS."""
     x0, y0, x1, y1 = crop
     piece = np.ascontiguousarray(image[y0:y1, x0:x1])
     feats = self.bundle.processor(images=piece, return_tensors="np",
                                   input_data_format=preprocess.CHANNELS_LAST)
-    embedding = self._encode(tf.constant(feats["pixel_values"].astype(np.float32)))
-    reshaped = tuple(int(v) for v in feats["reshaped_input_sizes"][0])
+    embedding = self.bundle.encoder_fn()(tf.constant(feats["pixel_values"].astype(np.float32)))
+    found = _uncropped(self._candidates(
+        embedding, size=piece.shape[:2], layer=layer,
+        reshaped=tuple(int(v) for v in feats["reshaped_input_sizes"][0])), crop, image.shape[:2])
+    if layer:
+      found = found.take(~near_crop_edge(found.boxes, crop, image.shape[:2]))
+    return found.take(box_nms(found.boxes, found.iou, threshold=self.settings.box_nms_thresh))
+
+  def _candidates(self, embedding: tf.Tensor, *, size: tuple[int, int],
+                  reshaped: tuple[int, int], layer: int) -> Proposals:
+    """The masks of the grid (of `layer`) on one embedding of an image (crop) of
+    `size` that pass the predicted-IoU and stability thresholds."""
+    s = self.settings
     per_side = s.points_per_side // (s.crop_n_points_downscale_factor ** layer)
-    grid = point_grid(max(1, per_side)) * np.array([x1 - x0, y1 - y0], np.float32)
-    parts = []
-    for start in range(0, len(grid), s.points_per_batch):
-      parts.append(self._batch(embedding, grid[start:start + s.points_per_batch],
-                               piece.shape[:2], reshaped))
-    found = Proposals.concat(parts, piece.shape[:2])
-    found = found.take(~near_crop_edge(found.boxes, (0, 0, x1 - x0, y1 - y0),
-                                       (y1 - y0, x1 - x0)) if layer else
-                       np.ones(len(found.iou), bool))
-    return _uncropped(found, crop, image.shape[:2])
+    grid = point_grid(max(1, per_side)) * np.array([size[1], size[0]], np.float32)
+    return Proposals.concat([
+        self._batch(embedding, grid[start:start + s.points_per_batch], size, reshaped)
+        for start in range(0, len(grid), s.points_per_batch)], size)
 
   def _batch(self, embedding: tf.Tensor, points: np.ndarray, size: tuple[int, int],
              reshaped: tuple[int, int]) -> Proposals:

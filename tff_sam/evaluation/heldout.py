@@ -34,12 +34,19 @@ from tff_sam.data import datasets
 from tff_sam.data import discovery
 from tff_sam.data import preprocess
 from tff_sam.data import reading
+from tff_sam.evaluation import automatic
+from tff_sam.evaluation import automatic_settings as automatic_settings_lib
 from tff_sam.evaluation import inference
 from tff_sam.evaluation import instance_metrics
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import losses
 from tff_sam.models import sam as sam_lib
+
+
+def headline_metric(eval_prompt: str) -> str:
+  """The metric that sums up an evaluation prompt: Dice, or mSA for `automatic`."""
+  return "msa" if eval_prompt == config_lib.AUTOMATIC_EVAL else "dice"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +66,10 @@ class EvalResult:
     eval_prompt: The evaluation prompt (`config.EVAL_PROMPTS`).
     by_client: Evaluation client -> `{"dice", "iou", "msa", "sa50", "sa75",
       "num_objects", "num_images"}` over its images, when the evaluator was given
-      `clients`.
+      `clients` (and `objects_found` for `automatic`).
+    objects_found: With `automatic` (no prompts, so no Dice or IoU): the objects of
+      the label images; `num_objects` counts the true ones (every object of the
+      mask, whatever `max_objects_per_image`).
   """
 
   dice: float
@@ -71,9 +81,21 @@ class EvalResult:
   sa75: float = float("nan")
   eval_prompt: str = config_lib.BOX_EVAL
   by_client: dict = dataclasses.field(default_factory=dict)
+  objects_found: Optional[int] = None
+
+  def scores_line(self) -> str:
+    """The scores for a log line: Dice, IoU, mSA, SA50 (automatic: mSA, SA50, counts)."""
+    if self.objects_found is not None:
+      return (f"mSA {self.msa:.4f}  SA50 {self.sa50:.4f}  objects {self.objects_found} "
+              f"found / {self.num_objects} true")
+    return (f"dice {self.dice:.4f}  iou {self.iou:.4f}  mSA {self.msa:.4f}  "
+            f"SA50 {self.sa50:.4f}")
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    out = dataclasses.asdict(self)
+    if self.objects_found is None:  # Prompted: as before `automatic` existed.
+      del out["objects_found"]
+    return out
 
 
 @dataclasses.dataclass
@@ -107,7 +129,8 @@ class Evaluator:
                records: Sequence[cache.Record], bundle: sam_lib.SamBundle,
                binary_components: bool = False, max_objects_per_image: int = 0,
                chunk: int = 16, clients: Optional[Sequence[str]] = None,
-               corrections: int = 3):
+               corrections: int = 3,
+               automatic_settings: Optional[automatic_settings_lib.AutomaticSettings] = None):
     """Loads the test set.
 
     Args:
@@ -121,7 +144,10 @@ class Evaluator:
         deterministically (0 = all).
       chunk: Objects per decoder call.
       corrections: Corrective points of the `box_corrections` evaluation prompt.
+      automatic_settings: The `automatic` evaluation's settings (default SAM's), on
+        each image's cached embedding (no crops).
     """
+    self._bundle = bundle
     self._config = bundle.config
     self._processor = bundle.processor
     self._chunk = chunk
@@ -147,6 +173,8 @@ class Evaluator:
     if self.clients is not None and len(self.clients) != len(self.images):
       raise ValueError(f"{len(self.clients)} clients for {len(self.images)} test images")
     self.corrections = corrections
+    self.automatic_settings = automatic_settings
+    self._generators: dict[tf.keras.Model, automatic.AutomaticMaskGenerator] = {}
     # One compiled forward per model (the run's decoder, the zero-shot one of the
     # overlays), shapes relaxed: no retracing per chunk size or model switch; one
     # decoder per evaluation prompt mode, filled with the evaluated weights.
@@ -233,55 +261,70 @@ class Evaluator:
                                 mask_inputs=logits)
     return masks
 
+  def segment(self, model: tf.keras.Model, image: _TestImage) -> np.ndarray:
+    """`image`'s label image by automatic segmentation with `model`'s weights."""
+    decoder = self._decoder(model, config_lib.POINTS_PROMPT)
+    if decoder not in self._generators:
+      self._generators[decoder] = automatic.AutomaticMaskGenerator(
+          self._bundle, settings=self.automatic_settings, decoder=decoder)
+    found = self._generators[decoder].from_embedding(
+        self._embeddings.get(model, {}).get(id(image), image.embedding),
+        original_size=image.original_size, reshaped_size=image.reshaped_size)
+    return automatic.label_image(found, image.original_size)
+
   def __call__(self, model: tf.keras.Model, *, eval_prompt: Optional[str] = None,
                client: Optional[str] = None) -> EvalResult:
     """Dice, IoU (per object) and mSA/SA50/SA75 (per image) of `model` on the test set.
 
-    `eval_prompt` as in `predict`; None counts as `box` or `point` by the model's mode.
+    `eval_prompt` as in `predict`, or `automatic` (`segment`: mSA/SA50/SA75 and the
+    objects found only); None counts as `box` or `point` by the model's mode.
     `client`: only that evaluation client's images (the evaluator's `clients`).
     Objects left out by `max_objects_per_image` are left out of the ground-truth label
     image too, so the instance metrics judge the prompted objects only.
     """
     if client is not None and (self.clients is None or client not in self.clients):
       raise ValueError(f"{client!r} is not an evaluation client of this evaluator")
-    everything, scores, per_image = [], {}, {}
-    for index, image in enumerate(self.images):
-      owner = self.clients[index] if self.clients is not None else None
-      if client is not None and owner != client:
-        continue
-      pred = self.predict(model, image, eval_prompt)
-      for k, obj in enumerate(image.ids):
-        pair = losses.dice_iou(pred[k], image.labels == obj)
-        everything.append(pair)
-        scores.setdefault(owner, []).append(pair)
-      truth = np.where(np.isin(image.labels, image.ids), image.labels, 0)
-      sa = instance_metrics.segmentation_accuracy(
-          truth, instance_metrics.stitch_masks(list(pred), shape=image.original_size))
-      per_image.setdefault(owner, []).append(sa)
-
-    def mean(values):
-      return float(np.mean(values)) if len(values) else float("nan")
-
-    def summary(pairs, sas):
-      return {"dice": mean([p[0] for p in pairs]), "iou": mean([p[1] for p in pairs]),
-              **{m: mean([s.get(m, 0.0) for s in sas]) for m in ("msa", "sa50", "sa75")}}
-
-    all_sas = [s for sas in per_image.values() for s in sas]
-    by_client = {} if self.clients is None else {
-        c: {**summary(pairs, per_image[c]), "num_objects": len(pairs),
-            "num_images": len(per_image[c])}
-        for c, pairs in sorted(scores.items())}
-    for c in sorted(set(per_image) - set(scores)):  # Images without objects.
-      if c is not None:
-        by_client[c] = {**summary([], per_image[c]), "num_objects": 0,
-                        "num_images": len(per_image[c])}
     if eval_prompt is None:
       eval_prompt = config_lib.default_eval_prompt(getattr(model, "prompt_mode",
                                                            config_lib.BOX_PROMPT))
-    return EvalResult(num_objects=len(everything),
-                      num_images=sum(len(sas) for sas in per_image.values()),
-                      eval_prompt=eval_prompt, by_client=by_client,
-                      **summary(everything, all_sas))
+    scores: dict[Optional[str], list] = {}  # Client -> one dict per image.
+    for index, image in enumerate(self.images):
+      owner = self.clients[index] if self.clients is not None else None
+      if client is None or owner == client:
+        scores.setdefault(owner, []).append(self._score_image(model, image, eval_prompt))
+    by_client = {} if self.clients is None else {
+        c: _summary(images, eval_prompt) for c, images in sorted(scores.items())}
+    return EvalResult(eval_prompt=eval_prompt, by_client=by_client,
+                      **_summary([i for images in scores.values() for i in images], eval_prompt))
+
+  def _score_image(self, model: tf.keras.Model, image: _TestImage, eval_prompt: str) -> dict:
+    """One image's (Dice, IoU) pairs per object and its SA scores (or objects found)."""
+    if eval_prompt == config_lib.AUTOMATIC_EVAL:
+      found = self.segment(model, image)
+      return {"pairs": [], "sa": instance_metrics.segmentation_accuracy(image.labels, found),
+              "objects": len(reading.object_ids(image.labels)), "found": int(found.max())}
+    pred = self.predict(model, image, eval_prompt)
+    truth = np.where(np.isin(image.labels, image.ids), image.labels, 0)
+    return {"pairs": [losses.dice_iou(pred[k], image.labels == obj)
+                      for k, obj in enumerate(image.ids)],
+            "sa": instance_metrics.segmentation_accuracy(
+                truth, instance_metrics.stitch_masks(list(pred), shape=image.original_size)),
+            "objects": len(image.ids)}
+
+
+def _summary(images: Sequence[dict], eval_prompt: str) -> dict:
+  """Scores over images (`Evaluator._score_image`): Dice and IoU averaged over objects,
+  the SA scores over images."""
+  def mean(values):
+    return float(np.mean(values)) if len(values) else float("nan")
+
+  pairs = [p for i in images for p in i["pairs"]]
+  out = {"dice": mean([p[0] for p in pairs]), "iou": mean([p[1] for p in pairs]),
+         **{m: mean([i["sa"].get(m, 0.0) for i in images]) for m in ("msa", "sa50", "sa75")},
+         "num_objects": sum(i["objects"] for i in images), "num_images": len(images)}
+  if eval_prompt == config_lib.AUTOMATIC_EVAL:
+    out["objects_found"] = sum(i["found"] for i in images)
+  return out
 
 
 def adapted_embeddings(model: tf.keras.Model, records: Sequence[cache.Record], *,
@@ -309,52 +352,34 @@ def adapted_embeddings(model: tf.keras.Model, records: Sequence[cache.Record], *
   return out
 
 
-def evaluate_prompt_modes(*, bundle: sam_lib.SamBundle, evaluator: Evaluator,
-                          modes: Sequence[str] = (config_lib.BOX_PROMPT, config_lib.POINTS_PROMPT),
-                          weights_from: Optional[tf.keras.Model] = None
-                          ) -> dict[str, EvalResult]:
-  """Evaluates with each prompt mode.
-
-  Args:
-    bundle: The model bundle.
-    evaluator: The test set.
-    modes: Prompt modes to evaluate.
-    weights_from: A model (`PromptMaskDecoder` or `TFSamModel`) whose decoder
-      weights to evaluate; default the bundle's own.
-
-  Returns:
-    Mode -> result.
-  """
-  results = {}
-  for mode in modes:
-    m = build.build_prompt_mask_decoder(bundle, prompt=mode)
-    if weights_from is not None:
-      decoder_lib.copy_prompt_decoder_weights(weights_from, m)
-    results[mode] = evaluator(m)
-  return results
-
-
-def evaluate_folder(*, model: str, data_dir: Optional[str], data_name: str = config_lib.SAMPLE_DATASET,
-                    split: str = "auto",
-                    prompts: Sequence[str] = (config_lib.BOX_PROMPT, config_lib.POINTS_PROMPT),
+def evaluate_folder(*, model: str, data_dir: Optional[str],
+                    data_name: str = config_lib.SAMPLE_DATASET, split: str = "auto",
+                    eval_prompts: Sequence[str] = (config_lib.BOX_EVAL, config_lib.POINT_EVAL),
+                    corrections: int = 3,
+                    automatic_settings: Optional[automatic_settings_lib.AutomaticSettings] = None,
                     binary_components: bool = False, max_objects_per_image: int = 0,
                     cache_dir: Optional[str] = None, encode_batch_size: int = 4) -> dict:
   """Evaluates a model (by name) on a data folder; what `experiments.evaluate` prints.
+
+  The same evaluation as a run's held-out one (`Evaluator`), by evaluation client: one
+  per `test/<site>/` folder (split `test`), or per site folder (split `all`).
 
   Args:
     model: `tiny`, a hub id or a `save_pretrained` directory.
     data_dir: Data folder; None for the named dataset `data_name`.
     data_name: Embedded dataset (`sample` or `synthetic`) used without `data_dir`.
     split: `test` (the `test/` folder), `all` (every image) or `auto` (test/ if any).
-    prompts: Prompt modes to evaluate.
+    eval_prompts: `config.EVAL_PROMPTS` to evaluate, each reported apart.
+    corrections: Corrective points of `box_corrections`.
+    automatic_settings: The `automatic` evaluation's settings (default SAM's).
     binary_components: How binary masks are split into objects.
-    max_objects_per_image: Cap on objects per image (0 = all).
+    max_objects_per_image: Cap on prompted objects per image (0 = all).
     cache_dir: Cache root.
     encode_batch_size: Images per encoder call.
 
   Returns:
-    A JSON-ready dict: `model`, `data_dir`, `split`, `results` (mode -> scores), and
-    for the first mode also top-level `dice`, `iou`, `num_objects`.
+    A JSON-ready dict: `model`, `data_dir`, `split`, `results` (evaluation prompt ->
+    scores, with `by_client`), and the first prompt's `dice`, `iou`, `num_objects`.
 
   Raises:
     errors.UserError: Bad model, folder or files.
@@ -365,22 +390,23 @@ def evaluate_folder(*, model: str, data_dir: Optional[str], data_name: str = con
     raise errors.DataError(root, "data directory not found")
   test_dir = root / discovery.TEST_DIR
   if split == "test" or (split == "auto" and test_dir.is_dir()):
-    examples = [e for exs in discovery.list_test_clients(test_dir).values() for e in exs]
-    used = "test"
+    by_client, used = discovery.list_test_clients(test_dir), "test"
   else:
-    splits = discovery.discover_splits(root, partition="iid", num_clients=1, dirichlet_alpha=1.0,
-                                  test_fraction=0.0, seed=0)
-    examples = [e for exs in splits.clients.values() for e in exs] + list(splits.test)
-    used = "all"
+    splits = discovery.discover_splits(root, partition="iid", num_clients=1,
+                                       dirichlet_alpha=1.0, test_fraction=0.0, seed=0)
+    by_client, used = {**splits.clients, **splits.test_clients}, "all"
+  examples = [e for exs in by_client.values() for e in exs]
   bundle = build.load_sam(model, cache_dir=cache_root)
   records, _ = cache.build_records(
       examples, bundle=bundle, cache_root=cache_root, binary_components=binary_components,
       batch_size=encode_batch_size)
   evaluator = Evaluator(examples=examples, records=records, bundle=bundle,
                         binary_components=binary_components,
-                        max_objects_per_image=max_objects_per_image)
-  results = {m: r.to_dict() for m, r in
-             evaluate_prompt_modes(bundle=bundle, evaluator=evaluator, modes=prompts).items()}
-  first = results[prompts[0]]
+                        max_objects_per_image=max_objects_per_image,
+                        clients=[c for c, exs in by_client.items() for _ in exs],
+                        corrections=corrections, automatic_settings=automatic_settings)
+  decoder = build.build_prompt_mask_decoder(bundle)
+  results = {p: evaluator(decoder, eval_prompt=p).to_dict() for p in eval_prompts}
+  first = results[eval_prompts[0]]
   return {"model": model, "data_dir": str(root), "split": used, "dice": first["dice"],
           "iou": first["iou"], "num_objects": first["num_objects"], "results": results}

@@ -1,11 +1,13 @@
-r"""Held-out Dice/IoU of any SAM model on a data folder.
+r"""Held-out scores of any SAM model on a data folder, as a run reports them.
 
   python -m tff_sam.experiments.evaluate --model M --data_dir D \
-      [--prompt box|points|both] [--output_json F]
+      [--eval_prompt box,point,box_corrections,automatic] [--output_json F]
 
-M is `mobile_sam` (the default), a hub id, or a directory (e.g. a run's model/). Evaluates the folder's
-`test/` split when it has one, else every image (`--split` to choose). Prints and
-writes JSON with `dice`, `iou`, `num_objects`, `num_images` per prompt mode.
+M is `mobile_sam` (the default), a hub id, or a directory (e.g. a run's model/).
+Evaluates the folder's `test/` split when it has one, else every image (`--split` to
+choose), per evaluation client (each `test/<site>/`), with run's evaluation prompts
+and metrics: Dice, IoU, mSA, SA50, SA75 (automatic: mSA, SA50, SA75 and objects found).
+Prints a line per prompt and writes JSON keyed by prompt (`results[<prompt>]`).
 """
 
 import json
@@ -18,7 +20,9 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from tff_sam import config as config_lib
+from tff_sam import errors
 from tff_sam import runtime
+from tff_sam.evaluation import automatic_settings
 
 flags.DEFINE_string("model", config_lib.MOBILE_SAM_MODEL, config_lib.MODEL_HELP)
 flags.DEFINE_string("data_dir", None, "Data folder (same layout as for run). Default: the "
@@ -27,12 +31,16 @@ flags.DEFINE_enum("data", config_lib.SAMPLE_DATASET, config_lib.NAMED_DATASETS,
                   "Embedded dataset used when --data_dir is not given.")
 flags.DEFINE_enum("split", "auto", ["auto", "test", "all"],
                   "auto: test/ if present, else all images.")
-flags.DEFINE_multi_enum("prompt", [config_lib.BOX_PROMPT, config_lib.POINTS_PROMPT],
-                        config_lib.SINGLE_PASS_PROMPTS,
-                        "Prompt mode(s) to evaluate (repeat the flag for several).")
+flags.DEFINE_list("eval_prompt", [config_lib.BOX_EVAL, config_lib.POINT_EVAL],
+                  "Evaluation prompts, as for run: " + ", ".join(config_lib.EVAL_PROMPTS)
+                  + " (automatic: no prompt, SAM's automatic mask generation).")
+flags.DEFINE_integer("eval_corrections", 3, "Corrective points of box_corrections.")
+flags.DEFINE_integer("points_per_side", 32, "automatic: points per side of the prompt grid "
+                     "(SAM's default 32; 16 is 4x faster).")
 flags.DEFINE_boolean("binary_components", False,
                      "Binary masks: one object per connected component.")
-flags.DEFINE_integer("max_objects", 0, "At most this many objects per image (0 = all).")
+flags.DEFINE_integer("max_objects", 0, "At most this many prompted objects per image (0 = "
+                     "all; automatic is scored on every object).")
 flags.DEFINE_string("cache_dir", None, "Cache root (default $TFF_SAM_CACHE or ~/.cache/tff_sam).")
 flags.DEFINE_integer("encode_batch_size", 4, "Images per encoder call.")
 flags.DEFINE_string("output_json", None, "Also write the results here.")
@@ -40,26 +48,38 @@ flags.DEFINE_string("output_json", None, "Also write the results here.")
 FLAGS = flags.FLAGS
 
 
+def _settings():
+  """The evaluation prompts and automatic settings from the flags, checked."""
+  config_lib.require_choices(tuple(FLAGS.eval_prompt), config_lib.EVAL_PROMPTS, "eval_prompt",
+                             "prompt")
+  errors.require(FLAGS.eval_corrections >= 1, "eval_corrections",
+                 f"must be >= 1, got {FLAGS.eval_corrections}")
+  return tuple(FLAGS.eval_prompt), automatic_settings.AutomaticSettings(
+      points_per_side=FLAGS.points_per_side).validate()
+
+
 def main(argv):
   runtime.begin_binary(argv)
 
-  def job():
-    # lazy: TensorFlow loads only after the flags are parsed.
+  def job(settings):
+    # lazy: TensorFlow loads only after the flags are checked.
     from tff_sam import fileio  # pylint: disable=g-import-not-at-top
     from tff_sam.evaluation import heldout  # pylint: disable=g-import-not-at-top
+    prompts, automatic = settings
     result = heldout.evaluate_folder(
         model=FLAGS.model, data_dir=FLAGS.data_dir, data_name=FLAGS.data, split=FLAGS.split,
-        prompts=FLAGS.prompt, binary_components=FLAGS.binary_components,
-        max_objects_per_image=FLAGS.max_objects, cache_dir=FLAGS.cache_dir,
-        encode_batch_size=FLAGS.encode_batch_size)
-    for mode, r in result["results"].items():
-      print(f"{mode:>6}: dice {r['dice']:.4f}  iou {r['iou']:.4f}  "
-            f"({r['num_objects']} objects, {r['num_images']} images)")
+        eval_prompts=prompts, corrections=FLAGS.eval_corrections, automatic_settings=automatic,
+        binary_components=FLAGS.binary_components, max_objects_per_image=FLAGS.max_objects,
+        cache_dir=FLAGS.cache_dir, encode_batch_size=FLAGS.encode_batch_size)
+    for prompt, r in result["results"].items():
+      print(f"{prompt}: {heldout.EvalResult(**r).scores_line()}  ({r['num_images']} images)")
+      for client, c in r["by_client"].items():
+        print(f"  {client}: {heldout.EvalResult(**c, eval_prompt=prompt).scores_line()}")
     if FLAGS.output_json:
       fileio.write_json(FLAGS.output_json, result)
     print(json.dumps(result))
 
-  return runtime.run_job(job)
+  return runtime.run_job(job, settings=_settings)
 
 
 if __name__ == "__main__":

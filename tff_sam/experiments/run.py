@@ -192,8 +192,10 @@ flags.DEFINE_list("eval_prompt", [], "Held-out evaluation prompts, each reported
                   "separately for the exported model (summary.json 'evaluation'): box (the tight "
                   "box), point (one positive point, the object's most interior pixel), "
                   "box_corrections (the box, then --eval_corrections corrective points where "
-                  "the mask is most wrong, the previous mask fed back). The first is also "
-                  "the per-round evaluation. Default: point for --prompt=points, else box.")
+                  "the mask is most wrong, the previous mask fed back), automatic (no prompt: "
+                  "SAM's automatic mask generation, mSA/SA50/SA75 only; not first). The first "
+                  "is also the per-round evaluation. Default: point for --prompt=points, "
+                  "else box.")
 flags.DEFINE_integer("eval_corrections", _F["eval_corrections"],
                      "Corrective points of --eval_prompt=box_corrections.")
 flags.DEFINE_boolean("keep_best", _F["keep_best"],

@@ -540,8 +540,7 @@ def _evaluate_exported(run: _Run, *, state, data: _TrainingData, held_out: _Held
     r = (held_out.last_eval.get(model_round) if mode == held_out.eval_prompt
          else None) or held_out.evaluator(fine_tuned, eval_prompt=mode)
     by_prompt[mode] = r.to_dict()
-    log(f"  exported model (round {model_round}), {mode} prompts: dice {r.dice:.4f}  "
-        f"iou {r.iou:.4f}  mSA {r.msa:.4f}  SA50 {r.sa50:.4f}")
+    log(f"  exported model (round {model_round}), {mode} prompts: {r.scores_line()}")
   results["evaluation"] = {"model_round": model_round, "by_prompt": by_prompt}
   return results, fine_tuned
 
