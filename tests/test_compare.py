@@ -178,6 +178,33 @@ def _personalized_comparison(tmp_path):
   return base, arms, summaries
 
 
+def test_automatic_segmentation_rows_show_msa_where_there_is_no_dice(tmp_path):
+  """`--eval_prompt=...,automatic`: its Dice is NaN (no prompts), so its table has "-"
+  there, its per-client columns and its plot panel show mSA."""
+  base = _base(tmp_path, eval_prompt=("box", "automatic"))
+  arms = compare.plan_arms(base, splits=_splits({"a": 2, "b": 2}), seeds=1,
+                           root=tmp_path / "cmp", arms=("zero_shot", "federated"))
+  summaries = []
+  for a in arms:
+    summary = _summary(0.5 if a.name == "zero_shot" else 0.7, {"x": 0.6})
+    auto = {"dice": float("nan"), "iou": float("nan"), "msa": 0.2 if a.name == "zero_shot"
+            else 0.3, "sa50": 0.4, "objects_found": 9}
+    summary["evaluation"]["by_prompt"]["automatic"] = {**auto, "by_client": {"x": auto}}
+    summaries.append(summary)
+  (tmp_path / "cmp").mkdir()
+  result = compare.write_outputs(tmp_path / "cmp", base=base, arms=arms, summaries=summaries,
+                                 seeds=1, leave_one_site_out=False)
+  rows = result["table"]["automatic"]["rows"]
+  assert rows["federated"]["dice"]["all"]["mean"] is None
+  assert rows["federated"]["msa"]["x"]["mean"] == pytest.approx(0.3)
+  md = (tmp_path / "cmp" / compare.TABLE_FILE).read_text()
+  assert "**automatic segmentation** (held-out" in md and "| mSA x | local steps |" in md
+  assert "| federated | - | - | 30.0 | 40.0 | 30.0 |" in md
+  assert "| gain federated-zero_shot | - | - | 10.0 | 0.0 | 10.0 |" in md
+  titles = [t for t, _, _ in plots._comparison_panels(result["table"], "dice")]  # pylint: disable=protected-access
+  assert titles[1] == "held-out msa (automatic segmentation; every held-out client)"
+
+
 def test_own_site_view_scores_each_site_where_it_works_with_its_personalized_model(tmp_path):
   """Sites a and b use held-out clients x and y. Local-only: each site's own model on its
   own client; personalized: the federated run's per-site copies; the rest: one model

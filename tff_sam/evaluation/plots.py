@@ -118,15 +118,18 @@ def plot_metrics(metrics_csv: Path, out_png: Path) -> Path:
   return Path(out_png)
 
 
-def _comparison_panels(table: Mapping, metric: str) -> list[tuple[str, Mapping]]:
-  """(title, rows) of each panel: per prompt, every held-out client, then the own-site
-  view when the table has one."""
+def _comparison_panels(table: Mapping, metric: str) -> list[tuple[str, Mapping, str]]:
+  """(title, rows, metric) of each panel: per prompt, every held-out client, then the
+  own-site view when the table has one; `automatic` shows mSA."""
   panels = []
   for prompt, part in table.items():
-    panels.append((f"held-out {metric} ({prompt} prompts; every held-out client)", part["rows"]))
+    automatic = prompt == config_lib.AUTOMATIC_EVAL
+    shown = "msa" if automatic else metric  # Automatic segmentation has no Dice.
+    what = "automatic segmentation" if automatic else f"{prompt} prompts"
+    panels.append((f"held-out {shown} ({what}; every held-out client)", part["rows"], shown))
     own = part.get("own_site", {}).get("rows")
     if own:
-      panels.append((f"held-out {metric} ({prompt} prompts; each site on its own client)", own))
+      panels.append((f"held-out {shown} ({what}; each site on its own client)", own, shown))
   return panels
 
 
@@ -168,10 +171,11 @@ def build_comparison_figure(table: Mapping, metric: str = "dice") -> Figure:
     bar per column ("all" first), the zero-shot mean of "all" as a dashed line.
   """
   panels = _comparison_panels(table, metric)
-  fig = Figure(figsize=(max(6.0, 1.3 * max(len(rows) for _, rows in panels) + 2),
+  fig = Figure(figsize=(max(6.0, 1.3 * max(len(rows) for _, rows, _ in panels) + 2),
                         3.8 * len(panels)))
-  for ax, (title, rows) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
-    _draw_bars(ax, rows, metric, title)
+  for ax, (title, rows, shown) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0],
+                                      panels):
+    _draw_bars(ax, rows, shown, title)
   fig.tight_layout()
   return fig
 
@@ -199,8 +203,10 @@ def plot_label_curve(curve: Mapping, out_png: Path) -> Path:
                   yerr=[by_count[counts[i]]["std"] or 0.0 for i in xs], marker="o",
                   capsize=3, label=name, ls="--" if name == "zero_shot" else "-")
     ax.set_xticks(range(len(counts)), counts)
-    ax.set(title=f"{prompt} prompts", xlabel="labelled training images per site",
-           ylabel="held-out Dice")
+    automatic = prompt == config_lib.AUTOMATIC_EVAL
+    ax.set(title="automatic segmentation" if automatic else f"{prompt} prompts",
+           xlabel="labelled training images per site",
+           ylabel="held-out mSA" if automatic else "held-out Dice")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
   fig.tight_layout()

@@ -43,6 +43,7 @@ from tff_sam import config as config_lib
 from tff_sam import fileio
 from tff_sam import output_folder
 from tff_sam.data import discovery
+from tff_sam.evaluation import heldout
 from tff_sam.evaluation import plots
 from tff_sam.federated.program import personalization
 from tff_sam.federated.program import program
@@ -65,6 +66,7 @@ OWN_SITE_GAINS = ((FEDERATED, LOCAL_MEAN), (PERSONALIZED, LOCAL_MEAN), (PERSONAL
 ARM_KINDS = config_lib.COMPARE_ARMS  # (ZERO_SHOT, LOCAL, CENTRALIZED, FEDERATED, FED_LORA)
 LORA_SETTINGS = config_lib.LORA_SETTINGS  # What `plan_arms(lora=...)` may set.
 METRICS = ("dice", "iou", "msa", "sa50")
+LABELS = {"dice": "Dice", "msa": "mSA"}  # Of the per-client columns.
 COMPARE_FILE = "compare.json"
 TABLE_FILE = "compare.md"
 PLOT_FILE = "compare.png"
@@ -329,40 +331,45 @@ def markdown_table(table: dict, *, steps: dict, seeds: int) -> str:
   """
   lines = []
   for prompt, part in table.items():
-    rows = part["rows"]
-    clients = [c for c in next(iter(rows.values()))["dice"] if c != "all"]
-    head = (["arm", "Dice", "IoU", "mSA", "SA50"] + [f"Dice {c}" for c in clients]
+    rows, key = part["rows"], heldout.headline_metric(prompt)
+    clients = [c for c in next(iter(rows.values()))[key] if c != "all"]
+    head = (["arm", "Dice", "IoU", "mSA", "SA50"] + [f"{LABELS[key]} {c}" for c in clients]
             + ["local steps"])
-    lines += [f"**{prompt} prompts** (held-out; x100; "
+    lines += [f"**{_what(prompt)}** (held-out; x100; "
               + (f"mean ± std over {seeds} seeds)" if seeds > 1 else "1 seed)"), "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
       cells = ([name] + [_cell(r[m]["all"]) for m in METRICS]
-               + [_cell(r["dice"][c]) for c in clients] + [str(steps.get(name, "-"))])
+               + [_cell(r[key][c]) for c in clients] + [str(steps.get(name, "-"))])
       lines.append("| " + " | ".join(cells) + " |")
     for name, g in part["gains"].items():
       lines.append(f"| gain {name} | " + " | ".join(_cell(g[m]["all"]) for m in METRICS)
-                   + " | " + " | ".join(_cell(g["dice"][c]) for c in clients) + " | |")
+                   + " | " + " | ".join(_cell(g[key][c]) for c in clients) + " | |")
     lines.append("")
     if part.get("own_site", {}).get("rows"):
       lines += _own_site_table(prompt, part["own_site"], seeds=seeds)
   return "\n".join(lines)
 
 
+def _what(prompt: str) -> str:
+  return ("automatic segmentation" if prompt == config_lib.AUTOMATIC_EVAL
+          else f"{prompt} prompts")
+
+
 def _own_site_table(prompt: str, own: dict, *, seeds: int) -> list[str]:
   """The own-site view as markdown lines (`summarize`'s `own_site`)."""
-  sites = list(own["sites"])
+  sites, key = list(own["sites"]), heldout.headline_metric(prompt)
   head = ["arm", "Dice", "IoU", "mSA", "SA50"] + [
-      f"Dice {s} (on {c})" for s, c in own["sites"].items()]
-  lines = [f"**{prompt} prompts, each site on its own held-out client** (x100; mean over "
+      f"{LABELS[key]} {s} (on {c})" for s, c in own["sites"].items()]
+  lines = [f"**{_what(prompt)}, each site on its own held-out client** (x100; mean over "
            "sites, " + (f"mean ± std over {seeds} seeds)" if seeds > 1 else "1 seed)"), "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in own["rows"].items():
     lines.append("| " + " | ".join([name] + [_cell(r[m]["all"]) for m in METRICS]
-                                   + [_cell(r["dice"][s]) for s in sites]) + " |")
+                                   + [_cell(r[key][s]) for s in sites]) + " |")
   for name, g in own["gains"].items():
     lines.append(f"| gain {name} | " + " | ".join(
-        [_cell(g[m]["all"]) for m in METRICS] + [_cell(g["dice"][s]) for s in sites]) + " |")
+        [_cell(g[m]["all"]) for m in METRICS] + [_cell(g[key][s]) for s in sites]) + " |")
   return lines + [""]
 
 
@@ -418,7 +425,8 @@ def _personalized_results(summary: dict, prompts: Sequence[str]) -> dict:
 
 def label_curve(levels: dict[int, tuple[Sequence[Arm], Sequence[dict]]], *,
                 prompts: Sequence[str], site_clients: Optional[dict[str, str]]) -> dict:
-  """Prompt -> row -> label count ("all" for 0) -> Dice stats over seeds ("all" column).
+  """Prompt -> row -> label count ("all" for 0) -> Dice stats over seeds ("all" column;
+  mSA for `automatic`).
 
   Each site's model on its own held-out client (the own-site view, with `personalized`)
   when sites are matched to clients, else every held-out client.
@@ -430,7 +438,8 @@ def label_curve(levels: dict[int, tuple[Sequence[Arm], Sequence[dict]]], *,
       rows = table[prompt].get("own_site", table[prompt])["rows"]
       for name in (ZERO_SHOT, LOCAL_MEAN, CENTRALIZED, FEDERATED, PERSONALIZED):
         if name in rows:
-          curve[prompt].setdefault(name, {})[str(count or "all")] = rows[name]["dice"]["all"]
+          curve[prompt].setdefault(name, {})[str(count or "all")] = rows[name][
+              heldout.headline_metric(prompt)]["all"]
   return curve
 
 
@@ -439,7 +448,8 @@ def _label_curve_table(curve: dict, *, counts: Sequence[str], seeds: int,
   """The label curve as markdown: per prompt, rows by arm, a column per label count."""
   lines = []
   for prompt, rows in curve.items():
-    lines += [f"**{prompt} prompts: Dice by labelled training images per site** (x100; "
+    lines += [f"**{_what(prompt)}: {LABELS[heldout.headline_metric(prompt)]} by labelled "
+              "training images per site** (x100; "
               + ("each site on its own held-out client" if own_site else "all held-out "
                  "clients") + (f"; mean ± std over {seeds} seeds)" if seeds > 1 else ")"), "",
               "| arm | " + " | ".join(counts) + " |", "|" + "---|" * (len(counts) + 1)]
