@@ -120,4 +120,5 @@ def test_notebook_runs_smoke_config(tmp_path, monkeypatch):
     image.verify()
   assert any("image/png" in o.get("data", {}) for o in outputs)
   assert (out / "predict" / "overlay.png").is_file()
+  assert len(list((out / "segment").glob("*_overlay.png"))) == 1  # Section 8: automatic.
   assert (out / "model" / "config.json").is_file()
