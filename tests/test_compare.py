@@ -150,6 +150,7 @@ def test_summary_rows_gains_table_and_plot(tmp_path):
   assert saved == json.loads(json.dumps(result)) and len(saved["arms"]) == len(arms)
   md = (tmp_path / "cmp" / compare.TABLE_FILE).read_text()
   assert "| federated | 73.0 ± 4.2 |" in md and "| Dice x | Dice y |" in md
+  assert compare.markdown_of(saved) == md  # The tables follow from the JSON alone.
   assert "| gain federated-zero_shot | 23.0 ± 4.2 |" in md
   assert "| fed_lora | 77.0 ± 2.8 |" in md and "| gain fed_lora-federated | 4.0 ± 1.4 |" in md
   image = cv2.imread(str(tmp_path / "cmp" / compare.PLOT_FILE))
@@ -318,6 +319,7 @@ def test_label_levels_plan_arms_per_count_and_the_curve_reads_each_level(
       json.dumps(result))
   md = (tmp_path / "out" / compare.TABLE_FILE).read_text()
   assert md.index("**box prompts** (held-out") < md.index("| arm | 1 | all |")
+  assert compare.markdown_of(json.loads((tmp_path / "out" / compare.COMPARE_FILE).read_text())) == md
   assert f"| federated | {100 * dice_one['federated']:.1f} | {100 * dice_all['federated']:.1f} |" in md
   assert cv2.imread(str(tmp_path / "out" / compare.LABELS_PLOT_FILE)).std() > 5
 

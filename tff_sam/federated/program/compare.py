@@ -387,8 +387,6 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
   """
   prompts = base.eval_prompt_list
   table = summarize(arms, summaries, eval_prompt=prompts, site_clients=site_clients)
-  first = min(a.seed for a in arms)
-  steps = {a.name: sum(a.steps.values()) for a in arms if a.seed == first}
   result = {
       "config": base.to_dict(), "seeds": sorted({a.seed for a in arms}),
       "leave_one_site_out": leave_one_site_out, "eval_prompt": list(prompts),
@@ -402,18 +400,32 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
       "table": table,
       "memory": list(memory),
   }
-  markdown = markdown_table(table, steps=steps, seeds=seeds)
+  if seeds != len(result["seeds"]):
+    raise ValueError(f"{seeds} seeds planned, the arms have {result['seeds']}")
   if label_levels and len(label_levels) > 1:
     curve = label_curve(label_levels, prompts=prompts, site_clients=site_clients)
     result.update(label_curve=curve, label_curve_view="own_site" if site_clients else "all")
-    counts = [str(c or "all") for c in sorted(label_levels, key=lambda n: n or math.inf)]
-    markdown += "\n" + _label_curve_table(curve, counts=counts, seeds=seeds,
-                                           own_site=bool(site_clients))
     plots.plot_label_curve(curve, root / LABELS_PLOT_FILE)
   fileio.write_json(root / COMPARE_FILE, result)
-  fileio.write_text(root / TABLE_FILE, markdown.rstrip("\n") + "\n")
+  fileio.write_text(root / TABLE_FILE, markdown_of(result))
   plots.plot_comparison(table, root / PLOT_FILE)
   return result
+
+
+def markdown_of(result: dict) -> str:
+  """`compare.md` from the contents of `compare.json` (so README's tables can be
+  checked against a committed comparison): the tables, and the label curve's."""
+  first = min(result["seeds"])
+  steps = {a["name"]: sum(a["planned_steps"].values()) for a in result["arms"]
+           if a["seed"] == first}
+  markdown = markdown_table(result["table"], steps=steps, seeds=len(result["seeds"]))
+  if "label_curve" in result:
+    counts = sorted({c for rows in result["label_curve"].values() for r in rows.values()
+                     for c in r}, key=lambda c: math.inf if c == "all" else int(c))
+    markdown += "\n" + _label_curve_table(result["label_curve"], counts=counts,
+                                           seeds=len(result["seeds"]),
+                                           own_site=result["label_curve_view"] == "own_site")
+  return markdown.rstrip("\n") + "\n"
 
 
 def _personalized_results(summary: dict, prompts: Sequence[str]) -> dict:
