@@ -21,10 +21,12 @@ files, so objects too small for the low-resolution frame still count.
 
 import dataclasses
 from pathlib import Path
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from tff_sam import config as config_lib
 from tff_sam import errors
@@ -174,6 +176,7 @@ class Evaluator:
       raise ValueError(f"{len(self.clients)} clients for {len(self.images)} test images")
     self.corrections = corrections
     self.automatic_settings = automatic_settings
+    self.show_progress = False  # A progress bar over images on stderr (`evaluate`).
     self._generators: dict[tf.keras.Model, automatic.AutomaticMaskGenerator] = {}
     # One compiled forward per model (the run's decoder, the zero-shot one of the
     # overlays), shapes relaxed: no retracing per chunk size or model switch; one
@@ -288,7 +291,11 @@ class Evaluator:
       eval_prompt = config_lib.default_eval_prompt(getattr(model, "prompt_mode",
                                                            config_lib.BOX_PROMPT))
     scores: dict[Optional[str], list] = {}  # Client -> one dict per image.
-    for index, image in enumerate(self.images):
+    images = enumerate(self.images)
+    if self.show_progress:
+      images = tqdm(images, total=len(self.images), desc=f"evaluating ({eval_prompt})",
+                    unit="img", file=sys.stderr, leave=False)
+    for index, image in images:
       owner = self.clients[index] if self.clients is not None else None
       if client is None or owner == client:
         scores.setdefault(owner, []).append(self._score_image(model, image, eval_prompt))
@@ -405,6 +412,7 @@ def evaluate_folder(*, model: str, data_dir: Optional[str],
                         max_objects_per_image=max_objects_per_image,
                         clients=[c for c, exs in by_client.items() for _ in exs],
                         corrections=corrections, automatic_settings=automatic_settings)
+  evaluator.show_progress = True
   decoder = build.build_prompt_mask_decoder(bundle)
   results = {p: evaluator(decoder, eval_prompt=p).to_dict() for p in eval_prompts}
   first = results[eval_prompts[0]]
