@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import faulthandler
 import importlib
+import json
 import os
 import signal
 import socket
@@ -562,3 +563,15 @@ def _namespace():
     yield namespace
   finally:
     namespace.close()
+
+
+def flagfile_config(name: str) -> dict:
+  """The `RunConfig` (as a dict) `run --flagfile=experiments/<name>` builds, in a fresh
+  process from the repository root (flagfiles name each other relative to it)."""
+  code = ("import json, sys; from absl import flags; from tff_sam.experiments import run; "
+          "flags.FLAGS(['run', '--flagfile=experiments/' + sys.argv[1]]); "
+          "print(run.config_from_flags().to_json())")
+  proc = subprocess.run([sys.executable, "-c", code, name], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout)

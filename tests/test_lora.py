@@ -11,8 +11,6 @@ resumes, exports a merged model every loader reads, and refuses bad flags in one
 import csv
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,8 @@ from tff_sam.models import lora
 from tff_sam.models import sam as sam_lib
 from tff_sam.models import tinyvit
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import flagfile_config
+
 SPEC = lora.LoraSpec(rank=2, alpha=4.0, targets=("qkv", "proj", "mlp"))
 
 
@@ -364,22 +363,10 @@ def test_lora_online_run_matches_the_feature_cache(tmp_path, lora_run):
   assert float(got[1]["train_loss"]) == pytest.approx(float(want[1]["train_loss"]), rel=1e-3)
 
 
-def _flagfile_config(name: str) -> dict:
-  """The `RunConfig` (as a dict) `run --flagfile=experiments/<name>` builds, in a fresh
-  process from the repository root (flagfiles name each other relative to it)."""
-  code = ("import json, sys; from absl import flags; from tff_sam.experiments import run; "
-          "flags.FLAGS(['run', '--flagfile=experiments/' + sys.argv[1]]); "
-          "print(run.config_from_flags().to_json())")
-  proc = subprocess.run([sys.executable, "-c", code, name], cwd=REPO, capture_output=True,
-                        text=True, timeout=120, check=False)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  return json.loads(proc.stdout)
-
-
 def test_demo_lora_flagfile_is_the_demo_with_adapters():
-  demo, lora_demo = _flagfile_config("demo.flags"), _flagfile_config("demo_lora.flags")
+  demo, lora_demo = flagfile_config("demo.flags"), flagfile_config("demo_lora.flags")
   differing = {k for k in demo if demo[k] != lora_demo[k]}
-  assert differing == {"output_dir", "adapter", "lora_alpha"}
+  assert differing == {"output_dir", "adapter", "lora_alpha", "personalize_steps"}
   assert lora_demo["adapter"] == "lora" and lora_demo["execution"] == "tf"
   assert (lora_demo["lora_rank"], lora_demo["lora_alpha"], lora_demo["lora_targets"]) == (
       4, 512.0, ["qkv"])
