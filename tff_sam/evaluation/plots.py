@@ -118,14 +118,20 @@ def plot_metrics(metrics_csv: Path, out_png: Path) -> Path:
   return Path(out_png)
 
 
+def prompt_title(prompt: str) -> str:
+  """How tables and plots name an evaluation prompt: "box prompts", "automatic
+  segmentation"."""
+  return ("automatic segmentation" if prompt == config_lib.AUTOMATIC_EVAL
+          else f"{prompt} prompts")
+
+
 def _comparison_panels(table: Mapping, metric: str) -> list[tuple[str, Mapping, str]]:
   """(title, rows, metric) of each panel: per prompt, every held-out client, then the
   own-site view when the table has one; `automatic` shows mSA."""
   panels = []
   for prompt, part in table.items():
-    automatic = prompt == config_lib.AUTOMATIC_EVAL
-    shown = "msa" if automatic else metric  # Automatic segmentation has no Dice.
-    what = "automatic segmentation" if automatic else f"{prompt} prompts"
+    shown = "msa" if prompt == config_lib.AUTOMATIC_EVAL else metric  # It has no Dice.
+    what = prompt_title(prompt)
     panels.append((f"held-out {shown} ({what}; every held-out client)", part["rows"], shown))
     own = part.get("own_site", {}).get("rows")
     if own:
@@ -204,8 +210,7 @@ def plot_label_curve(curve: Mapping, out_png: Path) -> Path:
                   capsize=3, label=name, ls="--" if name == "zero_shot" else "-")
     ax.set_xticks(range(len(counts)), counts)
     automatic = prompt == config_lib.AUTOMATIC_EVAL
-    ax.set(title="automatic segmentation" if automatic else f"{prompt} prompts",
-           xlabel="labelled training images per site",
+    ax.set(title=prompt_title(prompt), xlabel="labelled training images per site",
            ylabel="held-out mSA" if automatic else "held-out Dice")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

@@ -335,7 +335,7 @@ def markdown_table(table: dict, *, steps: dict, seeds: int) -> str:
     clients = [c for c in next(iter(rows.values()))[key] if c != "all"]
     head = (["arm", "Dice", "IoU", "mSA", "SA50"] + [f"{LABELS[key]} {c}" for c in clients]
             + ["local steps"])
-    lines += [f"**{_what(prompt)}** (held-out; x100; "
+    lines += [f"**{plots.prompt_title(prompt)}** (held-out; x100; "
               + (f"mean ± std over {seeds} seeds)" if seeds > 1 else "1 seed)"), "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
@@ -351,18 +351,13 @@ def markdown_table(table: dict, *, steps: dict, seeds: int) -> str:
   return "\n".join(lines)
 
 
-def _what(prompt: str) -> str:
-  return ("automatic segmentation" if prompt == config_lib.AUTOMATIC_EVAL
-          else f"{prompt} prompts")
-
-
 def _own_site_table(prompt: str, own: dict, *, seeds: int) -> list[str]:
   """The own-site view as markdown lines (`summarize`'s `own_site`)."""
   sites, key = list(own["sites"]), heldout.headline_metric(prompt)
   head = ["arm", "Dice", "IoU", "mSA", "SA50"] + [
       f"{LABELS[key]} {s} (on {c})" for s, c in own["sites"].items()]
-  lines = [f"**{_what(prompt)}, each site on its own held-out client** (x100; mean over "
-           "sites, " + (f"mean ± std over {seeds} seeds)" if seeds > 1 else "1 seed)"), "",
+  lines = [f"**{plots.prompt_title(prompt)}, each site on its own held-out client** "
+           "(x100; mean over sites, " + (f"mean ± std over {seeds} seeds)" if seeds > 1 else "1 seed)"), "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in own["rows"].items():
     lines.append("| " + " | ".join([name] + [_cell(r[m]["all"]) for m in METRICS]
@@ -460,8 +455,8 @@ def _label_curve_table(curve: dict, *, counts: Sequence[str], seeds: int,
   """The label curve as markdown: per prompt, rows by arm, a column per label count."""
   lines = []
   for prompt, rows in curve.items():
-    lines += [f"**{_what(prompt)}: {LABELS[heldout.headline_metric(prompt)]} by labelled "
-              "training images per site** (x100; "
+    lines += [f"**{plots.prompt_title(prompt)}: {LABELS[heldout.headline_metric(prompt)]} "
+              "by labelled training images per site** (x100; "
               + ("each site on its own held-out client" if own_site else "all held-out "
                  "clients") + (f"; mean ± std over {seeds} seeds)" if seeds > 1 else ")"), "",
               "| arm | " + " | ".join(counts) + " |", "|" + "---|" * (len(counts) + 1)]
