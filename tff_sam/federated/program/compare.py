@@ -356,8 +356,9 @@ def _own_site_table(prompt: str, own: dict, *, seeds: int) -> list[str]:
   sites, key = list(own["sites"]), heldout.headline_metric(prompt)
   head = ["arm", "Dice", "IoU", "mSA", "SA50"] + [
       f"{LABELS[key]} {s} (on {c})" for s, c in own["sites"].items()]
+  spread = f"mean ± std over {seeds} seeds)" if seeds > 1 else "1 seed)"
   lines = [f"**{plots.prompt_title(prompt)}, each site on its own held-out client** "
-           "(x100; mean over sites, " + (f"mean ± std over {seeds} seeds)" if seeds > 1 else "1 seed)"), "",
+           f"(x100; mean over sites, {spread}", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in own["rows"].items():
     lines.append("| " + " | ".join([name] + [_cell(r[m]["all"]) for m in METRICS]
