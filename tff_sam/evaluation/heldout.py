@@ -291,18 +291,18 @@ class Evaluator:
       eval_prompt = config_lib.default_eval_prompt(getattr(model, "prompt_mode",
                                                            config_lib.BOX_PROMPT))
     scores: dict[Optional[str], list] = {}  # Client -> one dict per image.
-    images = enumerate(self.images)
+    indexed = enumerate(self.images)
     if self.show_progress:
-      images = tqdm(images, total=len(self.images), desc=f"evaluating ({eval_prompt})",
-                    unit="img", file=sys.stderr, leave=False)
-    for index, image in images:
+      indexed = tqdm(indexed, total=len(self.images), desc=f"evaluating ({eval_prompt})",
+                     unit="img", file=sys.stderr, leave=False)
+    for index, image in indexed:
       owner = self.clients[index] if self.clients is not None else None
       if client is None or owner == client:
         scores.setdefault(owner, []).append(self._score_image(model, image, eval_prompt))
     by_client = {} if self.clients is None else {
-        c: _summary(images, eval_prompt) for c, images in sorted(scores.items())}
+        c: _summary(scored, eval_prompt) for c, scored in sorted(scores.items())}
     return EvalResult(eval_prompt=eval_prompt, by_client=by_client,
-                      **_summary([i for images in scores.values() for i in images], eval_prompt))
+                      **_summary([i for scored in scores.values() for i in scored], eval_prompt))
 
   def _score_image(self, model: tf.keras.Model, image: _TestImage, eval_prompt: str) -> dict:
     """One image's (Dice, IoU) pairs per object and its SA scores (or objects found)."""
