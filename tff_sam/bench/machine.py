@@ -16,7 +16,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 import transformers
 
-from tff_sam import config as config_lib
+from tff_sam.bench import settings as bench_settings
 from tff_sam.models import build
 from tff_sam.models import decoder as decoder_lib
 from tff_sam.models import sam as sam_lib
@@ -74,7 +74,7 @@ def load_bench_bundle(arch: str, *, cache_dir: Optional[Path] = None) -> sam_lib
   Raises:
     errors.UserError: MobileSAM's weights are missing and cannot be fetched.
   """
-  if arch == config_lib.VIT_B_ARCH:
+  if arch == bench_settings.VIT_B_ARCH:
     return vit_b_random_bundle()
   return build.load_sam(arch, cache_dir=cache_dir)
 

@@ -26,6 +26,7 @@ from tff_sam import fileio
 from tff_sam import runtime
 from tff_sam.bench import loops
 from tff_sam.bench import machine
+from tff_sam.bench import settings as bench_settings
 from tff_sam.bench import workload
 from tff_sam.data import cache
 from tff_sam.federated.backends import execution
@@ -179,7 +180,7 @@ def memory_child_main(spec_path: str) -> None:
         "round_s": seconds, "round_start": round_start, "examples": loop.examples[-1]})
 
 
-def _ratios(runs: dict[str, dict[str, Any]], config: config_lib.BenchConfig,
+def _ratios(runs: dict[str, dict[str, Any]], config: bench_settings.BenchConfig,
             subrounds: int) -> dict[str, Any]:
   small_peak = runs["small"]["peak_rss_bytes"]
   return {
@@ -201,7 +202,7 @@ def _ratios(runs: dict[str, dict[str, Any]], config: config_lib.BenchConfig,
 
 
 def measure_memory(*, bundle: sam_lib.SamBundle, records: Sequence[cache.Record],
-                   config: config_lib.BenchConfig, work_dir: Path,
+                   config: bench_settings.BenchConfig, work_dir: Path,
                    log: Callable[[str], None]) -> dict[str, Any]:
   """Peak RSS of a cached round: `memory_clients` vs `memory_base_clients` clients.
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from tff_sam import config as config_lib
 from tff_sam.bench import machine
+from tff_sam.bench import settings as bench_settings
 
 # Goals of the benchmark: (key, comparison, threshold).
 # `tf_vs_cpp_round_time` is the cached round under --execution=tf over cpp: at most
@@ -25,7 +26,7 @@ _MB = 1e6
 Row = tuple[str, str, str]
 
 
-def goal_verdicts(result: dict[str, Any], config: config_lib.BenchConfig
+def goal_verdicts(result: dict[str, Any], config: bench_settings.BenchConfig
                   ) -> dict[str, dict[str, Any]]:
   """Each goal's value, threshold, whether it is met and whether it applies.
 
@@ -37,11 +38,11 @@ def goal_verdicts(result: dict[str, Any], config: config_lib.BenchConfig
   on_gpu = bool(result["machine"].get("gpus"))
   both = result.get("tf_vs_cpp_round_time") is not None
   applicable = {
-      "cache_speedup": config.arch == config_lib.VIT_B_ARCH,
+      "cache_speedup": config.arch == bench_settings.VIT_B_ARCH,
       "tff_overhead": True,
       "memory_ratio_64_vs_4": (config.memory_clients, config.memory_base_clients) == (64, 4),
       "tf_vs_cpp_round_time": both and not on_gpu,
-      "tf_vs_cpp_round_time_gpu": both and on_gpu and config.arch == config_lib.VIT_B_ARCH,
+      "tf_vs_cpp_round_time_gpu": both and on_gpu and config.arch == bench_settings.VIT_B_ARCH,
       "lora_bytes_ratio": config.lora_rank == 4,
       "int8_upload_mb": config.arch != config_lib.TINY_MODEL,
   }

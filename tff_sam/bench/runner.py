@@ -40,8 +40,7 @@ into a fresh work folder (so every embedding is really computed):
    MobileSAM.
 
 `config.sections` chooses what runs: `rounds` (sections 1, 2, 5, 6 and 7), `memory`
-(3), `bytes` (4) and `adapters` (8); section 6 reports what ran of `rounds` and
-`memory`.
+(3), `bytes` (4) and `adapters` (8); section 6 reports what ran of them.
 
 Wall times exclude the first (tracing) round of every loop and average
 `config.rounds` timed rounds, interleaved round by round across the loops. Every TFF
@@ -51,9 +50,9 @@ builds it (robust aggregation on), from the `RunConfig` of `workload.task_config
 (`tff.learning.LoopImplementation`), and the cached round is also timed with the other
 loop (`workload.compared_loop`) for comparison.
 
-The sections live in this package's modules: `machine` (the machine and the model),
-`workload` (data, precompute, manifests, the task's settings), `loops` (the timed
-loops), `memory` (section 3), `communication` (section 4), `adapters` (section 8) and
+The sections live in this package's modules: `settings` (the config), `machine` (the
+machine and the model), `workload` (data, precompute, manifests, the task's settings),
+`loops` (the timed loops), `memory` (3), `communication` (4), `adapters` (8) and
 `report` (goals and the table); this module runs them in order.
 
 The caller installs TFF's execution context first
@@ -82,6 +81,7 @@ from tff_sam.bench import loops as loops_lib
 from tff_sam.bench import machine
 from tff_sam.bench import memory as memory_lib
 from tff_sam.bench import report
+from tff_sam.bench import settings as bench_settings
 from tff_sam.bench import workload
 from tff_sam.data import cache
 from tff_sam.data import discovery
@@ -113,7 +113,7 @@ class _Run:
     timings: The raw timings, filled section by section.
   """
 
-  config: config_lib.BenchConfig
+  config: bench_settings.BenchConfig
   work: Path
   progress: dict[str, str]
   log: Callable[[str], None]
@@ -125,7 +125,7 @@ class _Run:
     self.progress["section"] = name
 
 
-def run_benchmark(config: config_lib.BenchConfig, *, log: Callable[[str], None] = print
+def run_benchmark(config: bench_settings.BenchConfig, *, log: Callable[[str], None] = print
                   ) -> dict[str, Any]:
   """Runs every section, prints progress, writes `output_dir/bench.json`.
 
@@ -147,7 +147,7 @@ def run_benchmark(config: config_lib.BenchConfig, *, log: Callable[[str], None] 
     return _run_benchmark(config, out=out, log=log)
 
 
-def _run_benchmark(config: config_lib.BenchConfig, *, out: Path,
+def _run_benchmark(config: bench_settings.BenchConfig, *, out: Path,
                    log: Callable[[str], None]) -> dict[str, Any]:
   """`run_benchmark` in its claimed folder `out`."""
   start = time.perf_counter()
@@ -172,7 +172,7 @@ def _run_benchmark(config: config_lib.BenchConfig, *, out: Path,
   return result
 
 
-def _loop_name(base: str, execution_name: str, config: config_lib.BenchConfig) -> str:
+def _loop_name(base: str, execution_name: str, config: bench_settings.BenchConfig) -> str:
   """The timed loop `base` under `execution_name` (`base` itself for the first one)."""
   return base if execution_name == config.executions[0] else f"{base}, {execution_name} execution"
 
@@ -308,16 +308,16 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
   bundle, params = _load_model(run)
   result = {"timings": run.timings, "machine": info, "config": config.to_dict(),
             "model": {"name": bundle.name, "parameters": params}}
-  if sections & {config_lib.ROUNDS_SECTION, config_lib.MEMORY_SECTION}:
+  if sections & {bench_settings.ROUNDS_SECTION, bench_settings.MEMORY_SECTION}:
     examples, records, image_records, pre = _precompute_section(run, bundle)
   rounds = memory = None
-  if config_lib.ROUNDS_SECTION in sections:
+  if bench_settings.ROUNDS_SECTION in sections:
     rounds = _timed_sections(run, bundle, params, records, image_records, result)
     result.update(_rounds_result(run, rounds, pre))
     result["throughput"] = _throughput_section(run, bundle, examples, pre, rounds)
-  elif config_lib.BYTES_SECTION in sections:
+  elif bench_settings.BYTES_SECTION in sections:
     result["bytes_per_client_round"] = _bytes_alone(run, bundle, params)
-  if config_lib.MEMORY_SECTION in sections:
+  if bench_settings.MEMORY_SECTION in sections:
     memory = _memory_section(run, bundle, records)
     result.update(memory=memory, memory_ratio_64_vs_4=memory["ratio"],
                   memory_ratio_64_vs_4_subrounds=memory["ratio_subrounds"])
@@ -327,7 +327,7 @@ def _run_sections(run: _Run, info: dict[str, Any]) -> dict[str, Any]:
     comm = result["bytes_per_client_round"]
     result.update(lora_bytes_ratio=comm["lora"]["total"] / comm["cached"]["total"],
                   int8_upload_mb=comm["int8"]["upload_update"] / 1e6)
-  if config_lib.ADAPTERS_SECTION in sections:
+  if bench_settings.ADAPTERS_SECTION in sections:
     result["adapter_cache"] = _adapter_section(run, bundle)
   result["goals"] = report.goal_verdicts(result, config)
   return result
@@ -339,7 +339,7 @@ def _timed_sections(run: _Run, bundle: sam_lib.SamBundle, params: dict[str, int]
   """Builds the loops, sizes their bytes (section 4, when asked for) into `result`,
   times the rounds and the workers (section 7); returns the rounds' timings."""
   loops, processes, clients = _process_section(run, bundle, records, image_records)
-  if config_lib.BYTES_SECTION in run.config.sections:
+  if bench_settings.BYTES_SECTION in run.config.sections:
     result["bytes_per_client_round"] = _communication_section(
         run, bundle, params, cached=processes["cached"], online=processes["online"],
         clients=clients)
@@ -397,7 +397,7 @@ def _load_model(run: _Run) -> tuple[sam_lib.SamBundle, dict[str, int]]:
   bundle = machine.load_bench_bundle(config.arch, cache_dir=run.cache_dir)
   run.timings["load_model_s"] = time.perf_counter() - t0
   params = machine.parameter_counts(bundle)
-  if config.arch == config_lib.VIT_B_ARCH and params["total"] != machine.VIT_B_PARAMETERS:
+  if config.arch == bench_settings.VIT_B_ARCH and params["total"] != machine.VIT_B_PARAMETERS:
     raise RuntimeError(f"ViT-B has {params['total']} weights, expected "
                        f"{machine.VIT_B_PARAMETERS}")
   run.log(f"model: {bundle.name}: {params['total'] / 1e6:.2f} M parameters (image encoder "

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_sam import config as config_lib
+from tff_sam.bench import settings as bench_settings
 from tff_sam.data import cache
 from tff_sam.data import discovery
 from tff_sam.data import preprocess
@@ -24,7 +25,7 @@ from tff_sam.federated.learning import tasks
 from tff_sam.models import sam as sam_lib
 
 
-def task_config(config: config_lib.BenchConfig, work_dir: Path, *, online: bool = False
+def task_config(config: bench_settings.BenchConfig, work_dir: Path, *, online: bool = False
                 ) -> config_lib.RunConfig:
   """The training program's settings for the benchmark's clients.
 

@@ -17,15 +17,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # No TF-deprecation ba
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
-from tff_sam import config as config_lib
 from tff_sam import runtime
+from tff_sam.bench import settings as bench_settings
 
 # Defaults live in one place: the dataclass.
-_F = {f.name: f.default for f in dataclasses.fields(config_lib.BenchConfig)}
+_F = {f.name: f.default for f in dataclasses.fields(bench_settings.BenchConfig)}
 
 flags.DEFINE_string("output_dir", _F["output_dir"], "Where bench.json goes (a work/ folder "
                     "with synthetic images, records and manifests lives there during the run).")
-flags.DEFINE_enum("arch", _F["arch"], config_lib.ARCHS,
+flags.DEFINE_enum("arch", _F["arch"], bench_settings.ARCHS,
                   "vit_b: SAM ViT-B architecture with random weights (timing only); tiny: "
                   "the small random-init SAM (smoke runs); mobile_sam: MobileSAM's weights.")
 flags.DEFINE_integer("clients", _F["clients"], "Clients per round (all participate) in the "
@@ -57,7 +57,7 @@ flags.DEFINE_string("cache_dir", None, "Cache holding converted MobileSAM weight
                     "$TFF_SAM_CACHE or ~/.cache/tff_sam). Embeddings go to the work folder.")
 flags.DEFINE_float("client_lr", _F["client_lr"], "Client Adam learning rate.")
 flags.DEFINE_enum("loop_implementation", _F["loop_implementation"],
-                  config_lib.LOOP_IMPLEMENTATIONS,
+                  bench_settings.LOOP_IMPLEMENTATIONS,
                   "Client training loop of every TFF process: program = as the training "
                   "program builds it; dataset_iterator / dataset_reduce = that "
                   "tff.learning.LoopImplementation. The cached round is also timed with "
@@ -84,15 +84,15 @@ flags.DEFINE_boolean("keep_work", _F["keep_work"],
 FLAGS = flags.FLAGS
 
 
-def config_from_flags() -> config_lib.BenchConfig:
+def config_from_flags() -> bench_settings.BenchConfig:
   """Copies the flags into a validated `BenchConfig` (the only place flags are read)."""
   names = {"executions": "execution"}  # Flag names that differ from the field's.
   values = {f.name: FLAGS[names.get(f.name, f.name)].value
-            for f in dataclasses.fields(config_lib.BenchConfig)}
+            for f in dataclasses.fields(bench_settings.BenchConfig)}
   values["executions"] = tuple(values["executions"])
   values["workers"] = tuple(values["workers"])
   values["sections"] = tuple(values["sections"])
-  return config_lib.BenchConfig(**values).validate()
+  return bench_settings.BenchConfig(**values).validate()
 
 
 def _log(line: str) -> None:
@@ -102,7 +102,7 @@ def _log(line: str) -> None:
 def main(argv):
   runtime.begin_binary(argv, warnings_only=not FLAGS["verbosity"].present)
 
-  def job(config: config_lib.BenchConfig):
+  def job(config: bench_settings.BenchConfig):
     # lazy: TensorFlow and TFF load only after the flags are checked.
     from tff_sam.bench import runner  # pylint: disable=g-import-not-at-top
     from tff_sam.federated.backends import execution  # pylint: disable=g-import-not-at-top
