@@ -1,7 +1,7 @@
 """Configurations and names: the frozen, validated objects built once from flags.
 
 The binaries in `tff_sam.experiments` copy their absl flags into `RunConfig` (the
-training program) or `BenchConfig` (the benchmark) exactly once; everything
+training program; the benchmark's is `bench.settings.BenchConfig`) exactly once; everything
 downstream takes the config (or explicit keyword arguments), never flags.
 `validate()` raises `errors.ConfigError` naming the offending flag. A run's config is
 saved as JSON next to its results (`summary.json` and `config.json`).

@@ -5,7 +5,7 @@ r"""Benchmark: embedding-cache speed-up, TFF overhead, memory, bytes, throughput
 
 Prints a table and writes OUTPUT_DIR/bench.json (see BENCHMARKS.md for what each
 number means). Every ratio is measured side by side in one run. Flags are copied once
-into a validated `config.BenchConfig`; mistakes end with one `error:` line, exit 1.
+into a validated `bench.settings.BenchConfig`; mistakes end with one `error:` line, exit 1.
 """
 
 import dataclasses
