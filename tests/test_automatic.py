@@ -4,6 +4,7 @@ decoder outputs (three known objects) and once with its own random weights; the
 `segment` binary on files, and its bad inputs; the `automatic` evaluation prompt
 (cached embeddings, scored against hand-computed label images)."""
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -12,10 +13,10 @@ import pytest
 import tensorflow as tf
 import tifffile
 
+from tff_sam import config as config_lib
 from tff_sam.data import preprocess
 from tff_sam.data import reading
 from tff_sam.evaluation import automatic
-from tff_sam.evaluation import automatic_settings
 from tff_sam.models import sam as sam_lib
 
 
@@ -85,9 +86,9 @@ def test_label_image_paints_large_first_and_renumbers():
 
 def test_settings_name_the_flag_they_refuse():
   with pytest.raises(Exception) as e:
-    automatic_settings.AutomaticSettings(pred_iou_thresh=1.5).validate()
+    config_lib.AutomaticSettings(pred_iou_thresh=1.5).validate()
   assert e.value.flag == "pred_iou_thresh" and "[0, 1]" in str(e.value)
-  assert automatic_settings.AutomaticSettings().validate().points_per_side == 32
+  assert config_lib.AutomaticSettings().validate().points_per_side == 32
 
 
 # Three planted discs (centre x, y, radius) in a 70 x 90 image.
@@ -131,7 +132,7 @@ def test_generator_finds_each_planted_object_once(bundle):
   image = _image()
   for layers in (0, 1):
     generator = automatic.AutomaticMaskGenerator(
-        bundle, settings=automatic_settings.AutomaticSettings(
+        bundle, settings=config_lib.AutomaticSettings(
             points_per_side=16, points_per_batch=32, crop_n_layers=layers))
     generator._forward = _planted_forward(bundle, image.shape[:2])  # pylint: disable=protected-access
     if layers:  # Crops are encoded apart, but planted outputs are in the whole frame.
@@ -160,7 +161,7 @@ def test_tiny_model_label_image_has_the_input_size(bundle, size):
   """The tiny SAM's own (random) outputs, thresholds at 0: whatever it finds, the label
   image is the image's size (odd sizes too) and every label is one kept mask."""
   generator = automatic.AutomaticMaskGenerator(
-      bundle, settings=automatic_settings.AutomaticSettings(
+      bundle, settings=config_lib.AutomaticSettings(
           points_per_side=4, points_per_batch=8, pred_iou_thresh=0.0,
           stability_score_thresh=0.0, crop_n_layers=1, max_mask_fraction=1.0))
   found = generator(_image(size))
@@ -200,7 +201,7 @@ def test_from_embedding_equals_the_whole_image_run(bundle):
   """The evaluation's path (a cached embedding) finds what `segment`'s does without crops."""
   image = _image((50, 66))
   generator = automatic.AutomaticMaskGenerator(
-      bundle, settings=automatic_settings.AutomaticSettings(
+      bundle, settings=config_lib.AutomaticSettings(
           points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
           max_mask_fraction=1.0))
   direct = generator(image)
@@ -219,7 +220,7 @@ def test_automatic_evaluation_scores_label_images_by_hand(reference_data, refere
   true object, and objects found / true, per client; no Dice. Planted label images:
   the truth itself (SA 1) and the truth with half its objects erased."""
   from tff_sam.evaluation import heldout  # pylint: disable=import-outside-toplevel
-  settings = automatic_settings.AutomaticSettings(points_per_side=2)
+  settings = config_lib.AutomaticSettings(points_per_side=2)
   real = heldout.evaluate_folder(model="tiny", data_dir=str(reference_data),
                                  cache_dir=str(reference_cache), max_objects_per_image=1,
                                  eval_prompts=("box", "automatic"), automatic_settings=settings)
@@ -248,3 +249,55 @@ def test_automatic_evaluation_scores_label_images_by_hand(reference_data, refere
       expected = np.mean([((n + 1) // 2) / n for n in counts])
       assert result["objects_found"] == sum((n + 1) // 2 for n in counts)
       assert result["sa50"] == pytest.approx(expected) and result["msa"] == pytest.approx(expected)
+  monkeypatch.undo()
+  strict = heldout.evaluate_folder(
+      model="tiny", data_dir=str(reference_data), cache_dir=str(reference_cache),
+      eval_prompts=("automatic",), automatic_settings=dataclasses.replace(
+          settings, pred_iou_thresh=1.0))["results"]["automatic"]
+  assert strict["objects_found"] == 0 and "--pred_iou_thresh=1" in strict["hint"]
+  assert "; hint: no mask passed" in heldout.EvalResult(**strict).scores_line()
+  assert ("hint" in auto) == (auto["objects_found"] == 0)  # A hint only when none passed.
+
+
+def test_no_mask_passing_gives_a_hint_naming_the_filter(bundle):
+  """Planted outputs with predicted IoU 0.95 in the discs and 0.3 elsewhere: at
+  --pred_iou_thresh=0.97 nothing passes, and the hint names the flag, the highest
+  predicted IoU and a threshold the masks pass; with the discs unstable (soft logits)
+  it names the stability threshold instead; when objects are found there is none."""
+  image = _image()
+  settings = config_lib.AutomaticSettings(points_per_side=16, points_per_batch=32,
+                                          pred_iou_thresh=0.97)
+  generator = automatic.AutomaticMaskGenerator(bundle, settings=settings)
+  generator._forward = _planted_forward(bundle, image.shape[:2])  # pylint: disable=protected-access
+  assert len(generator(image).iou) == 0
+  hint = generator.tally.hint(settings)
+  assert "--pred_iou_thresh=0.97" in hint and "up to 0.95" in hint, hint
+  suggested = float(hint.split("Try --pred_iou_thresh=")[1].split()[0])
+  assert 0.3 <= suggested <= 0.95  # The discs (a quarter of the grid or less) may pass.
+  assert generator.tally.prompts == 256 and generator.tally.passed_iou == 0
+
+  loose = dataclasses.replace(settings, pred_iou_thresh=0.9)
+  soft = automatic.AutomaticMaskGenerator(bundle, settings=loose)
+  planted = _planted_forward(bundle, image.shape[:2])
+  soft._forward = lambda x: {**planted(x), "masks": planted(x)["masks"] / 100.0}  # pylint: disable=protected-access
+  assert len(soft(image).iou) == 0
+  assert "none --stability_score_thresh=0.95" in soft.tally.hint(loose)
+
+  found = automatic.AutomaticMaskGenerator(bundle, settings=loose)
+  found._forward = planted  # pylint: disable=protected-access
+  assert len(found(image).iou) == len(OBJECTS) and found.tally.hint(loose) == ""
+
+
+def test_run_takes_automatic_settings_only_with_automatic_evaluation():
+  """`run --pred_iou_thresh` without `automatic` in --eval_prompt is one error naming
+  it; with it, the run's evaluator gets the settings."""
+  with pytest.raises(Exception) as e:
+    config_lib.RunConfig(output_dir="x", pred_iou_thresh=0.7).validate()
+  assert e.value.flag == "pred_iou_thresh" and "automatic" in str(e.value)
+  config = config_lib.RunConfig(output_dir="x", eval_prompt=("point", "automatic"),
+                                pred_iou_thresh=0.7, points_per_side=8).validate()
+  assert config.automatic_settings == config_lib.AutomaticSettings(pred_iou_thresh=0.7,
+                                                                   points_per_side=8)
+  with pytest.raises(Exception) as e:
+    dataclasses.replace(config, stability_score_thresh=2.0).validate()
+  assert e.value.flag == "stability_score_thresh"

@@ -263,6 +263,10 @@ def test_demo_check_puts_a_run_next_to_its_arm_and_seed_of_the_comparison(tmp_pa
                       "comparison 61.00 (the same); 2 seed(s): 61.5 ± 0.7")
   assert lines[2] == ("  personalized, box prompts, each site on its own client (mean over 2 "
                       "sites): this run 70.00, comparison 70.00 (the same); 2 seed(s): 70.2 ± 0.4")
+  older = json.loads((tmp_path / "cmp" / compare.COMPARE_FILE).read_text())
+  del older["config"]["pred_iou_thresh"]  # A comparison made before the setting existed.
+  (tmp_path / "cmp" / compare.COMPARE_FILE).write_text(json.dumps(older))
+  assert check(federated)[1] == lines[1]  # Its default: no difference.
   changed = json.loads(json.dumps(federated))
   changed["evaluation"]["by_prompt"]["box"]["dice"] = 0.63
   changed["config"]["rounds"] += 1

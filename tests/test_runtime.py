@@ -6,6 +6,7 @@ The local worker here is a real child process named like TFF's (`sleep` under th
 `worker_binary`); `test_resume.py` kills the real local worker of a running binary.
 """
 
+import io
 import json
 import os
 import signal
@@ -303,3 +304,18 @@ def test_local_worker_ended_on_purpose_is_not_a_crash():
       assert add_one(1) == 2  # A real local worker_binary runs it.
       assert local_worker.end_local_workers() == 1
       _wait_for_interrupt(1.0)  # The watch looks 20 times.
+
+
+def test_progress_bars_are_drawn_only_on_a_terminal(monkeypatch):
+  """In a log file or a pipe a bar's carriage returns would mix with the log lines."""
+  from tff_sam import terminal  # pylint: disable=import-outside-toplevel
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  monkeypatch.setattr(sys, "stderr", io.StringIO())
+  assert terminal.progress_bar(range(3)).disable
+  monkeypatch.setattr(sys, "stderr", Terminal())
+  assert not terminal.progress_bar(range(3)).disable
+  assert terminal.progress_bar(range(3), disable=True).disable

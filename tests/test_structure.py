@@ -38,7 +38,8 @@ MODULES = _modules()
 # the ones before it, never from a later one. A layer is a list of module prefixes.
 LAYERS = (
     ("top-level", ("tff_sam.config", "tff_sam.errors", "tff_sam.fileio",
-                   "tff_sam.output_folder", "tff_sam.registry", "tff_sam.runtime")),
+                   "tff_sam.output_folder", "tff_sam.registry", "tff_sam.runtime",
+                   "tff_sam.terminal")),
     ("models", ("tff_sam.models",)),
     ("data", ("tff_sam.data",)),
     ("evaluation", ("tff_sam.evaluation",)),

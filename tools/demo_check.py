@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 import sys
 
+from tff_sam import config as config_lib
+
 # Settings that may differ between the run and the comparison's federated arm.
 _IGNORED = ("output_dir",)
 _TOLERANCE = 1e-3
@@ -49,8 +51,10 @@ def _mean(values: list) -> float | None:
 def main(run_dir: Path, compare_json: Path) -> int:
   summary, compare = _load(run_dir / "summary.json"), _load(compare_json)
   seed = summary["config"]["seed"]
+  # A setting newer than the comparison has its default there.
+  measured = {**config_lib.RunConfig(output_dir="").to_dict(), **compare["config"]}
   changed = sorted(k for k, v in summary["config"].items()
-                   if k not in _IGNORED and compare["config"].get(k) != v)
+                   if k not in _IGNORED and measured.get(k) != v)
   print(f"{run_dir} vs {compare_json} (its federated arm, seed {seed}; held-out Dice x100):")
   if changed:
     print(f"  note: this run's settings differ from the comparison's: {', '.join(changed)}")

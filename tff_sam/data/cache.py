@@ -25,16 +25,15 @@ channels last), where the first adapted block starts; the TFF model runs the res
 import collections
 import dataclasses
 import hashlib
-import sys
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import cv2
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 from tff_sam import fileio
+from tff_sam import terminal
 from tff_sam.data import discovery
 from tff_sam.data import preprocess
 from tff_sam.data import reading
@@ -295,7 +294,7 @@ def build_records(examples: Sequence[discovery.Example], *, bundle: sam_lib.SamB
     encode = bundle.encoder_fn()
   progress = None
   if todo and show_progress:
-    progress = tqdm(total=len(todo), desc=desc, unit="img", file=sys.stderr, leave=False)
+    progress = terminal.progress_bar(total=len(todo), desc=desc, unit="img")
   for start in range(0, len(todo), batch_size):
     batch = todo[start:start + batch_size]
     chunk, prepared = _read_chunk(batch, bundle=bundle, input_size=input_size, online=online,

@@ -23,14 +23,15 @@ changes, and zero-shot and fine-tuned models are compared on the same footing.
 """
 
 import dataclasses
+import math
 from typing import Optional
 
 import cv2
 import numpy as np
 import tensorflow as tf
 
+from tff_sam import config as config_lib
 from tff_sam.data import preprocess
-from tff_sam.evaluation import automatic_settings
 from tff_sam.models import build
 from tff_sam.models import sam as sam_lib
 
@@ -66,6 +67,40 @@ class Proposals:
                        np.zeros((0, 2), np.float32), np.zeros((0, 4), np.int64))
     return Proposals(*(np.concatenate([getattr(p, f.name) for p in parts])
                        for f in dataclasses.fields(Proposals)))
+
+
+@dataclasses.dataclass
+class Tally:
+  """What the filters did to a generator's grid masks, over the images it segmented
+  since the tally was made: enough to say why nothing was found (`hint`).
+
+  Attributes:
+    prompts: Grid points decoded.
+    passed_iou: Masks whose predicted IoU passed `pred_iou_thresh`.
+    passed_stability: Of those, masks that passed `stability_score_thresh` too.
+    ious: Every grid mask's predicted IoU, one array per decoder batch.
+  """
+
+  prompts: int = 0
+  passed_iou: int = 0
+  passed_stability: int = 0
+  ious: list = dataclasses.field(default_factory=list)
+
+  def hint(self, settings: config_lib.AutomaticSettings) -> str:
+    """Which filter removed every mask and what to try instead ('' if masks passed)."""
+    if not self.prompts or self.passed_stability:
+      return ""
+    if self.passed_iou:
+      return (f"{self.passed_iou} of {self.prompts} grid masks passed --pred_iou_thresh but "
+              f"none --stability_score_thresh={settings.stability_score_thresh:g}; try a "
+              "lower one, e.g. --stability_score_thresh=0.8")
+    iou = np.concatenate(self.ious)
+    suggestion = math.floor(20 * float(np.quantile(iou, 0.75))) / 20
+    return (f"no mask passed --pred_iou_thresh={settings.pred_iou_thresh:g}: the model "
+            f"predicts IoUs up to {iou.max():.2f} (median {np.median(iou):.2f}) for its "
+            f"{self.prompts} grid masks. SAM's thresholds suit SAM's own IoU head; a "
+            "fine-tuned head predicts the IoUs it reached on its training data. Try "
+            f"--pred_iou_thresh={suggestion:g} --stability_score_thresh=0.8")
 
 
 def point_grid(points_per_side: int) -> np.ndarray:
@@ -165,7 +200,7 @@ class AutomaticMaskGenerator:
   """Every object of an image, from a grid of point prompts (module docstring)."""
 
   def __init__(self, bundle: sam_lib.SamBundle, *,
-               settings: Optional[automatic_settings.AutomaticSettings] = None,
+               settings: Optional[config_lib.AutomaticSettings] = None,
                decoder: Optional[tf.keras.Model] = None):
     """Args:
       bundle: A pretrained or fine-tuned SAM (its encoder, processor and config).
@@ -174,11 +209,12 @@ class AutomaticMaskGenerator:
         weights are being evaluated); default: `bundle`'s own.
     """
     self.bundle = bundle
-    self.settings = settings or automatic_settings.AutomaticSettings()
+    self.settings = settings or config_lib.AutomaticSettings()
     self._model = decoder or build.build_prompt_mask_decoder(bundle, prompt="points")
     self._forward = tf.function(lambda x: self._model(x, training=False),
                                 reduce_retracing=True)
     self.input_size = sam_lib.image_size(bundle.config)
+    self.tally = Tally()
 
   def __call__(self, image: np.ndarray) -> Proposals:
     """The kept masks of `image` ((H, W, 3) uint8), in its frame."""
@@ -251,6 +287,9 @@ class AutomaticMaskGenerator:
                          "points": batch[None], "point_labels": labels[None]})
     iou = out["iou"].numpy()[0, :n]
     keep = iou >= s.pred_iou_thresh
+    self.tally.prompts += n
+    self.tally.passed_iou += int(keep.sum())
+    self.tally.ious.append(iou)
     logits = np.zeros((0, *size), np.float32)
     if keep.any():
       low = tf.constant(out["masks"].numpy()[0, :n][keep][:, None])
@@ -258,6 +297,7 @@ class AutomaticMaskGenerator:
           [low], [size], [reshaped], binarize=False, return_tensors="tf")[0][:, 0].numpy()
     stability = stability_score(logits, threshold=0.0, offset=s.stability_score_offset)
     stable = stability >= s.stability_score_thresh
+    self.tally.passed_stability += int(stable.sum())
     masks = logits[stable] > 0.0
     return Proposals(masks, mask_boxes(masks), iou[keep][stable], stability[stable],
                      points[keep][stable], np.zeros((int(stable.sum()), 4), np.int64))

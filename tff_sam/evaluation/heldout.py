@@ -21,23 +21,21 @@ files, so objects too small for the low-resolution frame still count.
 
 import dataclasses
 from pathlib import Path
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import fileio
+from tff_sam import terminal
 from tff_sam.data import cache
 from tff_sam.data import datasets
 from tff_sam.data import discovery
 from tff_sam.data import preprocess
 from tff_sam.data import reading
 from tff_sam.evaluation import automatic
-from tff_sam.evaluation import automatic_settings as automatic_settings_lib
 from tff_sam.evaluation import inference
 from tff_sam.evaluation import instance_metrics
 from tff_sam.models import build
@@ -72,6 +70,8 @@ class EvalResult:
     objects_found: With `automatic` (no prompts, so no Dice or IoU): the objects of
       the label images; `num_objects` counts the true ones (every object of the
       mask, whatever `max_objects_per_image`).
+    hint: With `automatic` and no object found: which filter removed every mask and
+      the thresholds to try (`automatic.Tally.hint`).
   """
 
   dice: float
@@ -84,12 +84,13 @@ class EvalResult:
   eval_prompt: str = config_lib.BOX_EVAL
   by_client: dict = dataclasses.field(default_factory=dict)
   objects_found: Optional[int] = None
+  hint: str = ""
 
   def scores_line(self) -> str:
     """The scores for a log line: Dice, IoU, mSA, SA50 (automatic: mSA, SA50, counts)."""
     if self.objects_found is not None:
       return (f"mSA {self.msa:.4f}  SA50 {self.sa50:.4f}  objects {self.objects_found} "
-              f"found / {self.num_objects} true")
+              f"found / {self.num_objects} true" + (f"; hint: {self.hint}" if self.hint else ""))
     return (f"dice {self.dice:.4f}  iou {self.iou:.4f}  mSA {self.msa:.4f}  "
             f"SA50 {self.sa50:.4f}")
 
@@ -97,6 +98,8 @@ class EvalResult:
     out = dataclasses.asdict(self)
     if self.objects_found is None:  # Prompted: as before `automatic` existed.
       del out["objects_found"]
+    if not self.hint:
+      del out["hint"]
     return out
 
 
@@ -132,7 +135,7 @@ class Evaluator:
                binary_components: bool = False, max_objects_per_image: int = 0,
                chunk: int = 16, clients: Optional[Sequence[str]] = None,
                corrections: int = 3,
-               automatic_settings: Optional[automatic_settings_lib.AutomaticSettings] = None):
+               automatic_settings: Optional[config_lib.AutomaticSettings] = None):
     """Loads the test set.
 
     Args:
@@ -264,13 +267,17 @@ class Evaluator:
                                 mask_inputs=logits)
     return masks
 
-  def segment(self, model: tf.keras.Model, image: _TestImage) -> np.ndarray:
-    """`image`'s label image by automatic segmentation with `model`'s weights."""
+  def generator(self, model: tf.keras.Model) -> automatic.AutomaticMaskGenerator:
+    """The automatic mask generator with `model`'s weights (made once per model)."""
     decoder = self._decoder(model, config_lib.POINTS_PROMPT)
     if decoder not in self._generators:
       self._generators[decoder] = automatic.AutomaticMaskGenerator(
           self._bundle, settings=self.automatic_settings, decoder=decoder)
-    found = self._generators[decoder].from_embedding(
+    return self._generators[decoder]
+
+  def segment(self, model: tf.keras.Model, image: _TestImage) -> np.ndarray:
+    """`image`'s label image by automatic segmentation with `model`'s weights."""
+    found = self.generator(model).from_embedding(
         self._embeddings.get(model, {}).get(id(image), image.embedding),
         original_size=image.original_size, reshaped_size=image.reshaped_size)
     return automatic.label_image(found, image.original_size)
@@ -290,19 +297,22 @@ class Evaluator:
     if eval_prompt is None:
       eval_prompt = config_lib.default_eval_prompt(getattr(model, "prompt_mode",
                                                            config_lib.BOX_PROMPT))
+    if eval_prompt == config_lib.AUTOMATIC_EVAL:
+      self.generator(model).tally = automatic.Tally()
     scores: dict[Optional[str], list] = {}  # Client -> one dict per image.
-    indexed = enumerate(self.images)
-    if self.show_progress:
-      indexed = tqdm(indexed, total=len(self.images), desc=f"evaluating ({eval_prompt})",
-                     unit="img", file=sys.stderr, leave=False)
-    for index, image in indexed:
+    for index, image in terminal.progress_bar(
+        enumerate(self.images), total=len(self.images), desc=f"evaluating ({eval_prompt})",
+        unit="img", disable=not self.show_progress):
       owner = self.clients[index] if self.clients is not None else None
       if client is None or owner == client:
         scores.setdefault(owner, []).append(self._score_image(model, image, eval_prompt))
     by_client = {} if self.clients is None else {
         c: _summary(scored, eval_prompt) for c, scored in sorted(scores.items())}
-    return EvalResult(eval_prompt=eval_prompt, by_client=by_client,
-                      **_summary([i for scored in scores.values() for i in scored], eval_prompt))
+    summary = _summary([i for scored in scores.values() for i in scored], eval_prompt)
+    if eval_prompt == config_lib.AUTOMATIC_EVAL and not summary["objects_found"]:
+      generator = self.generator(model)
+      summary["hint"] = generator.tally.hint(generator.settings)
+    return EvalResult(eval_prompt=eval_prompt, by_client=by_client, **summary)
 
   def _score_image(self, model: tf.keras.Model, image: _TestImage, eval_prompt: str) -> dict:
     """One image's (Dice, IoU) pairs per object and its SA scores (or objects found)."""
@@ -363,7 +373,7 @@ def evaluate_folder(*, model: str, data_dir: Optional[str],
                     data_name: str = config_lib.SAMPLE_DATASET, split: str = "auto",
                     eval_prompts: Sequence[str] = (config_lib.BOX_EVAL, config_lib.POINT_EVAL),
                     corrections: int = 3,
-                    automatic_settings: Optional[automatic_settings_lib.AutomaticSettings] = None,
+                    automatic_settings: Optional[config_lib.AutomaticSettings] = None,
                     binary_components: bool = False, max_objects_per_image: int = 0,
                     cache_dir: Optional[str] = None, encode_batch_size: int = 4) -> dict:
   """Evaluates a model (by name) on a data folder; what `experiments.evaluate` prints.

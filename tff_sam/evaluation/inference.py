@@ -8,24 +8,22 @@ segments images without prompts (`automatic`; `python -m tff_sam.experiments.seg
 """
 
 from pathlib import Path
-import sys
 import time
 from typing import Callable, Optional
 
 import cv2
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import fileio
 from tff_sam import output_folder
+from tff_sam import terminal
 from tff_sam.data import discovery
 from tff_sam.data import preprocess
 from tff_sam.data import reading
 from tff_sam.evaluation import automatic
-from tff_sam.evaluation import automatic_settings
 from tff_sam.evaluation import plots
 from tff_sam.models import build
 from tff_sam.models import sam as sam_lib
@@ -272,7 +270,7 @@ def image_files(source: Path) -> list[Path]:
 
 
 def segment_paths(*, model: str, source: str, output_dir: str,
-                  settings: Optional[automatic_settings.AutomaticSettings] = None,
+                  settings: Optional[config_lib.AutomaticSettings] = None,
                   cache_dir: Optional[str] = None,
                   log: Callable[[str], None] = print) -> list[dict]:
   """What `python -m tff_sam.experiments.segment` does: automatic segmentation of an
@@ -294,8 +292,7 @@ def segment_paths(*, model: str, source: str, output_dir: str,
   generator = automatic.AutomaticMaskGenerator(bundle, settings=settings)
   done = []
   with output_folder.claim(output_dir) as out:
-    bar = tqdm(images, desc="segmenting", unit="img", file=sys.stderr, leave=False,
-               disable=len(images) == 1)
+    bar = terminal.progress_bar(images, desc="segmenting", unit="img", disable=len(images) == 1)
     for path in bar:
       start = time.monotonic()
       image = reading.read_image(path)
@@ -309,8 +306,11 @@ def segment_paths(*, model: str, source: str, output_dir: str,
           image, labels, caption=f"{path.name}: {count} objects (automatic, {model})")[..., ::-1])
       done.append({"image": str(path), "objects": count,
                    "seconds": time.monotonic() - start, **{k: str(v) for k, v in files.items()}})
-      with tqdm.external_write_mode():
+      with bar.external_write_mode():
         log(f"{path.name}: {count} objects, {done[-1]['seconds']:.1f} s -> {files['labels']}")
+  hint = generator.tally.hint(generator.settings)
+  if hint:
+    log(f"hint: {hint}")
   return done
 
 

@@ -22,7 +22,7 @@ from absl import flags
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import runtime
-from tff_sam.evaluation import automatic_settings
+from tff_sam.experiments import automatic_flags
 
 flags.DEFINE_string("model", config_lib.MOBILE_SAM_MODEL, config_lib.MODEL_HELP)
 flags.DEFINE_string("data_dir", None, "Data folder (same layout as for run). Default: the "
@@ -35,8 +35,6 @@ flags.DEFINE_list("eval_prompt", [config_lib.BOX_EVAL, config_lib.POINT_EVAL],
                   "Evaluation prompts, as for run: " + ", ".join(config_lib.EVAL_PROMPTS)
                   + " (automatic: no prompt, SAM's automatic mask generation).")
 flags.DEFINE_integer("eval_corrections", 3, "Corrective points of box_corrections.")
-flags.DEFINE_integer("points_per_side", 32, "automatic: points per side of the prompt grid "
-                     "(SAM's default 32; 16 is 4x faster).")
 flags.DEFINE_boolean("binary_components", False,
                      "Binary masks: one object per connected component.")
 flags.DEFINE_integer("max_objects", 0, "At most this many prompted objects per image (0 = "
@@ -54,8 +52,7 @@ def _settings():
                              "prompt")
   errors.require(FLAGS.eval_corrections >= 1, "eval_corrections",
                  f"must be >= 1, got {FLAGS.eval_corrections}")
-  return tuple(FLAGS.eval_prompt), automatic_settings.AutomaticSettings(
-      points_per_side=FLAGS.points_per_side).validate()
+  return tuple(FLAGS.eval_prompt), automatic_flags.settings()
 
 
 def main(argv):

@@ -20,6 +20,7 @@ from absl import flags
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import runtime
+from tff_sam.experiments import automatic_flags  # pylint: disable=unused-import  (its flags are run's)
 
 # Defaults live in one place: the dataclass.
 _F = {f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)}
@@ -248,6 +249,7 @@ HELP_GROUPS = (
                                    "secure_aggregation", "update_compression")),
     ("evaluation", ("eval_every", "eval_max_objects", "eval_prompt", "eval_corrections",
                     "keep_best", "test_every_eval")),
+    ("automatic segmentation (--eval_prompt=automatic)", config_lib.AUTOMATIC_SETTINGS),
     ("personalization", ("personalize_steps", "site_test_clients")),
     ("output", ("output_dir", "fresh")),
 )

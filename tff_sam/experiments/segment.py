@@ -21,32 +21,14 @@ from absl import flags
 from tff_sam import config as config_lib
 from tff_sam import errors
 from tff_sam import runtime
-from tff_sam.evaluation import automatic_settings
+from tff_sam.experiments import automatic_flags
 
 flags.DEFINE_string("model", config_lib.MOBILE_SAM_MODEL, config_lib.MODEL_HELP)
 flags.DEFINE_string("input", None, "An image file, or a folder of images.")
 flags.DEFINE_string("output_dir", None, "Folder for the label images and overlays.")
-flags.DEFINE_integer("points_per_side", 32, "The point grid has this many points per side "
-                     "(SAM's default 32: 1024 prompts; 16 is 4x faster).")
-flags.DEFINE_integer("points_per_batch", 64, "Point prompts per decoder call.")
-flags.DEFINE_float("pred_iou_thresh", 0.88, "Keep masks whose predicted IoU is at least this.")
-flags.DEFINE_float("stability_score_thresh", 0.95,
-                   "Keep masks whose stability score (how little the mask changes when its "
-                   "logit threshold moves by 1) is at least this.")
-flags.DEFINE_float("box_nms_thresh", 0.7,
-                   "Box IoU above which the lower-scored of two masks is dropped.")
-flags.DEFINE_integer("crop_n_layers", 0, "Also segment overlapping crops: layer i splits the "
-                     "image into (2**i)^2 crops (0 = the whole image only).")
-flags.DEFINE_integer("min_mask_region_area", 0,
-                     "Remove islands and holes smaller than this many pixels (0 = off).")
-flags.DEFINE_float("max_mask_fraction", 0.5,
-                   "Drop masks covering more than this share of the image (SAM segments the "
-                   "background as one more object); 1.0 keeps every mask.")
 flags.DEFINE_string("cache_dir", None, "Cache root (default $TFF_SAM_CACHE or ~/.cache/tff_sam).")
 
 FLAGS = flags.FLAGS
-SETTINGS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
-            "box_nms_thresh", "crop_n_layers", "min_mask_region_area", "max_mask_fraction")
 
 
 def _settings():
@@ -54,7 +36,7 @@ def _settings():
   for name in ("input", "output_dir"):
     if not getattr(FLAGS, name):
       raise errors.ConfigError(name, "is required")
-  return automatic_settings.AutomaticSettings(**{k: getattr(FLAGS, k) for k in SETTINGS}).validate()
+  return automatic_flags.settings()
 
 
 def main(argv):

@@ -1,13 +1,14 @@
 import sys, numpy as np
 from pathlib import Path
 from tff_sam.models import build
-from tff_sam.evaluation import automatic, automatic_settings, instance_metrics
+from tff_sam import config as config_lib
+from tff_sam.evaluation import automatic, instance_metrics
 from tff_sam.data import reading
 img_path = Path(sys.argv[2])
 img = reading.read_image(img_path)
 truth = reading.read_mask(next((img_path.parent.parent / "masks").glob(img_path.stem + ".*")))
 b = build.load_sam(sys.argv[1])
-g = automatic.AutomaticMaskGenerator(b, settings=automatic_settings.AutomaticSettings(points_per_side=int(sys.argv[3]), pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, max_mask_fraction=1.0))
+g = automatic.AutomaticMaskGenerator(b, settings=config_lib.AutomaticSettings(points_per_side=int(sys.argv[3]), pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, max_mask_fraction=1.0))
 f = g(img)
 H, W = img.shape[:2]
 for it in (0.88, 0.8, 0.7, 0.5):

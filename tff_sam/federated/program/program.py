@@ -346,7 +346,7 @@ def _prepare_held_out(run: _Run, data: _TrainingData) -> _HeldOut:
       examples=[r.example for r in records.test], records=records.test, bundle=data.bundle,
       binary_components=config.binary_components,
       max_objects_per_image=config.eval_max_objects, clients=test_clients,
-      corrections=config.eval_corrections)
+      corrections=config.eval_corrections, automatic_settings=config.automatic_settings)
   if config.personalize_steps:  # `--site_test_clients` mistakes before round 0, not after.
     personalization.site_test_clients(config, sites=data.client_ids, test_clients=eval_clients)
   keeper = best_model.BestModelKeeper(out) if config.keep_best else None
