@@ -214,7 +214,8 @@ def test_cli_help_documents_every_flag_by_topic():
               if line.endswith(":") and not line.startswith(" ")]
   assert headings == ["data", "model", "prompts", "training (on each client)",
                       "federated (rounds and aggregation)", "privacy and communication",
-                      "evaluation", "personalization", "output"]
+                      "evaluation", "automatic segmentation (--eval_prompt=automatic)",
+                      "personalization", "output"]
   sections = re.split(r"\n(?=[a-z][^\n]*:\n)", proc.stdout)[1:]
   listed = [re.findall(r"^  --(?:\[no\])?(\w+):", part, re.M) for part in sections]
   flat = [name for names in listed for name in names]
