@@ -164,8 +164,7 @@ def binary_markdown(name: str) -> list[str]:
     summary = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
     lines = [f"## {name}", "", f"`python -m {PACKAGE}.{name}`: {summary}", ""]
     if _takes_runs_flags(name):
-      lines += ["It takes every flag of [run](#run) (they set its federated arm), and these:",
-                ""]
+      lines += ["It takes every flag of [run](#run), and these:", ""]
     for title, flag_list in _sections(name, module):
       lines += [f"**{title}**", "", *_table(flag_list), ""]
   return lines
