@@ -139,11 +139,12 @@ def _takes_runs_flags(name: str) -> bool:
 
 def _sections(name: str, module: ModuleType) -> list[tuple[str, list[flags.Flag]]]:
   """(title, flags) of binary `name`: its help topics, then flags of no topic by module
-  (without run's flags when it takes them all: the page lists them under run)."""
+  (without run's topics when it takes them all: the page lists them under run)."""
   by_module = own_flags()
   if _takes_runs_flags(name):
-    by_module = {m: f for m, f in by_module.items()
-                 if m not in (f"{PACKAGE}.run", f"{PACKAGE}.automatic_flags")}
+    runs = {n for _, names in sys.modules[f"{PACKAGE}.run"].HELP_GROUPS for n in names}
+    by_module = {m: [f for f in flag_list if f.name not in runs]
+                 for m, flag_list in by_module.items()}
   mine = {f.name: f for flag_list in by_module.values() for f in flag_list}
   groups = list(getattr(module, "HELP_GROUPS", ()))
   sections = [(title, [mine[n] for n in names]) for title, names in groups]
