@@ -1,6 +1,6 @@
-"""README's "Use the fine-tuned model" snippets, run as written on real exports.
+"""The "Use the fine-tuned model" snippets (docs/exports.md), run as written on real exports.
 
-Every `<!-- snippet: NAME -->` code block of README.md is run with its paths pointed
+Every `<!-- snippet: NAME -->` code block of docs/exports.md is run with its paths pointed
 at exports made here: a MobileSAM model (real weights) for `runs/demo/...`, the tiny
 ViT for `runs/mine/...`, a held-out sample image for `cells.png` and one of its
 objects' tight box for the box. TensorFlow and ONNX snippets run in this process;
@@ -29,6 +29,7 @@ from tff_sam.models import build
 from tff_sam.models import losses
 
 REPO = Path(__file__).resolve().parents[1]
+SNIPPETS_PAGE = REPO / "docs" / "exports.md"
 SNIPPET = re.compile(r"<!-- snippet: (\w+) -->\n```python\n(.*?)```", re.S)
 README_BOX = "[120, 40, 180, 110]"
 TORCH_SNIPPETS = ("mobile_sam", "transformers_pytorch")
@@ -37,14 +38,21 @@ pytestmark = pytest.mark.slow
 
 
 def readme_snippets() -> dict[str, str]:
-  return dict(SNIPPET.findall((REPO / "README.md").read_text()))
+  """Snippet name -> code, from docs/exports.md (README's reference page on loading)."""
+  return dict(SNIPPET.findall(SNIPPETS_PAGE.read_text()))
 
 
 def test_readme_has_a_snippet_per_format():
+  """docs/exports.md has one snippet per way to load a model, each on the box and image
+  the tests substitute; no other page of README.md and docs/ has one (it would not run)."""
   assert set(readme_snippets()) == {"tff_sam", "saved_model", "onnx", "mobile_sam",
                                     "transformers_pytorch"}
+  assert len(SNIPPET.findall(SNIPPETS_PAGE.read_text())) == len(readme_snippets())
   for name, code in readme_snippets().items():
     assert README_BOX in code and "cells.png" in code, name
+  for page in (REPO / "README.md", *(REPO / "docs").glob("*.md")):
+    if page != SNIPPETS_PAGE:
+      assert "<!-- snippet:" not in page.read_text(), page.name
 
 
 @pytest.fixture(name="case", scope="module")
@@ -90,7 +98,7 @@ def _mask(name: str, case: dict, torch_env, reference_code) -> np.ndarray:
   code = _prepared(name, case)
   if name not in TORCH_SNIPPETS:
     namespace: dict = {}
-    exec(compile(code, f"README:{name}", "exec"), namespace)  # pylint: disable=exec-used
+    exec(compile(code, f"docs/exports.md:{name}", "exec"), namespace)  # pylint: disable=exec-used
     return np.asarray(namespace["mask"])
   script, out = case["tmp"] / f"{name}.py", case["tmp"] / f"{name}.npy"
   script.write_text(code)

@@ -160,7 +160,7 @@ _RESUMES = "then run the same command again: it resumes from the last saved roun
     (local_worker.LocalWorkerDied(7, ""), True,
      "TFF's worker_binary (pid 7) died during round 2; it is usually the kernel's "
      "out-of-memory killer (see `dmesg`). Try a smaller --batch_size, fewer clients per round "
-     "or --clients_per_subround (README, 'Many clients per round: memory')"),
+     "or --clients_per_subround (docs/execution.md, 'Many clients per round: memory')"),
 ])
 def test_backend_failures_become_one_line_naming_the_section(error, resumable, message):
   progress = {}

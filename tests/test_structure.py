@@ -1,6 +1,6 @@
-"""The package's shape, checked from its source: the rules of README's "Layout".
+"""The package's shape, checked from its source: the rules of docs/layout.md.
 
-* imports point down the layers of `LAYERS` (README's "Layout" states the same
+* imports point down the layers of `LAYERS` (docs/layout.md states the same
   order): a module imports only from its own layer or lower ones;
 * no import cycle between `tff_sam` modules;
 * no module over `MAX_LINES` lines;
@@ -34,7 +34,7 @@ def _modules() -> dict[str, Path]:
 
 MODULES = _modules()
 
-# README's "Layout", lowest layer first: a module may import from its own layer and
+# docs/layout.md, lowest layer first: a module may import from its own layer and
 # the ones before it, never from a later one. A layer is a list of module prefixes.
 LAYERS = (
     ("top-level", ("tff_sam.config", "tff_sam.errors", "tff_sam.fileio",
@@ -157,12 +157,12 @@ def test_layer_checker_finds_an_upward_import():
 
 def test_every_module_is_in_a_layer():
   unplaced = [m for m in MODULES if m not in PACKAGE_ROOTS and _layer(m) is None]
-  assert not unplaced, f"modules in no layer of LAYERS (and README's Layout): {unplaced}"
+  assert not unplaced, f"modules in no layer of LAYERS (and docs/layout.md): {unplaced}"
 
 
 def test_imports_point_down_the_layers():
   upward = _upward_imports(import_graph())
-  assert not upward, ("imports against the layers of README's Layout (a module imports only "
+  assert not upward, ("imports against the layers of docs/layout.md (a module imports only "
                       "from its own layer or lower ones):\n" + "\n".join(upward))
 
 

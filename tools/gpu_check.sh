@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared check for a machine with an NVIDIA GPU (README, "On a GPU").
+# The one prepared check for a machine with an NVIDIA GPU (docs/execution.md, "On a GPU").
 #
 #   tools/gpu_check.sh            # from the checkout; writes runs/gpu_check/
 #

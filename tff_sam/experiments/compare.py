@@ -34,6 +34,8 @@ flags.DEFINE_list("arms", list(config_lib.COMPARE_ARMS),
 
 FLAGS = flags.FLAGS
 COMPARE_DIR = "compare"
+# `--help` lists run's topics (`run.HELP_GROUPS`), then these.
+HELP_GROUPS = (("comparison", ("seeds", "leave_one_site_out", "arms")),)
 
 
 def _settings() -> tuple[config_lib.RunConfig, dict, tuple[int, ...]]:
@@ -77,5 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
   app.run(main, flags_parser=lambda argv: run_binary.parse_flags(
-      argv, doc=__doc__,
-      extra_groups=(("comparison", ("seeds", "leave_one_site_out", "arms")),)))
+      argv, doc=__doc__, extra_groups=HELP_GROUPS))

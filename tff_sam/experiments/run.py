@@ -98,7 +98,7 @@ flags.DEFINE_float("lora_alpha", _F["lora_alpha"],
                    "--adapter=lora: each update is scaled by lora_alpha / lora_rank. With Adam "
                    "(the default client optimizer) B moves about --client_lr per step whatever "
                    "the scale, so this scale is the adapters' learning rate relative to the "
-                   "decoder's (README, 'LoRA in the image encoder').")
+                   "decoder's (docs/lora.md).")
 flags.DEFINE_list("lora_targets", list(_F["lora_targets"]),
                   "--adapter=lora: linear layers of every transformer block that get an "
                   "adapter: qkv (attention input projection), proj (attention output "
@@ -180,7 +180,7 @@ flags.DEFINE_enum("execution", "auto", ("auto",) + config_lib.EXECUTIONS,
 flags.DEFINE_list("workers", [], "host:port,... of TFF workers on other machines (start each "
                   "with python -m tff_sam.experiments.worker --port P): each round's clients "
                   "are split over them and run in parallel (TFF's mergeable execution; "
-                  "README 'Several machines'). Empty = TFF's local worker.")
+                  "docs/execution.md, 'Several machines'). Empty = TFF's local worker.")
 flags.DEFINE_float("worker_timeout", _F["worker_timeout"],
                    "Seconds a --workers worker may stay unreachable before the run ends with "
                    "an error naming it (the same command resumes).")

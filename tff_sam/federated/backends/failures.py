@@ -32,8 +32,8 @@ def _local_worker_message(error: local_worker.LocalWorkerDied, section: str) -> 
     cause = "it stopped by itself: its own messages above say why"
   else:
     cause = ("it is usually the kernel's out-of-memory killer (see `dmesg`). Try a smaller "
-             "--batch_size, fewer clients per round or --clients_per_subround (README, "
-             "'Many clients per round: memory')")
+             "--batch_size, fewer clients per round or --clients_per_subround "
+             "(docs/execution.md, 'Many clients per round: memory')")
   return f"{error} during {section}; {cause}"
 
 
