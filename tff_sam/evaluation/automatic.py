@@ -96,11 +96,13 @@ class Tally:
               "lower one, e.g. --stability_score_thresh=0.8")
     iou = np.concatenate(self.ious)
     suggestion = math.floor(20 * float(np.quantile(iou, 0.75))) / 20
+    why = ("SAM's thresholds suit SAM's own IoU head; a fine-tuned head predicts the "
+           "IoUs it reached on its training data. " if settings.pred_iou_thresh
+           == config_lib.AutomaticSettings.pred_iou_thresh else "")
     return (f"no mask passed --pred_iou_thresh={settings.pred_iou_thresh:g}: the model "
             f"predicts IoUs up to {iou.max():.2f} (median {np.median(iou):.2f}) for its "
-            f"{self.prompts} grid masks. SAM's thresholds suit SAM's own IoU head; a "
-            "fine-tuned head predicts the IoUs it reached on its training data. Try "
-            f"--pred_iou_thresh={suggestion:g} --stability_score_thresh=0.8")
+            f"{self.prompts} grid masks. {why}Try --pred_iou_thresh={suggestion:g} "
+            "--stability_score_thresh=0.8")
 
 
 def point_grid(points_per_side: int) -> np.ndarray:
