@@ -143,6 +143,11 @@ def default_eval_prompt(prompt: str) -> str:
   return POINT_EVAL if prompt == POINTS_PROMPT else BOX_EVAL
 
 
+def headline_metric(eval_prompt: str) -> str:
+  """The metric that sums up an evaluation prompt: Dice, or mSA for `automatic` (no Dice)."""
+  return "msa" if eval_prompt == AUTOMATIC_EVAL else "dice"
+
+
 def uses_boxes(prompt: str) -> bool:
   """Whether prompt mode `prompt` gives the model boxes."""
   return prompt in (BOX_PROMPT, BOTH_PROMPTS, *BOX_OR_POINT_PROMPTS)

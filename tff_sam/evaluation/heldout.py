@@ -44,11 +44,6 @@ from tff_sam.models import losses
 from tff_sam.models import sam as sam_lib
 
 
-def headline_metric(eval_prompt: str) -> str:
-  """The metric that sums up an evaluation prompt: Dice, or mSA for `automatic`."""
-  return "msa" if eval_prompt == config_lib.AUTOMATIC_EVAL else "dice"
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
   """Scores on a test set.

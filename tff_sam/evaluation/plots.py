@@ -130,7 +130,7 @@ def _comparison_panels(table: Mapping, metric: str) -> list[tuple[str, Mapping, 
   own-site view when the table has one; `automatic` shows mSA."""
   panels = []
   for prompt, part in table.items():
-    shown = "msa" if prompt == config_lib.AUTOMATIC_EVAL else metric  # It has no Dice.
+    shown = metric if config_lib.headline_metric(prompt) == "dice" else "msa"
     what = prompt_title(prompt)
     panels.append((f"held-out {shown} ({what}; every held-out client)", part["rows"], shown))
     own = part.get("own_site", {}).get("rows")
@@ -209,9 +209,9 @@ def plot_label_curve(curve: Mapping, out_png: Path) -> Path:
                   yerr=[by_count[counts[i]]["std"] or 0.0 for i in xs], marker="o",
                   capsize=3, label=name, ls="--" if name == "zero_shot" else "-")
     ax.set_xticks(range(len(counts)), counts)
-    automatic = prompt == config_lib.AUTOMATIC_EVAL
     ax.set(title=prompt_title(prompt), xlabel="labelled training images per site",
-           ylabel="held-out mSA" if automatic else "held-out Dice")
+           ylabel="held-out " + ("Dice" if config_lib.headline_metric(prompt) == "dice"
+                                 else "mSA"))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
   fig.tight_layout()

@@ -43,7 +43,6 @@ from tff_sam import config as config_lib
 from tff_sam import fileio
 from tff_sam import output_folder
 from tff_sam.data import discovery
-from tff_sam.evaluation import heldout
 from tff_sam.evaluation import plots
 from tff_sam.federated.program import personalization
 from tff_sam.federated.program import program
@@ -331,7 +330,7 @@ def markdown_table(table: dict, *, steps: dict, seeds: int) -> str:
   """
   lines = []
   for prompt, part in table.items():
-    rows, key = part["rows"], heldout.headline_metric(prompt)
+    rows, key = part["rows"], config_lib.headline_metric(prompt)
     clients = [c for c in next(iter(rows.values()))[key] if c != "all"]
     head = (["arm", "Dice", "IoU", "mSA", "SA50"] + [f"{LABELS[key]} {c}" for c in clients]
             + ["local steps"])
@@ -353,7 +352,7 @@ def markdown_table(table: dict, *, steps: dict, seeds: int) -> str:
 
 def _own_site_table(prompt: str, own: dict, *, seeds: int) -> list[str]:
   """The own-site view as markdown lines (`summarize`'s `own_site`)."""
-  sites, key = list(own["sites"]), heldout.headline_metric(prompt)
+  sites, key = list(own["sites"]), config_lib.headline_metric(prompt)
   head = ["arm", "Dice", "IoU", "mSA", "SA50"] + [
       f"{LABELS[key]} {s} (on {c})" for s, c in own["sites"].items()]
   spread = f"mean ± std over {seeds} seeds)" if seeds > 1 else "1 seed)"
@@ -447,7 +446,7 @@ def label_curve(levels: dict[int, tuple[Sequence[Arm], Sequence[dict]]], *,
       for name in (ZERO_SHOT, LOCAL_MEAN, CENTRALIZED, FEDERATED, PERSONALIZED):
         if name in rows:
           curve[prompt].setdefault(name, {})[str(count or "all")] = rows[name][
-              heldout.headline_metric(prompt)]["all"]
+              config_lib.headline_metric(prompt)]["all"]
   return curve
 
 
@@ -456,7 +455,7 @@ def _label_curve_table(curve: dict, *, counts: Sequence[str], seeds: int,
   """The label curve as markdown: per prompt, rows by arm, a column per label count."""
   lines = []
   for prompt, rows in curve.items():
-    lines += [f"**{plots.prompt_title(prompt)}: {LABELS[heldout.headline_metric(prompt)]} "
+    lines += [f"**{plots.prompt_title(prompt)}: {LABELS[config_lib.headline_metric(prompt)]} "
               "by labelled training images per site** (x100; "
               + ("each site on its own held-out client" if own_site else "all held-out "
                  "clients") + (f"; mean ± std over {seeds} seeds)" if seeds > 1 else ")"), "",

@@ -169,7 +169,7 @@ def personalize_sites(config: config_lib.RunConfig, *, global_model: tf.keras.Mo
       by_prompt[mode] = {"global": global_scores[mode]["by_client"][client],
                          "personalized": {k: v for k, v in mine.to_dict().items()
                                           if k != "by_client"}}
-      metric = heldout.headline_metric(mode)
+      metric = config_lib.headline_metric(mode)
       log(f"  personalized {site} ({config.personalize_steps} steps on its "
           f"{data.counts[site]} images; held-out {client}, {mode} prompts): {metric} "
           f"{by_prompt[mode]['global'][metric]:.4f} -> {getattr(mine, metric):.4f}")
