@@ -319,6 +319,9 @@ def test_label_levels_plan_arms_per_count_and_the_curve_reads_each_level(
           0: (levels[0], summaries(levels[0], dice_all)),
           1: ([*zero, *levels[1]], summaries(zero, dice_all) + summaries(levels[1], dice_one))})
   assert result["label_curve"]["box"] == curve and result["label_curve_view"] == "all"
+  assert list(result["label_arms"]) == ["all", "1"]  # Every count's runs, not only the curve.
+  fed_one = next(a for a in result["label_arms"]["1"] if a["name"] == "federated")
+  assert fed_one["results"]["box"]["dice"] == pytest.approx(dice_one["federated"])
   assert json.loads((tmp_path / "out" / compare.COMPARE_FILE).read_text()) == json.loads(
       json.dumps(result))
   md = (tmp_path / "out" / compare.TABLE_FILE).read_text()

@@ -132,6 +132,21 @@ def test_other_execution_and_settings_older_runs_lack_resume(tmp_path, reference
                             [reference_settings["rounds"]])
 
 
+def test_a_zero_round_run_saved_before_a_setting_existed_is_complete(tmp_path):
+  """A 0-round run (zero-shot) saves no state: its summary's settings decide, and a
+  setting the summary lacks counts as its default; another value is not complete."""
+  config = config_lib.RunConfig(output_dir=str(tmp_path), rounds=0)
+  saved = config.to_dict()
+  del saved["pred_iou_thresh"]
+  summary = {"rounds": 0, "config": saved}
+  (tmp_path / "summary.json").write_text(json.dumps(summary))
+  (tmp_path / "model").mkdir()
+  (tmp_path / "model" / "config.json").write_text("{}")
+  assert run_folder.completed_summary(tmp_path, config, []) == summary
+  other = dataclasses.replace(config, eval_prompt=("point", "automatic"), pred_iou_thresh=0.7)
+  assert run_folder.completed_summary(tmp_path, other, []) is None
+
+
 @pytest.mark.slow
 def test_more_rounds_continue_a_finished_run(tmp_path, reference, reference_settings):
   """Also: a round released twice in `metrics.csv` (e.g. by two runs sharing the folder

@@ -194,10 +194,11 @@ def plot_comparison(table: Mapping, out_png: Path, metric: str = "dice") -> Path
   return Path(out_png)
 
 
-def plot_label_curve(curve: Mapping, out_png: Path) -> Path:
+def plot_label_curve(curve: Mapping, out_png: Path, *, subtitle: str = "") -> Path:
   """Held-out Dice against labelled images per site, one line per arm (error bars: std
   over seeds), one panel per evaluation prompt (`compare.label_curve`'s result), drawn
-  into `out_png` atomically; returns the path."""
+  into `out_png` atomically; returns the path. `subtitle` follows each panel's title
+  (e.g. the view and the seeds)."""
   prompts = list(curve)
   fig = Figure(figsize=(6.5, 3.6 * len(prompts)))
   for ax, prompt in zip(fig.subplots(len(prompts), 1, squeeze=False)[:, 0], prompts):
@@ -209,7 +210,8 @@ def plot_label_curve(curve: Mapping, out_png: Path) -> Path:
                   yerr=[by_count[counts[i]]["std"] or 0.0 for i in xs], marker="o",
                   capsize=3, label=name, ls="--" if name == "zero_shot" else "-")
     ax.set_xticks(range(len(counts)), counts)
-    ax.set(title=prompt_title(prompt), xlabel="labelled training images per site",
+    ax.set(title=prompt_title(prompt) + (f" ({subtitle})" if subtitle else ""),
+           xlabel="labelled training images per site",
            ylabel="held-out " + ("Dice" if config_lib.headline_metric(prompt) == "dice"
                                  else "mSA"))
     ax.grid(alpha=0.3)

@@ -378,20 +378,15 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
   `memory`: the process's peak RSS after each arm (`run_arms`), kept in the JSON.
   `site_clients`: site -> its own held-out client, for the own-site view.
   `label_levels`: with more than one label count (`label_curve`'s `levels`), the
-  label curve too: `label_curve` in the JSON, its table and `compare_labels.png`.
+  label curve too: `label_curve` in the JSON, its table and `compare_labels.png`, and
+  every count's arms with their results (`label_arms`: count or "all" -> arms).
   """
   prompts = base.eval_prompt_list
   table = summarize(arms, summaries, eval_prompt=prompts, site_clients=site_clients)
   result = {
       "config": base.to_dict(), "seeds": sorted({a.seed for a in arms}),
       "leave_one_site_out": leave_one_site_out, "eval_prompt": list(prompts),
-      "arms": [{"name": a.name, "seed": a.seed, "output_dir": a.config.output_dir,
-                "rounds": a.config.rounds, "planned_steps": a.steps,
-                "wall_time_s": s.get("wall_time_s"),
-                "model_round": s["evaluation"]["model_round"],
-                "results": {p: s["evaluation"]["by_prompt"][p] for p in prompts},
-                **_personalized_results(s, prompts)}
-               for a, s in zip(arms, summaries, strict=True)],
+      "arms": [_arm_record(a, s, prompts) for a, s in zip(arms, summaries, strict=True)],
       "table": table,
       "memory": list(memory),
   }
@@ -399,8 +394,13 @@ def write_outputs(root: Path, *, base: config_lib.RunConfig, arms: Sequence[Arm]
     raise ValueError(f"{seeds} seeds planned, the arms have {result['seeds']}")
   if label_levels and len(label_levels) > 1:
     curve = label_curve(label_levels, prompts=prompts, site_clients=site_clients)
-    result.update(label_curve=curve, label_curve_view="own_site" if site_clients else "all")
-    plots.plot_label_curve(curve, root / LABELS_PLOT_FILE)
+    result.update(label_curve=curve, label_curve_view="own_site" if site_clients else "all",
+                  label_arms={str(count or "all"): [
+                      _arm_record(a, s, prompts) for a, s in zip(*level, strict=True)]
+                      for count, level in label_levels.items()})
+    plots.plot_label_curve(curve, root / LABELS_PLOT_FILE, subtitle=(
+        "each site on its own held-out client" if site_clients else "all held-out clients")
+        + f"; {seeds} seed(s)")
   fileio.write_json(root / COMPARE_FILE, result)
   fileio.write_text(root / TABLE_FILE, markdown_of(result))
   plots.plot_comparison(table, root / PLOT_FILE)
@@ -421,6 +421,16 @@ def markdown_of(result: dict) -> str:
                                            seeds=len(result["seeds"]),
                                            own_site=result["label_curve_view"] == "own_site")
   return markdown.rstrip("\n") + "\n"
+
+
+def _arm_record(arm: Arm, summary: dict, prompts: Sequence[str]) -> dict:
+  """An arm's entry in `compare.json`: what ran, and its results per prompt and client."""
+  return {"name": arm.name, "seed": arm.seed, "output_dir": arm.config.output_dir,
+          "rounds": arm.config.rounds, "planned_steps": arm.steps,
+          "wall_time_s": summary.get("wall_time_s"),
+          "model_round": summary["evaluation"]["model_round"],
+          "results": {p: summary["evaluation"]["by_prompt"][p] for p in prompts},
+          **_personalized_results(summary, prompts)}
 
 
 def _personalized_results(summary: dict, prompts: Sequence[str]) -> dict:

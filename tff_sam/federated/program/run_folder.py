@@ -165,8 +165,10 @@ def completed_summary(out: Path, config: config_lib.RunConfig,
     return None
   if summary.get("rounds") != config.rounds or not (out / "model" / "config.json").is_file():
     return None
-  if config.rounds == 0:  # Nothing is saved for round 0: the summary must match.
-    return summary if summary.get("config") == config.to_dict() else None
+  if config.rounds == 0:  # Nothing is saved for round 0: the summary must match (a
+    # setting newer than the summary counts as its default, as in `check_resumable`).
+    saved = {**config_lib.RunConfig(output_dir="").to_dict(), **summary.get("config", {})}
+    return summary if saved == config.to_dict() else None
   if not versions or max(versions) != config.rounds:
     return None
   return summary
