@@ -16,6 +16,7 @@ from tff_sam.federated.program import compare
 from conftest import REPO, flagfile_config
 
 DEMO_COMPARE = REPO / "docs" / "demo_compare.json"
+DEMO_LABELS = REPO / "docs" / "demo_labels.json"
 PAGES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
 # `<!-- numbers: FILE ... -->`, then the paragraph it vouches for.
 NUMBERS_MARK = re.compile(r"^<!-- numbers: ([^>]*?) -->\n(.+?)(?:\n[ \t]*\n|\Z)", re.S | re.M)
@@ -52,6 +53,21 @@ def test_readme_demo_tables_are_the_committed_comparisons():
       assert any(h.startswith(start) for h in shown), (page.name, start, shown)
     for heading in shown:
       assert _tables(text)[heading] == rendered[heading], (page.name, heading)
+
+
+def test_label_curve_tables_are_the_committed_label_comparison():
+  """The label curve's tables (docs/demo_labels.json) are shown unchanged: the point
+  one in README, both in the comparison page, with the picture drawn from that JSON."""
+  rendered = {h: rows for h, rows in _tables(compare.markdown_of(
+      json.loads(DEMO_LABELS.read_text()))).items() if "by labelled training images" in h}
+  assert len(rendered) == 2, list(rendered)
+  for page, required in ((REPO / "README.md", ("**point prompts: Dice by labelled",)),
+                         (REPO / "docs" / "comparison.md", tuple(rendered))):
+    text = page.read_text()
+    for start in required:
+      heading = next(h for h in rendered if h.startswith(start))
+      assert heading in text and _tables(text)[heading] == rendered[heading], (page.name, heading)
+  assert "(demo_labels.png)" in (REPO / "docs" / "comparison.md").read_text()
 
 
 def _json_numbers(path: Path) -> list[float]:
