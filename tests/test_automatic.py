@@ -281,7 +281,10 @@ def test_no_mask_passing_gives_a_hint_naming_the_filter(bundle):
   planted = _planted_forward(bundle, image.shape[:2])
   soft._forward = lambda x: {**planted(x), "masks": planted(x)["masks"] / 100.0}  # pylint: disable=protected-access
   assert len(soft(image).iou) == 0
-  assert "none --stability_score_thresh=0.95" in soft.tally.hint(loose)
+  soft_hint = soft.tally.hint(loose)
+  assert "none --stability_score_thresh=0.95" in soft_hint and "reach" in soft_hint, soft_hint
+  stability = float(soft_hint.split("Try --stability_score_thresh=")[1])
+  assert 0.0 <= stability < 0.95
 
   found = automatic.AutomaticMaskGenerator(bundle, settings=loose)
   found._forward = planted  # pylint: disable=protected-access

@@ -79,23 +79,28 @@ class Tally:
     passed_iou: Masks whose predicted IoU passed `pred_iou_thresh`.
     passed_stability: Of those, masks that passed `stability_score_thresh` too.
     ious: Every grid mask's predicted IoU, one array per decoder batch.
+    stabilities: The stability scores of the masks that passed `pred_iou_thresh`.
   """
 
   prompts: int = 0
   passed_iou: int = 0
   passed_stability: int = 0
   ious: list = dataclasses.field(default_factory=list)
+  stabilities: list = dataclasses.field(default_factory=list)
 
   def hint(self, settings: config_lib.AutomaticSettings) -> str:
     """Which filter removed every mask and what to try instead ('' if masks passed)."""
     if not self.prompts or self.passed_stability:
       return ""
     if self.passed_iou:
+      stability = np.concatenate(self.stabilities)
       return (f"{self.passed_iou} of {self.prompts} grid masks passed --pred_iou_thresh but "
-              f"none --stability_score_thresh={settings.stability_score_thresh:g}; try a "
-              "lower one, e.g. --stability_score_thresh=0.8")
+              f"none --stability_score_thresh={settings.stability_score_thresh:g}: their "
+              f"stability scores reach {stability.max():.2f} (median "
+              f"{np.median(stability):.2f}). Try --stability_score_thresh="
+              f"{_round_down(np.quantile(stability, 0.75)):g}")
     iou = np.concatenate(self.ious)
-    suggestion = math.floor(20 * float(np.quantile(iou, 0.75))) / 20
+    suggestion = _round_down(np.quantile(iou, 0.75))
     why = ("SAM's thresholds suit SAM's own IoU head; a fine-tuned head predicts the "
            "IoUs it reached on its training data. " if settings.pred_iou_thresh
            == config_lib.AutomaticSettings.pred_iou_thresh else "")
@@ -103,6 +108,11 @@ class Tally:
             f"predicts IoUs up to {iou.max():.2f} (median {np.median(iou):.2f}) for its "
             f"{self.prompts} grid masks. {why}Try --pred_iou_thresh={suggestion:g} "
             "--stability_score_thresh=0.8")
+
+
+def _round_down(value: float) -> float:
+  """`value` rounded down to a multiple of 0.05 (a threshold to suggest)."""
+  return math.floor(20 * float(value) + 1e-9) / 20
 
 
 def point_grid(points_per_side: int) -> np.ndarray:
@@ -300,6 +310,7 @@ class AutomaticMaskGenerator:
     stability = stability_score(logits, threshold=0.0, offset=s.stability_score_offset)
     stable = stability >= s.stability_score_thresh
     self.tally.passed_stability += int(stable.sum())
+    self.tally.stabilities.append(stability)
     masks = logits[stable] > 0.0
     return Proposals(masks, mask_boxes(masks), iou[keep][stable], stability[stable],
                      points[keep][stable], np.zeros((int(stable.sum()), 4), np.int64))
