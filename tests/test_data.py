@@ -483,6 +483,28 @@ def test_read_rgb8_png_and_tiff(tmp_path):
     np.testing.assert_array_equal(out, a)
 
 
+@pytest.mark.parametrize("compression", ["lzw", "deflate"])
+def test_compressed_tiffs_read_without_imagecodecs(tmp_path, compression):
+  """LZW and deflate TIFFs (what Fiji, OpenCV and many microscopes write) need the
+  `imagecodecs` package in tifffile, which is not installed: OpenCV's libtiff reads
+  them, with the same arrays (RGB order, 16-bit labels kept)."""
+  try:
+    import imagecodecs  # pylint: disable=import-outside-toplevel,unused-import
+    pytest.skip("imagecodecs is installed: tifffile decodes these itself")
+  except ImportError:
+    pass
+  rgb, labels = _rng_image((12, 17, 3), seed=3), np.zeros((12, 17), np.uint16)
+  labels[2:6, 3:9], labels[7:11, 10:15] = 1, 300
+  flag = {"lzw": cv2.IMWRITE_TIFF_COMPRESSION_LZW,
+          "deflate": cv2.IMWRITE_TIFF_COMPRESSION_DEFLATE}[compression]
+  cv2.imwrite(str(tmp_path / "i.tif"), rgb[..., ::-1], [cv2.IMWRITE_TIFF_COMPRESSION, flag])
+  cv2.imwrite(str(tmp_path / "m.tif"), labels, [cv2.IMWRITE_TIFF_COMPRESSION, flag])
+  with tifffile.TiffFile(tmp_path / "m.tif") as tif:
+    assert tif.pages[0].compression.name.lower().startswith(compression[:4])
+  np.testing.assert_array_equal(reading.read_image(tmp_path / "i.tif"), rgb)
+  np.testing.assert_array_equal(reading.read_mask(tmp_path / "m.tif"), labels)
+
+
 def test_read_bgr_written_by_cv2_is_rgb(tmp_path):
   a = _rng_image((10, 14, 3), seed=1)
   path = tmp_path / "c.png"

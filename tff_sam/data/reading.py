@@ -122,6 +122,16 @@ def _read_16bit_colour_png(path: Path) -> np.ndarray:
   return np.ascontiguousarray(a[..., order])
 
 
+def _tiff_by_opencv(path: Path) -> "np.ndarray | None":
+  """A TIFF whose compression tifffile decodes only with `imagecodecs` (not installed;
+  LZW, deflate, ...), decoded by OpenCV's libtiff instead (RGB order); None if OpenCV
+  cannot either."""
+  array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+  if array is None or array.ndim == 2:
+    return array
+  return cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+
+
 def _read_array(path: Path, *, mask: bool = False) -> np.ndarray:
   """Decodes one image or mask file into an array.
 
@@ -142,7 +152,13 @@ def _read_array(path: Path, *, mask: bool = False) -> np.ndarray:
           lossy = _LOSSY_TIFF_COMPRESSIONS.get(tif.pages[0].compression)
         if lossy:
           raise _lossy_error(path, lossy, tif.asarray)
-        return np.asarray(tif.asarray())
+        try:
+          return np.asarray(tif.asarray())
+        except ValueError as e:  # E.g. LZW or deflate: tifffile needs `imagecodecs`.
+          decoded = _tiff_by_opencv(path) if "imagecodecs" in str(e) else None
+          if decoded is None:
+            raise
+          return decoded
     with Image.open(path) as im:
       if mask and lossy is None:
         lossy = _LOSSY_PIL_FORMATS.get(im.format)
