@@ -17,6 +17,7 @@ from conftest import REPO, flagfile_config
 
 DEMO_COMPARE = REPO / "docs" / "demo_compare.json"
 DEMO_LABELS = REPO / "docs" / "demo_labels.json"
+DEMO_AUTOMATIC = REPO / "docs" / "demo_automatic_compare.json"
 PAGES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
 # `<!-- numbers: FILE ... -->`, then the paragraph it vouches for.
 NUMBERS_MARK = re.compile(r"^<!-- numbers: ([^>]*?) -->\n(.+?)(?:\n[ \t]*\n|\Z)", re.S | re.M)
@@ -68,6 +69,17 @@ def test_label_curve_tables_are_the_committed_label_comparison():
       heading = next(h for h in rendered if h.startswith(start))
       assert heading in text and _tables(text)[heading] == rendered[heading], (page.name, heading)
   assert "(demo_labels.png)" in (REPO / "docs" / "comparison.md").read_text()
+
+
+def test_automatic_tables_are_the_committed_automatic_comparison():
+  """The evaluation page's automatic-segmentation tables (every arm, and each site on its
+  own client) are docs/demo_automatic_compare.json's, unchanged."""
+  rendered = {h: rows for h, rows in _tables(compare.markdown_of(
+      json.loads(DEMO_AUTOMATIC.read_text()))).items() if h.startswith("**automatic")}
+  assert len(rendered) == 2, list(rendered)
+  text = (REPO / "docs" / "evaluation.md").read_text()
+  for heading, rows in rendered.items():
+    assert heading in text and _tables(text)[heading] == rows, heading
 
 
 def _json_numbers(path: Path) -> list[float]:
