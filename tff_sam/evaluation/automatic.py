@@ -75,18 +75,24 @@ class Tally:
   since the tally was made: enough to say why nothing was found (`hint`).
 
   Attributes:
-    prompts: Grid points decoded.
-    passed_iou: Masks whose predicted IoU passed `pred_iou_thresh`.
-    passed_stability: Of those, masks that passed `stability_score_thresh` too.
+    passed_stability: Masks that passed both thresholds.
     ious: Every grid mask's predicted IoU, one array per decoder batch.
     stabilities: The stability scores of the masks that passed `pred_iou_thresh`.
   """
 
-  prompts: int = 0
-  passed_iou: int = 0
   passed_stability: int = 0
   ious: list = dataclasses.field(default_factory=list)
   stabilities: list = dataclasses.field(default_factory=list)
+
+  @property
+  def prompts(self) -> int:
+    """Grid points decoded."""
+    return sum(len(a) for a in self.ious)
+
+  @property
+  def passed_iou(self) -> int:
+    """Masks whose predicted IoU passed `pred_iou_thresh`."""
+    return sum(len(a) for a in self.stabilities)
 
   def hint(self, settings: config_lib.AutomaticSettings) -> str:
     """Which filter removed every mask and what to try instead ('' if masks passed)."""
@@ -299,8 +305,6 @@ class AutomaticMaskGenerator:
                          "points": batch[None], "point_labels": labels[None]})
     iou = out["iou"].numpy()[0, :n]
     keep = iou >= s.pred_iou_thresh
-    self.tally.prompts += n
-    self.tally.passed_iou += int(keep.sum())
     self.tally.ious.append(iou)
     logits = np.zeros((0, *size), np.float32)
     if keep.any():
