@@ -148,6 +148,6 @@ def test_demo_flags_are_the_comparisons_federated_arm():
   """`make demo` runs exactly the settings of docs/demo_compare.json's federated arm
   (but its folder), so it prints seed 0's numbers of that comparison."""
   demo = flagfile_config("demo.flags")
-  measured = {**config_lib.RunConfig(output_dir="").to_dict(),  # Newer settings: defaults.
-               **json.loads(DEMO_COMPARE.read_text())["config"]}
+  measured = config_lib.RunConfig.saved_settings(  # Newer settings: defaults.
+      json.loads(DEMO_COMPARE.read_text())["config"])
   assert {k for k in demo if demo[k] != measured.get(k)} == {"output_dir"}

@@ -548,6 +548,11 @@ class RunConfig:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   @classmethod
+  def saved_settings(cls, values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's settings (`to_dict` form), those it predates at their defaults."""
+    return {**cls(output_dir="").to_dict(), **values}
+
+  @classmethod
   def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

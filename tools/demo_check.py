@@ -52,7 +52,7 @@ def main(run_dir: Path, compare_json: Path) -> int:
   summary, compare = _load(run_dir / "summary.json"), _load(compare_json)
   seed = summary["config"]["seed"]
   # A setting newer than the comparison has its default there.
-  measured = {**config_lib.RunConfig(output_dir="").to_dict(), **compare["config"]}
+  measured = config_lib.RunConfig.saved_settings(compare["config"])
   changed = sorted(k for k, v in summary["config"].items()
                    if k not in _IGNORED and measured.get(k) != v)
   print(f"{run_dir} vs {compare_json} (its federated arm, seed {seed}; held-out Dice x100):")

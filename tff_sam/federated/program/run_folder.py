@@ -7,7 +7,6 @@ complete (`completed_summary`), or start it afresh (`start_fresh`).
 
 import asyncio
 import csv
-import dataclasses
 import datetime
 import json
 import shutil
@@ -123,8 +122,7 @@ def check_resumable(out: Path, config: config_lib.RunConfig, versions: list[int]
   saved_path = out / "config.json"
   if not saved_path.exists():
     return
-  defaults = {f.name: f.default for f in dataclasses.fields(config_lib.RunConfig)}
-  saved = {**defaults, **json.loads(saved_path.read_text())}
+  saved = config_lib.RunConfig.saved_settings(json.loads(saved_path.read_text()))
   current = config.to_dict()
   differing = sorted(k for k in set(saved) | set(current)
                      if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k))
@@ -167,7 +165,7 @@ def completed_summary(out: Path, config: config_lib.RunConfig,
     return None
   if config.rounds == 0:  # Nothing is saved for round 0: the summary must match (a
     # setting newer than the summary counts as its default, as in `check_resumable`).
-    saved = {**config_lib.RunConfig(output_dir="").to_dict(), **summary.get("config", {})}
+    saved = config_lib.RunConfig.saved_settings(summary.get("config", {}))
     return summary if saved == config.to_dict() else None
   if not versions or max(versions) != config.rounds:
     return None
